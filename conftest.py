@@ -1,0 +1,14 @@
+"""Test set-up for every test of the workspace: loopback DDS, own domain, offscreen Qt.
+
+Applies to tests/ and src/*/test alike; no hub downloads either.
+"""
+
+import os
+
+# Hard rule: no rclpy process of this test run may discover beyond this machine. Forced
+# (not setdefault) so that a shell with another range cannot leak into the tests.
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+# Keep concurrent test runs on one machine from seeing each other's topics.
+os.environ.setdefault('ROS_DOMAIN_ID', str(10 + os.getpid() % 90))
+os.environ['QT_QPA_PLATFORM'] = 'offscreen'
+os.environ['HF_HUB_OFFLINE'] = '1'

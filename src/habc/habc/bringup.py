@@ -1,0 +1,240 @@
+"""The declarative bringup description (config/<name>.yaml) and its resolution (no rclpy).
+
+launch/bringup.launch.py (full ROS 2) and `habc launch` (pip environment) both call
+`load_description` and `resolve`, so the two cannot drift: same nodes, executables,
+parameter files, remaps and namespaces.
+"""
+
+from dataclasses import dataclass
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRUE_WORDS = {'true', '1', 'yes', 'on'}
+FALSE_WORDS = {'false', '0', 'no', 'off'}
+_NODE_KEYS = {'name', 'package', 'executable', 'parameters', 'remappings', 'namespace',
+              'required', 'enabled_if'}
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    """A launch argument: a string with a default and a description."""
+
+    name: str
+    default: str
+    description: str
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One process of the bringup, as declared (namespace still relative)."""
+
+    name: str
+    package: str
+    executable: str
+    parameters: tuple[Path, ...]
+    remappings: tuple[tuple[str, str], ...]
+    namespace: str = ''
+    required: bool = False
+    enabled_if: str | None = None
+
+
+@dataclass(frozen=True)
+class BringupDescription:
+    """A whole bringup: its arguments and nodes, loaded from one YAML file."""
+
+    name: str
+    description: str
+    path: Path
+    arguments: tuple[LaunchArgument, ...]
+    nodes: tuple[NodeSpec, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedNode:
+    """A node to start: enabled, with its absolute namespace."""
+
+    name: str
+    package: str
+    executable: str
+    parameters: tuple[Path, ...]
+    remappings: tuple[tuple[str, str], ...]
+    namespace: str
+    required: bool
+
+
+class DescriptionError(ValueError):
+    """The bringup description is invalid; the message names the file and the entry."""
+
+
+def _fail(path: Path, message: str) -> None:
+    raise DescriptionError(f'{path}: {message}')
+
+
+def load_description(path: Path) -> BringupDescription:
+    """Load and validate a bringup description; parameter paths become absolute."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        _fail(path, 'no such bringup description')
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DescriptionError(f'{path}: not valid YAML: {exc}') from exc
+    if not isinstance(data, dict) or not isinstance(data.get('nodes'), list):
+        _fail(path, "expected a mapping with a 'nodes' list")
+
+    arguments = []
+    for arg_name, body in (data.get('arguments') or {}).items():
+        if not isinstance(body, dict) or 'default' not in body:
+            _fail(path, f"argument {arg_name!r} needs a 'default'")
+        arguments.append(LaunchArgument(str(arg_name), str(body['default']),
+                                        str(body.get('description', ''))))
+    argument_names = {a.name for a in arguments}
+
+    nodes = []
+    for index, entry in enumerate(data['nodes']):
+        where = f'nodes[{index}]'
+        if not isinstance(entry, dict):
+            _fail(path, f'{where} must be a mapping')
+        unknown = set(entry) - _NODE_KEYS
+        if unknown:
+            _fail(path, f'{where} has unknown key(s) {sorted(unknown)}; '
+                  f'known: {sorted(_NODE_KEYS)}')
+        for key in ('name', 'package', 'executable'):
+            if not entry.get(key):
+                _fail(path, f"{where} needs a '{key}'")
+        where = f"node {entry['name']!r}"
+        parameters = []
+        for rel in entry.get('parameters') or []:
+            param_path = (path.parent / rel).resolve()
+            if not param_path.is_file():
+                _fail(path, f'{where}: parameter file {rel} not found at {param_path}')
+            parameters.append(param_path)
+        remappings = []
+        for pair in entry.get('remappings') or []:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                _fail(path, f'{where}: each remapping is a [from, to] pair, got {pair!r}')
+            remappings.append((str(pair[0]), str(pair[1])))
+        enabled_if = entry.get('enabled_if')
+        if enabled_if is not None and enabled_if not in argument_names:
+            _fail(path, f'{where}: enabled_if names undeclared argument {enabled_if!r}')
+        nodes.append(NodeSpec(
+            name=str(entry['name']), package=str(entry['package']),
+            executable=str(entry['executable']), parameters=tuple(parameters),
+            remappings=tuple(remappings), namespace=str(entry.get('namespace') or ''),
+            required=bool(entry.get('required', False)), enabled_if=enabled_if))
+
+    names = [n.name for n in nodes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        _fail(path, f'node names must be unique; repeated: {duplicates}')
+    return BringupDescription(name=str(data.get('name', path.stem)),
+                              description=str(data.get('description', '')), path=path,
+                              arguments=tuple(arguments), nodes=tuple(nodes))
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """Parse a boolean launch argument the way launch's IfCondition does."""
+    lowered = str(value).strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise DescriptionError(f'launch argument {name}:={value!r} must be true or false')
+
+
+def join_namespace(*parts: str) -> str:
+    """Join namespace parts into an absolute namespace ('' parts are skipped)."""
+    pieces = [p.strip('/') for p in parts if p and p.strip('/')]
+    return '/' + '/'.join(pieces) if pieces else '/'
+
+
+def argument_values(description: BringupDescription,
+                    overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Return every argument's value: defaults updated by `overrides` (unknown ones fail)."""
+    values = {a.name: a.default for a in description.arguments}
+    for key, value in (overrides or {}).items():
+        if key not in values:
+            raise DescriptionError(f'unknown launch argument {key!r} for {description.path}; '
+                                   f'known: {sorted(values)}')
+        values[key] = str(value)
+    return values
+
+
+def resolve(description: BringupDescription,
+            overrides: dict[str, str] | None = None) -> list[ResolvedNode]:
+    """Apply argument values: drop disabled nodes and make namespaces absolute."""
+    values = argument_values(description, overrides)
+    robot_namespace = values.get('namespace', '')
+    resolved = []
+    for spec in description.nodes:
+        if spec.enabled_if and not parse_bool(spec.enabled_if, values[spec.enabled_if]):
+            continue
+        resolved.append(ResolvedNode(
+            name=spec.name, package=spec.package, executable=spec.executable,
+            parameters=spec.parameters, remappings=spec.remappings,
+            namespace=join_namespace(robot_namespace, spec.namespace),
+            required=spec.required))
+    return resolved
+
+
+def ros_arguments(node: ResolvedNode) -> list[str]:
+    """Return the `--ros-args ...` command-line arguments that start `node` as declared."""
+    args = ['--ros-args', '-r', f'__node:={node.name}', '-r', f'__ns:={node.namespace}']
+    for param_file in node.parameters:
+        args += ['--params-file', str(param_file)]
+    for source, target in node.remappings:
+        args += ['-r', f'{source}:={target}']
+    return args
+
+
+def find_executable(package: str, executable: str,
+                    prefixes: list[str] | None = None) -> Path:
+    """Find lib/<package>/<executable> under the ament prefixes, as `ros2 run` does."""
+    if prefixes is None:
+        prefixes = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
+    for prefix in prefixes:
+        candidate = Path(prefix) / 'lib' / package / executable
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        f'executable {executable!r} of package {package!r} not found under AMENT_PREFIX_PATH '
+        f'({len(prefixes)} prefixes); build the workspace (make setup) and source env.sh')
+
+
+def description_path(name_or_path: str) -> Path:
+    """Resolve `bringup` or a YAML path to the description file.
+
+    A bare name is looked up in the installed share/habc/config (what the launch file uses),
+    then in $HABC_ROOT/config.
+    """
+    candidate = Path(name_or_path)
+    if candidate.suffix in ('.yaml', '.yml'):
+        return candidate
+    searched = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        searched.append(Path(get_package_share_directory('habc')) / 'config')
+    except Exception:  # noqa: BLE001 - not built yet or not sourced; fall back below
+        pass
+    if os.environ.get('HABC_ROOT'):
+        searched.append(Path(os.environ['HABC_ROOT']) / 'config')
+    for folder in searched:
+        path = folder / f'{name_or_path}.yaml'
+        if path.is_file():
+            return path
+    raise DescriptionError(f'no bringup description {name_or_path!r} in '
+                           f'{[str(s) for s in searched] or "(habc not built or sourced)"}')
+
+
+def as_dict(value: Any) -> Any:
+    """Return plain data for printing (paths as strings)."""
+    if isinstance(value, (list, tuple)):
+        return [as_dict(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, '__dataclass_fields__'):
+        return {k: as_dict(getattr(value, k)) for k in value.__dataclass_fields__}
+    return value

@@ -1,0 +1,94 @@
+"""Loading, validating and resolving bringup descriptions."""
+
+from pathlib import Path
+
+import pytest
+
+from habc.bringup import (
+    DescriptionError,
+    join_namespace,
+    load_description,
+    parse_bool,
+    resolve,
+    ros_arguments,
+)
+from habc.launcher import parse_launch_arguments
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / 'params').mkdir(exist_ok=True)
+    (tmp_path / 'params' / 'a.yaml').write_text('/**:\n  ros__parameters: {}\n')
+    path = tmp_path / 'bringup.yaml'
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+name: demo
+arguments:
+  namespace: {default: '', description: robot namespace}
+  use_b: {default: 'true', description: start b}
+nodes:
+  - {name: a, package: pkg_a, executable: a_node, parameters: [params/a.yaml],
+     remappings: [[cmd, /robot/cmd]], required: true}
+  - {name: b, package: pkg_b, executable: b_node, namespace: arm, enabled_if: use_b}
+"""
+
+
+def test_load_and_resolve(tmp_path):
+    description = load_description(write(tmp_path, GOOD))
+    assert [n.name for n in description.nodes] == ['a', 'b']
+    assert description.nodes[0].parameters == ((tmp_path / 'params' / 'a.yaml').resolve(),)
+    a, b = resolve(description)
+    assert (a.namespace, b.namespace) == ('/', '/arm')
+    assert a.required and not b.required
+    (a_only,) = resolve(description, {'use_b': 'false', 'namespace': 'robot1'})
+    assert a_only.namespace == '/robot1'
+    assert ros_arguments(a_only) == [
+        '--ros-args', '-r', '__node:=a', '-r', '__ns:=/robot1', '--params-file',
+        str((tmp_path / 'params' / 'a.yaml').resolve()), '-r', 'cmd:=/robot/cmd']
+
+
+@pytest.mark.parametrize('text, message', [
+    ('nodes: {}', "expected a mapping with a 'nodes' list"),
+    ('nodes:\n  - {name: a, package: p}', "nodes\\[0\\] needs a 'executable'"),
+    ('nodes:\n  - {name: a, package: p, executable: e, params: []}',
+     "unknown key\\(s\\) \\['params'\\]"),
+    ('nodes:\n  - {name: a, package: p, executable: e, parameters: [nope.yaml]}',
+     'parameter file nope.yaml not found'),
+    ('nodes:\n  - {name: a, package: p, executable: e, enabled_if: use_x}',
+     "undeclared argument 'use_x'"),
+    ('nodes:\n  - {name: a, package: p, executable: e, remappings: [[x]]}',
+     'each remapping is a \\[from, to\\] pair'),
+    ('nodes:\n  - {name: a, package: p, executable: e}\n  - {name: a, package: p, executable: f}',
+     "repeated: \\['a'\\]"),
+    ('nodes: [', 'not valid YAML'),
+])
+def test_invalid_descriptions_name_the_problem(tmp_path, text, message):
+    with pytest.raises(DescriptionError, match=message):
+        load_description(write(tmp_path, text))
+
+
+def test_unknown_or_bad_arguments(tmp_path):
+    description = load_description(write(tmp_path, GOOD))
+    with pytest.raises(DescriptionError, match="unknown launch argument 'use_c'"):
+        resolve(description, {'use_c': 'true'})
+    with pytest.raises(DescriptionError, match='must be true or false'):
+        resolve(description, {'use_b': 'maybe'})
+    with pytest.raises(DescriptionError, match='name:=value'):
+        parse_launch_arguments(['use_b=false'])
+    assert parse_launch_arguments(['use_b:=false', 'x:=a:=b']) == {'use_b': 'false',
+                                                                    'x': 'a:=b'}
+
+
+def test_helpers():
+    assert join_namespace('', '') == '/'
+    assert join_namespace('/robot1/', 'arm') == '/robot1/arm'
+    assert parse_bool('x', 'True') and not parse_bool('x', 'off')
+
+
+def test_shipped_bringup_is_valid():
+    root = Path(__file__).resolve().parents[3]
+    description = load_description(root / 'config' / 'bringup.yaml')
+    assert {n.executable for n in description.nodes} >= {'robot_stub_node'}
+    assert all(n.required for n in description.nodes)

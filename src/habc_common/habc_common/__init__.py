@@ -1,0 +1,1 @@
+"""Shared plain-Python helpers of the habc workspace (no node lives here)."""

@@ -1,0 +1,44 @@
+"""The shared `main()` of every habc node: project env defaults, init, spin, clean exit."""
+
+from collections.abc import Callable
+import sys
+from typing import Any
+
+from habc_common.ros_env import apply_project_defaults
+
+
+def spin_node(factory: Callable[[], Any], args: list[str] | None = None) -> None:
+    """Create the node adapter from `factory` and spin it until Ctrl-C or shutdown.
+
+    `factory()` returns an object with a `.node` attribute (the rclpy Node). A ValueError
+    raised while it starts (an invalid parameter, say) ends the process with exit code 2 and
+    one clear line, instead of a traceback.
+    """
+    apply_project_defaults()  # before rclpy.init: the RMW reads the environment there
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=args)
+    adapter = None
+    code = 0
+    try:
+        adapter = factory()
+        executor = MultiThreadedExecutor()
+        executor.add_node(adapter.node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ValueError as exc:
+        print(f'[{getattr(factory, "__name__", "node")}] invalid configuration: {exc}',
+              file=sys.stderr)
+        code = 2
+    finally:
+        if adapter is not None:
+            close = getattr(adapter, 'close', None)
+            if close is not None:
+                close()
+            adapter.node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    if code:
+        sys.exit(code)

@@ -1,0 +1,1 @@
+"""The HABC learner: core math (no rclpy), offline trainer and learner node."""

@@ -1,0 +1,1 @@
+"""Robot-side nodes and policy models of habc."""

@@ -1,0 +1,1 @@
+"""Simulated bimanual robot and scripted operator of habc."""

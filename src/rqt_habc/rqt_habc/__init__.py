@@ -1,0 +1,1 @@
+"""The habc labelling dashboard: an rqt plugin, also runnable standalone."""
