@@ -91,6 +91,7 @@ def test_nothing_creates_opt_python_or_edits_site_packages():
     assert not Path('/opt/python').exists(), 'something created /opt/python'
 
 
+@pytest.mark.pip_env
 def test_discovery_range_is_forced_everywhere():
     """Every entry point that can start rclpy sets LOCALHOST first (hard rule 1)."""
     env = {k: v for k, v in os.environ.items() if k != 'ROS_AUTOMATIC_DISCOVERY_RANGE'}
@@ -113,6 +114,7 @@ def test_discovery_range_is_forced_everywhere():
             f'{path.relative_to(ROOT)} starts rclpy without apply_project_defaults()'
 
 
+@pytest.mark.pip_env
 def test_setup_is_idempotent():
     """A second setup run with nothing changed installs and builds nothing."""
     result = subprocess.run(['bash', str(ROOT / 'tools' / 'setup.sh')], capture_output=True,
