@@ -16,5 +16,9 @@ setup(
     maintainer_email='habc@example.org',
     description='HABC learner: core math, offline trainer and learner node.',
     license='Apache-2.0',
-    entry_points={'console_scripts': []},
+    entry_points={
+        'console_scripts': [
+            'credit = habc_learner.credit:main',
+        ],
+    },
 )

@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                'check rclpy/RMW, DDS discovery range and profile, GL, torch and GPU, Qt'),
     'launch': ('habc.launcher',
                'start a bringup (default: bringup) in the pip environment, like ros2 launch'),
+    'credit': ('habc_learner.credit',
+               'show which windows of an episode get the outcome label, and their weights'),
 }
 
 EPILOG = """\
@@ -23,6 +25,7 @@ examples:
   habc doctor                         is this machine ready?
   habc launch bringup                 the simulated robot and the habc loop
   habc launch bringup use_sim:=false  on a real robot (remap topics in config/bringup.yaml)
+  habc credit episode.json            how the outcome of one episode is credited
 
 Every command takes --help. Source env.sh first, or use .venv/bin/habc which does it."""
 
@@ -36,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        child = sub.add_parser(name, help=help_text, description=module.__doc__,
+        child = sub.add_parser(name, help=help_text,
+                               description=getattr(module, 'HELP', module.__doc__),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(child)
         child.set_defaults(run=module.run)

@@ -1,0 +1,57 @@
+"""Episode data model, segments and chunk windowing."""
+
+import numpy as np
+import pytest
+
+from habc_learner.episode import (
+    all_chunk_targets,
+    chunk_targets,
+    Controller,
+    Episode,
+    Outcome,
+    segment_ids,
+    segments,
+)
+
+
+def make_episode(controllers, outcome='success'):
+    n = len(controllers)
+    return Episode(observations={'state': np.zeros((n, 3))},
+                   actions=np.arange(n * 2, dtype=np.float32).reshape(n, 2),
+                   controllers=controllers, outcome=outcome)
+
+
+def test_parsing_and_validation():
+    episode = make_episode(['policy', 'human', 'hold'])
+    assert list(episode.controllers) == [0, 1, 2]
+    assert episode.outcome == Outcome.SUCCESS
+    assert Outcome.parse(None) == Outcome.UNLABELLED
+    assert Outcome.parse(False) == Outcome.FAILURE
+    assert Controller.parse(1) == Controller.HUMAN
+    with pytest.raises(ValueError, match='2 controller entries for 3 actions'):
+        Episode(observations={}, actions=np.zeros((3, 2)), controllers=[0, 0])
+    with pytest.raises(ValueError, match="observation 'state' has 2 steps, actions have 3"):
+        Episode(observations={'state': np.zeros((2, 3))}, actions=np.zeros((3, 2)),
+                controllers=[0, 0, 0])
+
+
+def test_segments_and_interventions():
+    controllers = [0, 0, 1, 1, 0, 1, 2]
+    assert list(segment_ids(controllers)) == [0, 0, 1, 1, 2, 3, 4]
+    assert segments(controllers) == [(0, 2, Controller.POLICY), (2, 4, Controller.HUMAN),
+                                     (4, 5, Controller.POLICY), (5, 6, Controller.HUMAN),
+                                     (6, 7, Controller.HOLD)]
+    assert make_episode(controllers).num_interventions == 2
+    assert make_episode([1, 1, 0]).num_interventions == 1
+
+
+def test_chunk_targets_pad_and_mask_past_the_end():
+    actions = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunk, mask = chunk_targets(actions, 3, 4)
+    np.testing.assert_array_equal(chunk, [[6, 7], [8, 9], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(mask, [1, 1, 0, 0])
+    chunks, masks = all_chunk_targets(actions, 4)
+    assert chunks.shape == (5, 4, 2)
+    np.testing.assert_array_equal(chunks[3], chunk)
+    np.testing.assert_array_equal(masks[3], mask)
+    np.testing.assert_array_equal(masks[0], [1, 1, 1, 1])
