@@ -1,0 +1,407 @@
+"""Every method of the paper, plus two baselines it lacks, on one actor and one loss.
+
+All methods train the same policy with the weighted behaviour-cloning loss of Eq. 1; they
+differ only in which samples they use and how they weight them:
+
+    sft          demonstrations only, weight 1
+    imit_dagger  50/50 demonstrations and intervention (human) windows, no rollouts, weight 1
+    imit_recap   distributional value head, mixed TD/Monte-Carlo target, reward -C on failed
+                 episodes; rollout samples weighted 1 iff their TD residual clears a
+                 threshold chosen on held-out episodes, else 0; no intervention-aware labels
+    habc_v       HABC with the viability head only (A_e := 0 in the gate)
+    habc         viability + efficiency heads, gate g_t, intervention-aware credit
+    habc_ir      habc, and human windows weighted by g_t from `ir_start_step` on
+    habc_naive   habc with naive credit: the outcome on every window, interventions included
+    awr          exp(A / beta), clipped, from a single value critic
+
+`Algorithm.update(batch, step)` runs one gradient step of actor and critic and returns
+metrics (`losses/*`, `weights/*`, `critic/*`).
+"""
+
+import copy
+from dataclasses import dataclass
+import enum
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+
+from habc_learner.credit import CreditConfig
+from habc_learner.critics import DistributionalValue, DualHeadCritic, ScalarValue
+from habc_learner.data import RewardConfig, SampleBuffer, WeightCode
+from habc_learner.habc import (
+    efficiency_advantage,
+    efficiency_loss,
+    efficiency_target,
+    gate,
+    masked_mean,
+    normalize_weights,
+    viability_advantage,
+    viability_loss,
+    weighted_bc_loss,
+)
+
+
+class Method(enum.StrEnum):
+    SFT = 'sft'
+    IMIT_DAGGER = 'imit_dagger'
+    IMIT_RECAP = 'imit_recap'
+    HABC_V = 'habc_v'
+    HABC = 'habc'
+    HABC_IR = 'habc_ir'
+    HABC_NAIVE = 'habc_naive'
+    AWR = 'awr'
+
+
+HABC_FAMILY = (Method.HABC_V, Method.HABC, Method.HABC_IR, Method.HABC_NAIVE)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One config value (`method`) selects the method; the rest are its settings.
+
+    Where the paper is silent the default is ours (marked "ours").
+    """
+
+    method: str = Method.HABC
+    horizon: int = 50
+    min_human_steps: int | None = None      # None: 10 of 50 scaled to the horizon
+    warmup_steps: int = 500                 # N_wu: g_t = 1 for the first steps
+    ir_start_step: int = 0                  # habc_ir: human windows get g_t from this step
+    next_stride: int = 1                    # ours: s_{t+1} is the next control step
+    eps: float = 1e-6                       # Eq. 8
+    critic_hidden_dim: int = 256            # ours: MLP trunk over detached policy features
+    critic_layers: int = 2
+    efficiency_scale: float = 100.0         # ours: V_e head predicts V_e / scale
+    target_tau: float = 0.1                 # ours: Polyak rate of the critic copy that
+                                            # gives the stop-gradient TD targets (1 = none)
+    efficiency_uses_demos: bool = True      # ours: demonstrations are successful episodes
+    dagger_demo_fraction: float = 0.5
+    failure_cost: float = 100.0             # Imit-Recap / AWR: reward -C on failure
+    step_reward: float = -1.0               # ours: time penalty per step
+    gamma: float = 0.99
+    recap_mc_mix: float = 0.5               # ours: target = mix * MC + (1 - mix) * TD
+    recap_bins: int = 101
+    recap_keep_fraction: float = 0.7        # ours: threshold = (1 - keep) quantile held out
+    recap_holdout_fraction: float = 0.2
+    recap_threshold_every: int = 200
+    awr_beta: float = 1.0
+    awr_max_weight: float = 20.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, 'method', Method(self.method))
+        except ValueError:
+            raise ValueError(f'unknown method {self.method!r}; choose one of '
+                             f'{[m.value for m in Method]}') from None
+        checks = [
+            (self.horizon >= 1, 'horizon must be >= 1'),
+            (self.warmup_steps >= 0, 'warmup_steps must be >= 0'),
+            (self.ir_start_step >= 0, 'ir_start_step must be >= 0'),
+            (self.next_stride >= 1, 'next_stride must be >= 1'),
+            (self.eps > 0, 'eps must be > 0'),
+            (self.efficiency_scale > 0, 'efficiency_scale must be > 0'),
+            (0.0 < self.target_tau <= 1.0, 'target_tau must be in (0, 1]'),
+            (0.0 <= self.dagger_demo_fraction <= 1.0, 'dagger_demo_fraction must be in [0, 1]'),
+            (0.0 < self.gamma <= 1.0, 'gamma must be in (0, 1]'),
+            (0.0 <= self.recap_mc_mix <= 1.0, 'recap_mc_mix must be in [0, 1]'),
+            (0.0 < self.recap_keep_fraction <= 1.0, 'recap_keep_fraction must be in (0, 1]'),
+            (0.0 < self.recap_holdout_fraction < 1.0,
+             'recap_holdout_fraction must be in (0, 1)'),
+            (self.recap_bins >= 2, 'recap_bins must be >= 2'),
+            (self.awr_beta > 0, 'awr_beta must be > 0'),
+            (self.awr_max_weight > 0, 'awr_max_weight must be > 0'),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f'MethodConfig: {message}')
+        CreditConfig(self.horizon, self.min_human_steps)  # validates k against H
+
+    def credit_config(self) -> CreditConfig:
+        return CreditConfig(horizon=self.horizon, min_human_steps=self.min_human_steps,
+                            naive=self.method == Method.HABC_NAIVE)
+
+    def reward_config(self) -> RewardConfig:
+        return RewardConfig(self.failure_cost, self.step_reward, self.gamma)
+
+    def make_buffer(self) -> SampleBuffer:
+        """Return an empty buffer with this method's credit and reward settings."""
+        return SampleBuffer(self.credit_config(), self.reward_config(), self.next_stride,
+                            self.efficiency_uses_demos)
+
+
+class Algorithm:
+    """One method: which samples it trains on, its critic, and its update step."""
+
+    def __init__(self, policy: torch.nn.Module, config: MethodConfig,
+                 actor_lr: float = 3e-4, critic_lr: float = 1e-3,
+                 grad_clip: float = 1.0) -> None:
+        self.policy = policy
+        self.config = config
+        self.method = Method(config.method)
+        self.grad_clip = grad_clip
+        self.critic = self._make_critic()
+        # A slowly following copy evaluates s_{t+1} for the TD targets and advantages: plain
+        # stop-gradient bootstrapping without discount diverged in our tests.
+        self.target_critic = copy.deepcopy(self.critic) if self.critic is not None else None
+        if self.target_critic is not None:
+            self.target_critic.requires_grad_(False)
+        self.actor_optimizer = torch.optim.AdamW(policy.parameters(), lr=actor_lr)
+        self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=critic_lr)
+                                 if self.critic is not None else None)
+        self.recap_threshold = -math.inf
+        self._holdout_episodes: set[int] = set()
+
+    def _make_critic(self) -> torch.nn.Module | None:
+        c, feature_dim = self.config, self.policy.feature_dim
+        if self.method in HABC_FAMILY:
+            return DualHeadCritic(feature_dim, c.critic_hidden_dim, c.critic_layers,
+                                  c.efficiency_scale)
+        if self.method == Method.AWR:
+            return ScalarValue(feature_dim, c.critic_hidden_dim, c.critic_layers)
+        if self.method == Method.IMIT_RECAP:
+            # Returns lie between a failure at the first step and a zero-length success.
+            v_min = c.step_reward / (1.0 - c.gamma) - c.failure_cost if c.gamma < 1 else (
+                -c.failure_cost - 1000.0)
+            return DistributionalValue(feature_dim, min(v_min, -1.0), 0.0, c.recap_bins,
+                                       c.critic_hidden_dim, c.critic_layers)
+        return None
+
+    # --- which samples ------------------------------------------------------------------
+    def actor_mask(self, table: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the mask of samples that enter the actor loss."""
+        sft = table['is_sft']
+        if self.method == Method.SFT:
+            return sft
+        if self.method == Method.IMIT_DAGGER:
+            return sft | self._intervention_windows(table)
+        if self.method in (Method.IMIT_RECAP, Method.AWR):
+            return sft | table['is_rollout_labelled']
+        return sft | (table['weight_code'] != WeightCode.EXCLUDED)
+
+    def critic_mask(self, table: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the mask of samples that train the critic (none without a critic)."""
+        if self.method in HABC_FAMILY:
+            trains_e = table['trains_efficiency'] & (self.method != Method.HABC_V)
+            return table['trains_viability'] | trains_e
+        if self.method in (Method.IMIT_RECAP, Method.AWR):
+            trainable = table['is_sft'] | table['is_rollout_labelled']
+            return trainable & ~np.isin(table['episode'], list(self._holdout_episodes))
+        return np.zeros(len(table['is_sft']), dtype=bool)
+
+    @staticmethod
+    def _intervention_windows(table: dict[str, np.ndarray]) -> np.ndarray:
+        return table['is_human'] & ~table['is_sft'] & (table['weight_code']
+                                                        != WeightCode.EXCLUDED)
+
+    def sample_indices(self, table: dict[str, np.ndarray], batch_size: int,
+                       rng: np.random.Generator) -> np.ndarray:
+        """Draw a minibatch of sample indices for this method."""
+        if self.method == Method.IMIT_DAGGER:
+            demos = np.flatnonzero(table['is_sft'])
+            interventions = np.flatnonzero(self._intervention_windows(table))
+            if len(interventions) and len(demos):
+                n_demo = int(round(batch_size * self.config.dagger_demo_fraction))
+                return np.concatenate([rng.choice(demos, n_demo),
+                                       rng.choice(interventions, batch_size - n_demo)])
+        pool = np.flatnonzero(self.actor_mask(table) | self.critic_mask(table))
+        if len(pool) == 0:
+            needs = 'demonstrations' if self.method == Method.SFT else 'labelled episodes'
+            raise ValueError(f'no training samples for method {self.method.value}: it needs '
+                             f'{needs}')
+        return rng.choice(pool, batch_size)
+
+    def prepare(self, buffer: SampleBuffer, rng: np.random.Generator) -> None:
+        """Once the buffer is known: pick Imit-Recap's held-out episodes."""
+        if self.method in (Method.IMIT_RECAP, Method.AWR):
+            rollouts = sorted({int(e) for e in buffer.table['episode'][
+                buffer.table['is_rollout_labelled']]})
+            n_holdout = int(round(len(rollouts) * self.config.recap_holdout_fraction))
+            if self.method == Method.IMIT_RECAP and n_holdout >= 1 and len(rollouts) > 1:
+                self._holdout_episodes = {int(e) for e in rng.choice(rollouts, n_holdout,
+                                                                      replace=False)}
+
+    # --- one gradient step --------------------------------------------------------------
+    def update(self, batch: dict, step: int) -> dict[str, float]:
+        """One gradient step of actor (and critic); return metrics."""
+        obs = batch['obs']
+        features = self.policy.encode(obs)
+        per_sample = self.policy.per_sample_loss(obs, features=features)
+        stats: dict[str, float] = {}
+        w, critic_loss = self.compute_weights(batch, features.detach(), step, stats)
+        actor_valid = batch['masks']['actor']
+        actor_loss = weighted_bc_loss(per_sample, w)
+
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        stats['losses/actor_grad_norm'] = float(torch.nn.utils.clip_grad_norm_(
+            self.policy.parameters(), self.grad_clip))
+        self.actor_optimizer.step()
+        if critic_loss is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.grad_clip)
+            self.critic_optimizer.step()
+            self._update_target()
+            stats['losses/critic'] = critic_loss.item()
+
+        stats['losses/actor'] = actor_loss.item()
+        stats['losses/bc_unweighted'] = masked_mean(per_sample.detach(), actor_valid).item()
+        valid_rollout = actor_valid & ~batch['is_sft']
+        if valid_rollout.any():
+            stats['weights/zero_share'] = (w[valid_rollout] <= 1e-8).float().mean().item()
+            stats['weights/max'] = w[valid_rollout].max().item()
+        return stats
+
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        tau = self.config.target_tau
+        for target, online in zip(self.target_critic.parameters(), self.critic.parameters(),
+                                  strict=True):
+            target.lerp_(online, tau)
+        for target, online in zip(self.target_critic.buffers(), self.critic.buffers(),
+                                  strict=True):
+            target.copy_(online)
+
+    def compute_weights(self, batch: dict, features: torch.Tensor, step: int,
+                        stats: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised actor weights w (B,) of a batch, and the critic loss (None if no critic).
+
+        `features` are the detached policy features of batch['obs'].
+        """
+        actor_valid = batch['masks']['actor']
+        critic_loss = None
+        if self.method in (Method.SFT, Method.IMIT_DAGGER):
+            w = actor_valid.float()
+        else:
+            with torch.no_grad():
+                next_features = self.policy.encode(batch['next_obs'])
+                adv_features = (next_features if batch['adv_obs'] is batch['next_obs']
+                                else self.policy.encode(batch['adv_obs']))
+            if self.method in HABC_FAMILY:
+                w, critic_loss = self._habc_weights(batch, features, next_features,
+                                                    adv_features, step, stats)
+            else:
+                w, critic_loss = self._value_weights(batch, features, next_features, step,
+                                                     stats)
+        return normalize_weights(w, batch['is_sft'], actor_valid, self.config.eps), critic_loss
+
+    def _habc_weights(self, batch, f_t, f_next, f_adv, step, stats):
+        c = self.config
+        z_v_t, v_e_t = self.critic(f_t)
+        with torch.no_grad():
+            z_v_next, v_e_next = self.target_critic(f_next)
+            z_v_adv, v_e_adv = ((z_v_next, v_e_next) if f_adv is f_next
+                                else self.target_critic(f_adv))
+        labelled = batch['trains_viability']
+        loss_v = viability_loss(z_v_t, batch['label'], labelled)
+        critic_loss = loss_v
+        stats['losses/viability'] = loss_v.item()
+        if self.method != Method.HABC_V:
+            y_e = efficiency_target(v_e_next, batch['terminal_success'])
+            loss_e = efficiency_loss(v_e_t, y_e, batch['trains_efficiency'])
+            critic_loss = critic_loss + loss_e
+            stats['losses/efficiency'] = loss_e.item()
+
+        with torch.no_grad():
+            z_v_t_d, v_e_t_d = z_v_t.detach(), v_e_t.detach()
+            is_last = batch['is_last']
+            # At the last step there is no s_{t+1}: viability does not change, and after a
+            # terminal success nothing remains to be done (V_e = 0).
+            a_v = viability_advantage(z_v_t_d, torch.where(is_last, z_v_t_d, z_v_adv))
+            if self.method == Method.HABC_V:
+                a_e = torch.zeros_like(a_v)
+            else:
+                v_next = torch.where(batch['terminal_success'] & is_last,
+                                     torch.zeros_like(v_e_adv),
+                                     torch.where(is_last, v_e_t_d, v_e_adv))
+                steps = torch.where(is_last, torch.ones_like(batch['adv_steps']),
+                                    batch['adv_steps']).to(v_next.dtype)
+                a_e = efficiency_advantage(v_e_t_d, v_next, steps)
+            g = gate(z_v_t_d, a_v, a_e)
+            if step < c.warmup_steps:
+                g = torch.ones_like(g)
+            code = batch['weight_code']
+            w = torch.zeros_like(g)
+            w = torch.where(code == WeightCode.GATE, g, w)
+            w = torch.where(code == WeightCode.ONE, torch.ones_like(g), w)
+            human = batch['is_human'] & ~batch['is_sft'] & (code == WeightCode.ONE)
+            if self.method == Method.HABC_IR and step >= c.ir_start_step:
+                w = torch.where(human, g, w)
+            w = torch.where(batch['is_sft'], torch.ones_like(g), w)
+            self._log_weights(stats, batch, g, z_v_t_d, a_v, a_e, human)
+        return w, critic_loss
+
+    def _log_weights(self, stats, batch, g, z_v, a_v, a_e, human):
+        code = batch['weight_code']
+        success = (code == WeightCode.GATE) & ~batch['is_sft'] & ~batch['is_human']
+        for name, mask in (('rollout_success', success), ('human', human)):
+            if mask.any():
+                stats[f'weights/mean_g_{name}'] = g[mask].mean().item()
+        labelled = batch['trains_viability']
+        if labelled.any():
+            p_v = torch.sigmoid(z_v[labelled])
+            y = batch['label'][labelled]
+            stats['critic/p_v_mean'] = p_v.mean().item()
+            stats['critic/brier'] = ((p_v - y) ** 2).mean().item()
+            for outcome, value in (('success', 1.0), ('failure', 0.0)):
+                if (y == value).any():
+                    stats[f'critic/p_v_{outcome}'] = p_v[y == value].mean().item()
+            stats['critic/mean_A_v'] = a_v[labelled].mean().item()
+            stats['critic/mean_A_e'] = a_e[labelled].mean().item()
+
+    def _value_weights(self, batch, f_t, f_next, step, stats):
+        c = self.config
+        not_done = (~batch['is_last']).float()
+        reward, mc = batch['reward'], batch['mc_return']
+        critic_mask = batch['masks']['critic']
+        if self.method == Method.IMIT_RECAP:
+            logits = self.critic(f_t)
+            v_t = self.critic.expected_value(logits)
+            with torch.no_grad():
+                v_next = self.target_critic.expected_value(self.target_critic(f_next))
+            target = c.recap_mc_mix * mc + (1 - c.recap_mc_mix) * (
+                reward + c.gamma * not_done * v_next)
+            critic_loss = masked_mean(self.critic.loss(logits, target), critic_mask)
+        else:
+            v_t = self.critic(f_t)
+            with torch.no_grad():
+                v_next = self.target_critic(f_next)
+            target = c.recap_mc_mix * mc + (1 - c.recap_mc_mix) * (
+                reward + c.gamma * not_done * v_next)
+            critic_loss = masked_mean(F.mse_loss(v_t, target.detach(), reduction='none'),
+                                      critic_mask)
+        stats['losses/value'] = critic_loss.item()
+        with torch.no_grad():
+            residual = reward + c.gamma * not_done * v_next - v_t.detach()
+            if self.method == Method.IMIT_RECAP:
+                w = (residual >= self.recap_threshold).float()
+                stats['weights/recap_threshold'] = float(self.recap_threshold)
+            else:
+                w = torch.exp(residual / c.awr_beta).clamp(max=c.awr_max_weight)
+            if step < c.warmup_steps:
+                w = torch.ones_like(w)
+            w = torch.where(batch['is_sft'], torch.ones_like(w), w)
+            stats['critic/mean_residual'] = residual.mean().item()
+        return w, critic_loss
+
+    @torch.no_grad()
+    def refresh(self, buffer: SampleBuffer, step: int, device: str = 'cpu',
+                max_samples: int = 4096) -> None:
+        """Imit-Recap: re-choose the residual threshold on the held-out episodes."""
+        if self.method != Method.IMIT_RECAP or not self._holdout_episodes:
+            return
+        if step % self.config.recap_threshold_every:
+            return
+        table = buffer.table
+        held_out = np.flatnonzero(np.isin(table['episode'], list(self._holdout_episodes))
+                                  & table['is_rollout_labelled'])
+        if len(held_out) > max_samples:
+            held_out = held_out[np.linspace(0, len(held_out) - 1, max_samples).astype(int)]
+        batch = buffer.batch(held_out, device)
+        c = self.config
+        v_t = self.critic.expected_value(self.critic(self.policy.encode(batch['obs'])))
+        v_next = self.critic.expected_value(self.critic(self.policy.encode(batch['next_obs'])))
+        residual = batch['reward'] + c.gamma * (~batch['is_last']).float() * v_next - v_t
+        self.recap_threshold = float(torch.quantile(residual, 1.0 - c.recap_keep_fraction))

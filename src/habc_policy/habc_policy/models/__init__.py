@@ -1,0 +1,1 @@
+"""Policy models behind one interface (habc_policy.models.base.Policy)."""

@@ -1,0 +1,148 @@
+"""The policy interface every model implements (LeRobot-style, no rclpy).
+
+A policy maps one observation to a chunk of H future actions (H, D) and, for training,
+returns its own loss per sample so that the weights of Eq. 1 (L = 1/B sum_i w_i l_i) apply.
+It also exposes features of the observation for the critic (detached by the learner), a
+version string, and save/load as safetensors weights plus a JSON config.
+
+Batches are dicts of tensors with a leading batch dimension:
+    observation keys of the model (e.g. 'state' (B, S), 'images' (B, V, H, W, 3) uint8,
+        'instruction' list[str]),
+    'actions' (B, H, D) target chunk, 'action_mask' (B, H) 1 where the chunk is inside the
+        episode, optional 'dim_mask' (B, D) 1 for action dimensions that count (a human who
+        drove only one arm).
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, fields
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+import torch
+from torch import nn
+
+WEIGHTS_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+_REGISTRY: dict[str, type['Policy']] = {}
+
+
+def register_policy(cls: type['Policy']) -> type['Policy']:
+    """Class decorator: make a policy type loadable by name from its config.json."""
+    _REGISTRY[cls.type_name] = cls
+    return cls
+
+
+class Policy(nn.Module, ABC):
+    """A chunking policy: observation -> (H, D) actions, with a per-sample training loss."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.version = 'untrained'
+
+    @property
+    def horizon(self) -> int:
+        return self.config.horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_dim
+
+    @property
+    @abstractmethod
+    def feature_dim(self) -> int:
+        """Size of the observation features that `encode` returns."""
+
+    @abstractmethod
+    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Observation features (B, feature_dim); the critic reads them detached."""
+
+    @abstractmethod
+    def per_sample_loss(self, batch: dict[str, Any],
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of each sample (B,), before any weighting.
+
+        `features` are this batch's `encode` output when the caller already computed them.
+        """
+
+    @abstractmethod
+    def sample_chunks(self, batch: dict[str, Any],
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Predicted action chunks (B, H, D) in robot units."""
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation: dict[str, Any]) -> np.ndarray:
+        """Predict the (H, D) chunk for ONE observation (no batch dimension)."""
+        was_training = self.training
+        self.eval()
+        batch = {key: _add_batch_dim(value) for key, value in observation.items()}
+        chunk = self.sample_chunks(batch)[0].cpu().numpy()
+        self.train(was_training)
+        return chunk
+
+    def set_normalization(self, stats: dict[str, np.ndarray]) -> None:
+        """Set mean/std buffers from data statistics (keys like 'actions_mean')."""
+        for key, value in stats.items():
+            buffer = getattr(self, key)
+            buffer.copy_(torch.as_tensor(value, dtype=buffer.dtype))
+
+    def save(self, directory: Path) -> str:
+        """Write model.safetensors + config.json; return the SHA-256 of the weights file."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={'version': self.version})
+        meta = {'type': self.type_name, 'version': self.version, 'config': asdict(self.config)}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+        return sha256_file(directory / WEIGHTS_FILE)
+
+    @classmethod
+    def from_config(cls, config: Any) -> 'Policy':
+        return cls(config)
+
+
+def _add_batch_dim(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    return torch.as_tensor(np.asarray(value))[None]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for block in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_policy(directory: Path, map_location: str = 'cpu') -> Policy:
+    """Load a policy saved with Policy.save; the error names what is missing or wrong."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f'{path} not found: a checkpoint folder holds '
+                                    f'{CONFIG_FILE} and {WEIGHTS_FILE}')
+    meta = json.loads(config_path.read_text())
+    cls = _REGISTRY.get(meta.get('type'))
+    if cls is None:
+        raise ValueError(f'{config_path}: unknown policy type {meta.get("type")!r}; known: '
+                         f'{sorted(_REGISTRY)}')
+    config_cls = cls.config_class
+    known = {f.name for f in fields(config_cls)}
+    config = config_cls(**{k: v for k, v in meta['config'].items() if k in known})
+    policy = cls(config)
+    state = load_file(str(weights_path), device=map_location)
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f'{weights_path} does not match {config_path}: missing {missing}, '
+                         f'unexpected {unexpected}')
+    policy.version = meta.get('version', 'unknown')
+    return policy
