@@ -225,9 +225,7 @@ class Algorithm:
     # --- one gradient step --------------------------------------------------------------
     def update(self, batch: dict, step: int) -> dict[str, float]:
         """One gradient step of actor (and critic); return metrics."""
-        obs = batch['obs']
-        features = self.policy.encode(obs)
-        per_sample = self.policy.per_sample_loss(obs, features=features)
+        features, per_sample = self.policy.features_and_loss(batch['obs'])
         stats: dict[str, float] = {}
         w, critic_loss = self.compute_weights(batch, features.detach(), step, stats)
         actor_valid = batch['masks']['actor']

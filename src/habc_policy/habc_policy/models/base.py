@@ -71,6 +71,11 @@ class Policy(nn.Module, ABC):
         `features` are this batch's `encode` output when the caller already computed them.
         """
 
+    def features_and_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `encode(batch)` and `per_sample_loss(batch)` sharing one forward pass."""
+        features = self.encode(batch)
+        return features, self.per_sample_loss(batch, features=features)
+
     @abstractmethod
     def sample_chunks(self, batch: dict[str, Any],
                       generator: torch.Generator | None = None) -> torch.Tensor:

@@ -81,6 +81,7 @@ class LowDimFlowPolicy(Policy):
         return flow_matching_loss(self._velocity_fn(features), actions,
                                   batch['action_mask'], batch.get('dim_mask'))
 
+    @torch.no_grad()
     def sample_chunks(self, batch: dict[str, Any],
                       generator: torch.Generator | None = None) -> torch.Tensor:
         features = self.encode(batch)
