@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import launch_stand_in
 import pytest
@@ -88,6 +89,22 @@ def test_launcher_exits_nonzero_when_a_required_node_dies():
     assert 'required node robot_stub died (killed by SIGKILL); stopping the bringup' in text
     assert 'hold_position stopped' in text
     assert not pid_alive(pids['hold_position'])
+
+
+def test_nodes_stop_when_the_launcher_is_killed():
+    launcher = start_launcher('bringup')
+    try:
+        launcher.wait_for('joints at')
+        launcher.wait_for('holding position')
+        pids = started_pids(launcher.output)
+        os.kill(launcher.process.pid, signal.SIGKILL)  # no chance to clean up
+        launcher.process.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while any(pid_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+    assert not any(pid_alive(p) for p in pids.values()), 'nodes outlived their launcher'
 
 
 def test_optional_node_with_invalid_parameter_exits_and_bringup_continues(tmp_path):

@@ -7,6 +7,7 @@ grace period each), and exits non-zero when a required node dies.
 """
 
 import argparse
+import ctypes
 from dataclasses import dataclass
 import os
 import signal
@@ -28,6 +29,19 @@ from habc.bringup import (
 from habc_common.ros_env import apply_project_defaults
 
 _COLORS = ('36', '33', '35', '32', '34', '91', '96', '93')
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_launcher() -> None:
+    """In the child before exec: get SIGTERM if the launcher dies, even by SIGKILL.
+
+    Each node runs in a session of its own (so a terminal Ctrl-C reaches only the
+    launcher), which also means nothing else would stop it after a launcher crash.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: best effort only
+        pass
 
 
 @dataclass
@@ -76,7 +90,8 @@ class Launcher:
             # stops the nodes in order instead of all of them racing at once.
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, text=True, env=env,
-                                       start_new_session=True, bufsize=1)
+                                       start_new_session=True, bufsize=1,
+                                       preexec_fn=_die_with_launcher)
             color = _COLORS[index % len(_COLORS)]
             reader = threading.Thread(target=self._pump, args=(node.name, color, process.stdout),
                                       daemon=True)

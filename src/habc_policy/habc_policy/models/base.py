@@ -81,14 +81,16 @@ class Policy(nn.Module, ABC):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Predicted action chunks (B, H, D) in robot units."""
 
-    @torch.no_grad()
     def predict_action_chunk(self, observation: dict[str, Any]) -> np.ndarray:
         """Predict the (H, D) chunk for ONE observation (no batch dimension)."""
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         batch = {key: _add_batch_dim(value) for key, value in observation.items()}
-        chunk = self.sample_chunks(batch)[0].cpu().numpy()
-        self.train(was_training)
+        with torch.inference_mode():
+            chunk = self.sample_chunks(batch)[0].cpu().numpy()
+        if was_training:
+            self.train()
         return chunk
 
     def set_normalization(self, stats: dict[str, np.ndarray]) -> None:

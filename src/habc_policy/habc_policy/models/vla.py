@@ -68,7 +68,7 @@ class ImageEncoder(nn.Module):
         for i, width in enumerate(channels):
             layers += [nn.Conv2d(previous, width, 5 if i == 0 else 3, stride=2,
                                  padding=2 if i == 0 else 1),
-                       nn.GroupNorm(min(8, width), width), nn.GELU()]
+                       nn.GroupNorm(min(8, width), width), nn.ReLU()]  # GELU: +2 ms/chunk
             previous = width
         self.conv = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2))
         self.project = nn.Linear(previous, hidden_dim)
