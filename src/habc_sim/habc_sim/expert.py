@@ -1,0 +1,272 @@
+"""Scripted experts for the ALOHA tasks: waypoints in Cartesian space, closed-loop IK.
+
+The plan follows ACT's scripted policies (grasp poses tilted 60 degrees down, a meeting
+point above the table), but instead of mocap bodies (whose route fails under MuJoCo 3.x)
+each control step solves damped-least-squares inverse kinematics for both arms from the
+MEASURED joint state to the interpolated waypoint, and commands the resulting joint
+targets. Insertion re-aims the peg at the socket's measured position while the arms meet
+("live alignment"). Noise knobs make imperfect demonstrations: a per-episode offset of
+the grasp and meeting points (m) and per-step joint target noise (rad).
+"""
+
+from dataclasses import dataclass
+
+import mujoco
+import numpy as np
+
+from habc_sim.aloha import AlohaEnv
+
+GRASP_OFFSET = np.array([0.1, 0.0, 0.0])   # between the finger pads, gripper_link frame
+# Orientations of the gripper_link frames (columns: x = approach, y = finger axis, z).
+LEFT_HOME = np.eye(3)
+RIGHT_HOME = np.diag([-1.0, -1.0, 1.0])
+
+
+def rot_x(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+
+
+def rot_y(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+
+
+@dataclass(frozen=True)
+class Waypoint:
+    """Where one gripper should be at control step t."""
+
+    t: int
+    position: np.ndarray      # grasp point, world frame (m), or offset from `track`
+    rotation: np.ndarray      # gripper_link orientation, world frame
+    gripper: float            # opening 0..1
+    track: str | None = None  # object whose MEASURED position `position` is relative to
+
+
+def _quat(matrix: np.ndarray) -> np.ndarray:
+    q = np.empty(4)
+    mujoco.mju_mat2Quat(q, np.asarray(matrix, dtype=np.float64).ravel())
+    return q
+
+
+def _slerp(q0: np.ndarray, q1: np.ndarray, s: float) -> np.ndarray:
+    dot = float(np.dot(q0, q1))
+    if dot < 0.0:
+        q1, dot = -q1, -dot
+    if dot > 0.9995:
+        q = q0 + s * (q1 - q0)
+        return q / np.linalg.norm(q)
+    theta = np.arccos(dot)
+    return (np.sin((1 - s) * theta) * q0 + np.sin(s * theta) * q1) / np.sin(theta)
+
+
+def interpolate(waypoints: list[Waypoint], t: float,
+                objects: dict[str, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Position, rotation and gripper at time t (linear / slerp between waypoints).
+
+    Waypoints that `track` an object are resolved against its measured position in
+    `objects` first, so the plan follows an object that moved (closed loop).
+    """
+    def where(w: Waypoint) -> np.ndarray:
+        return w.position + objects[w.track] if w.track else w.position
+
+    if t <= waypoints[0].t:
+        w = waypoints[0]
+        return where(w), w.rotation, w.gripper
+    for a, b in zip(waypoints[:-1], waypoints[1:], strict=True):
+        if a.t <= t <= b.t:
+            s = (t - a.t) / max(b.t - a.t, 1e-9)
+            quat = _slerp(_quat(a.rotation), _quat(b.rotation), s)
+            rotation = np.empty(9)
+            mujoco.mju_quat2Mat(rotation, quat)
+            return ((1 - s) * where(a) + s * where(b), rotation.reshape(3, 3),
+                    (1 - s) * a.gripper + s * b.gripper)
+    w = waypoints[-1]
+    return where(w), w.rotation, w.gripper
+
+
+class ArmIK:
+    """Damped-least-squares IK of one arm's 6 joints for the grasp point's pose."""
+
+    def __init__(self, model: mujoco.MjModel, arm: str) -> None:
+        self.model = model
+        self.scratch = mujoco.MjData(model)
+        names = ['waist', 'shoulder', 'elbow', 'forearm_roll', 'wrist_angle', 'wrist_rotate']
+        joints = [model.joint(f'vx300s_{arm}/{n}') for n in names]
+        self.qpos_index = np.array([j.qposadr[0] for j in joints])
+        self.dof_index = np.array([j.dofadr[0] for j in joints])
+        self.lower = np.array([j.range[0] for j in joints])
+        self.upper = np.array([j.range[1] for j in joints])
+        self.body = model.body(f'vx300s_{arm}/gripper_link').id
+
+    def solve(self, qpos: np.ndarray, position: np.ndarray, rotation: np.ndarray,
+              iterations: int = 15, damping: float = 0.05,
+              rotation_weight: float = 0.3) -> np.ndarray:
+        """Joint angles (6) that bring the grasp point to `position` with `rotation`."""
+        data = self.scratch
+        data.qpos[:] = qpos
+        q = qpos[self.qpos_index].copy()
+        jacp = np.zeros((3, self.model.nv))
+        jacr = np.zeros((3, self.model.nv))
+        for _ in range(iterations):
+            data.qpos[self.qpos_index] = q
+            mujoco.mj_kinematics(self.model, data)
+            mujoco.mj_comPos(self.model, data)
+            frame = data.xmat[self.body].reshape(3, 3)
+            point = data.xpos[self.body] + frame @ GRASP_OFFSET
+            error_p = position - point
+            error_r = 0.5 * sum(np.cross(frame[:, i], rotation[:, i]) for i in range(3))
+            if np.linalg.norm(error_p) < 1e-4 and np.linalg.norm(error_r) < 1e-3:
+                break
+            mujoco.mj_jac(self.model, data, jacp, jacr, point, self.body)
+            jac = np.vstack([jacp[:, self.dof_index], rotation_weight * jacr[:, self.dof_index]])
+            error = np.concatenate([error_p, rotation_weight * error_r])
+            step = jac.T @ np.linalg.solve(jac @ jac.T + damping ** 2 * np.eye(6), error)
+            q = np.clip(q + step, self.lower, self.upper)
+        return q
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Noise knobs of the scripted expert (all zero: the clean expert)."""
+
+    waypoint_noise: float = 0.0   # m, per-episode offset of grasp and meeting points
+    action_noise: float = 0.0     # rad, per-step noise on the joint targets
+    slowdown: float = 1.0         # >1 stretches the timeline (slower demonstrations)
+
+
+class ScriptedExpert:
+    """Plans waypoints from the privileged start state, then tracks them with IK."""
+
+    def __init__(self, env: AlohaEnv, config: ExpertConfig = ExpertConfig(),
+                 seed: int = 0) -> None:
+        self.env = env
+        self.config = config
+        self.rng = np.random.default_rng(seed)
+        self.ik = {arm: ArmIK(env.model, arm) for arm in ('left', 'right')}
+        self.plan: dict[str, list[Waypoint]] = {}
+        self._objects = (['box'] if env.config.task == 'transfer_cube'
+                         else ['peg', 'socket'])
+
+    def reset(self) -> None:
+        """Plan the episode from the object poses the environment was reset to."""
+        state = self.env.privileged()
+        offset = lambda: self.rng.normal(0.0, self.config.waypoint_noise, 3)  # noqa: E731
+        k = self.config.slowdown
+        data = self.env.data
+        home = {arm: data.body(f'vx300s_{arm}/gripper_link') for arm in ('left', 'right')}
+        start = {arm: (home[arm].xpos + home[arm].xmat.reshape(3, 3) @ GRASP_OFFSET,
+                       home[arm].xmat.reshape(3, 3).copy()) for arm in home}
+        def wp(t: float, p, r: np.ndarray, g: float, track: str | None = None) -> Waypoint:
+            return Waypoint(int(round(t * k)), np.asarray(p, float), r, g, track)
+
+        if self.env.config.task == 'transfer_cube':
+            box = state['box_pos'] + offset()
+            meet = np.array([0.0, 0.5, 0.25]) + offset()
+            pick = rot_y(-60) @ RIGHT_HOME
+            meet_left = LEFT_HOME @ rot_x(90)
+            self.plan['right'] = [
+                wp(0, *start['right'], 1.0),
+                wp(50, box + [0, 0, 0.08], pick, 1.0),
+                wp(75, box + [0, 0, 0.0], pick, 1.0),
+                wp(90, box + [0, 0, 0.0], pick, 0.0),
+                wp(125, meet + [0.05, 0, 0], pick, 0.0),
+                wp(140, meet, pick, 0.0),
+                wp(185, meet, pick, 0.0),
+                wp(200, meet, pick, 1.0),
+                wp(230, meet + [0.12, 0, 0], pick, 1.0),
+            ]
+            grab = offset() * 0.5 + [-0.012, 0, 0]
+            self.plan['left'] = [
+                wp(0, *start['left'], 1.0),
+                wp(70, meet + [-0.12, 0, 0], meet_left, 1.0),
+                wp(145, [-0.12, 0, 0], meet_left, 1.0, track='box'),
+                wp(170, grab, meet_left, 1.0, track='box'),
+                wp(185, grab, meet_left, 0.0, track='box'),
+                wp(230, meet + [-0.10, 0, 0.02], meet_left, 0.0),
+            ]
+        else:
+            peg = state['peg_pos'] + offset()
+            socket = state['socket_pos'] + offset()
+            meet = np.array([0.0, 0.5, 0.15]) + offset()
+            pick_right = rot_y(-60) @ RIGHT_HOME
+            pick_left = rot_y(60) @ LEFT_HOME
+            self.plan['right'] = [
+                wp(0, *start['right'], 1.0),
+                wp(60, peg + [0, 0, 0.08], pick_right, 1.0),
+                wp(90, peg + [0, 0, -0.02], pick_right, 1.0),
+                wp(110, peg + [0, 0, -0.02], pick_right, 0.0),
+                wp(150, meet + [0.15, 0, 0], pick_right, 0.0),
+            ]
+            # From then on the plan is for the PEG (its centre), relative to the measured
+            # socket: slide it along the socket's axis onto the pin.
+            self.peg_plan = [
+                wp(150, [0.20, 0, 0], pick_right, 0.0, track='socket'),
+                wp(200, [0.14, 0, 0], pick_right, 0.0, track='socket'),
+                wp(260, [0.07, 0, 0], pick_right, 0.0, track='socket'),
+            ]
+            self.plan['left'] = [
+                wp(0, *start['left'], 1.0),
+                wp(60, socket + [0, 0, 0.08], pick_left, 1.0),
+                wp(90, socket + [0, 0, -0.02], pick_left, 1.0),
+                wp(110, socket + [0, 0, -0.02], pick_left, 0.0),
+                wp(150, meet + [-0.10, 0, 0], pick_left, 0.0),
+            ]
+            self._align_from = int(round(150 * k))
+            self._peg_offset = None
+
+    def act(self) -> np.ndarray:
+        """Return the 14 joint targets for this step (closed loop on the measured state)."""
+        t = self.env.steps
+        qpos = self.env.data.qpos.copy()
+        objects = {name: self.env.object_position(name) for name in self._objects}
+        action = np.empty(14)
+        for index, arm in enumerate(('left', 'right')):
+            position, rotation, gripper = interpolate(self.plan[arm], t, objects)
+            if arm == 'right' and self.env.config.task == 'insertion' and t >= self._align_from:
+                # Live alignment: aim the peg, through the measured grasp offset, at its
+                # planned pose. A slipped peg (offset far from the one at lift) falls back
+                # to that offset, so the arm never chases a dropped peg.
+                peg_target, rotation, gripper = interpolate(self.peg_plan, t, objects)
+                offset = self._grasp_point('right') - objects['peg']
+                if self._peg_offset is None:
+                    self._peg_offset = offset
+                if np.linalg.norm(offset - self._peg_offset) > 0.03:
+                    offset = self._peg_offset
+                position = peg_target + offset
+            joints = self.ik[arm].solve(qpos, position, rotation)
+            if self.config.action_noise:
+                joints = joints + self.rng.normal(0.0, self.config.action_noise, 6)
+            action[7 * index:7 * index + 6] = joints
+            action[7 * index + 6] = gripper
+        return action
+
+    def _grasp_point(self, arm: str) -> np.ndarray:
+        body = self.env.data.body(f'vx300s_{arm}/gripper_link')
+        return body.xpos + body.xmat.reshape(3, 3) @ GRASP_OFFSET
+
+
+def run_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig = ExpertConfig(),
+                       record: bool = False) -> dict:
+    """Roll out the expert from `seed`; return success, steps and (optionally) the data."""
+    observation = env.reset(seed)
+    expert = ScriptedExpert(env, config, seed)
+    expert.reset()
+    states, actions, images = [], [], []
+    while True:
+        action = expert.act()
+        if record:
+            states.append(observation['state'])
+            images.append(observation['images'])
+            actions.append(action.astype(np.float32))
+        result = env.step(action)
+        observation = result.observation
+        if result.success or result.truncated:
+            break
+    episode = {'success': result.success, 'steps': env.steps,
+               'physics_error': result.physics_error, 'seed': seed}
+    if record:
+        episode.update(states=np.asarray(states), actions=np.asarray(actions),
+                       images=np.asarray(images))
+    return episode
