@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                'start a bringup (default: bringup) in the pip environment, like ros2 launch'),
     'credit': ('habc_learner.credit',
                'show which windows of an episode get the outcome label, and their weights'),
+    'sim': ('habc_sim.cli', 'simulated robot tools: scripted expert success rates'),
 }
 
 EPILOG = """\
@@ -26,6 +27,7 @@ examples:
   habc launch bringup                 the simulated robot and the habc loop
   habc launch bringup use_sim:=false  on a real robot (remap topics in config/bringup.yaml)
   habc credit episode.json            how the outcome of one episode is credited
+  habc sim expert --task transfer_cube --episodes 50 --json
 
 Every command takes --help. Source env.sh first, or use .venv/bin/habc which does it."""
 

@@ -17,7 +17,7 @@ Success predicates:
     insertion      the peg touches the pin inside the socket (gym-aloha's reward 4)
 held for `success_hold_steps` consecutive control steps.
 
-A diverging simulation (MuJoCo's bad-acceleration warning, or non-finite state) ends the
+A diverging simulation (MuJoCo's bad qpos/qvel/qacc warnings, or non-finite state) ends the
 episode as a failed, truncated one instead of raising: dm_control's PhysicsError case.
 The object poses are sampled from a seed by this class (no module-global state), so one
 process may hold several environments, but mujoco's GL context is per process: run
@@ -176,12 +176,13 @@ class AlohaEnv:
             finger = gripper_to_joint(float(action[7 * arm + 6]))
             ctrl[8 * arm + 6:8 * arm + 8] = [finger, -finger]
         self.data.ctrl[:] = ctrl
-        warnings_before = self.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number
+        warnings_before = self._instability_warnings()
         for _ in range(self.substeps):
             mujoco.mj_step(self.model, self.data)
         self.steps += 1
-        diverged = (self.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number
-                    > warnings_before) or not np.all(np.isfinite(self.data.qpos))
+        # MuJoCo resets the state itself after a bad qpos/qvel/qacc and only warns.
+        diverged = (self._instability_warnings() > warnings_before
+                    or not np.all(np.isfinite(self.data.qpos)))
         if diverged:
             return StepResult(self.observation(render=False), 0, False, True, True)
         stage, strict = self._stage_and_success()
@@ -189,6 +190,11 @@ class AlohaEnv:
         success = self._held >= self.config.success_hold_steps
         truncated = not success and self.steps >= self.config.max_steps
         return StepResult(self.observation(), stage, success, truncated, False)
+
+    def _instability_warnings(self) -> int:
+        return sum(int(self.data.warning[w].number) for w in (
+            mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
+            mujoco.mjtWarning.mjWARN_BADQACC))
 
     # --- observations ----------------------------------------------------------------------
     def joint_state(self) -> np.ndarray:
