@@ -223,7 +223,13 @@ class AlohaEnv:
             (len(self.config.cameras), self.config.image_size, self.config.image_size, 3),
             np.uint8)
         return {'state': self.joint_state(), 'velocity': self.joint_velocity(),
-                'images': images, 'instruction': self.instruction}
+                'objects': self.object_state(), 'images': images,
+                'instruction': self.instruction}
+
+    def object_state(self) -> np.ndarray:
+        """Positions of the task's objects (3 per object), for the low-dimensional track."""
+        names = ['box'] if self.config.task == 'transfer_cube' else ['peg', 'socket']
+        return np.concatenate([self.object_position(n) for n in names]).astype(np.float32)
 
     # --- privileged state (scripted expert and operator only) ------------------------------
     def contacts(self) -> set[tuple[int, int]]:

@@ -1,0 +1,140 @@
+"""The scripted operator: a stand-in for the human who watches the robot and takes over.
+
+It watches a policy episode through the privileged simulator state. When a detector fires
+(the robot stalls, drops the object, or pushes it away with a bad approach) it takes over,
+after a reaction delay and only with some probability (the paper's operator intervened on
+about half of the failures), and completes the task with the scripted expert. Once the
+expert has made progress it sometimes hands control back to the policy. At the end it
+labels the outcome. Episodes therefore come out mixed the way real ones do: pure policy,
+policy -> human, and policy -> human -> policy.
+
+This core knows nothing about ROS; the simulation benchmark calls it in-process and the
+ROS scripted_operator_node drives the same logic through the teleop topics.
+"""
+
+from dataclasses import dataclass, field
+import enum
+
+import numpy as np
+
+from habc_learner.episode import Controller, Outcome
+
+
+class Detector(enum.StrEnum):
+    STALL = 'stall'
+    DROP = 'drop'
+    BAD_APPROACH = 'bad_approach'
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """How the scripted operator watches, reacts and hands back."""
+
+    detectors: tuple[str, ...] = ('stall', 'drop', 'bad_approach')
+    stall_steps: int = 50              # no gripper motion for this long (and no success)
+    stall_motion: float = 0.01         # m: gripper displacement that counts as motion
+    push_distance: float = 0.03        # m: object pushed this far before any grasp
+    lifted_height: float = 0.07        # m: object centre above this counts as lifted
+    reaction_delay_steps: int = 10     # 0.2 s at 50 Hz
+    takeover_probability: float = 0.5
+    handback_probability: float = 0.3  # per takeover: hand back once the object is in hand
+    handback_min_steps: int = 30       # human control at least this long before handing back
+    max_takeovers: int = 2
+    objects: tuple[str, ...] = field(default=('box',))
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.detectors if d not in Detector.__members__.values()]
+        if unknown:
+            raise ValueError(f'unknown detector(s) {unknown}; choose from '
+                             f'{[d.value for d in Detector]}')
+        for name in ('takeover_probability', 'handback_probability'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f'OperatorConfig.{name} must be in [0, 1]')
+        if min(self.stall_steps, self.reaction_delay_steps + 1, self.max_takeovers + 1) < 1:
+            raise ValueError('OperatorConfig step counts must be >= 0')
+
+
+class ScriptedOperator:
+    """Decides, step by step, who controls the robot: the policy or the (scripted) human."""
+
+    def __init__(self, config: OperatorConfig, rng: np.random.Generator) -> None:
+        self.config = config
+        self.rng = rng
+        self.reset({})
+
+    def reset(self, privileged: dict) -> None:
+        """Start watching a new episode from its initial privileged state."""
+        self.controller = Controller.POLICY
+        self.takeovers = 0
+        self.pending_takeover: int | None = None
+        self.human_since: int | None = None
+        self.will_hand_back = False
+        self.declined: set[str] = set()
+        self.fired: list[tuple[int, str, bool]] = []     # (step, detector, acted on it)
+        self._start = {name: np.asarray(privileged.get(f'{name}_pos', np.zeros(3)))
+                       for name in self.config.objects}
+        self._was_lifted = dict.fromkeys(self.config.objects, False)
+        self._grippers: list[np.ndarray] = []
+
+    def detect(self, privileged: dict) -> str | None:
+        """Return the first detector that fires on this state, if any."""
+        c = self.config
+        grippers = np.concatenate([privileged['left_gripper_pos'],
+                                   privileged['right_gripper_pos']])
+        self._grippers.append(grippers)
+        self._grippers = self._grippers[-c.stall_steps:]
+        for name in c.objects:
+            z = float(privileged[f'{name}_pos'][2])
+            if z > c.lifted_height:
+                self._was_lifted[name] = True
+            if (Detector.DROP in c.detectors and self._was_lifted[name]
+                    and z < c.lifted_height - 0.02 and not privileged['strict_success']):
+                return Detector.DROP
+            pushed = np.linalg.norm(privileged[f'{name}_pos'][:2] - self._start[name][:2])
+            if (Detector.BAD_APPROACH in c.detectors and privileged['stage'] == 0
+                    and pushed > c.push_distance):
+                return Detector.BAD_APPROACH
+        if (Detector.STALL in c.detectors and len(self._grippers) == c.stall_steps
+                and not privileged['strict_success']):
+            motion = np.abs(np.asarray(self._grippers) - self._grippers[0]).max()
+            if motion < c.stall_motion:
+                return Detector.STALL
+        return None
+
+    def step(self, t: int, privileged: dict) -> tuple[Controller, bool]:
+        """Who controls step t, and whether control switched to the human on this step."""
+        c = self.config
+        took_over = False
+        if self.controller == Controller.POLICY:
+            if self.pending_takeover is not None and t >= self.pending_takeover:
+                self.controller = Controller.HUMAN
+                self.pending_takeover = None
+                self.human_since = t
+                self.takeovers += 1
+                self.will_hand_back = bool(self.rng.random() < c.handback_probability)
+                took_over = True
+            elif self.pending_takeover is None and self.takeovers < c.max_takeovers:
+                detector = self.detect(privileged)
+                if detector is not None and detector not in self.declined:
+                    act = bool(self.rng.random() < c.takeover_probability)
+                    self.fired.append((t, str(detector), act))
+                    if act:
+                        self.pending_takeover = t + c.reaction_delay_steps
+                    else:
+                        # A person who decided to let this one go does not keep reconsidering.
+                        self.declined.add(detector)
+        elif (self.will_hand_back and t - self.human_since >= c.handback_min_steps
+              and self._progress(privileged)):
+            self.controller = Controller.POLICY
+            self.human_since = None
+            self._grippers = []
+        return self.controller, took_over
+
+    def _progress(self, privileged: dict) -> bool:
+        # Hand back only once the expert has the object in hand and lifted.
+        return privileged['stage'] >= 2 and not privileged['strict_success']
+
+    @staticmethod
+    def label(success: bool) -> Outcome:
+        """Return the outcome the operator reports for a finished episode."""
+        return Outcome.SUCCESS if success else Outcome.FAILURE

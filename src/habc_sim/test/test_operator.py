@@ -1,0 +1,79 @@
+"""The scripted operator's detectors and decisions, on hand-made privileged states."""
+
+import numpy as np
+import pytest
+
+from habc_learner.episode import Controller, Outcome
+from habc_sim.operator import Detector, OperatorConfig, ScriptedOperator
+
+
+def state(box=(0.1, 0.5, 0.05), stage=0, left=(-0.3, 0.5, 0.3), right=(0.3, 0.5, 0.3),
+          success=False):
+    return {'box_pos': np.array(box, float), 'stage': stage, 'strict_success': success,
+            'left_gripper_pos': np.array(left, float), 'right_gripper_pos': np.array(right, float)}
+
+
+def operator(**overrides):
+    config = OperatorConfig(**{'reaction_delay_steps': 3, 'stall_steps': 5, **overrides})
+    op = ScriptedOperator(config, np.random.default_rng(0))
+    op.reset(state())
+    return op
+
+
+def moving(t):
+    return state(right=(0.3 - 0.01 * t, 0.5, 0.3))
+
+
+def test_drop_is_detected_after_a_lift():
+    op = operator()
+    assert op.detect(state(box=(0.1, 0.5, 0.12), stage=2, right=(0.1, 0.5, 0.2))) is None
+    assert op.detect(state(box=(0.1, 0.5, 0.03), right=(0.2, 0.5, 0.2))) == Detector.DROP
+
+
+def test_bad_approach_is_a_pushed_object_before_any_grasp():
+    op = operator()
+    assert op.detect(state(box=(0.12, 0.5, 0.05))) is None          # 2 cm: fine
+    assert op.detect(state(box=(0.15, 0.5, 0.05))) == Detector.BAD_APPROACH
+
+
+def test_stall_needs_a_full_window_without_motion():
+    op = operator()
+    for _ in range(4):
+        assert op.detect(state()) is None
+    assert op.detect(state()) == Detector.STALL
+    op = operator()
+    assert all(op.detect(moving(t)) is None for t in range(10))
+
+
+def test_takeover_after_reaction_delay_then_handback():
+    op = operator(takeover_probability=1.0, handback_probability=1.0, handback_min_steps=4)
+    controllers = []
+    for t in range(20):
+        if t < 5:
+            s = state()                                   # stalls: fires at t = 4
+        elif t < 12:
+            s = state(right=(0.3 - 0.01 * t, 0.5, 0.3))    # the human works
+        else:
+            s = state(box=(0.0, 0.5, 0.2), stage=2, right=(0.0, 0.5, 0.25))  # lifted
+        controllers.append(op.step(t, s)[0])
+    # Back with the policy, the robot stands still again: the stall detector re-arms.
+    assert op.fired == [(4, 'stall', True), (17, 'stall', True)]
+    assert controllers[:7] == [Controller.POLICY] * 7     # detected at 4, delay 3
+    assert controllers[7] == Controller.HUMAN
+    assert Controller.HUMAN in controllers and controllers[-1] == Controller.POLICY
+    assert op.takeovers == 1
+
+
+def test_declined_detection_is_not_reconsidered():
+    op = operator(takeover_probability=0.0)
+    controllers = [op.step(t, state())[0] for t in range(30)]
+    assert set(controllers) == {Controller.POLICY}
+    assert op.fired == [(4, 'stall', False)]
+
+
+def test_config_validation_and_labels():
+    with pytest.raises(ValueError, match='unknown detector'):
+        OperatorConfig(detectors=('boredom',))
+    with pytest.raises(ValueError, match='takeover_probability must be in'):
+        OperatorConfig(takeover_probability=1.5)
+    assert ScriptedOperator.label(True) == Outcome.SUCCESS
