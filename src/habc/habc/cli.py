@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     'credit': ('habc_learner.credit',
                'show which windows of an episode get the outcome label, and their weights'),
     'sim': ('habc_sim.cli', 'simulated robot tools: scripted expert success rates'),
+    'bench': ('habc_sim.bench', "the paper's comparison in simulation, every method, seeds"),
 }
 
 EPILOG = """\

@@ -47,6 +47,15 @@ _SCENES = {'transfer_cube': 'bimanual_viperx_transfer_cube.xml',
            'insertion': 'bimanual_viperx_insertion.xml'}
 
 
+def _quiet_mujoco_warning(message: str) -> None:
+    # MuJoCo prints instability warnings to stdout and MUJOCO_LOG.TXT; this environment
+    # detects and reports them itself (StepResult.physics_error), so they are not repeated.
+    del message
+
+
+mujoco.set_mju_user_warning(_quiet_mujoco_warning)
+
+
 def gripper_to_joint(opening: float) -> float:
     """Normalised gripper opening 0..1 -> finger joint position (m)."""
     return opening * (PUPPET_GRIPPER_OPEN - PUPPET_GRIPPER_CLOSE) + PUPPET_GRIPPER_CLOSE

@@ -1,15 +1,16 @@
 """Scripted experts for the ALOHA tasks: waypoints in Cartesian space, closed-loop IK.
 
-The plan follows ACT's scripted policies (grasp poses tilted 60 degrees down, a meeting
-point above the table), but instead of mocap bodies (whose route fails under MuJoCo 3.x)
+The plan follows ACT's scripted policies (grasp poses tilted down, a meeting point
+above the table), but instead of mocap bodies (whose route fails under MuJoCo 3.x)
 each control step solves damped-least-squares inverse kinematics for both arms from the
 MEASURED joint state to the interpolated waypoint, and commands the resulting joint
 targets. Insertion re-aims the peg at the socket's measured position while the arms meet
-("live alignment"). Noise knobs make imperfect demonstrations: a per-episode offset of
-the grasp and meeting points (m) and per-step joint target noise (rad).
+and slides it along the socket's axis onto the pin ("live alignment"). Noise knobs make
+imperfect demonstrations: a per-episode offset of the grasp and meeting points (m) and
+per-step joint target noise (rad).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mujoco
 import numpy as np
@@ -20,6 +21,7 @@ GRASP_OFFSET = np.array([0.1, 0.0, 0.0])   # between the finger pads, gripper_li
 # Orientations of the gripper_link frames (columns: x = approach, y = finger axis, z).
 LEFT_HOME = np.eye(3)
 RIGHT_HOME = np.diag([-1.0, -1.0, 1.0])
+TABLE_TOP = 0.0                            # world z of the table's surface
 
 
 def rot_x(degrees: float) -> np.ndarray:
@@ -151,6 +153,19 @@ class ScriptedExpert:
 
     def reset(self) -> None:
         """Plan the episode from the object poses the environment was reset to."""
+        self._plan(start_step=0)
+
+    def replan(self) -> None:
+        """Plan again from the current state: a takeover in the middle of an episode.
+
+        The plan starts from where the grippers are now; phases already done (the object
+        in the right gripper, lifted; both insertion objects held) are skipped, and an
+        object already handed over is simply held.
+        """
+        self._plan(start_step=self.env.steps)
+
+    def _plan(self, start_step: int) -> None:
+        self.t0 = start_step
         state = self.env.privileged()
         offset = lambda: self.rng.normal(0.0, self.config.waypoint_noise, 3)  # noqa: E731
         k = self.config.slowdown
@@ -187,60 +202,129 @@ class ScriptedExpert:
                 wp(230, meet + [-0.10, 0, 0.02], meet_left, 0.0),
             ]
         else:
-            peg = state['peg_pos'] + offset()
-            socket = state['socket_pos'] + offset()
+            # The scene drops both objects onto the table at reset: plan from where they rest.
+            peg = self._resting('peg') + offset()
+            socket = self._resting('socket') + offset()
             meet = np.array([0.0, 0.5, 0.15]) + offset()
-            pick_right = rot_y(-60) @ RIGHT_HOME
+            # The right gripper takes the 2 cm high peg nearly level (25 degrees down) and by
+            # its outer half, fingertips 3 mm above the table: the fingers' lower edges then
+            # lie along the peg and hold it level, and 5 cm of it stick out past the
+            # fingertips to go into the socket. (Tilted 60 degrees, as in ACT, only the
+            # fingertips reach the peg: it pivots in them and drops.) The socket, 4.4 cm high,
+            # is taken as in ACT, the fingertips pressed onto the table (aimed below it): that
+            # held it best against pushes and joint noise.
+            pick_right = rot_y(-25) @ RIGHT_HOME
             pick_left = rot_y(60) @ LEFT_HOME
+            peg_grasp = peg + [0.045, 0, 0.022]
+            socket_grasp = socket + [0, 0, 0.008]
             self.plan['right'] = [
                 wp(0, *start['right'], 1.0),
-                wp(60, peg + [0, 0, 0.08], pick_right, 1.0),
-                wp(90, peg + [0, 0, -0.02], pick_right, 1.0),
-                wp(110, peg + [0, 0, -0.02], pick_right, 0.0),
-                wp(150, meet + [0.15, 0, 0], pick_right, 0.0),
-            ]
-            # From then on the plan is for the PEG (its centre), relative to the measured
-            # socket: slide it along the socket's axis onto the pin.
-            self.peg_plan = [
-                wp(150, [0.20, 0, 0], pick_right, 0.0, track='socket'),
-                wp(200, [0.14, 0, 0], pick_right, 0.0, track='socket'),
-                wp(260, [0.07, 0, 0], pick_right, 0.0, track='socket'),
+                wp(50, peg_grasp + [0, 0, 0.08], pick_right, 1.0),
+                wp(75, peg_grasp, pick_right, 1.0),
+                wp(90, peg_grasp, pick_right, 0.0),
+                wp(100, peg_grasp, pick_right, 0.0),                 # the grip settles
+                wp(125, peg_grasp + [0, 0, 0.05], pick_right, 0.0),  # straight up first
+                wp(145, meet + [0.18, 0, 0], pick_right, 0.0),
             ]
             self.plan['left'] = [
                 wp(0, *start['left'], 1.0),
-                wp(60, socket + [0, 0, 0.08], pick_left, 1.0),
-                wp(90, socket + [0, 0, -0.02], pick_left, 1.0),
-                wp(110, socket + [0, 0, -0.02], pick_left, 0.0),
-                wp(150, meet + [-0.10, 0, 0], pick_left, 0.0),
+                wp(50, socket_grasp + [0, 0, 0.08], pick_left, 1.0),
+                wp(75, socket_grasp, pick_left, 1.0),
+                wp(90, socket_grasp, pick_left, 0.0),
+                wp(100, socket_grasp, pick_left, 0.0),
+                wp(125, socket_grasp + [0, 0, 0.05], pick_left, 0.0),
+                wp(145, meet + [-0.10, 0, 0], pick_left, 0.0),
             ]
-            self._align_from = int(round(150 * k))
+            # From then on the right arm follows a plan for the peg centre's offset from the
+            # measured socket along x, the socket's axis (see _aim_peg). The peg touches the
+            # pin at 10 cm: lined up at 16 cm (its tip 4 cm from the opening), fast to 1 cm
+            # short of the pin, then slowly to 1.5 cm past it, so that the peg stays pressed
+            # on the pin while it slides back in the fingers.
+            self._peg_stages = [(int(round(t * k)), dx)
+                                for t, dx in ((175, 0.16), (195, 0.11), (225, 0.085))]
+            self._align_from = int(round(145 * k))
+            self.peg_plan = None
             self._peg_offset = None
+        if start_step:
+            self._skip_done_phases(state, start, k)
+
+    def _skip_done_phases(self, state: dict, start: dict, k: float) -> None:
+        """Cut the plan for a mid-episode takeover according to what is already done."""
+        def skip(plan: list[Waypoint], cut: float, shift: float, arm: str) -> list[Waypoint]:
+            kept = [replace(w, t=w.t - int(round(shift * k))) for w in plan
+                    if w.t >= int(round(cut * k))]
+            return [Waypoint(0, *start[arm], plan[0].gripper)] + kept
+
+        opening = self.env.joint_state()[[6, 13]]
+        stage = state['stage']
+        if self.env.config.task == 'transfer_cube':
+            if stage == 4:    # already handed over: hold it where it is
+                for index, arm in enumerate(('left', 'right')):
+                    self.plan[arm] = [Waypoint(0, *start[arm], float(opening[index]))]
+            elif stage == 2:  # in the right gripper, lifted: go straight to the handover
+                self.plan['right'] = skip(self.plan['right'], 125, 95, 'right')
+                self.plan['left'] = skip(self.plan['left'], 145, 95, 'left')
+                self.plan['right'][0] = replace(self.plan['right'][0], gripper=0.0)
+        elif stage >= 2:      # both objects held: go straight to the meeting point
+            for arm in ('left', 'right'):
+                self.plan[arm] = skip(self.plan[arm], 145, 115, arm)
+                self.plan[arm][0] = replace(self.plan[arm][0], gripper=0.0)
+            self._align_from -= int(round(115 * k))
+            self._peg_stages = [(t - int(round(115 * k)), dx) for t, dx in self._peg_stages]
 
     def act(self) -> np.ndarray:
         """Return the 14 joint targets for this step (closed loop on the measured state)."""
-        t = self.env.steps
+        t = self.env.steps - self.t0
         qpos = self.env.data.qpos.copy()
         objects = {name: self.env.object_position(name) for name in self._objects}
         action = np.empty(14)
         for index, arm in enumerate(('left', 'right')):
             position, rotation, gripper = interpolate(self.plan[arm], t, objects)
             if arm == 'right' and self.env.config.task == 'insertion' and t >= self._align_from:
-                # Live alignment: aim the peg, through the measured grasp offset, at its
-                # planned pose. A slipped peg (offset far from the one at lift) falls back
-                # to that offset, so the arm never chases a dropped peg.
-                peg_target, rotation, gripper = interpolate(self.peg_plan, t, objects)
-                offset = self._grasp_point('right') - objects['peg']
-                if self._peg_offset is None:
-                    self._peg_offset = offset
-                if np.linalg.norm(offset - self._peg_offset) > 0.03:
-                    offset = self._peg_offset
-                position = peg_target + offset
+                position = self._aim_peg(t)     # rotation and gripper stay the plan's
             joints = self.ik[arm].solve(qpos, position, rotation)
             if self.config.action_noise:
                 joints = joints + self.rng.normal(0.0, self.config.action_noise, 6)
             action[7 * index:7 * index + 6] = joints
             action[7 * index + 6] = gripper
         return action
+
+    def _aim_peg(self, t: int) -> np.ndarray:
+        """Live alignment: where the right grasp point goes to put the peg on its plan.
+
+        The plan is the peg centre's position relative to the measured socket, starting
+        from where it is when alignment starts; the measured grasp offset (grasp point -
+        peg centre) maps it to the grasp point, so a peg that sits shifted in the fingers
+        is still aimed along the socket's axis. Along the axis the offset stops following
+        the peg once it is lined up: pushed onto the pin the peg slides back in the
+        fingers, and following it would push on without end. A jump in the offset (a
+        dropped peg) is ignored rather than chased.
+        """
+        peg, socket = self.env.object_position('peg'), self.env.object_position('socket')
+        offset = self._grasp_point('right') - peg
+        if self.peg_plan is None:
+            # Only the positions of these waypoints are used (the gripper keeps its pose).
+            self.peg_plan = [Waypoint(t, peg - socket, np.eye(3), 0.0)] + [
+                Waypoint(t_, np.array([dx, 0.0, 0.0]), np.eye(3), 0.0)
+                for t_, dx in self._peg_stages]
+            self._peg_offset = offset
+        elif np.linalg.norm(offset - self._peg_offset) < 0.03:
+            if t > self._peg_stages[0][0]:
+                offset[0] = self._peg_offset[0]
+            self._peg_offset = offset
+        return socket + interpolate(self.peg_plan, t)[0] + self._peg_offset
+
+    def _resting(self, name: str) -> np.ndarray:
+        """Where object `name` comes to rest on the table.
+
+        The scene spawns the objects unrotated 4 cm above the table; each drops straight
+        down until the bottom of its lowest box geom is on the table.
+        """
+        body = self.env.model.body(name)
+        geoms = range(body.geomadr[0], body.geomadr[0] + body.geomnum[0])
+        bottom = min(self.env.model.geom_pos[g][2] - self.env.model.geom_size[g][2]
+                     for g in geoms)
+        return np.array([*self.env.object_position(name)[:2], TABLE_TOP - bottom])
 
     def _grasp_point(self, arm: str) -> np.ndarray:
         body = self.env.data.body(f'vx300s_{arm}/gripper_link')

@@ -31,8 +31,8 @@ class OperatorConfig:
     """How the scripted operator watches, reacts and hands back."""
 
     detectors: tuple[str, ...] = ('stall', 'drop', 'bad_approach')
-    stall_steps: int = 50              # no gripper motion for this long (and no success)
-    stall_motion: float = 0.01         # m: gripper displacement that counts as motion
+    stall_steps: int = 50              # no progress for this long counts as a stall
+    stall_progress: float = 0.02       # m: approach or object motion that counts as progress
     push_distance: float = 0.03        # m: object pushed this far before any grasp
     lifted_height: float = 0.07        # m: object centre above this counts as lifted
     reaction_delay_steps: int = 10     # 0.2 s at 50 Hz
@@ -74,30 +74,35 @@ class ScriptedOperator:
         self._start = {name: np.asarray(privileged.get(f'{name}_pos', np.zeros(3)))
                        for name in self.config.objects}
         self._was_lifted = dict.fromkeys(self.config.objects, False)
-        self._grippers: list[np.ndarray] = []
+        self._history: list[tuple[int, np.ndarray, np.ndarray]] = []
 
     def detect(self, privileged: dict) -> str | None:
         """Return the first detector that fires on this state, if any."""
         c = self.config
-        grippers = np.concatenate([privileged['left_gripper_pos'],
-                                   privileged['right_gripper_pos']])
-        self._grippers.append(grippers)
-        self._grippers = self._grippers[-c.stall_steps:]
-        for name in c.objects:
-            z = float(privileged[f'{name}_pos'][2])
+        objects = np.stack([privileged[f'{name}_pos'] for name in c.objects])
+        # Distance of each object to its nearest gripper: falls while the robot approaches.
+        grippers = np.stack([privileged['left_gripper_pos'], privileged['right_gripper_pos']])
+        reach = np.linalg.norm(objects[:, None] - grippers[None], axis=-1).min(axis=1)
+        self._history.append((int(privileged['stage']), objects, reach))
+        self._history = self._history[-c.stall_steps:]
+        for index, name in enumerate(c.objects):
+            z = float(objects[index][2])
             if z > c.lifted_height:
                 self._was_lifted[name] = True
             if (Detector.DROP in c.detectors and self._was_lifted[name]
                     and z < c.lifted_height - 0.02 and not privileged['strict_success']):
                 return Detector.DROP
-            pushed = np.linalg.norm(privileged[f'{name}_pos'][:2] - self._start[name][:2])
-            if (Detector.BAD_APPROACH in c.detectors and privileged['stage'] == 0
+            pushed = np.linalg.norm(objects[index][:2] - self._start[name][:2])
+            if (Detector.BAD_APPROACH in c.detectors and not self._was_lifted[name]
                     and pushed > c.push_distance):
                 return Detector.BAD_APPROACH
-        if (Detector.STALL in c.detectors and len(self._grippers) == c.stall_steps
+        if (Detector.STALL in c.detectors and len(self._history) == c.stall_steps
                 and not privileged['strict_success']):
-            motion = np.abs(np.asarray(self._grippers) - self._grippers[0]).max()
-            if motion < c.stall_motion:
+            first_stage, first_objects, first_reach = self._history[0]
+            moved = np.linalg.norm(objects - first_objects, axis=-1).max()
+            approached = (first_reach - reach).max()
+            if (privileged['stage'] <= first_stage and moved < c.stall_progress
+                    and approached < c.stall_progress):
                 return Detector.STALL
         return None
 
@@ -127,7 +132,7 @@ class ScriptedOperator:
               and self._progress(privileged)):
             self.controller = Controller.POLICY
             self.human_since = None
-            self._grippers = []
+            self._history = []
         return self.controller, took_over
 
     def _progress(self, privileged: dict) -> bool:

@@ -96,3 +96,26 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                'human_steps': int(np.sum(episode.controllers == Controller.HUMAN)),
                'detections': list(operator.fired) if operator is not None else []}
     return episode, summary
+
+
+def record_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig | None = None,
+                          track: str = 'state') -> dict:
+    """Roll out the scripted expert from `seed`, recording what a policy would observe."""
+    observation = env.reset(seed)
+    expert = ScriptedExpert(env, config or ExpertConfig(), seed)
+    expert.reset()
+    observations: dict[str, list] = {}
+    actions = []
+    while True:
+        for key, value in policy_observation(observation, track).items():
+            if key != 'instruction':
+                observations.setdefault(key, []).append(np.asarray(value))
+        action = expert.act()
+        actions.append(action.astype(np.float32))
+        result = env.step(action)
+        observation = result.observation
+        if result.success or result.truncated:
+            break
+    return {'seed': seed, 'success': bool(result.success), 'steps': env.steps,
+            'physics_error': result.physics_error, 'actions': np.stack(actions),
+            'observations': {k: np.stack(v) for k, v in observations.items()}}

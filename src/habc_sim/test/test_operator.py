@@ -21,7 +21,7 @@ def operator(**overrides):
 
 
 def moving(t):
-    return state(right=(0.3 - 0.01 * t, 0.5, 0.3))
+    return state(right=(0.3 - 0.02 * t, 0.5, 0.3))   # approaching the box
 
 
 def test_drop_is_detected_after_a_lift():
@@ -42,7 +42,7 @@ def test_stall_needs_a_full_window_without_motion():
         assert op.detect(state()) is None
     assert op.detect(state()) == Detector.STALL
     op = operator()
-    assert all(op.detect(moving(t)) is None for t in range(10))
+    assert all(op.detect(moving(t)) is None for t in range(8))
 
 
 def test_takeover_after_reaction_delay_then_handback():

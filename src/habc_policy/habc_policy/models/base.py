@@ -138,6 +138,8 @@ def load_policy(directory: Path, map_location: str = 'cpu') -> Policy:
             raise FileNotFoundError(f'{path} not found: a checkpoint folder holds '
                                     f'{CONFIG_FILE} and {WEIGHTS_FILE}')
     meta = json.loads(config_path.read_text())
+    # The built-in models register themselves on import.
+    from habc_policy.models import lowdim, vla  # noqa: F401
     cls = _REGISTRY.get(meta.get('type'))
     if cls is None:
         raise ValueError(f'{config_path}: unknown policy type {meta.get("type")!r}; known: '
