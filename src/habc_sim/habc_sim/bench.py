@@ -48,7 +48,7 @@ class BenchProfile:
     batch_size: int = 256
     horizon: int = 20
     execute_steps: int = 10
-    max_steps: int = 300
+    max_steps: int = 400          # as ACT: leaves a takeover time to finish the task
     image_size: int = 96
     cameras: tuple[str, ...] = ('angle',)
     warmup_steps: int = 300
