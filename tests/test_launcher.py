@@ -40,13 +40,19 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def wait_until_ready(launcher: Child) -> dict[str, int]:
+    """Wait for both skeleton nodes of the bringup; return their pids."""
+    launcher.wait_for('joints at')
+    launcher.wait_for('holding position')
+    pids = started_pids(launcher.output)
+    assert set(pids) == {'robot_stub', 'hold_position'}
+    return pids
+
+
 def test_bringup_runs_and_stops_cleanly_on_sigint():
     launcher = start_launcher('bringup')
     try:
-        launcher.wait_for('joints at')
-        launcher.wait_for('holding position')
-        pids = started_pids(launcher.output)
-        assert set(pids) == {'robot_stub', 'hold_position'}
+        pids = wait_until_ready(launcher)
 
         rclpy.init()
         try:
@@ -77,9 +83,7 @@ def test_bringup_runs_and_stops_cleanly_on_sigint():
 def test_launcher_exits_nonzero_when_a_required_node_dies():
     launcher = start_launcher('bringup')
     try:
-        launcher.wait_for('holding position')
-        launcher.wait_for('joints at')
-        pids = started_pids(launcher.output)
+        pids = wait_until_ready(launcher)
         os.kill(pids['robot_stub'], signal.SIGKILL)
         code = launcher.finish(timeout=30)
     finally:
@@ -94,9 +98,7 @@ def test_launcher_exits_nonzero_when_a_required_node_dies():
 def test_nodes_stop_when_the_launcher_is_killed():
     launcher = start_launcher('bringup')
     try:
-        launcher.wait_for('joints at')
-        launcher.wait_for('holding position')
-        pids = started_pids(launcher.output)
+        pids = wait_until_ready(launcher)
         os.kill(launcher.process.pid, signal.SIGKILL)  # no chance to clean up
         launcher.process.wait(timeout=10)
         deadline = time.monotonic() + 20

@@ -93,6 +93,13 @@ class Policy(nn.Module, ABC):
             self.train()
         return chunk
 
+    def register_normalization(self, state_dim: int, action_dim: int) -> None:
+        """Create the mean/std buffers of states and actions (saved with the weights)."""
+        self.register_buffer('state_mean', torch.zeros(state_dim))
+        self.register_buffer('state_std', torch.ones(state_dim))
+        self.register_buffer('actions_mean', torch.zeros(action_dim))
+        self.register_buffer('actions_std', torch.ones(action_dim))
+
     def set_normalization(self, stats: dict[str, np.ndarray]) -> None:
         """Set mean/std buffers from data statistics (keys like 'actions_mean')."""
         for key, value in stats.items():

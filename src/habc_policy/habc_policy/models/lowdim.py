@@ -49,10 +49,7 @@ class LowDimFlowPolicy(Policy):
         flat = c.horizon * c.action_dim
         hidden = [c.hidden_dim] * c.num_layers
         self.velocity = mlp([c.feature_dim + flat + c.time_embed_dim, *hidden, flat])
-        self.register_buffer('state_mean', torch.zeros(c.state_dim))
-        self.register_buffer('state_std', torch.ones(c.state_dim))
-        self.register_buffer('actions_mean', torch.zeros(c.action_dim))
-        self.register_buffer('actions_std', torch.ones(c.action_dim))
+        self.register_normalization(c.state_dim, c.action_dim)
 
     @property
     def feature_dim(self) -> int:

@@ -104,10 +104,7 @@ class SmallVLA(Policy):
         self.action_out = nn.Linear(d, c.action_dim * k)
         nn.init.normal_(self.action_position, std=0.02)
         nn.init.normal_(self.view_embedding, std=0.02)
-        self.register_buffer('state_mean', torch.zeros(c.state_dim))
-        self.register_buffer('state_std', torch.ones(c.state_dim))
-        self.register_buffer('actions_mean', torch.zeros(c.action_dim))
-        self.register_buffer('actions_std', torch.ones(c.action_dim))
+        self.register_normalization(c.state_dim, c.action_dim)
         # Frozen and shared; deliberately not a submodule (its weights ship as a package).
         self.__dict__['_text_encoder'] = None
 
