@@ -74,8 +74,8 @@ mkdir -p "$STATE"
 lock_sha=$(sha256sum "$LOCK" | cut -d' ' -f1)
 if [[ "$(cat "$STATE/lock.sha256" 2>/dev/null)" != "$lock_sha" ]]; then
   log 'installing requirements.lock into .venv (cold: a few minutes)'
-  quiet_pip "$VENV/bin/python" -m pip install -q --upgrade pip==25.3
-  quiet_pip "$VENV/bin/python" -m pip install -q --require-virtualenv -r "$LOCK"
+  quiet_pip "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip==25.3
+  quiet_pip "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-virtualenv -r "$LOCK"
   echo "$lock_sha" > "$STATE/lock.sha256"
 else
   log 'requirements.lock already installed'
