@@ -17,6 +17,7 @@ import numpy as np
 
 from habc_sim.aloha import AlohaEnv
 
+ROLL_PULL = 0.05                           # weight of the forearm roll's pull home (ArmIK)
 GRASP_OFFSET = np.array([0.1, 0.0, 0.0])   # between the finger pads, gripper_link frame
 # Orientations of the gripper_link frames (columns: x = approach, y = finger axis, z).
 LEFT_HOME = np.eye(3)
@@ -100,6 +101,13 @@ class ArmIK:
         self.dof_index = np.array([j.dofadr[0] for j in joints])
         self.lower = np.array([j.range[0] for j in joints])
         self.upper = np.array([j.range[1] for j in joints])
+        # The arm can reach the same gripper orientation with a half turn of both rolls
+        # (forearm -pi, wrist +pi): solutions then flip between episodes, which makes
+        # demonstrations needlessly multimodal for a policy to imitate. A weak pull of the
+        # forearm roll toward home (an extra least-squares row) keeps the solver on one
+        # branch; the wrist roll stays free for the grasp orientations.
+        self.roll_pull = np.zeros((1, 6))
+        self.roll_pull[0, 3] = ROLL_PULL
         self.body = model.body(f'vx300s_{arm}/gripper_link').id
 
     def solve(self, qpos: np.ndarray, position: np.ndarray, rotation: np.ndarray,
@@ -122,9 +130,11 @@ class ArmIK:
             if np.linalg.norm(error_p) < 1e-4 and np.linalg.norm(error_r) < 1e-3:
                 break
             mujoco.mj_jac(self.model, data, jacp, jacr, point, self.body)
-            jac = np.vstack([jacp[:, self.dof_index], rotation_weight * jacr[:, self.dof_index]])
-            error = np.concatenate([error_p, rotation_weight * error_r])
-            step = jac.T @ np.linalg.solve(jac @ jac.T + damping ** 2 * np.eye(6), error)
+            jac = np.vstack([jacp[:, self.dof_index], rotation_weight * jacr[:, self.dof_index],
+                             self.roll_pull])
+            error = np.concatenate([error_p, rotation_weight * error_r,
+                                    -self.roll_pull @ q])
+            step = jac.T @ np.linalg.solve(jac @ jac.T + damping ** 2 * np.eye(7), error)
             q = np.clip(q + step, self.lower, self.upper)
         return q
 
