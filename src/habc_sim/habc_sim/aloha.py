@@ -197,7 +197,9 @@ class AlohaEnv:
         stage, strict = self._stage_and_success()
         self._held = self._held + 1 if strict else 0
         success = self._held >= self.config.success_hold_steps
-        truncated = not success and self.steps >= self.config.max_steps
+        # An object knocked off the table cannot be recovered: end the episode as a failure.
+        truncated = not success and (self.steps >= self.config.max_steps
+                                     or self.object_state().reshape(-1, 3)[:, 2].min() < -0.05)
         return StepResult(self.observation(), stage, success, truncated, False)
 
     def _instability_warnings(self) -> int:

@@ -70,6 +70,16 @@ def test_time_limit_truncates():
     assert [r.truncated for r in results] == [False] * 4 + [True]
 
 
+def test_object_knocked_off_the_table_ends_the_episode():
+    env = AlohaEnv(AlohaConfig(cameras=[]))
+    obs = env.reset(0)
+    address = env.model.joint('red_box_joint').qposadr[0]
+    env.data.qpos[address:address + 3] = [0.9, 0.5, -0.2]   # below the table, off its edge
+    result = env.step(obs['state'])
+    assert result.truncated and not result.success and env.steps == 1
+    env.close()
+
+
 def test_gripper_conversion_round_trip():
     assert joint_to_gripper(gripper_to_joint(0.3)) == pytest.approx(0.3)
     with pytest.raises(ValueError, match='unknown task'):
