@@ -161,10 +161,11 @@ class Algorithm:
         if self.method == Method.AWR:
             return ScalarValue(feature_dim, c.critic_hidden_dim, c.critic_layers)
         if self.method == Method.IMIT_RECAP:
-            # Returns lie between a failure at the first step and a zero-length success.
-            v_min = c.step_reward / (1.0 - c.gamma) - c.failure_cost if c.gamma < 1 else (
-                -c.failure_cost - 1000.0)
-            return DistributionalValue(feature_dim, min(v_min, -1.0), 0.0, c.recap_bins,
+            # Returns lie between an endless run of step costs ending in failure and 0.
+            # (gamma = 1 has no such bound; 1000 steps stand in for one.)
+            steps = 1.0 / (1.0 - c.gamma) if c.gamma < 1 else 1000.0
+            v_min = min(c.step_reward * steps - c.failure_cost, -1.0)
+            return DistributionalValue(feature_dim, v_min, 0.0, c.recap_bins,
                                        c.critic_hidden_dim, c.critic_layers)
         return None
 

@@ -82,6 +82,16 @@ def sample_object_poses(task: str, rng: np.random.Generator) -> dict[str, np.nda
             'socket': rng.uniform([-0.2, 0.4, 0.05], [-0.1, 0.6, 0.05])}
 
 
+def policy_observation(observation: dict, track: str) -> dict:
+    """Return what a policy sees: object positions (privileged) only on the state track."""
+    if track == 'state':
+        return {'state': np.concatenate([observation['state'], observation['objects']])}
+    if track == 'pixels':
+        return {'state': observation['state'], 'images': observation['images'],
+                'instruction': observation['instruction']}
+    raise ValueError(f"track must be 'state' or 'pixels', got {track!r}")
+
+
 @dataclass(frozen=True)
 class AlohaConfig:
     """Settings of the simulated robot."""

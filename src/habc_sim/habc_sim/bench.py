@@ -111,18 +111,18 @@ def run_job(job: EpisodeJob) -> dict:
     import torch
 
     from habc_sim.aloha import AlohaConfig
-    from habc_sim.expert import ExpertConfig
+    from habc_sim.expert import ExpertConfig, run_expert_episode
     from habc_sim.operator import OperatorConfig, ScriptedOperator
     from habc_sim.rollouts import worker_env
-    from habc_sim.runner import record_expert_episode, run_policy_episode, RunnerConfig
+    from habc_sim.runner import run_policy_episode, RunnerConfig
 
     torch.set_num_threads(1)  # one core per worker process
     cameras = list(job.cameras) if job.track == 'pixels' else []
     env = worker_env(AlohaConfig(task=job.task, cameras=cameras, image_size=job.image_size,
                                  max_steps=job.max_steps))
     if not job.checkpoint:
-        return record_expert_episode(env, job.seed, ExpertConfig(waypoint_noise=job.demo_noise),
-                                     job.track)
+        return run_expert_episode(env, job.seed, ExpertConfig(waypoint_noise=job.demo_noise),
+                                  record_track=job.track)
     policy = _load(job.checkpoint)
     operator = None
     if job.operator:

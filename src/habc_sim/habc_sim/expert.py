@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import mujoco
 import numpy as np
 
-from habc_sim.aloha import AlohaEnv
+from habc_sim.aloha import AlohaEnv, policy_observation
 
 ROLL_PULL = 0.05                           # weight of the forearm roll's pull home (ArmIK)
 GRASP_OFFSET = np.array([0.1, 0.0, 0.0])   # between the finger pads, gripper_link frame
@@ -342,25 +342,31 @@ class ScriptedExpert:
 
 
 def run_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig = ExpertConfig(),
-                       record: bool = False) -> dict:
-    """Roll out the expert from `seed`; return success, steps and (optionally) the data."""
+                       record_track: str | None = None) -> dict:
+    """Roll out the expert from `seed`; return success and steps.
+
+    With `record_track` ('state' or 'pixels') the episode's actions and what a policy on
+    that track would have observed are returned too (demonstrations).
+    """
     observation = env.reset(seed)
     expert = ScriptedExpert(env, config, seed)
     expert.reset()
-    states, actions, images = [], [], []
+    observations: dict[str, list] = {}
+    actions = []
     while True:
         action = expert.act()
-        if record:
-            states.append(observation['state'])
-            images.append(observation['images'])
+        if record_track:
+            for key, value in policy_observation(observation, record_track).items():
+                if key != 'instruction':
+                    observations.setdefault(key, []).append(np.asarray(value))
             actions.append(action.astype(np.float32))
         result = env.step(action)
         observation = result.observation
         if result.success or result.truncated:
             break
-    episode = {'success': result.success, 'steps': env.steps,
+    episode = {'success': bool(result.success), 'steps': env.steps,
                'physics_error': result.physics_error, 'seed': seed}
-    if record:
-        episode.update(states=np.asarray(states), actions=np.asarray(actions),
-                       images=np.asarray(images))
+    if record_track:
+        episode.update(actions=np.stack(actions),
+                       observations={k: np.stack(v) for k, v in observations.items()})
     return episode

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from habc_learner.episode import Controller, Episode, EpisodeKind, Outcome
-from habc_sim.aloha import AlohaEnv
+from habc_sim.aloha import AlohaEnv, policy_observation
 from habc_sim.expert import ExpertConfig, ScriptedExpert
 from habc_sim.operator import ScriptedOperator
 
@@ -33,14 +33,6 @@ class RunnerConfig:
             raise ValueError(f"track must be 'state' or 'pixels', got {self.track!r}")
         if self.execute_steps < 1:
             raise ValueError('execute_steps must be >= 1')
-
-
-def policy_observation(observation: dict, track: str) -> dict:
-    """Return what the policy sees: object positions (privileged) only on the state track."""
-    if track == 'state':
-        return {'state': np.concatenate([observation['state'], observation['objects']])}
-    return {'state': observation['state'], 'images': observation['images'],
-            'instruction': observation['instruction']}
 
 
 def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
@@ -97,25 +89,3 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                'detections': list(operator.fired) if operator is not None else []}
     return episode, summary
 
-
-def record_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig | None = None,
-                          track: str = 'state') -> dict:
-    """Roll out the scripted expert from `seed`, recording what a policy would observe."""
-    observation = env.reset(seed)
-    expert = ScriptedExpert(env, config or ExpertConfig(), seed)
-    expert.reset()
-    observations: dict[str, list] = {}
-    actions = []
-    while True:
-        for key, value in policy_observation(observation, track).items():
-            if key != 'instruction':
-                observations.setdefault(key, []).append(np.asarray(value))
-        action = expert.act()
-        actions.append(action.astype(np.float32))
-        result = env.step(action)
-        observation = result.observation
-        if result.success or result.truncated:
-            break
-    return {'seed': seed, 'success': bool(result.success), 'steps': env.steps,
-            'physics_error': result.physics_error, 'actions': np.stack(actions),
-            'observations': {k: np.stack(v) for k, v in observations.items()}}

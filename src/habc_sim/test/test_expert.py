@@ -27,9 +27,11 @@ def test_clean_expert_transfers_the_cube(cube_env):
 
 
 def test_recorded_expert_episode_has_matching_arrays(cube_env):
-    episode = run_expert_episode(cube_env, 3, record=True)
+    episode = run_expert_episode(cube_env, 3, record_track='state')
     n = episode['steps']
-    assert episode['states'].shape == (n, 14) and episode['actions'].shape == (n, 14)
+    # state track: 14 joint values + the cube's position
+    assert episode['observations']['state'].shape == (n, 17)
+    assert episode['actions'].shape == (n, 14)
 
 
 def test_noise_makes_imperfect_demonstrations(cube_env):
