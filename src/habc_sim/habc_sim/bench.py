@@ -167,12 +167,14 @@ def _evaluate(context: RunContext, task: str, track: str, checkpoint: Path) -> d
 
 
 def _make_policy(track: str, task: str, horizon: int, profile: BenchProfile):
-    from habc_policy.models.lowdim import LowDimFlowConfig, LowDimFlowPolicy
+    from habc_policy.models.lowdim import LowDimChunkConfig, LowDimChunkPolicy
     from habc_policy.models.vla import SmallVLA, SmallVLAConfig
     objects = 3 if task == 'transfer_cube' else 6
     if track == 'state':
-        return LowDimFlowPolicy(LowDimFlowConfig(state_dim=14 + objects, action_dim=14,
-                                                 horizon=horizon))
+        # The L2 chunk regressor: the flow MLP did not fit the expert on this budget (see
+        # habc_policy.models.lowdim).
+        return LowDimChunkPolicy(LowDimChunkConfig(state_dim=14 + objects, action_dim=14,
+                                                   horizon=horizon))
     return SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=horizon,
                                    num_views=len(profile.cameras),
                                    image_size=profile.image_size))

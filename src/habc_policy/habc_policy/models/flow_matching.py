@@ -23,6 +23,17 @@ def sinusoidal_embedding(tau: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
+def masked_mse(predicted: torch.Tensor, target: torch.Tensor, action_mask: torch.Tensor,
+               dim_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE (B,) of (B, H, D) chunks over the valid chunk steps and dimensions."""
+    error = (predicted - target) ** 2
+    weights = action_mask[:, :, None].to(error.dtype)
+    if dim_mask is not None:
+        weights = weights * dim_mask[:, None, :].to(error.dtype)
+    weights = weights.expand_as(error)
+    return (error * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
+
+
 def flow_matching_loss(velocity_fn: VelocityFn, actions: torch.Tensor, action_mask: torch.Tensor,
                        dim_mask: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,12 +43,7 @@ def flow_matching_loss(velocity_fn: VelocityFn, actions: torch.Tensor, action_ma
                       dtype=actions.dtype)
     tau = torch.rand((batch,), generator=generator, device=actions.device, dtype=actions.dtype)
     x_tau = (1.0 - tau[:, None, None]) * eps + tau[:, None, None] * actions
-    error = (velocity_fn(x_tau, tau) - (actions - eps)) ** 2
-    weights = action_mask[:, :, None].to(actions.dtype)
-    if dim_mask is not None:
-        weights = weights * dim_mask[:, None, :].to(actions.dtype)
-    weights = weights.expand_as(error)
-    return (error * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
+    return masked_mse(velocity_fn(x_tau, tau), actions - eps, action_mask, dim_mask)
 
 
 def euler_sample(velocity_fn: VelocityFn, shape: tuple[int, ...], steps: int,

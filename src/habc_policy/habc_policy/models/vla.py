@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from habc_policy.models.base import Policy, register_policy
-from habc_policy.models.flow_matching import euler_sample, flow_matching_loss, sinusoidal_embedding
+from habc_policy.models.flow_matching import (
+    euler_sample,
+    flow_matching_loss,
+    masked_mse,
+    sinusoidal_embedding,
+)
 from habc_policy.models.text_encoder import shared_text_encoder
 
 
@@ -43,8 +48,15 @@ class SmallVLAConfig:
     text_dim: int = 384
     num_inference_steps: int = 10
     actions_per_token: int = 5
+    # 'flow': flow matching (pi0-style, multimodal, num_inference_steps expert passes);
+    # 'l2': the same expert regresses the chunk in one pass from the action-position
+    # queries (ACT-style, unimodal; fits faster on small CPU budgets).
+    action_head: str = 'flow'
 
     def __post_init__(self) -> None:
+        if self.action_head not in ('flow', 'l2'):
+            raise ValueError(f"SmallVLAConfig.action_head must be 'flow' or 'l2', got "
+                             f'{self.action_head!r}')
         for name in ('state_dim', 'action_dim', 'horizon', 'num_views', 'image_size',
                      'hidden_dim', 'num_layers', 'num_heads', 'text_dim',
                      'num_inference_steps', 'actions_per_token'):
@@ -158,8 +170,17 @@ class SmallVLA(Policy):
             return out.reshape(batch, tokens * c.actions_per_token, c.action_dim)[:, :c.horizon]
         return velocity
 
+    def _regress(self, context: torch.Tensor) -> torch.Tensor:
+        """Regress the chunk (the 'l2' head): the expert's output for zero inputs at time 0."""
+        shape = (context.shape[0], self.config.horizon, self.config.action_dim)
+        zeros = torch.zeros(shape, device=context.device)
+        return self._velocity_fn(context)(zeros, torch.zeros(shape[0], device=context.device))
+
     def _loss_from_context(self, batch: dict[str, Any], context: torch.Tensor) -> torch.Tensor:
         actions = (batch['actions'].float() - self.actions_mean) / self.actions_std
+        if self.config.action_head == 'l2':
+            return masked_mse(self._regress(context), actions, batch['action_mask'],
+                              batch.get('dim_mask'))
         return flow_matching_loss(self._velocity_fn(context), actions, batch['action_mask'],
                                   batch.get('dim_mask'))
 
@@ -177,6 +198,8 @@ class SmallVLA(Policy):
     def sample_chunks(self, batch: dict[str, Any],
                       generator: torch.Generator | None = None) -> torch.Tensor:
         context = self.context_tokens(batch)
+        if self.config.action_head == 'l2':
+            return self._regress(context) * self.actions_std + self.actions_mean
         shape = (context.shape[0], self.config.horizon, self.config.action_dim)
         x = euler_sample(self._velocity_fn(context), shape, self.config.num_inference_steps,
                          context.device, generator)

@@ -1,0 +1,341 @@
+"""Episode index (no rclpy): one SQLite row per recorded episode, shared between processes.
+
+The episode recorder creates and finishes rows, the dashboard labels them, and the learner
+asks for episodes labelled since its last look. All three may be separate processes, so the
+database runs in WAL mode: readers never block the writer and vice versa. WAL needs the
+processes to share one host's memory; it does not work on network file systems (NFS, SMB),
+so keep the index on a local disk and share the bags, not the index file.
+
+Every write of a label takes the next value of a counter that only ever grows (`label_seq`).
+A learner remembers the largest sequence it consumed and asks `labelled_since(that)`: a
+relabelled episode comes back with a new, larger sequence, so it is seen again exactly once
+per change and never counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+import sqlite3
+import threading
+
+OUTCOMES = ('unknown', 'success', 'failure', 'discarded')
+LABEL_OUTCOMES = ('success', 'failure', 'discarded')
+TRAINABLE_OUTCOMES = ('success', 'failure')
+STATUSES = ('recording', 'complete', 'incomplete')
+
+# Bump when the table layout changes and add a step to _MIGRATIONS (from version N to N+1).
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE episodes (
+    episode_id TEXT PRIMARY KEY NOT NULL CHECK (episode_id != ''),
+    bag_path TEXT NOT NULL,
+    robot TEXT NOT NULL DEFAULT '',
+    instruction TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL DEFAULT 'unknown'
+        CHECK (outcome IN ('unknown', 'success', 'failure', 'discarded')),
+    labeler TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
+    num_steps INTEGER NOT NULL DEFAULT 0,
+    num_interventions INTEGER NOT NULL DEFAULT 0,
+    policy_version TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'recording'
+        CHECK (status IN ('recording', 'complete', 'incomplete')),
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    labelled_at REAL,
+    label_seq INTEGER UNIQUE
+);
+CREATE INDEX episodes_by_start ON episodes (started_at);
+CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+INSERT INTO counters (name, value) VALUES ('label_seq', 0);
+"""
+
+_MIGRATIONS: dict[int, str] = {}
+
+_COLUMNS = ('episode_id', 'bag_path', 'robot', 'instruction', 'outcome', 'labeler', 'note',
+            'num_steps', 'num_interventions', 'policy_version', 'status', 'started_at',
+            'ended_at', 'labelled_at', 'label_seq')
+_SELECT = f'SELECT {", ".join(_COLUMNS)} FROM episodes'
+
+
+@dataclass(frozen=True)
+class EpisodeRecord:
+    """One row of the episode index; times are unix seconds."""
+
+    episode_id: str
+    bag_path: str
+    robot: str
+    instruction: str
+    outcome: str
+    labeler: str
+    note: str
+    num_steps: int
+    num_interventions: int
+    policy_version: str
+    status: str
+    started_at: float
+    ended_at: float | None
+    labelled_at: float | None
+    label_seq: int | None
+
+    @property
+    def trainable(self) -> bool:
+        """Return True when the learner may train on this episode.
+
+        It needs a success/failure label and a finished bag; an episode cut short (status
+        'incomplete') counts only because a person labelled it after looking at it.
+        """
+        return self.outcome in TRAINABLE_OUTCOMES and self.status in ('complete', 'incomplete')
+
+
+class EpisodeIndex:
+    """SQLite index of recorded episodes (thread-safe; several processes may open one file)."""
+
+    def __init__(self, path: str | Path, timeout_s: float = 10.0) -> None:
+        """Open or create the index at `path`; `timeout_s` is how long a write waits for a lock.
+
+        Raises:
+            RuntimeError: the file was written by a newer schema version than this code knows.
+            ValueError: the file is an SQLite database but not an episode index.
+        """
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE for writes, so
+        # two writers serialise on the lock instead of failing on upgrade from read to write).
+        self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        self._lock = threading.RLock()
+        try:
+            self.journal_mode = str(self._db.execute('PRAGMA journal_mode=WAL').fetchone()[0])
+            self._db.execute(f'PRAGMA busy_timeout = {int(timeout_s * 1000)}')
+            self._upgrade_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> EpisodeIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Writers -------------------------------------------------------------------------------
+
+    def create(self, episode_id: str, bag_path: str | Path, instruction: str,
+               policy_version: str, *, started_at: float, robot: str = '') -> EpisodeRecord:
+        """Add an episode that starts recording now (status 'recording', outcome 'unknown').
+
+        Raises:
+            ValueError: `episode_id` is empty or already in the index.
+        """
+        if not episode_id:
+            raise ValueError('episode_id must not be empty')
+        with self._write() as db:
+            try:
+                db.execute('INSERT INTO episodes (episode_id, bag_path, robot, instruction, '
+                           'policy_version, started_at) VALUES (?, ?, ?, ?, ?, ?)',
+                           (episode_id, str(bag_path), robot, instruction, policy_version,
+                            float(started_at)))
+            except sqlite3.IntegrityError:
+                raise ValueError(f'episode {episode_id!r} already exists in {self.path}; '
+                                 'episode ids must be unique (include a timestamp or a '
+                                 'counter)') from None
+        return self.get(episode_id)
+
+    def finish(self, episode_id: str, num_steps: int, num_interventions: int, *,
+               ended_at: float, complete: bool = True) -> EpisodeRecord:
+        """Record the end of an episode and its counts.
+
+        `complete=False` marks a recording that ended abnormally (an error, or a bag rescued
+        after a crash) as 'incomplete'; an incomplete row may be finished again to fill in the
+        counts once the bag has been recovered.
+
+        Raises:
+            KeyError: no such episode.
+            ValueError: negative counts, or the episode was already finished as complete.
+        """
+        if num_steps < 0 or num_interventions < 0:
+            raise ValueError(f'episode {episode_id!r}: counts must not be negative (got '
+                             f'num_steps={num_steps}, num_interventions={num_interventions})')
+        status = 'complete' if complete else 'incomplete'
+        with self._write() as db:
+            current = self._get(db, episode_id)
+            if current.status == 'complete':
+                raise ValueError(f'episode {episode_id!r} was already finished at '
+                                 f'{current.ended_at}; it cannot be finished twice')
+            if current.status == 'incomplete' and complete:
+                raise ValueError(f'episode {episode_id!r} is incomplete (its recording was cut '
+                                 'short); finish it with complete=False')
+            # A labelled episode may become trainable here: give it a new sequence so that a
+            # learner whose cursor already passed its old sequence still picks it up.
+            seq = self._next_seq(db) if current.label_seq is not None else None
+            db.execute('UPDATE episodes SET num_steps = ?, num_interventions = ?, '
+                       'ended_at = ?, status = ?, label_seq = COALESCE(?, label_seq) '
+                       'WHERE episode_id = ?',
+                       (int(num_steps), int(num_interventions), float(ended_at), status, seq,
+                        episode_id))
+        return self.get(episode_id)
+
+    def label(self, episode_id: str, outcome: str, labeler: str = '', note: str = '', *,
+              now: float) -> EpisodeRecord:
+        """Set or change the outcome label; every call takes a new, larger `label_seq`.
+
+        Raises:
+            KeyError: no such episode.
+            ValueError: `outcome` is not one of LABEL_OUTCOMES.
+        """
+        if outcome not in LABEL_OUTCOMES:
+            raise ValueError(f'invalid outcome {outcome!r} for episode {episode_id!r}; '
+                             f'choose one of {list(LABEL_OUTCOMES)}')
+        with self._write() as db:
+            self._get(db, episode_id)
+            db.execute('UPDATE episodes SET outcome = ?, labeler = ?, note = ?, labelled_at = ?, '
+                       'label_seq = ? WHERE episode_id = ?',
+                       (outcome, labeler, note, float(now), self._next_seq(db), episode_id))
+        return self.get(episode_id)
+
+    def mark_incomplete_recordings(self, robot: str | None = None) -> list[str]:
+        """Mark every row still 'recording' as 'incomplete' and return their ids.
+
+        Call it when a recorder starts: a row left 'recording' belongs to a recorder that
+        died mid-episode. With several robots writing one index, pass the recorder's own
+        `robot` so that another robot's live recording is left alone.
+        """
+        with self._write() as db:
+            query, args = 'SELECT episode_id, label_seq FROM episodes WHERE status = ?', \
+                ['recording']
+            if robot is not None:
+                query += ' AND robot = ?'
+                args.append(robot)
+            rows = db.execute(query + ' ORDER BY started_at, episode_id', args).fetchall()
+            for episode_id, label_seq in rows:
+                # Same reason as in finish(): a labelled row becomes trainable now.
+                seq = self._next_seq(db) if label_seq is not None else None
+                db.execute("UPDATE episodes SET status = 'incomplete', "
+                           'label_seq = COALESCE(?, label_seq) WHERE episode_id = ?',
+                           (seq, episode_id))
+        return [row[0] for row in rows]
+
+    # Readers -------------------------------------------------------------------------------
+
+    def get(self, episode_id: str) -> EpisodeRecord:
+        """Return the episode's record.
+
+        Raises:
+            KeyError: no such episode.
+        """
+        with self._lock:
+            return self._get(self._db, episode_id)
+
+    def labelled_since(self, seq: int, *, trainable_only: bool = True) -> list[EpisodeRecord]:
+        """Return episodes whose label changed after sequence `seq`, by ascending label_seq.
+
+        With `trainable_only` (the default) only episodes the learner may train on come back.
+        A learner that keeps per-episode state should pass False so that it also sees an
+        episode relabelled from success/failure to 'discarded' and can drop it.
+        """
+        query = _SELECT + ' WHERE label_seq > ?'
+        if trainable_only:
+            query += (" AND outcome IN ('success', 'failure') "
+                      "AND status IN ('complete', 'incomplete')")
+        with self._lock:
+            rows = self._db.execute(query + ' ORDER BY label_seq', (int(seq),)).fetchall()
+        return [EpisodeRecord(*row) for row in rows]
+
+    def last_label_seq(self) -> int:
+        """Return the largest label sequence handed out so far (0 before the first label)."""
+        with self._lock:
+            return int(self._db.execute(
+                "SELECT value FROM counters WHERE name = 'label_seq'").fetchone()[0])
+
+    def list(self, limit: int | None = None, status: str | None = None,
+             outcome: str | None = None) -> list[EpisodeRecord]:
+        """Return episodes, newest first, optionally filtered by status and outcome.
+
+        Raises:
+            ValueError: unknown status or outcome, or a negative limit.
+        """
+        query, args = _SELECT, []
+        clauses = []
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f'invalid status {status!r}; choose one of {list(STATUSES)}')
+            clauses.append('status = ?')
+            args.append(status)
+        if outcome is not None:
+            if outcome not in OUTCOMES:
+                raise ValueError(f'invalid outcome {outcome!r}; choose one of {list(OUTCOMES)}')
+            clauses.append('outcome = ?')
+            args.append(outcome)
+        if clauses:
+            query += ' WHERE ' + ' AND '.join(clauses)
+        query += ' ORDER BY started_at DESC, episode_id DESC'
+        if limit is not None:
+            if limit < 0:
+                raise ValueError(f'limit must not be negative (got {limit})')
+            query += ' LIMIT ?'
+            args.append(int(limit))
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [EpisodeRecord(*row) for row in rows]
+
+    # Internals -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """Run the block in one IMMEDIATE transaction (commit on success, else roll back)."""
+        with self._lock:
+            self._db.execute('BEGIN IMMEDIATE')
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute('ROLLBACK')
+                raise
+            self._db.execute('COMMIT')
+
+    def _get(self, db: sqlite3.Connection, episode_id: str) -> EpisodeRecord:
+        row = db.execute(_SELECT + ' WHERE episode_id = ?', (episode_id,)).fetchone()
+        if row is None:
+            raise KeyError(f'episode {episode_id!r} is not in the episode index {self.path}; '
+                           'check the id (list() shows the recorded episodes)')
+        return EpisodeRecord(*row)
+
+    @staticmethod
+    def _next_seq(db: sqlite3.Connection) -> int:
+        # A counter row rather than MAX(label_seq)+1: sequences are never reused, even if the
+        # row holding the largest one is deleted by hand.
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'label_seq'")
+        return int(db.execute("SELECT value FROM counters WHERE name = 'label_seq'")
+                   .fetchone()[0])
+
+    def _upgrade_schema(self) -> None:
+        with self._write() as db:
+            version = int(db.execute('PRAGMA user_version').fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f'{self.path} has episode index schema version {version}, '
+                                   f'newer than this code ({SCHEMA_VERSION}); update habc')
+            if version == 0:
+                tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                if tables.fetchall():
+                    raise ValueError(f'{self.path} is an SQLite database but not an episode '
+                                     'index (it has tables but no schema version)')
+                # executescript() would commit the open transaction; run statement by statement.
+                for statement in _SCHEMA.split(';'):
+                    if statement.strip():
+                        db.execute(statement)
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step].split(';'):
+                        if statement.strip():
+                            db.execute(statement)
+            if version != SCHEMA_VERSION:
+                db.execute(f'PRAGMA user_version = {SCHEMA_VERSION}')
