@@ -18,6 +18,7 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
+            'learner_node = habc_learner.learner_node:main',
             'credit = habc_learner.credit:main',
         ],
     },

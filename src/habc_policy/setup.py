@@ -18,6 +18,10 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
+            'sync_node = habc_policy.sync_node:main',
+            'policy_node = habc_policy.policy_node:main',
+            'teleop_arbiter_node = habc_policy.teleop_arbiter_node:main',
+            'episode_recorder_node = habc_policy.episode_recorder_node:main',
             'hold_position_node = habc_policy.hold_position_node:main',
         ],
     },

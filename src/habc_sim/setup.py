@@ -18,6 +18,8 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
+            'sim_robot_node = habc_sim.sim_robot_node:main',
+            'scripted_operator_node = habc_sim.scripted_operator_node:main',
             'robot_stub_node = habc_sim.robot_stub_node:main',
         ],
     },
