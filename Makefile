@@ -1,12 +1,15 @@
-.PHONY: setup run test lint lock
+.PHONY: setup run demo test lint lock
 
 # One idempotent set-up step used by every target (venv, locked deps, colcon build, env.sh).
 setup:
 	bash tools/setup.sh
 
-# The main job: the simulated robot and the habc loop, in the pip ROS 2 environment.
+# The main job: the closed habc loop on the simulated robot, in the pip ROS 2 environment
+# (trains the SFT checkpoint first if there is none; prints a table per learner round).
 run: setup
-	bash -c '. ./env.sh && exec habc launch bringup'
+	bash -c '. ./env.sh && exec habc demo'
+
+demo: run
 
 # Every test, linting included (this is what .ci/run calls).
 test: setup

@@ -50,7 +50,7 @@ def wait_until_ready(launcher: Child) -> dict[str, int]:
 
 
 def test_bringup_runs_and_stops_cleanly_on_sigint():
-    launcher = start_launcher('bringup')
+    launcher = start_launcher('skeleton')
     try:
         pids = wait_until_ready(launcher)
 
@@ -81,7 +81,7 @@ def test_bringup_runs_and_stops_cleanly_on_sigint():
 
 
 def test_launcher_exits_nonzero_when_a_required_node_dies():
-    launcher = start_launcher('bringup')
+    launcher = start_launcher('skeleton')
     try:
         pids = wait_until_ready(launcher)
         os.kill(pids['robot_stub'], signal.SIGKILL)
@@ -96,7 +96,7 @@ def test_launcher_exits_nonzero_when_a_required_node_dies():
 
 
 def test_nodes_stop_when_the_launcher_is_killed():
-    launcher = start_launcher('bringup')
+    launcher = start_launcher('skeleton')
     try:
         pids = wait_until_ready(launcher)
         os.kill(launcher.process.pid, signal.SIGKILL)  # no chance to clean up
@@ -150,7 +150,8 @@ def _load_launch_file(monkeypatch):
     return module
 
 
-@pytest.mark.parametrize('overrides', [{}, {'namespace': 'robot1', 'use_hold_position': 'false'}])
+@pytest.mark.parametrize('overrides', [{}, {'namespace': 'robot1', 'use_learner': 'false',
+                                            'use_scripted_operator': 'false'}])
 def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, overrides):
     launch_file = _load_launch_file(monkeypatch)
     entities = launch_file.generate_launch_description().entities
@@ -177,7 +178,7 @@ def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, over
          n.remappings, n.required)
         for n in resolve(description, overrides)]
     assert from_launch_file == from_pip_launcher
-    assert len(from_pip_launcher) == (1 if overrides else 2)
+    assert len(from_pip_launcher) == (5 if overrides else 7)
 
     # And the command lines the pip launcher runs carry exactly those settings.
     dry_run = subprocess.run(

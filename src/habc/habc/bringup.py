@@ -163,18 +163,30 @@ def argument_values(description: BringupDescription,
     return values
 
 
+# A description that declares this argument lets the user layer one more parameter file on
+# every node (after the node's own files, so it wins): storage paths, a checkpoint, budgets.
+PARAMS_FILE_ARGUMENT = 'params_file'
+
+
 def resolve(description: BringupDescription,
             overrides: dict[str, str] | None = None) -> list[ResolvedNode]:
     """Apply argument values: drop disabled nodes and make namespaces absolute."""
     values = argument_values(description, overrides)
     robot_namespace = values.get('namespace', '')
+    extra: tuple[Path, ...] = ()
+    if values.get(PARAMS_FILE_ARGUMENT):
+        extra_file = Path(values[PARAMS_FILE_ARGUMENT]).expanduser().resolve()
+        if not extra_file.is_file():
+            raise DescriptionError(f'{PARAMS_FILE_ARGUMENT}:={values[PARAMS_FILE_ARGUMENT]}: '
+                                   f'no such parameter file ({extra_file})')
+        extra = (extra_file,)
     resolved = []
     for spec in description.nodes:
         if spec.enabled_if and not parse_bool(spec.enabled_if, values[spec.enabled_if]):
             continue
         resolved.append(ResolvedNode(
             name=spec.name, package=spec.package, executable=spec.executable,
-            parameters=spec.parameters, remappings=spec.remappings,
+            parameters=spec.parameters + extra, remappings=spec.remappings,
             namespace=join_namespace(robot_namespace, spec.namespace),
             required=spec.required))
     return resolved

@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                'show which windows of an episode get the outcome label, and their weights'),
     'sim': ('habc_sim.cli', 'simulated robot tools: scripted expert success rates'),
     'bench': ('habc_sim.bench', "the paper's comparison in simulation, every method, seeds"),
+    'demo': ('habc.demo', 'the main job on the simulated robot: SFT if needed, then the '
+             'closed loop with learner rounds'),
 }
 
 EPILOG = """\

@@ -87,8 +87,32 @@ def test_helpers():
     assert parse_bool('x', 'True') and not parse_bool('x', 'off')
 
 
-def test_shipped_bringup_is_valid():
+def test_shipped_descriptions_are_valid():
     root = Path(__file__).resolve().parents[3]
-    description = load_description(root / 'config' / 'bringup.yaml')
-    assert {n.executable for n in description.nodes} >= {'robot_stub_node'}
-    assert all(n.required for n in description.nodes)
+    skeleton = load_description(root / 'config' / 'skeleton.yaml')
+    assert {n.executable for n in skeleton.nodes} == {'robot_stub_node', 'hold_position_node'}
+    bringup = load_description(root / 'config' / 'bringup.yaml')
+    assert {n.executable for n in bringup.nodes} == {
+        'sim_robot_node', 'sync_node', 'policy_node', 'teleop_arbiter_node',
+        'episode_recorder_node', 'scripted_operator_node', 'learner_node'}
+    # Every node can be switched off by a launch argument (the real-robot variant).
+    assert all(n.enabled_if for n in bringup.nodes)
+
+
+def test_params_file_argument_layers_one_more_file_on_every_node(tmp_path):
+    path = tmp_path / 'd.yaml'
+    (tmp_path / 'a.yaml').write_text('/**:\n  ros__parameters: {}\n')
+    path.write_text("""
+arguments:
+  params_file: {default: ''}
+nodes:
+  - {name: a, package: p, executable: e, parameters: [a.yaml]}
+""")
+    description = load_description(path)
+    assert resolve(description)[0].parameters == (tmp_path / 'a.yaml',)
+    extra = tmp_path / 'extra.yaml'
+    extra.write_text('/**:\n  ros__parameters: {}\n')
+    (node,) = resolve(description, {'params_file': str(extra)})
+    assert node.parameters == (tmp_path / 'a.yaml', extra)
+    with pytest.raises(DescriptionError, match='no such parameter file'):
+        resolve(description, {'params_file': str(tmp_path / 'missing.yaml')})

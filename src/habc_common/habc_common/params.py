@@ -176,6 +176,10 @@ def declare_node_parameters(node: Any, cls: type) -> Any:
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
             raise ValueError(f'node {node.get_name()!r}: parameter {name!r} '
                              f'({spec.description}) rejected: {exc}') from exc
+        if value is None and initial is not default:
+            # Declared by type only and set nowhere: rclpy reports it unset (None); the
+            # default is the empty list.
+            value = []
         if hasattr(value, 'tolist'):  # rclpy returns numeric arrays as array.array
             value = value.tolist()
         elif isinstance(value, tuple):

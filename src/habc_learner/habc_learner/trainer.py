@@ -1,5 +1,6 @@
 """The training loop: minibatches, progress bar, TensorBoard scalars, checkpoints, seeds."""
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 import json
 from pathlib import Path
@@ -78,8 +79,13 @@ class Trainer:
             stats['state_mean'], stats['state_std'] = buffer.observation_stats('state')
         self.policy.set_normalization(stats)
 
-    def fit(self, steps: int | None = None, description: str | None = None) -> dict[str, float]:
-        """Run `steps` gradient steps (default: the config's); return the last metrics mean."""
+    def fit(self, steps: int | None = None, description: str | None = None,
+            on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Run `steps` gradient steps (default: the config's); return the last metrics mean.
+
+        `on_log` receives each logged summary (every `log_every` steps and after the last
+        step), e.g. to report progress where no progress bar is shown.
+        """
         steps = steps or self.train_config.steps
         table = self.buffer.table
         actor_mask = self.algorithm.actor_mask(table)
@@ -90,7 +96,7 @@ class Trainer:
         bar = tqdm(range(steps), desc=description or self.method.method.value,
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         self.policy.train()
-        for _ in bar:
+        for done, _ in enumerate(bar, 1):
             self.algorithm.refresh(self.buffer, self.step, device)
             indices = self.algorithm.sample_indices(table, self.train_config.batch_size,
                                                     self.rng)
@@ -100,7 +106,8 @@ class Trainer:
             stats = self.algorithm.update(batch, self.step)
             self.step += 1
             window.append(stats)
-            if self.step % self.train_config.log_every == 0 or self.step == steps:
+            # `done`, not self.step: the step count runs on over several fit() calls (rounds).
+            if self.step % self.train_config.log_every == 0 or done == steps:
                 summary = _mean_stats(window)
                 window = []
                 summary['step'] = self.step
@@ -111,6 +118,8 @@ class Trainer:
                     for key, value in summary.items():
                         if key != 'step':
                             self.writer.add_scalar(key, value, self.step)
+                if on_log is not None:
+                    on_log(summary)
         if self.writer is not None:
             self.writer.flush()
         return self.history[-1] if self.history else {}

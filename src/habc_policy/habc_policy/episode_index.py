@@ -152,12 +152,14 @@ class EpisodeIndex:
         return self.get(episode_id)
 
     def finish(self, episode_id: str, num_steps: int, num_interventions: int, *,
-               ended_at: float, complete: bool = True) -> EpisodeRecord:
+               ended_at: float, complete: bool = True,
+               policy_version: str | None = None) -> EpisodeRecord:
         """Record the end of an episode and its counts.
 
         `complete=False` marks a recording that ended abnormally (an error, or a bag rescued
         after a crash) as 'incomplete'; an incomplete row may be finished again to fill in the
-        counts once the bag has been recovered.
+        counts once the bag has been recovered. `policy_version`, when given, replaces the
+        stored one (the recorder fills it in when no version was known at the start).
 
         Raises:
             KeyError: no such episode.
@@ -179,10 +181,10 @@ class EpisodeIndex:
             # learner whose cursor already passed its old sequence still picks it up.
             seq = self._next_seq(db) if current.label_seq is not None else None
             db.execute('UPDATE episodes SET num_steps = ?, num_interventions = ?, '
-                       'ended_at = ?, status = ?, label_seq = COALESCE(?, label_seq) '
-                       'WHERE episode_id = ?',
+                       'ended_at = ?, status = ?, label_seq = COALESCE(?, label_seq), '
+                       'policy_version = COALESCE(?, policy_version) WHERE episode_id = ?',
                        (int(num_steps), int(num_interventions), float(ended_at), status, seq,
-                        episode_id))
+                        policy_version, episode_id))
         return self.get(episode_id)
 
     def label(self, episode_id: str, outcome: str, labeler: str = '', note: str = '', *,

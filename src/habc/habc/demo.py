@@ -1,0 +1,334 @@
+"""`habc demo`: the user's main job on the simulated robot, end to end, from a fresh clone.
+
+1. If no SFT checkpoint exists in the output folder, record demonstrations with the scripted
+   expert (images + joints + instruction) and train the small VLA on them (version 1).
+2. Start the closed loop with `habc launch bringup` (sim robot, sync, policy, arbiter,
+   recorder, scripted operator, learner) on a parameter file written for this run.
+3. Watch it: each time the learner's new weights go live in the policy node, print a table
+   row for the version that just finished (episodes, success %, interventions, update
+   latency); at the end write summary.json and a PNG plot per policy version.
+"""
+
+import argparse
+from dataclasses import dataclass, field
+import json
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import yaml
+
+HELP = __doc__
+
+
+@dataclass
+class DemoConfig:
+    """Budgets of one demo run (defaults finish within about 20 minutes on 2 CPU cores)."""
+
+    out: Path
+    task: str = 'transfer_cube'
+    demos: int = 20
+    demo_noise: float = 0.0
+    sft_steps: int = 800
+    batch_size: int = 16
+    rounds: int = 2
+    episodes_per_round: int = 3
+    steps_per_round: int = 60
+    max_steps: int = 300
+    method: str = 'habc'
+    takeover_probability: float = 0.5
+    workers: int = 2
+    timeout_s: float = 1500.0
+
+
+@dataclass
+class VersionStats:
+    """What happened while one policy version was active."""
+
+    version: str
+    episodes: int = 0
+    successes: int = 0
+    interventions: int = 0
+    update_latency_s: float | None = None   # PolicyUpdate received -> live in the policy
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+
+@dataclass
+class Monitor:
+    """Receipt times of weight updates and of their activation in the policy node."""
+
+    updates: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def latency(self, version: str) -> float | None:
+        with self.lock:
+            if version in self.updates and version in self.activations:
+                return self.activations[version] - self.updates[version]
+        return None
+
+
+def train_sft(config: DemoConfig, checkpoint: Path) -> None:
+    """Record expert demonstrations and train the small VLA on them (version 1)."""
+    from dataclasses import replace
+
+    from habc_learner.methods import MethodConfig
+    from habc_learner.trainer import seed_everything, TrainConfig, Trainer
+    from habc_sim import bench
+    from habc_sim.rollouts import run_parallel
+
+    profile = replace(bench.PROFILES['pixels'], max_steps=config.max_steps)
+    jobs = [bench.EpisodeJob(config.task, 'pixels', bench.DEMO_SEED_BASE + i,
+                             profile.max_steps, profile.image_size, profile.cameras,
+                             demo_noise=config.demo_noise)
+            for i in range(config.demos)]
+    print(f'[demo] no SFT checkpoint at {checkpoint}: recording {config.demos} expert '
+          'demonstrations and training the small VLA on them', flush=True)
+    demos = bench.demo_episodes(list(run_parallel(bench.run_job, jobs, config.workers,
+                                                  'expert demonstrations')), config.task)
+    if not demos:
+        raise RuntimeError('no expert demonstration succeeded; lower --demo-noise')
+    method = MethodConfig(method='sft', horizon=profile.horizon)
+    buffer = method.make_buffer()
+    for episode in demos:
+        buffer.add(episode)
+    seed_everything(0)
+    policy = bench.make_policy('pixels', config.task, profile.horizon, profile)
+    trainer = Trainer(policy, buffer, method,
+                      TrainConfig(steps=config.sft_steps, batch_size=config.batch_size,
+                                  actor_lr=profile.actor_lr))
+    trainer.fit(description='SFT (small VLA)')
+    trainer.save_checkpoint(checkpoint, version='1')
+    print(f'[demo] SFT checkpoint (version 1) written to {checkpoint}', flush=True)
+
+
+def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
+    """Write the run's parameter file, layered over config/params/*.yaml (params_file:=)."""
+    out = out.resolve()
+    episodes = config.episodes_per_round * (config.rounds + 1)
+    params = {
+        '/**/sim_robot': {'task': config.task, 'max_steps': config.max_steps},
+        '/**/policy': {'checkpoint': str(checkpoint.resolve()), 'torch_threads': 1},
+        '/**/episode_recorder': {'storage_dir': str(out / 'episodes')},
+        '/**/scripted_operator': {'episodes': episodes, 'max_steps': config.max_steps,
+                                  'takeover_probability': config.takeover_probability},
+        '/**/learner': {'index_path': str(out / 'episodes' / 'episodes.sqlite'),
+                        'work_dir': str(out / 'learner'),
+                        'init_checkpoint': str(checkpoint.resolve()),
+                        'method': config.method,
+                        'episodes_per_round': config.episodes_per_round,
+                        'steps_per_round': config.steps_per_round,
+                        'batch_size': config.batch_size, 'torch_threads': 1},
+    }
+    path = out / 'params.yaml'
+    path.write_text(yaml.safe_dump({k: {'ros__parameters': v} for k, v in params.items()},
+                                   sort_keys=False))
+    return path
+
+
+def _start_monitor(monitor: Monitor):
+    """Subscribe to weight updates and policy status in a background rclpy thread."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from std_msgs.msg import String
+
+    from habc_common.qos import LATCHED
+    from habc_msgs.msg import PolicyUpdate
+
+    rclpy.init()
+    node = rclpy.create_node('habc_demo_monitor')
+
+    def on_update(msg: PolicyUpdate) -> None:
+        with monitor.lock:
+            monitor.updates.setdefault(str(msg.version), time.monotonic())
+
+    def on_status(msg: String) -> None:
+        try:
+            version = str(json.loads(msg.data).get('active_version', ''))
+        except json.JSONDecodeError:
+            return
+        with monitor.lock:
+            monitor.activations.setdefault(version, time.monotonic())
+
+    node.create_subscription(PolicyUpdate, 'policy/update', on_update, LATCHED)
+    node.create_subscription(String, 'policy/status', on_status, LATCHED)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    return executor, node
+
+
+def version_stats(index_path: Path, monitor: Monitor) -> list[VersionStats]:
+    """Finished, labelled episodes grouped by the policy version that ran them."""
+    from habc_policy.episode_index import EpisodeIndex
+    if not index_path.exists():
+        return []
+    stats: dict[str, VersionStats] = {}
+    with EpisodeIndex(index_path) as index:
+        for record in reversed(index.list()):
+            if record.outcome not in ('success', 'failure'):
+                continue
+            row = stats.setdefault(record.policy_version,
+                                   VersionStats(record.policy_version))
+            row.episodes += 1
+            row.successes += record.outcome == 'success'
+            row.interventions += record.num_interventions
+    for row in stats.values():
+        row.update_latency_s = monitor.latency(row.version)
+    return sorted(stats.values(), key=lambda r: (len(r.version), r.version))
+
+
+def format_row(row: VersionStats) -> str:
+    latency = (f'{row.update_latency_s:.2f} s' if row.update_latency_s is not None
+               else '- (initial)' if row.version == '1' else '-')
+    return (f'| {row.version:>7} | {row.episodes:>8} | {100 * row.success_rate:>8.0f}% | '
+            f'{row.interventions:>13} | {latency:>14} |')
+
+
+TABLE_HEADER = ('| version | episodes |  success | interventions | update latency |\n'
+                '|--------:|---------:|---------:|--------------:|---------------:|')
+
+
+def plot(rows: list[VersionStats], path: Path) -> None:
+    """Success rate and interventions per episode for each policy version."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    versions = [r.version for r in rows]
+    ax.bar(versions, [r.success_rate for r in rows], color='tab:green', alpha=0.7,
+           label='success rate')
+    ax.set_ylim(0, 1)
+    ax.set_xlabel('policy version')
+    ax.set_ylabel('success rate')
+    twin = ax.twinx()
+    twin.plot(versions, [r.interventions / max(r.episodes, 1) for r in rows], 'o-',
+              color='tab:red', label='interventions / episode')
+    twin.set_ylabel('interventions per episode')
+    fig.legend(loc='upper left', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
+    """Run the bringup until the scripted operator's episodes are done; print the table."""
+    from habc_common.ros_env import apply_project_defaults
+    apply_project_defaults()
+    log_path = out / 'launch.log'
+    index_path = out / 'episodes' / 'episodes.sqlite'
+    monitor = Monitor()
+    executor, node = _start_monitor(monitor)
+    with open(log_path, 'w') as log:
+        launcher = subprocess.Popen(
+            [sys.executable, '-m', 'habc.cli', 'launch', 'bringup', f'params_file:={params}'],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    print(f'[demo] loop started (node logs: {log_path}); rounds: {config.rounds} x '
+          f'{config.episodes_per_round} episodes', flush=True)
+    print(TABLE_HEADER, flush=True)
+    printed: set[str] = set()
+    expected = config.episodes_per_round * (config.rounds + 1)
+    deadline = time.monotonic() + config.timeout_s
+    code = 0
+    try:
+        while True:
+            if launcher.poll() is not None:
+                print(f'[demo] the bringup exited early (code {launcher.returncode}); see '
+                      f'{log_path}', file=sys.stderr)
+                code = 1
+                break
+            rows = version_stats(index_path, monitor)
+            live = set(monitor.activations)
+            for row in rows:
+                # A version's row is final once a newer version is live.
+                newer = [v for v in live if v.isdigit() and row.version.isdigit()
+                         and int(v) > int(row.version)]
+                if row.version not in printed and newer:
+                    printed.add(row.version)
+                    print(format_row(row), flush=True)
+            if sum(r.episodes for r in rows) >= expected:
+                break
+            if time.monotonic() > deadline:
+                print(f'[demo] timeout after {config.timeout_s:.0f} s', file=sys.stderr)
+                code = 1
+                break
+            time.sleep(1.0)
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGINT)
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+        executor.shutdown()
+        node.destroy_node()
+        import rclpy
+        if rclpy.ok():
+            rclpy.shutdown()
+    rows = version_stats(index_path, monitor)
+    for row in rows:
+        if row.version not in printed:
+            print(format_row(row), flush=True)
+    summary = {'config': {k: str(v) if isinstance(v, Path) else v
+                          for k, v in vars(config).items()},
+               'versions': [{**vars(r), 'success_rate': r.success_rate} for r in rows]}
+    (out / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
+    if rows:
+        plot(rows, out / 'success_per_version.png')
+    print(f'[demo] wrote {out}/summary.json and success_per_version.png', flush=True)
+    return code
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `habc demo` options."""
+    d = DemoConfig(out=Path('runs/demo'))
+    parser.add_argument('--out', type=Path, default=d.out,
+                        help='run folder: SFT checkpoint, episodes, learner (default runs/demo)')
+    parser.add_argument('--rounds', type=int, default=d.rounds,
+                        help=f'learner rounds, i.e. weight updates (default {d.rounds})')
+    parser.add_argument('--episodes-per-round', type=int, default=d.episodes_per_round)
+    parser.add_argument('--steps-per-round', type=int, default=d.steps_per_round,
+                        help='gradient steps per learner round')
+    parser.add_argument('--demos', type=int, default=d.demos,
+                        help='expert demonstrations for the SFT checkpoint (first run only)')
+    parser.add_argument('--sft-steps', type=int, default=d.sft_steps)
+    parser.add_argument('--max-steps', type=int, default=d.max_steps,
+                        help='control ticks per episode (50 Hz)')
+    parser.add_argument('--method', default=d.method, help='learner method (default habc)')
+    parser.add_argument('--timeout', type=float, default=d.timeout_s, metavar='S',
+                        help='stop the loop after this many seconds')
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; return the exit code."""
+    for name in ('rounds', 'episodes_per_round', 'steps_per_round', 'demos', 'sft_steps',
+                 'max_steps'):
+        if getattr(args, name) < 1:
+            print(f'habc demo: --{name.replace("_", "-")} must be >= 1', file=sys.stderr)
+            return 2
+    config = DemoConfig(out=args.out, rounds=args.rounds,
+                        episodes_per_round=args.episodes_per_round,
+                        steps_per_round=args.steps_per_round, demos=args.demos,
+                        sft_steps=args.sft_steps, max_steps=args.max_steps,
+                        method=args.method, timeout_s=args.timeout)
+    config.out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    checkpoint = config.out / 'sft'
+    if not (checkpoint / 'model.safetensors').is_file():
+        train_sft(config, checkpoint)
+    # Each run gets its own episodes and learner (the SFT checkpoint is shared): versions
+    # and tables start from 1 again.
+    run_dir = config.out / time.strftime('run-%Y%m%d-%H%M%S')
+    run_dir.mkdir(parents=True)
+    params = write_params(config, checkpoint, run_dir)
+    code = run_loop(config, params, run_dir)
+    print(f'[demo] total {time.monotonic() - start:.0f} s', flush=True)
+    return code

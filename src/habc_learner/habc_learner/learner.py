@@ -1,0 +1,541 @@
+"""The online learner (no rclpy): labelled episode bags in, versioned checkpoints out.
+
+The learner keeps one training buffer (a SampleBuffer of the configured method) and one
+Trainer across rounds. It polls the episode index for labels given since its cursor
+(`EpisodeIndex.labelled_since`), reads each new trainable episode's bag into the buffer, and
+when `episodes_per_round` new episodes have arrived it runs `steps_per_round` gradient steps
+and writes the next checkpoint version:
+
+    work_dir/
+        learner_state.json          the only state; replaced atomically after each round
+        checkpoints/v<N>/           model.safetensors, config.json, critic.safetensors,
+                                    metrics.json (Trainer.save_checkpoint)
+        tensorboard/                scalars of every round
+
+Versions are integers: the init (SFT) checkpoint is version 1, round r writes version 1 + r.
+
+Crash safety. learner_state.json is written (with os.replace) only after the checkpoint of a
+round is complete in place, and the checkpoint itself is written into a scratch folder and
+renamed, so a kill at any moment leaves either the old state or the new one. The state names
+the episodes in the buffer (with the outcome they were trained with) and the index cursor at
+that round. A restarted learner reloads its latest checkpoint (policy, critic, step count),
+rebuilds the buffer from those episodes' bags and polls from the saved cursor, so episodes
+consumed after the last round are simply read again: none is lost and none is counted twice.
+Optimizer moments are not saved: after a restart AdamW starts afresh.
+
+Relabels. The learner asks the index for every label change, not just the trainable ones: an
+episode relabelled success <-> failure is re-credited and one relabelled 'discarded' is
+removed (both rebuild the buffer). A relabel does not count as a new episode.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+import json
+import os
+from pathlib import Path
+import shutil
+import time
+from typing import Any
+
+from habc_common.params import param, validate_params
+from habc_learner.bag_episodes import episode_from_bag
+from habc_learner.episode import Episode, EpisodeKind, Outcome
+from habc_learner.methods import Method, MethodConfig
+from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
+
+STATE_FILE = 'learner_state.json'
+STATE_FORMAT = 1
+CHECKPOINT_DIR = 'checkpoints'
+# PolicyUpdate.format of a checkpoint folder (model.safetensors + config.json) at the URI.
+CHECKPOINT_FORMAT = 'safetensors'
+INIT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LearnerParams:
+    """Parameters of learner_node (and of the Learner core)."""
+
+    index_path: str = param('~/.habc/episodes/episodes.sqlite',
+                            'Episode index (SQLite) the recorder writes: <storage_dir>/'
+                            'episodes.sqlite. ~ and $VARIABLES are expanded.')
+    work_dir: str = param('~/.habc/learner', 'Learner state, checkpoints and TensorBoard logs '
+                          '(~ and $VARIABLES are expanded).')
+    init_checkpoint: str = param('', 'Checkpoint folder of the SFT policy (version 1). Needed '
+                                 'on the first start; a restart resumes from work_dir.')
+    method: str = param('habc', 'Training method.', choices=tuple(m.value for m in Method))
+    episodes_per_round: int = param(2, 'New labelled episodes that start a training round.',
+                                    min=1)
+    steps_per_round: int = param(200, 'Gradient steps per round.', min=1)
+    batch_size: int = param(64, 'Minibatch size.', min=1)
+    actor_lr: float = param(1e-3, 'Actor learning rate (habc bench uses 1e-3).', min=1e-12)
+    critic_lr: float = param(1e-3, 'Critic learning rate.', min=1e-12)
+    warmup_steps: int = param(300, 'Gradient steps with gate g_t = 1 (counted over all '
+                              'rounds).', min=0)
+    poll_period_s: float = param(1.0, 'How often the episode index is polled (s).',
+                                 min=0.01, max=3600.0)
+    torch_threads: int = param(1, 'CPU threads of torch (keep the robot-side nodes fed).',
+                               min=1)
+    cameras: list[int] = param([], 'Indices into Observation.images of the views to train '
+                               'on, in order; empty = all.')
+    image_size: int = param(0, 'Resize images to this square size (px); 0 keeps them.',
+                            min=0)
+    demos_dir: str = param('', 'Folder of demonstration bags (one rosbag2 folder each), '
+                           'added to every round as D_SFT; empty = none.')
+    seed: int = param(0, 'Seed of the minibatch sampling.', min=0)
+    device: str = param('cpu', "Torch device for training, e.g. 'cpu' or 'cuda'.")
+
+    def __post_init__(self) -> None:
+        if self.cameras is None:
+            # declare_node_parameters reads an empty-list default without an override back
+            # as None (rclpy declares it by type only); None means the default here.
+            object.__setattr__(self, 'cameras', [])
+        validate_params(self)
+        if any(c < 0 for c in self.cameras):
+            raise ValueError(f'parameter cameras of LearnerParams must hold indices >= 0, got '
+                             f'{self.cameras}')
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one training round produced."""
+
+    version: int
+    sha256: str
+    path: Path
+    metrics: dict[str, float]
+    round: int
+    episodes: int
+    written_at: float
+
+
+@dataclass
+class _Entry:
+    """One episode in the buffer, and where it came from."""
+
+    episode: Episode
+    outcome: str
+    bag_path: str
+
+
+@dataclass
+class _State:
+    version: int = INIT_VERSION
+    round: int = 0
+    cursor: int = 0
+    checkpoint: str = ''
+    sha256: str = ''
+    trainer_step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    written_at: float = 0.0
+    episodes: list[dict[str, str]] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    method: str = ''
+
+
+class Learner:
+    """Consume labelled episodes from an EpisodeIndex and train rounds on them."""
+
+    def __init__(self, params: LearnerParams,
+                 log: Callable[[str], None] | None = None) -> None:
+        """Load the latest checkpoint (own after a restart, else `init_checkpoint`).
+
+        Raises:
+            ValueError: no state in work_dir and no init_checkpoint, a checkpoint that does
+                not exist, or a state file that cannot be used.
+        """
+        self.params = params
+        self._log = log or (lambda message: None)
+        self.work_dir = expand_path(params.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.work_dir / STATE_FILE
+        state = self._read_state()
+        if state is None:
+            if not params.init_checkpoint:
+                raise ValueError(f'no learner state in {self.work_dir} and no init_checkpoint: '
+                                 'set init_checkpoint to the SFT checkpoint folder')
+            checkpoint = expand_path(params.init_checkpoint)
+            state = _State(checkpoint=str(checkpoint), method=params.method)
+            self._resumed = False
+        else:
+            checkpoint = self.work_dir / state.checkpoint
+            self._resumed = True
+            if state.method != params.method:
+                self._log(f'method changed from {state.method!r} to {params.method!r}: the '
+                          'critic starts afresh')
+        self._clean_checkpoints(state.version)
+        try:
+            self.policy = load_policy(checkpoint, map_location=params.device)
+        except FileNotFoundError as exc:
+            raise ValueError(f'cannot start from checkpoint {checkpoint}: {exc}') from exc
+        if not state.sha256:
+            state.sha256 = sha256_file(checkpoint / WEIGHTS_FILE)
+        self.version = state.version
+        self.round = state.round
+        self.cursor = state.cursor
+        self.sha256 = state.sha256
+        self.checkpoint = checkpoint
+        self.metrics = dict(state.metrics)
+        self.written_at = state.written_at
+        self.rejected: dict[str, str] = dict(state.rejected)
+        self._trainer_step = state.trainer_step
+        self._critic_path = (checkpoint / 'critic.safetensors'
+                             if self._resumed and state.method == params.method else None)
+        self._to_restore = list(state.episodes)
+        self.method_config = MethodConfig(method=params.method, horizon=self.policy.horizon,
+                                          warmup_steps=params.warmup_steps,
+                                          ir_start_step=params.steps_per_round)
+        self.buffer = self.method_config.make_buffer()
+        self._episodes: dict[str, _Entry] = {}
+        self._demos: list[Episode] = []
+        self._restored = False
+        self._new_since_round = 0
+        self._stalled = False
+        self.trainer = None
+        if self._resumed:
+            self._log(f'resuming at version {self.version} (round {self.round}) from '
+                      f'{checkpoint}; {len(self._to_restore)} episodes to reload')
+        else:
+            self._log(f'starting from {checkpoint} as version {self.version}')
+
+    # --- state ------------------------------------------------------------------------------
+    @property
+    def resumed(self) -> bool:
+        """Return True when this learner continued from its own state in work_dir."""
+        return self._resumed
+
+    @property
+    def episode_ids(self) -> list[str]:
+        """Return the ids of the rollout episodes in the buffer, in the order they came."""
+        return list(self._episodes)
+
+    @property
+    def pending(self) -> int:
+        """Return the new episodes since the last round."""
+        return self._new_since_round
+
+    def _read_state(self) -> _State | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f'{self.state_path} is unreadable ({exc}); restore it or delete it '
+                             'to start over from init_checkpoint') from exc
+        if data.get('format') != STATE_FORMAT:
+            raise ValueError(f'{self.state_path} has format {data.get("format")!r}, this code '
+                             f'reads format {STATE_FORMAT}')
+        known = set(_State.__dataclass_fields__)
+        state = _State(**{k: v for k, v in data.items() if k in known})
+        if not (self.work_dir / state.checkpoint / 'model.safetensors').is_file():
+            raise ValueError(f'{self.state_path} names checkpoint {state.checkpoint!r}, which '
+                             f'is not in {self.work_dir}; restore it or delete the state file '
+                             'to start over from init_checkpoint')
+        return state
+
+    def _state_dict(self, **changes: Any) -> dict[str, Any]:
+        state = {
+            'format': STATE_FORMAT,
+            'version': self.version,
+            'round': self.round,
+            'cursor': self.cursor,
+            'checkpoint': str(self.checkpoint),
+            'sha256': self.sha256,
+            'method': self.params.method,
+            'trainer_step': self.trainer.step if self.trainer is not None else 0,
+            'metrics': self.metrics,
+            'written_at': self.written_at,
+            'episodes': [{'episode_id': episode_id, 'outcome': entry.outcome,
+                          'bag_path': entry.bag_path}
+                         for episode_id, entry in self._episodes.items()],
+            'rejected': self.rejected,
+        }
+        state.update(changes)
+        return state
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        scratch = self.state_path.with_name(self.state_path.name + '.tmp')
+        with open(scratch, 'w') as stream:
+            stream.write(json.dumps(state, indent=1, default=str) + '\n')
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(scratch, self.state_path)
+
+    def _clean_checkpoints(self, version: int) -> None:
+        """Remove scratch folders and versions newer than the state (a round cut short)."""
+        root = self.work_dir / CHECKPOINT_DIR
+        if not root.is_dir():
+            return
+        for path in root.iterdir():
+            stale = path.name.startswith('.') and path.name.endswith('.tmp')
+            if path.name.startswith('v') and path.name[1:].isdigit():
+                # Written by a round whose state never made it to disk: never published.
+                stale = int(path.name[1:]) > version
+            if stale and path.is_dir():
+                self._log(f'removing {path}: left by a round that did not finish')
+                shutil.rmtree(path)
+
+    # --- episodes ---------------------------------------------------------------------------
+    def poll(self, index: Any) -> list[str]:
+        """Take the label changes since the cursor from `index`; return the ids added.
+
+        The first call also rebuilds the buffer of a restarted learner (bags are read again).
+        Episodes whose bag cannot be used are logged and kept in `rejected` with the reason;
+        they are retried when they are labelled again.
+        """
+        if not self._restored:
+            self._restore(index)
+        added: list[str] = []
+        rebuild = False
+        for record in index.labelled_since(self.cursor, trainable_only=False):
+            self.cursor = max(self.cursor, int(record.label_seq or 0))
+            episode_id = record.episode_id
+            entry = self._episodes.get(episode_id)
+            if not record.trainable:
+                if entry is not None:
+                    del self._episodes[episode_id]
+                    rebuild = True
+                    self._log(f'episode {episode_id} is now {record.outcome} '
+                              f'({record.status}): removed from the buffer')
+                continue
+            if entry is not None:
+                if entry.outcome != record.outcome:
+                    self._log(f'episode {episode_id} relabelled {entry.outcome} -> '
+                              f'{record.outcome}')
+                    entry.outcome = record.outcome
+                    entry.episode = replace(entry.episode, outcome=record.outcome)
+                    rebuild = True
+                continue
+            bag_path = _resolve_bag(record.bag_path, Path(index.path))
+            try:
+                episode = self._load(bag_path, record.outcome, episode_id, record.instruction)
+            except Exception as exc:  # noqa: BLE001 - one bad bag must not stop the learner
+                reason = f'{type(exc).__name__}: {exc}'
+                if record.status == 'incomplete':
+                    reason += (' (its recording was cut short: habc_policy.bag_io.recover_bag '
+                               'rescues such a bag)')
+                self.rejected[episode_id] = reason
+                self._log(f'episode {episode_id} skipped: {reason}')
+                continue
+            self.rejected.pop(episode_id, None)
+            self._episodes[episode_id] = _Entry(episode, record.outcome, str(bag_path))
+            if not rebuild:
+                self.buffer.add(episode)
+            added.append(episode_id)
+            self._log(f'episode {episode_id} added ({record.outcome}, {len(episode)} steps, '
+                      f'{episode.num_interventions} interventions)')
+        if rebuild:
+            self._rebuild_buffer()
+        if added:
+            self._new_since_round += len(added)
+            self._stalled = False
+        return added
+
+    def ready(self) -> bool:
+        """Return True when enough new episodes arrived for a round."""
+        return (self._restored and not self._stalled
+                and self._new_since_round >= self.params.episodes_per_round
+                and len(self.buffer) > 0)
+
+    def _restore(self, index: Any) -> None:
+        if self.params.demos_dir:
+            self._demos = self._load_demos(expand_path(self.params.demos_dir))
+        for item in self._to_restore:
+            episode_id, outcome = item['episode_id'], item['outcome']
+            try:
+                episode = self._load(Path(item['bag_path']), outcome, episode_id, '')
+            except Exception as exc:  # noqa: BLE001 - the rest of the buffer is still good
+                reason = f'{type(exc).__name__}: {exc}'
+                self.rejected[episode_id] = reason
+                self._log(f'episode {episode_id} could not be reloaded, dropped: {reason}')
+                continue
+            self._episodes[episode_id] = _Entry(episode, outcome, item['bag_path'])
+        self._to_restore = []
+        self._rebuild_buffer()
+        self._restored = True
+        if self._episodes or self._demos:
+            self._log(f'buffer: {len(self._episodes)} episodes, {len(self._demos)} '
+                      f'demonstrations, {len(self.buffer)} samples')
+
+    def _rebuild_buffer(self) -> None:
+        self.buffer = self.method_config.make_buffer()
+        for episode in self._demos:
+            self.buffer.add(episode)
+        for entry in self._episodes.values():
+            self.buffer.add(entry.episode)
+        if self.trainer is not None:
+            self.trainer.buffer = self.buffer
+
+    def _load_demos(self, directory: Path) -> list[Episode]:
+        if not directory.is_dir():
+            raise ValueError(f'demos_dir {directory} is not a folder')
+        demos = []
+        for bag in sorted(p for p in directory.iterdir() if (p / 'metadata.yaml').is_file()):
+            try:
+                demos.append(self._load(bag, Outcome.SUCCESS, f'demo-{bag.name}', '',
+                                        kind=EpisodeKind.DEMO))
+            except Exception as exc:  # noqa: BLE001 - the other demonstrations still count
+                self._log(f'demonstration {bag} skipped: {type(exc).__name__}: {exc}')
+        self._log(f'{len(demos)} demonstrations from {directory}')
+        return demos
+
+    def _load(self, bag_path: Path, outcome: str | Outcome, episode_id: str, instruction: str,
+              kind: EpisodeKind = EpisodeKind.ROLLOUT) -> Episode:
+        p = self.params
+        episode = episode_from_bag(bag_path, outcome, cameras=p.cameras or None,
+                                   image_size=p.image_size or None, episode_id=episode_id,
+                                   kind=kind)
+        if not episode.instruction:
+            episode.instruction = instruction
+        self._check_fits(episode)
+        return episode
+
+    def _check_fits(self, episode: Episode) -> None:
+        """Raise ValueError when the episode does not match the policy's inputs and outputs."""
+        config = self.policy.config
+        problems = []
+        if episode.action_dim != self.policy.action_dim:
+            problems.append(f'actions have {episode.action_dim} values, the policy '
+                            f'{self.policy.action_dim}')
+        state_dim = getattr(config, 'state_dim', None)
+        state = episode.observations['state']
+        if state_dim is not None and state.shape[1] != state_dim:
+            problems.append(f'the joint state has {state.shape[1]} values, the policy '
+                            f'expects {state_dim}')
+        views = getattr(config, 'num_views', None)
+        if views is None:
+            # The policy sees no images: do not hold them in memory.
+            episode.observations.pop('images', None)
+        elif 'images' not in episode.observations:
+            problems.append(f'the observations hold no images, the policy needs {views} '
+                            'view(s)')
+        elif episode.observations['images'].shape[1] != views:
+            problems.append(f'{episode.observations["images"].shape[1]} camera view(s), the '
+                            f'policy needs {views}: set the cameras parameter')
+        if problems:
+            raise ValueError(f'episode {episode.episode_id} does not fit the policy: '
+                             + '; '.join(problems))
+
+    # --- training ---------------------------------------------------------------------------
+    def _make_trainer(self):
+        from habc_learner.trainer import TrainConfig, Trainer
+
+        p = self.params
+        train = TrainConfig(steps=p.steps_per_round, batch_size=p.batch_size,
+                            actor_lr=p.actor_lr, critic_lr=p.critic_lr,
+                            seed=p.seed + self.round, log_every=min(50, p.steps_per_round),
+                            device=p.device, normalize_from_data=False)
+        trainer = Trainer(self.policy, self.buffer, self.method_config, train,
+                          log_dir=self.work_dir / 'tensorboard', progress=False)
+        trainer.step = self._trainer_step
+        critic = trainer.algorithm.critic
+        if critic is not None and self._critic_path is not None and self._critic_path.is_file():
+            from safetensors.torch import load_file
+            try:
+                state = load_file(str(self._critic_path), device=p.device)
+                critic.load_state_dict(state)
+                trainer.algorithm.target_critic.load_state_dict(state)
+                self._log(f'critic restored from {self._critic_path}')
+            except (RuntimeError, ValueError) as exc:
+                self._log(f'critic in {self._critic_path} does not fit ({exc}); it starts '
+                          'afresh')
+        return trainer
+
+    def train_round(self, on_progress: Callable[[int, int, dict[str, float]], None]
+                    | None = None) -> RoundResult:
+        """Run one round of `steps_per_round` gradient steps and write the next version.
+
+        `on_progress(step, steps, metrics)` is called at every logged step of the round.
+        A round that raises changes no version and no state file; the learner then waits for
+        a new episode before it tries again.
+        """
+        if not self._restored:
+            raise RuntimeError('poll() the index before training')
+        p = self.params
+        target, round_index = self.version + 1, self.round + 1
+        try:
+            if self.trainer is None:
+                self.trainer = self._make_trainer()
+            self.trainer.buffer = self.buffer
+            start = self.trainer.step
+            self._log(f'round {round_index}: training version {target} on '
+                      f'{len(self._episodes)} episodes ({self._new_since_round} new, '
+                      f'{len(self._demos)} demonstrations, {len(self.buffer)} samples), '
+                      f'{p.steps_per_round} steps')
+
+            def report(summary: dict[str, float]) -> None:
+                done = int(summary['step']) - start
+                losses = ', '.join(f'{k.split("/")[-1]} {v:.4g}' for k, v in summary.items()
+                                   if k.startswith('losses/') and not k.endswith('grad_norm'))
+                self._log(f'round {round_index}: step {done}/{p.steps_per_round}: {losses}')
+                if on_progress is not None:
+                    on_progress(done, p.steps_per_round, summary)
+
+            started = time.monotonic()
+            metrics = self.trainer.fit(p.steps_per_round, on_log=report)
+            directory, sha = self._write_checkpoint(target)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics['round/seconds'] = time.monotonic() - started
+            metrics['round/episodes'] = float(len(self._episodes))
+            metrics['round/samples'] = float(len(self.buffer))
+            written_at = time.time()
+            # The state goes to disk before this object changes: if writing it fails, the
+            # round never happened (and the unpublished folder is overwritten next time).
+            self._write_state(self._state_dict(
+                version=target, round=round_index, checkpoint=str(directory.relative_to(
+                    self.work_dir)), sha256=sha, metrics=metrics, written_at=written_at))
+        except BaseException:
+            self._stalled = True
+            raise
+        self.version, self.round = target, round_index
+        self.sha256, self.checkpoint, self.metrics = sha, directory, metrics
+        self.written_at = written_at
+        self._new_since_round = 0
+        self._log(f'round {round_index}: version {target} written to {directory} '
+                  f'(sha256 {sha[:12]}..., {metrics["round/seconds"]:.1f} s)')
+        return RoundResult(target, sha, directory, metrics, round_index, len(self._episodes),
+                           written_at)
+
+    def _write_checkpoint(self, version: int) -> tuple[Path, str]:
+        root = self.work_dir / CHECKPOINT_DIR
+        final = root / f'v{version}'
+        scratch = root / f'.v{version}.tmp'
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        info = self.trainer.save_checkpoint(scratch, version=str(version))
+        if final.exists():
+            shutil.rmtree(final)  # left by a round whose state was never written
+        os.replace(scratch, final)
+        return final, info['sha256']
+
+    # --- reporting --------------------------------------------------------------------------
+    def status(self, state: str = 'idle', **extra: Any) -> dict[str, Any]:
+        """Return the learner's status as a JSON-ready dict ('idle' or 'training')."""
+        return {'state': state, 'version': self.version, 'round': self.round,
+                'episodes': len(self._episodes), 'pending': self._new_since_round,
+                'episodes_per_round': self.params.episodes_per_round,
+                'demos': len(self._demos), 'samples': len(self.buffer),
+                'rejected': len(self.rejected), 'method': self.params.method,
+                'sha256': self.sha256, 'checkpoint': str(self.checkpoint),
+                'metrics': self.metrics, **extra}
+
+    def latest(self) -> RoundResult | None:
+        """Return the newest version this learner wrote (None before its first round)."""
+        if self.round == 0:
+            return None
+        return RoundResult(self.version, self.sha256, self.checkpoint, self.metrics,
+                           self.round, len(self._episodes) + len(self._to_restore),
+                           self.written_at)
+
+
+def expand_path(path: str) -> Path:
+    """Return an absolute path with ~ and $VARIABLES expanded (as the recorder does)."""
+    return Path(os.path.expandvars(os.path.expanduser(path))).resolve()
+
+
+def _resolve_bag(bag_path: str, index_path: Path) -> Path:
+    """Return the bag folder; a relative path is tried beside the index, then as given."""
+    path = Path(bag_path).expanduser()
+    if path.is_absolute():
+        return path
+    beside = index_path.parent / path
+    return beside if beside.exists() else path.resolve()

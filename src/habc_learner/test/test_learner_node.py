@@ -1,0 +1,113 @@
+"""learner_node as its own process: a round from labelled bags, latched updates, restarts."""
+
+import json
+from pathlib import Path
+import signal
+import sys
+
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from ros_helpers import Child, spin_until
+from std_msgs.msg import String
+
+from habc_common.qos import LATCHED
+from habc_msgs.msg import PolicyUpdate
+from habc_policy.models.base import sha256_file
+
+pytestmark = pytest.mark.ros
+STEPS = 12
+
+
+def start_learner(tmp_path, init_checkpoint) -> Child:
+    params = {'index_path': str(tmp_path / 'index' / 'episodes.sqlite'),
+              'work_dir': str(tmp_path / 'learner'), 'init_checkpoint': str(init_checkpoint),
+              'episodes_per_round': '2', 'steps_per_round': '3', 'batch_size': '4',
+              'poll_period_s': '0.2'}
+    args = [arg for key, value in params.items() for arg in ('-p', f'{key}:={value}')]
+    return Child([sys.executable, '-m', 'habc_learner.learner_node', '--ros-args', *args])
+
+
+class Listener:
+    """A test node holding what arrived on policy/update and learner/status."""
+
+    def __init__(self) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node('learner_test', context=self.context)
+        self.updates: list[PolicyUpdate] = []
+        self.statuses: list[dict] = []
+        self.node.create_subscription(PolicyUpdate, 'policy/update', self.updates.append,
+                                      LATCHED)
+        self.node.create_subscription(String, 'learner/status',
+                                      lambda m: self.statuses.append(json.loads(m.data)),
+                                      LATCHED)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def wait(self, predicate, timeout: float, child: Child) -> None:
+        exited = lambda: child.process.poll() is not None  # noqa: E731
+        assert spin_until(self.executor, lambda: predicate() or exited(), timeout)
+        assert predicate(), child.output
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
+        tmp_path, init_checkpoint, episode_bag, labelled):
+    for name, outcome in (('ep-1', 'success'), ('ep-2', 'failure')):
+        labelled(episode_bag(name, [0] * 6 + [1] * 6), name, outcome, STEPS)
+    checkpoint = tmp_path / 'learner' / 'checkpoints' / 'v2'
+
+    child = start_learner(tmp_path, init_checkpoint)
+    listener = Listener()
+    try:
+        listener.wait(lambda: listener.updates, 120.0, child)
+        update = listener.updates[-1]
+        assert update.version == 2
+        assert update.sha256 == sha256_file(checkpoint / 'model.safetensors')
+        assert update.format == 'safetensors'
+        assert update.uri == f'file://{checkpoint}'
+        assert len(update.data) == 0
+        metrics = {kv.key: kv.value for kv in update.metrics}
+        assert 'losses/actor' in metrics and float(metrics['round/episodes']) == 2.0
+        listener.wait(lambda: listener.statuses and listener.statuses[-1]['version'] == 2
+                      and listener.statuses[-1]['state'] == 'idle', 10.0, child)
+        assert any(s['state'] == 'training' for s in listener.statuses) or \
+            listener.statuses[-1]['round'] == 1  # a late subscriber only sees the last one
+        child.process.send_signal(signal.SIGINT)
+        assert child.finish(timeout=30) == 0, child.output
+    finally:
+        child.kill()
+        listener.close()
+
+    # Restarted (the policy node may have restarted too): version 2 comes again, latched.
+    child = start_learner(tmp_path, init_checkpoint)
+    listener = Listener()
+    try:
+        listener.wait(lambda: listener.updates, 60.0, child)
+        assert listener.updates[-1].version == 2
+        assert listener.updates[-1].sha256 == update.sha256
+        child.wait_for('republished version 2')
+        child.process.send_signal(signal.SIGINT)
+        assert child.finish(timeout=30) == 0, child.output
+    finally:
+        child.kill()
+        listener.close()
+
+
+def test_a_first_start_without_init_checkpoint_exits_with_one_clear_line(tmp_path):
+    root = Path(__file__).resolve().parents[3]
+    child = Child([sys.executable, '-m', 'habc_learner.learner_node', '--ros-args',
+                   '--params-file', str(root / 'config' / 'params' / 'learner.yaml'),
+                   '-p', f'work_dir:={tmp_path / "learner"}',
+                   '-p', f'index_path:={tmp_path / "episodes.sqlite"}'])
+    try:
+        assert child.finish(timeout=60) == 2, child.output
+        assert 'set init_checkpoint to the SFT checkpoint folder' in child.output
+        assert 'Traceback' not in child.output
+    finally:
+        child.kill()

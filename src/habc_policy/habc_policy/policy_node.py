@@ -1,0 +1,284 @@
+"""policy_node: VLA inference on the newest observation, chunk execution, verified hot swap.
+
+Topics (see docs/ros_interfaces.md):
+  subscribes  `observation` (habc_msgs/Observation, SENSOR_DATA)
+              `intervention` (habc_msgs/InterventionState, COMMANDS)
+              `policy/update` (habc_msgs/PolicyUpdate, LATCHED)
+  publishes   `policy/joint_command` (sensor_msgs/JointState, COMMANDS): on every control tick
+                  that has an action due, stamped with the tick time
+              `policy/chunk` (habc_msgs/ActionChunk, COMMANDS): every chunk the executor
+                  accepted, stamped with its observation's stamp
+              `policy/status` (std_msgs/String JSON, LATCHED): active and staged version, the
+                  last load result and why, on every change
+
+Threads: the executor threads run the callbacks (the control timer has its own callback
+group); inference runs on an InferenceWorker thread and weight loading on a loader thread,
+so neither ever blocks a control tick. Inference starts when ChunkExecutor.needs_inference
+says so, on the newest observation only.
+
+Intervention: while a human drives (InterventionState.source == SOURCE_HUMAN) no inference
+runs and no command is published. When control leaves the human, or the robot leaves an
+e-stop hold, the executor is cleared at the switch's stamp, so the policy re-plans from the
+state the human (or the stop) left. A HOLD for any other reason does not pause the policy:
+the arbiter holds while the policy's command is stale (at start-up, say), and it is this
+node's commands that end such a hold.
+"""
+
+import array
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+import json
+import math
+import time
+
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+
+from habc_common.node_main import spin_node
+from habc_common.params import declare_node_parameters
+from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
+from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyUpdate
+from habc_policy.chunk_executor import ChunkExecutor
+from habc_policy.policy_runtime import (
+    ChunkResult,
+    InferenceWorker,
+    is_sha256,
+    LoadedPolicy,
+    observation_from_msg,
+    PolicyNodeParams,
+    PolicyRuntime,
+    resolve_checkpoint_dir,
+    WeightsError,
+)
+
+PARAMS = PolicyNodeParams
+
+
+class PolicyNode:
+    """Thin rclpy adapter over PolicyRuntime, InferenceWorker and ChunkExecutor."""
+
+    def __init__(self, namespace: str = '', parameter_overrides: list | None = None) -> None:
+        self.node = Node('policy', namespace=namespace,
+                         parameter_overrides=parameter_overrides or [])
+        self.params = declare_node_parameters(self.node, PolicyNodeParams)
+        self.log = self.node.get_logger()
+        if self.params.torch_threads:
+            import torch
+            torch.set_num_threads(self.params.torch_threads)
+        self.executor = ChunkExecutor(self.params.executor_params())
+        self.runtime = PolicyRuntime(self.executor, self.params.control_period_s,
+                                     self.params.device, self.params.joint_names)
+        self._paused = False
+        self._last_source: tuple[int, str] | None = None
+        self._not_before = -math.inf
+        self._command_names: list[str] = []
+        self._last_error = ''
+        self._closed = False
+
+        self.command_publisher = self.node.create_publisher(JointState, 'policy/joint_command',
+                                                            COMMANDS)
+        self.chunk_publisher = self.node.create_publisher(ActionChunk, 'policy/chunk', COMMANDS)
+        self.status_publisher = self.node.create_publisher(String, 'policy/status', LATCHED)
+
+        if self.params.checkpoint:
+            try:
+                loaded = self.runtime.load_startup(self.params.checkpoint,
+                                                   self.params.expected_sha256)
+            except WeightsError as exc:
+                raise ValueError(f'parameter checkpoint: {exc}') from exc
+            self.log.info(f'checkpoint {loaded.source} loaded as version {loaded.version} '
+                          f'(sha256 {loaded.sha256[:12]})')
+
+        self.worker = InferenceWorker(self.runtime, self._on_chunk, self._on_inference_error,
+                                      self._on_swap)
+        self.worker.start()
+        # One loader thread: updates are verified in arrival order, never concurrently.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='policy_loader')
+
+        inputs = MutuallyExclusiveCallbackGroup()
+        control = MutuallyExclusiveCallbackGroup()
+        self.node.create_subscription(Observation, 'observation', self.observation_callback,
+                                      SENSOR_DATA, callback_group=inputs)
+        self.node.create_subscription(InterventionState, 'intervention',
+                                      self.intervention_callback, COMMANDS,
+                                      callback_group=inputs)
+        self.node.create_subscription(PolicyUpdate, 'policy/update', self.update_callback,
+                                      LATCHED, callback_group=inputs)
+        self.node.create_timer(self.params.control_period_s, self.control_callback,
+                               callback_group=control)
+        self.node.add_on_set_parameters_callback(self._check_parameters)
+        self.node.add_post_set_parameters_callback(self._parameters_set)
+
+        if self.params.weights_uri:
+            self._submit_weights_uri(self.params.weights_uri, self.params.expected_sha256)
+        self.publish_status()
+        active = self.runtime.active
+        self.log.info(
+            f'ready: {self.params.mode} at {self.params.control_rate_hz:g} Hz, '
+            + (f'version {active.version}' if active else 'waiting for weights'))
+
+    def close(self) -> None:
+        """Stop the inference and loader threads (spin_node calls it at shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.worker.stop()
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _now(self) -> float:
+        return self.node.get_clock().now().nanoseconds * 1e-9
+
+    def _error_once(self, what: str, exc: Exception) -> None:
+        # Log each distinct problem once: a bad observation stream would flood the log.
+        message = f'{what}: {exc}'
+        if message != self._last_error:
+            self.log.error(message)
+            self._last_error = message
+
+    # Inputs -----------------------------------------------------------------------------
+
+    def observation_callback(self, msg: Observation) -> None:
+        try:
+            observation = observation_from_msg(msg)
+        except ValueError as exc:
+            self._error_once('observation ignored', exc)
+            return
+        self.worker.offer(observation)
+        self._maybe_infer(self._now())
+
+    def intervention_callback(self, msg: InterventionState) -> None:
+        source, reason = msg.source, msg.reason
+        previous, self._last_source = self._last_source, (source, reason)
+        if source == InterventionState.SOURCE_HUMAN:
+            if not self._paused:
+                self.log.info('human in control: inference paused')
+            self._paused = True
+            return
+        estop_ended = (previous is not None and previous[0] == InterventionState.SOURCE_HOLD
+                       and previous[1] == 'estop' and reason != 'estop')
+        if self._paused or estop_ended:
+            stamp = msg.header.stamp
+            switch = stamp.sec + stamp.nanosec * 1e-9 if stamp.sec or stamp.nanosec \
+                else self._now()
+            # Bumpless handback: drop the queue and every chunk planned before the switch.
+            self.executor.clear(switch)
+            self._not_before = switch
+            self.log.info(f'{"handback" if self._paused else "e-stop released"}: queue '
+                          'cleared, re-planning from the current state')
+        self._paused = False
+
+    def update_callback(self, msg: PolicyUpdate) -> None:
+        version, sha256, uri, fmt = msg.version, msg.sha256, msg.uri, msg.format
+        data = bytes(msg.data)
+        self.log.info(f'policy update {version} received ({uri or f"{len(data)} bytes inline"})'
+                      ': verifying')
+        self._loader.submit(self._load, f'policy update {version}',
+                            lambda: self.runtime.offer_update(version, sha256, uri, data, fmt))
+
+    def _check_parameters(self, parameters: list) -> SetParametersResult:
+        # Cheap checks answer `ros2 param set` at once; hashing and loading run afterwards.
+        for parameter in parameters:
+            if parameter.name == 'weights_uri' and parameter.value:
+                try:
+                    resolve_checkpoint_dir(parameter.value)
+                except WeightsError as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+            if (parameter.name == 'expected_sha256' and parameter.value
+                    and not is_sha256(parameter.value)):
+                return SetParametersResult(successful=False,
+                                           reason='expected_sha256 must be 64 hex digits')
+        return SetParametersResult(successful=True)
+
+    def _parameters_set(self, parameters: list) -> None:
+        values = {parameter.name: parameter.value for parameter in parameters}
+        if values.get('weights_uri'):
+            sha256 = values.get('expected_sha256',
+                                self.node.get_parameter('expected_sha256').value)
+            self._submit_weights_uri(values['weights_uri'], sha256)
+
+    def _submit_weights_uri(self, uri: str, sha256: str) -> None:
+        self.log.info(f'weights_uri {uri}: verifying')
+        self._loader.submit(self._load, f'weights_uri {uri}',
+                            lambda: self.runtime.offer_weights_uri(uri, sha256))
+
+    def _load(self, what: str, load: Callable[[], LoadedPolicy]) -> None:
+        # Runs on the loader thread: hashing and loading never touch the control thread.
+        if self._closed:
+            return
+        try:
+            loaded = load()
+        except WeightsError as exc:
+            self.log.warning(f'{what} rejected: {exc}; version '
+                             f'{self.runtime.status()["active_version"]} stays active')
+        except Exception as exc:  # a bug must not kill the loader thread
+            self.runtime.record_rejection(what, '', f'{type(exc).__name__}: {exc}')
+            self.log.error(f'{what} failed: {type(exc).__name__}: {exc}')
+        else:
+            self.log.info(f'{what}: verified, version {loaded.version} staged for the next '
+                          'chunk boundary')
+            self.worker.wake()  # an idle worker swaps at once
+        if not self._closed:
+            self.publish_status()
+
+    # Control ----------------------------------------------------------------------------
+
+    def _maybe_infer(self, now: float) -> None:
+        if self._paused or (self.runtime.active is None and self.runtime.pending is None):
+            return
+        if self.executor.needs_inference(now):
+            self.worker.request(self._not_before)
+
+    def control_callback(self) -> None:
+        if self._paused:
+            return
+        now = self._now()
+        action = self.executor.next_action(now)
+        if action is not None and self._command_names:
+            msg = JointState()
+            msg.header.stamp = self.node.get_clock().now().to_msg()
+            msg.name = self._command_names
+            msg.position = action.action.tolist()
+            self.command_publisher.publish(msg)
+        self._maybe_infer(now)
+
+    # Worker callbacks (inference thread) ------------------------------------------------
+
+    def _on_chunk(self, result: ChunkResult) -> None:
+        if not result.accepted:
+            return  # planned from before a handback: it never drives the robot
+        self._command_names = list(result.joint_names)
+        horizon, action_dim = result.actions.shape
+        msg = ActionChunk()
+        msg.header.stamp = result.observation.header_stamp
+        msg.policy_version = result.version
+        msg.chunk_id = result.chunk_id
+        msg.horizon, msg.action_dim = horizon, action_dim
+        msg.joint_names = list(result.joint_names)
+        msg.dt = result.dt
+        # Row-major (H, D); bytes go into the array('f') field in C.
+        msg.actions = array.array('f', result.actions.astype('<f4').tobytes())
+        self.chunk_publisher.publish(msg)
+
+    def _on_inference_error(self, exc: Exception) -> None:
+        self._error_once('inference failed', exc)
+
+    def _on_swap(self, loaded: LoadedPolicy) -> None:
+        self.log.info(f'swapped to version {loaded.version} (sha256 {loaded.sha256[:12]}, '
+                      f'{loaded.source})')
+        self.publish_status()
+
+    def publish_status(self) -> None:
+        """Publish the runtime status as JSON on the latched policy/status."""
+        status = self.runtime.status()
+        status['executing_version'] = self.executor.current_version
+        status['paused'] = self._paused
+        status['stamp'] = time.time()
+        self.status_publisher.publish(String(data=json.dumps(status)))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run policy_node until shutdown."""
+    spin_node(PolicyNode, args)

@@ -1,0 +1,661 @@
+"""Policy runtime (no rclpy): verified weight loading, hot swap, and one inference per chunk.
+
+policy_node is a thin adapter over the classes here:
+  PolicyRuntime    loads and verifies weights (sha256, loadable, compatible, one warm-up
+                   inference), holds the active policy and at most one staged successor,
+                   turns an observation into model input, and runs one inference that feeds
+                   the ChunkExecutor;
+  InferenceWorker  the inference thread: runs PolicyRuntime.infer on the newest observation
+                   when asked, and swaps in staged weights between two inferences.
+
+Versions. Every policy has an integer `number` (the order of updates) and a string `version`
+(the label on every chunk, ActionChunk.policy_version):
+  startup checkpoint   number = the checkpoint's config.json version when it is a decimal
+                       integer, else 1 (the SFT checkpoint is saved as 'sft'; the learner
+                       publishes integer versions from 2 on); version = str(number);
+  PolicyUpdate         accepted only when msg.version is above the active and the staged
+                       number; version = str(msg.version);
+  weights_uri (param)  an operator's manual load: when the checkpoint's config.json version
+                       is an integer above the active number it is used as for an update;
+                       otherwise the number stays (so the learner's next update still
+                       replaces it) and version = 'manual-<first 12 hex of sha256>'.
+
+Verification, in this order; any failure raises WeightsError with the reason and leaves
+the active policy untouched: the version is newer; the URI resolves to a local checkpoint
+folder (model.safetensors + config.json; `file://` URIs or plain paths, to the folder or to
+the weights file); the SHA-256 of the weights file matches (required for PolicyUpdate,
+optional for the parameters); the checkpoint loads; its action_dim, state_dim and camera
+count match the active policy's; the file did not change while it was hashed and loaded;
+and one warm-up inference runs (the first call is slow: the text encoder loads then).
+
+Inline weights (PolicyUpdate.data): the bytes are a safetensors state dict for the SAME
+architecture as the active policy (an update of a small model without a config file); they
+are verified against sha256 and loaded strictly into a fresh copy of that architecture.
+They are rejected when no policy is active yet.
+
+All times are seconds passed in by the caller.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+import hashlib
+import math
+import os
+from pathlib import Path
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+
+from habc_common.params import param, validate_params
+from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
+from habc_policy.image_convert import image_to_numpy
+
+# First SFT checkpoint: what a startup checkpoint without an integer version counts as.
+STARTUP_NUMBER = 1
+
+
+@dataclass(frozen=True)
+class PolicyNodeParams:
+    """Parameters of policy_node."""
+
+    checkpoint: str = param(
+        '', 'Checkpoint folder (model.safetensors + config.json) loaded at start-up; empty: '
+        'act only once a PolicyUpdate or weights_uri provides weights.', read_only=True)
+    weights_uri: str = param(
+        '', 'Weights to load (checkpoint folder, its model.safetensors, or a file:// URI). '
+        'Setting it at run time (ros2 param set) loads it through the same verified path '
+        'as a PolicyUpdate; the result is published on policy/status.')
+    expected_sha256: str = param(
+        '', 'SHA-256 (hex) that the weights of `checkpoint` and `weights_uri` must have; '
+        'empty: not checked.')
+    control_rate_hz: float = param(
+        50.0, 'Control tick rate (Hz): one action per tick; chunks have dt = 1 / rate.',
+        min=1.0, max=1000.0, read_only=True)
+    execute_steps: int = param(
+        10, 'Receding horizon: actions executed from each chunk before the next replaces '
+        'it.', min=1, max=10000, read_only=True)
+    mode: str = param(
+        'receding', "'receding' (first execute_steps actions of each chunk) or 'ensemble' "
+        '(ACT temporal ensembling).', choices=('receding', 'ensemble'), read_only=True)
+    ensemble_decay: float = param(
+        0.01, "Ensemble mode: ACT's m in w_i = exp(-m * i), i = 0 for the oldest chunk.",
+        min=0.0, max=100.0, read_only=True)
+    stale_after_s: float = param(
+        0.0, 'An action may run this much before or after its due time (s); 0: 0.75 of the '
+        'control period.', min=0.0, max=10.0, read_only=True)
+    min_remaining_steps: int = param(
+        5, 'Start the next inference when fewer actions than this remain queued: the '
+        'inference latency in ticks plus one (at least the horizon in ensemble mode).',
+        min=1, max=10000, read_only=True)
+    device: str = param('cpu', "Torch device of the policy, e.g. 'cpu' or 'cuda:0'.",
+                        read_only=True)
+    torch_threads: int = param(
+        0, 'Threads torch uses for inference; 0: torch default.', min=0, max=256,
+        read_only=True)
+    joint_names: list[str] = param(
+        [], 'Joint order of the policy state and actions; empty: the order of the '
+        "observation's joint_state (the first joint_states message sync_node saw).",
+        read_only=True)
+
+    def __post_init__(self) -> None:
+        validate_params(self)
+        sha = self.expected_sha256
+        if sha and not is_sha256(sha):
+            raise ValueError(f'parameter expected_sha256 must be 64 hex digits, got {sha!r}')
+        self.executor_params()  # raises ValueError naming a bad combination
+
+    @property
+    def control_period_s(self) -> float:
+        return 1.0 / self.control_rate_hz
+
+    def executor_params(self) -> ChunkExecutorParams:
+        """Parameters of the node's ChunkExecutor."""
+        period = self.control_period_s
+        return ChunkExecutorParams(
+            control_period_s=period, execute_steps=self.execute_steps, mode=self.mode,
+            ensemble_decay=self.ensemble_decay,
+            stale_after_s=self.stale_after_s or 0.75 * period,
+            min_remaining_steps=self.min_remaining_steps)
+
+
+class WeightsError(Exception):
+    """Weights that failed verification; str(exc) is the reason, for logs and status."""
+
+
+@dataclass
+class LoadedPolicy:
+    """A verified policy ready to act: the model and where it came from."""
+
+    policy: Any
+    number: int
+    version: str
+    sha256: str
+    source: str
+
+
+@dataclass
+class PolicyObservation:
+    """One observation as the runtime needs it (built from habc_msgs/Observation).
+
+    images: (H, W, 3) uint8 RGB arrays, one per camera (views are fine); positions follow
+    joint_names. header_stamp is passed through to the chunk (the message's stamp).
+    """
+
+    stamp: float
+    images: list[np.ndarray]
+    joint_names: list[str]
+    positions: np.ndarray
+    instruction: str
+    header_stamp: Any = None
+
+
+@dataclass
+class ChunkResult:
+    """The outcome of one inference: the chunk and whether the executor took it."""
+
+    actions: np.ndarray
+    version: str
+    chunk_id: int
+    start_time: float
+    dt: float
+    joint_names: list[str]
+    accepted: bool
+    latency_s: float
+    observation: PolicyObservation
+
+
+@dataclass
+class UpdateRecord:
+    """The last weight load attempt, for policy/status."""
+
+    source: str
+    version: str
+    result: str  # 'staged', 'active', 'rejected', 'ignored'
+    reason: str = ''
+    sha256: str = ''
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_sha256(text: str) -> bool:
+    """Return whether `text` is a hex SHA-256 digest (64 hex digits, either case)."""
+    return len(text) == 64 and all(c in '0123456789abcdef' for c in text.lower())
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of a byte string."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve_checkpoint_dir(uri: str) -> Path:
+    """Return the checkpoint folder that a URI or path names; raise WeightsError if none.
+
+    Accepts a folder, its model.safetensors, and both as `file://` URIs. Other schemes are
+    rejected: the policy node reads checkpoints from local or mounted storage only.
+    """
+    # Here, not at module level: torch loads with it, and a bad path should fail fast.
+    from habc_policy.models.base import CONFIG_FILE, WEIGHTS_FILE
+
+    if not uri:
+        raise WeightsError('no checkpoint: the URI is empty')
+    parsed = urlparse(uri)
+    if parsed.scheme == 'file':
+        if parsed.netloc not in ('', 'localhost'):
+            raise WeightsError(f'{uri}: file URIs on another host ({parsed.netloc}) are not '
+                               'readable; mount the storage and use a local path')
+        path = Path(url2pathname(unquote(parsed.path)))
+    elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
+        raise WeightsError(f'{uri}: URI scheme {parsed.scheme!r} is not supported; use a '
+                           'local path or a file:// URI')
+    else:
+        path = Path(uri)
+    path = path.expanduser()
+    if path.is_dir():
+        folder = path
+    elif path.is_file():
+        if path.name != WEIGHTS_FILE:
+            raise WeightsError(f'{path}: expected a checkpoint folder or its {WEIGHTS_FILE}, '
+                               f'got another file')
+        folder = path.parent
+    else:
+        raise WeightsError(f'{path}: not found')
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise WeightsError(f'{folder}: {name} missing (a checkpoint folder holds '
+                               f'{WEIGHTS_FILE} and {CONFIG_FILE})')
+    return folder
+
+
+def checkpoint_number(version: str) -> int | None:
+    """Return the integer a checkpoint's version string stands for, or None ('sft', 'v3')."""
+    text = str(version).strip()
+    return int(text) if text.isdecimal() else None
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class PolicyRuntime:
+    """The policy side of policy_node without ROS (see the module docstring).
+
+    Threads: `infer` and `swap_if_pending` run on the inference thread only; the `load_*`
+    and `offer_*` methods on one loader thread (they are slow); `status` anywhere.
+    """
+
+    def __init__(self, executor: ChunkExecutor, control_period_s: float,
+                 device: str = 'cpu', joint_names: Sequence[str] = ()) -> None:
+        self.executor = executor
+        self.period = float(control_period_s)
+        self.device = device
+        self.joint_names = list(joint_names)
+        self.active: LoadedPolicy | None = None
+        self.last_update: UpdateRecord | None = None
+        self.counters: dict[str, int] = {'inferences': 0, 'chunks_rejected': 0, 'swaps': 0,
+                                         'updates_rejected': 0, 'inference_errors': 0}
+        self._pending: LoadedPolicy | None = None
+        self._lock = threading.Lock()
+        self._next_chunk_id = 0
+        self._instruction = ''
+
+    # Loading --------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> LoadedPolicy | None:
+        """The verified policy waiting for the next swap, if any."""
+        with self._lock:
+            return self._pending
+
+    def newest_number(self) -> int:
+        """Return the number an update must exceed: the staged or else the active one's."""
+        with self._lock:
+            candidates = [p.number for p in (self.active, self._pending) if p is not None]
+        return max(candidates, default=0)
+
+    def load_startup(self, checkpoint: str, expected_sha256: str = '') -> LoadedPolicy:
+        """Load the start-up checkpoint and make it active at once (no inference runs yet)."""
+        loaded = self._load_checkpoint(checkpoint, expected_sha256, number=None,
+                                       require_sha=False)
+        with self._lock:
+            self.active = loaded
+        self.executor.stage_version(loaded.version)
+        self.last_update = UpdateRecord(checkpoint, loaded.version, 'active',
+                                        sha256=loaded.sha256)
+        return loaded
+
+    def offer_update(self, version: int, sha256: str, uri: str = '', data: bytes = b'',
+                     fmt: str = 'safetensors') -> LoadedPolicy:
+        """Verify and load a PolicyUpdate's weights and stage them for the next swap."""
+        source = uri or 'inline'
+        try:
+            if fmt not in ('', 'safetensors'):
+                raise WeightsError(f"format {fmt!r} is not supported; use 'safetensors'")
+            if version <= self.newest_number():
+                raise WeightsError(f'version {version} is not newer than '
+                                   f'{self.newest_number()}')
+            if not is_sha256(sha256):
+                raise WeightsError(f'sha256 {sha256!r} is not 64 hex digits')
+            if data:
+                loaded = self._load_inline(bytes(data), sha256.lower(), version)
+            else:
+                loaded = self._load_checkpoint(uri, sha256, number=version, require_sha=True)
+            self._stage(loaded)
+        except WeightsError as exc:
+            self.record_rejection(source, str(version), str(exc))
+            raise
+        return loaded
+
+    def offer_weights_uri(self, uri: str, expected_sha256: str = '') -> LoadedPolicy:
+        """Verify and load weights named by the weights_uri parameter; stage them."""
+        try:
+            loaded = self._load_checkpoint(uri, expected_sha256, number=None,
+                                           require_sha=False, manual=True)
+            self._stage(loaded)
+        except WeightsError as exc:
+            self.record_rejection(uri, '', str(exc))
+            raise
+        return loaded
+
+    def swap_if_pending(self) -> LoadedPolicy | None:
+        """Make the staged policy active (between two inferences); return it, or None."""
+        with self._lock:
+            loaded, self._pending = self._pending, None
+            if loaded is None:
+                return None
+            self.active = loaded
+        self.executor.stage_version(loaded.version)
+        self.counters['swaps'] += 1
+        self.last_update = UpdateRecord(loaded.source, loaded.version, 'active',
+                                        sha256=loaded.sha256)
+        return loaded
+
+    def status(self) -> dict[str, Any]:
+        """Active version, staged version and the last load result (policy/status JSON)."""
+        with self._lock:
+            active, pending = self.active, self._pending
+        update = self.last_update
+        return {
+            'active_version': None if active is None else active.version,
+            'active_number': None if active is None else active.number,
+            'active_sha256': None if active is None else active.sha256,
+            'active_source': None if active is None else active.source,
+            'staged_version': None if pending is None else pending.version,
+            'last_update': None if update is None else {
+                'source': update.source, 'version': update.version, 'result': update.result,
+                'reason': update.reason, 'sha256': update.sha256},
+            'counters': dict(self.counters),
+        }
+
+    def _stage(self, loaded: LoadedPolicy) -> None:
+        with self._lock:
+            newest = max([p.number for p in (self.active, self._pending) if p is not None],
+                         default=0)
+            manual = loaded.version.startswith('manual-')
+            if not manual and loaded.number <= newest:
+                raise WeightsError(f'version {loaded.number} is not newer than {newest} '
+                                   '(a newer one was loaded meanwhile)')
+            self._pending = loaded
+        self.last_update = UpdateRecord(loaded.source, loaded.version, 'staged',
+                                        sha256=loaded.sha256)
+
+    def record_rejection(self, source: str, version: str, reason: str) -> None:
+        """Count a failed load and keep its reason for the status."""
+        self.counters['updates_rejected'] += 1
+        self.last_update = UpdateRecord(source, version, 'rejected', reason)
+
+    def _load_checkpoint(self, uri: str, expected_sha256: str, number: int | None,
+                         require_sha: bool, manual: bool = False) -> LoadedPolicy:
+        from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
+
+        folder = resolve_checkpoint_dir(uri)
+        weights = folder / WEIGHTS_FILE
+        if require_sha and not expected_sha256:
+            raise WeightsError('no sha256 given: updates must name the hash of their weights')
+        try:
+            before = _stat_key(weights)
+            digest = sha256_file(weights)
+        except OSError as exc:
+            raise WeightsError(f'{weights}: unreadable: {exc}') from exc
+        if expected_sha256 and digest != expected_sha256.lower():
+            raise WeightsError(f'{weights}: sha256 mismatch: expected {expected_sha256}, '
+                               f'file has {digest}')
+        try:
+            policy = load_policy(folder)
+        except Exception as exc:  # any parse error of a bad file is a rejection
+            raise WeightsError(f'{folder}: cannot load: {type(exc).__name__}: {exc}') from exc
+        try:
+            changed = _stat_key(weights) != before
+        except OSError:
+            changed = True
+        if changed:
+            raise WeightsError(f'{weights} changed while it was verified and loaded; '
+                               'publish the update after the checkpoint is written')
+        own = checkpoint_number(policy.version)
+        if number is None and manual:
+            active = self.newest_number()
+            if own is not None and own > active:
+                number, version = own, str(own)
+            else:
+                number, version = active, f'manual-{digest[:12]}'
+        elif number is None:
+            number = own if own is not None else STARTUP_NUMBER
+            version = str(number)
+        else:
+            version = str(number)
+        return self._finish_load(policy, number, version, digest, str(folder))
+
+    def _load_inline(self, data: bytes, sha256: str, number: int) -> LoadedPolicy:
+        from safetensors.torch import load as load_safetensors
+
+        active = self.active
+        if active is None:
+            raise WeightsError('inline weights need an active policy (they reuse its '
+                               'architecture); send a uri with config.json instead')
+        digest = sha256_bytes(data)
+        if digest != sha256:
+            raise WeightsError(f'inline weights: sha256 mismatch: expected {sha256}, data '
+                               f'has {digest}')
+        try:
+            state = load_safetensors(data)
+            policy = type(active.policy)(active.policy.config)
+            policy.load_state_dict(state, strict=True)
+        except Exception as exc:  # any parse or shape error is a rejection
+            raise WeightsError(f'inline weights: cannot load: {type(exc).__name__}: '
+                               f'{exc}') from exc
+        policy.version = str(number)
+        return self._finish_load(policy, number, str(number), digest, 'inline')
+
+    def _finish_load(self, policy: Any, number: int, version: str, digest: str,
+                     source: str) -> LoadedPolicy:
+        active = self.active
+        if active is not None:
+            self._check_compatible(active.policy, policy)
+        policy.to(self.device).eval()
+        try:
+            self._predict(policy, self._dummy_input(policy))
+        except Exception as exc:  # a model that cannot run must not go live
+            raise WeightsError(f'{source}: warm-up inference failed: '
+                               f'{type(exc).__name__}: {exc}') from exc
+        return LoadedPolicy(policy, number, version, digest, source)
+
+    @staticmethod
+    def _check_compatible(old: Any, new: Any) -> None:
+        for name in ('action_dim', 'state_dim', 'num_views'):
+            a = getattr(old.config, name, None)
+            b = getattr(new.config, name, None)
+            if a != b:
+                raise WeightsError(f'{name} is {b}, the active policy has {a}: the robot '
+                                   'interface of a hot-swapped policy must not change')
+
+    def _dummy_input(self, policy: Any) -> dict[str, Any]:
+        config = policy.config
+        inputs: dict[str, Any] = {'state': np.zeros(config.state_dim, np.float32)}
+        if hasattr(config, 'num_views'):
+            size = config.image_size
+            inputs['images'] = np.zeros((config.num_views, size, size, 3), np.uint8)
+            # The instruction the robot runs, so its embedding is cached before the swap.
+            inputs['instruction'] = self._instruction or 'warm up'
+        return inputs
+
+    # Inference ------------------------------------------------------------------------
+
+    def command_joint_names(self, observation: PolicyObservation) -> list[str]:
+        """Names of the action columns: the joint_names parameter, or the observation's."""
+        return self.joint_names or list(observation.joint_names)
+
+    def model_input(self, policy: Any, observation: PolicyObservation) -> dict[str, Any]:
+        """Return the policy's input dict for one observation (ValueError on a mismatch).
+
+        State: the joint positions, reordered to joint_names when that is set. Images (VLA
+        policies): one per view, resized (nearest neighbour) to the policy's image_size when
+        the camera sends another size.
+        """
+        config = policy.config
+        positions = np.asarray(observation.positions, dtype=np.float32)
+        if self.joint_names:
+            index = {name: i for i, name in enumerate(observation.joint_names)}
+            missing = [name for name in self.joint_names if name not in index]
+            if missing:
+                raise ValueError(f'observation lacks joints {missing} of parameter '
+                                 f'joint_names; it has {list(observation.joint_names)}')
+            positions = positions[[index[name] for name in self.joint_names]]
+        if positions.shape != (config.state_dim,):
+            raise ValueError(f'the policy takes {config.state_dim} joint positions, the '
+                             f'observation has {positions.shape[0]}')
+        inputs: dict[str, Any] = {'state': positions}
+        if hasattr(config, 'num_views'):
+            if len(observation.images) != config.num_views:
+                raise ValueError(f'the policy takes {config.num_views} camera image(s), the '
+                                 f'observation has {len(observation.images)}; set the '
+                                 "sync node's cameras to the policy's views, in order")
+            size = config.image_size
+            inputs['images'] = np.stack([_resize_nearest(image, size)
+                                         for image in observation.images])
+            inputs['instruction'] = observation.instruction
+            self._instruction = observation.instruction
+        return inputs
+
+    def infer(self, observation: PolicyObservation) -> ChunkResult | None:
+        """Run the active policy on `observation` and add the chunk to the executor.
+
+        The chunk's first action is due one control period after the observation stamp (the
+        executor drops the actions that are already stale when it arrives). Returns None
+        when no policy is active; raises ValueError when the observation does not fit the
+        policy. Call swap_if_pending before, on the same thread, never during.
+        """
+        active = self.active
+        if active is None:
+            return None
+        names = self.command_joint_names(observation)
+        inputs = self.model_input(active.policy, observation)
+        started = time.monotonic()
+        actions = self._predict(active.policy, inputs)
+        latency = time.monotonic() - started
+        if actions.ndim != 2 or actions.shape[1] != len(names):
+            raise ValueError(f'the policy returned actions of shape {actions.shape}; it must '
+                             f'be (H, {len(names)}) for joints {names}')
+        chunk_id = self._next_chunk_id
+        self._next_chunk_id += 1
+        start_time = observation.stamp + self.period
+        accepted = self.executor.add_chunk(actions, start_time, self.period, active.version,
+                                           chunk_id)
+        self.counters['inferences'] += 1
+        if not accepted:
+            self.counters['chunks_rejected'] += 1
+        return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
+                           accepted, latency, observation)
+
+    def _predict(self, policy: Any, inputs: dict[str, Any]) -> np.ndarray:
+        import torch
+
+        batch = {key: [value] if isinstance(value, str)
+                 else torch.as_tensor(np.ascontiguousarray(value), device=self.device)[None]
+                 for key, value in inputs.items()}
+        with torch.inference_mode():
+            chunk = policy.sample_chunks(batch)[0]
+        return chunk.float().cpu().numpy()
+
+
+def _resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f'camera images must be (H, W, 3) uint8, got {image.shape} '
+                         f'{image.dtype}')
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return image
+    rows = (np.arange(size) * height) // size
+    cols = (np.arange(size) * width) // size
+    return image[rows][:, cols]
+
+
+def observation_from_msg(msg: Any) -> PolicyObservation:
+    """Build a PolicyObservation from a habc_msgs/Observation (images are not copied)."""
+    stamp = msg.header.stamp
+    return PolicyObservation(
+        stamp=stamp.sec + stamp.nanosec * 1e-9,
+        images=[image_to_numpy(image, rgb=True) for image in msg.images],
+        joint_names=list(msg.joint_state.name),
+        positions=np.asarray(msg.joint_state.position, dtype=np.float64),
+        instruction=msg.instruction, header_stamp=stamp)
+
+
+class InferenceWorker:
+    """The inference thread: one inference at a time, on the newest observation.
+
+    `offer` stores an observation (a newer one replaces an older one that was not used);
+    `request` starts an inference on it unless one is running or it was used already; the
+    result goes to `on_result` (or the exception to `on_error`) on this thread. Staged
+    weights are swapped in before an inference starts, and when the worker is woken while
+    idle, so a swap never happens during an inference; `on_swap` reports it.
+    """
+
+    def __init__(self, runtime: PolicyRuntime,
+                 on_result: Callable[[ChunkResult], None],
+                 on_error: Callable[[Exception], None],
+                 on_swap: Callable[[LoadedPolicy], None] | None = None) -> None:
+        self.runtime = runtime
+        self._on_result = on_result
+        self._on_error = on_error
+        self._on_swap = on_swap
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._newest: PolicyObservation | None = None
+        self._requested: PolicyObservation | None = None
+        self._last_stamp = -math.inf
+        self._busy = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name='policy_inference', daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread after the running inference (if any) ends."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._busy
+
+    def offer(self, observation: PolicyObservation) -> None:
+        """Keep `observation` as the newest one (if it is newer than the kept one)."""
+        with self._lock:
+            if self._newest is None or observation.stamp > self._newest.stamp:
+                self._newest = observation
+
+    def request(self, not_before: float = -math.inf) -> bool:
+        """Start an inference on the newest observation; False when none is started.
+
+        Nothing starts while an inference runs, without an observation newer than the last
+        one inferred, or when the newest one is stamped before `not_before` (s).
+        """
+        with self._lock:
+            newest = self._newest
+            if (self._busy or newest is None or newest.stamp <= self._last_stamp
+                    or newest.stamp < not_before):
+                return False
+            self._busy = True
+            self._requested = newest
+            self._last_stamp = newest.stamp
+        self._wake.set()
+        return True
+
+    def wake(self) -> None:
+        """Let an idle worker swap in newly staged weights now."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                swapped = self.runtime.swap_if_pending()
+                if swapped is not None and self._on_swap is not None:
+                    self._on_swap(swapped)
+            except Exception as exc:  # report, keep the thread alive
+                self._on_error(exc)
+            with self._lock:
+                observation, self._requested = self._requested, None
+            if observation is None:
+                continue
+            try:
+                result = self.runtime.infer(observation)
+                if result is not None:
+                    self._on_result(result)
+            except Exception as exc:  # report, keep the thread alive
+                self.runtime.counters['inference_errors'] += 1
+                self._on_error(exc)
+            finally:
+                with self._lock:
+                    self._busy = False

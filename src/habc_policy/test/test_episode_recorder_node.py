@@ -1,0 +1,365 @@
+"""episode_recorder_node: episode ids, counts, and the node on real rclpy, crash included."""
+
+import itertools
+from pathlib import Path
+import signal
+import sys
+import time
+
+from builtin_interfaces.msg import Time
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from ros_helpers import Child, spin_until
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray
+
+from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, SENSOR_DATA
+from habc_msgs.msg import (
+    ActionChunk,
+    EpisodeEvent,
+    ExecutedAction,
+    InterventionState,
+    Observation,
+)
+from habc_msgs.srv import EpisodeControl, LabelEpisode
+from habc_policy.arbiter import Source
+from habc_policy.bag_io import read_episode_messages
+from habc_policy.episode_index import EpisodeIndex
+from habc_policy.episode_recorder_node import (
+    count_bag,
+    EpisodeCounts,
+    EpisodeRecorderNode,
+    EpisodeRecorderParams,
+    make_episode_id,
+    parse_topics,
+    robot_label,
+)
+
+START, END, ABORT = (EpisodeControl.Request.COMMAND_START, EpisodeControl.Request.COMMAND_END,
+                     EpisodeControl.Request.COMMAND_ABORT)
+
+# Unit tests of the plain helpers ---------------------------------------------------------------
+
+
+def test_episode_ids_and_robot_labels():
+    assert make_episode_id('robot1', 0.0, 3) == 'robot1-19700101-000000-3'
+    assert robot_label('', '/') == 'robot'
+    assert robot_label('', '/lab/robot1') == 'lab_robot1'
+    assert robot_label('arm a', '/x') == 'arm_a'
+
+
+def test_topics_parameter():
+    assert parse_topics(['executed_action', 'cam:sensor_msgs/msg/Image']) == [
+        ('executed_action', 'habc_msgs/msg/ExecutedAction'), ('cam', 'sensor_msgs/msg/Image')]
+    with pytest.raises(ValueError, match='not a known habc topic; give its type'):
+        parse_topics(['camera/top/image_raw'])
+    with pytest.raises(ValueError, match='twice'):
+        parse_topics(['intervention', 'intervention'])
+    with pytest.raises(ValueError, match='package/msg/Type'):
+        EpisodeRecorderParams(topics=['x:Image'])
+
+
+def test_takeovers_count_switches_into_human_ignoring_holds():
+    counts = EpisodeCounts()
+    for source in (Source.POLICY, Source.HUMAN, Source.HOLD, Source.HUMAN, Source.HUMAN,
+                   Source.POLICY, Source.HOLD, Source.HUMAN):
+        counts.on_intervention_state(source)
+    assert counts.interventions == 2
+    starts_human = EpisodeCounts()
+    starts_human.on_intervention_state(Source.HUMAN)
+    assert starts_human.interventions == 1
+
+
+def test_finish_can_fill_in_the_policy_version(tmp_path):
+    with EpisodeIndex(tmp_path / 'index.sqlite') as index:
+        index.create('e1', tmp_path / 'e1', 'task', '', started_at=1.0)
+        assert index.finish('e1', 3, 1, ended_at=2.0, policy_version='v2').policy_version == 'v2'
+        index.create('e2', tmp_path / 'e2', 'task', 'v1', started_at=1.0)
+        assert index.finish('e2', 3, 1, ended_at=2.0).policy_version == 'v1'
+
+
+# The node on real rclpy ------------------------------------------------------------------------
+
+_namespaces = (f'rec{k}' for k in itertools.count())
+
+
+@pytest.fixture(scope='module')
+def ros():
+    rclpy.init()
+    node = rclpy.create_node('recorder_node_test')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    yield node, executor
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown()
+
+
+class Client:
+    """Publishers of the recorded topics and clients of the recorder's services."""
+
+    QOS = {'observation': SENSOR_DATA, 'joint_states': JOINT_STATES}
+    TYPES = {'observation': Observation, 'forward_position_controller/commands':
+             Float64MultiArray, 'intervention': InterventionState,
+             'executed_action': ExecutedAction, 'policy/chunk': ActionChunk,
+             'joint_states': JointState}
+
+    def __init__(self, ros, ns):
+        self.node, self.executor = ros
+        self.ns = ns
+        self.pubs = {topic: self.node.create_publisher(
+            msgtype, f'/{ns}/{topic}', self.QOS.get(topic, COMMANDS))
+            for topic, msgtype in self.TYPES.items()}
+        self.events = []
+        # The event stream: a depth-1 latched reader could drop one of two back-to-back
+        # events between two spins.
+        self._events = self.node.create_subscription(EpisodeEvent, f'/{ns}/recorder/events',
+                                                     self.events.append, COMMANDS)
+        self.control = self.node.create_client(EpisodeControl, f'/{ns}/recorder/episode_control')
+        self.labeler = self.node.create_client(LabelEpisode, f'/{ns}/recorder/label_episode')
+
+    def wait_ready(self, timeout=30.0):
+        """Wait for both services and for every recorded topic to be matched."""
+        def ready():
+            return (self.control.service_is_ready() and self.labeler.service_is_ready()
+                    and all(p.get_subscription_count() for p in self.pubs.values()))
+        assert spin_until(self.executor, ready, timeout=timeout), 'recorder not ready'
+
+    def call(self, client, request, attempts=1):
+        """Call a service; with `attempts`, resend a request unanswered for 1.5 s.
+
+        Resending is for a restarted server: the killed one's endpoints stay in discovery
+        (service_is_ready() is true) until their lease ends, so the first request may go out
+        before the new server is matched.
+        """
+        for _ in range(attempts):
+            future = client.call_async(request)
+            if spin_until(self.executor, future.done, timeout=15.0 if attempts == 1 else 1.5):
+                return future.result()
+        raise AssertionError(f'{client.srv_name}: no answer')
+
+    def episode(self, command, instruction='', attempts=1):
+        return self.call(self.control, EpisodeControl.Request(
+            command=command, instruction=instruction), attempts)
+
+    def label(self, episode_id, outcome, labeler='', note=''):
+        return self.call(self.labeler, LabelEpisode.Request(
+            episode_id=episode_id, outcome=outcome, labeler=labeler, note=note))
+
+    def close(self):
+        for publisher in self.pubs.values():
+            self.node.destroy_publisher(publisher)
+        self.node.destroy_subscription(self._events)
+        self.node.destroy_client(self.control)
+        self.node.destroy_client(self.labeler)
+
+
+def sample_messages() -> list[tuple[str, object]]:
+    """Messages of every recorded topic, in publishing order, with distinct values."""
+    out = []
+    for k in range(3):
+        obs = Observation(instruction=f'stack {k}')
+        obs.header.stamp = Time(sec=100 + k, nanosec=7)
+        obs.images = [Image(height=1, width=2, encoding='rgb8', step=6,
+                            data=bytes(range(k, k + 6)))]
+        obs.joint_state = JointState(name=['a', 'b'], position=[0.5 * k, -0.25])
+        out.append(('observation', obs))
+    for k in range(2):
+        out.append(('policy/chunk', ActionChunk(policy_version='v5', chunk_id=k, horizon=1,
+                                                action_dim=2, joint_names=['a', 'b'], dt=0.02,
+                                                actions=[0.5 + k, 0.25])))
+    sources = (Source.POLICY, Source.HUMAN, Source.HOLD, Source.HUMAN, Source.POLICY,
+               Source.HUMAN)
+    for k, source in enumerate(sources):
+        out.append(('intervention', InterventionState(
+            active=source == Source.HUMAN, source=int(source), segment_id=k, reason='test')))
+        out.append(('executed_action', ExecutedAction(
+            source=int(source), segment_id=k, policy_version='v5', joint_names=['a', 'b'],
+            positions=[0.125 * k, -1.5])))
+        out.append(('forward_position_controller/commands',
+                    Float64MultiArray(data=[0.125 * k, -1.5])))
+        out.append(('joint_states', JointState(name=['a', 'b'], position=[0.1 * k, 2.0])))
+    return out
+
+
+def plain(msg) -> object:
+    """Nested plain values of an rclpy or rosbags message, for comparisons."""
+    if hasattr(msg, 'get_fields_and_field_types'):  # rclpy
+        return {name: plain(getattr(msg, name)) for name in msg.get_fields_and_field_types()}
+    if hasattr(msg, '__dataclass_fields__'):  # rosbags
+        return {name: plain(getattr(msg, name)) for name in msg.__dataclass_fields__
+                if not name.startswith('__') and not name.isupper()}  # constants
+    if hasattr(msg, 'tolist'):
+        msg = msg.tolist()
+    if isinstance(msg, (bytes, bytearray)):
+        return list(msg)
+    if isinstance(msg, (list, tuple)) or type(msg).__name__ == 'array':
+        return [plain(item) for item in msg]
+    return msg
+
+
+@pytest.fixture
+def recorder(ros, tmp_path):
+    made = []
+
+    def make(**params):
+        ns = next(_namespaces)
+        params.setdefault('storage_dir', str(tmp_path / 'episodes'))
+        node = EpisodeRecorderNode(
+            namespace=ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        ros[1].add_node(node.node)
+        client = Client(ros, ns)
+        made.append((node, client))
+        client.wait_ready()
+        return node, client
+    yield make
+    for node, client in made:
+        client.close()
+        ros[1].remove_node(node.node)
+        node.close()
+        node.node.destroy_node()
+
+
+@pytest.mark.ros
+def test_start_record_end_label_round_trip(recorder, tmp_path):
+    node, client = recorder(instruction='default task', robot='')
+    idle_end = client.episode(END)
+    assert not idle_end.accepted and 'no episode is recording' in idle_end.message
+
+    started = client.episode(START, 'stack the cubes')
+    assert started.accepted, started.message
+    episode_id = started.episode_id
+    assert episode_id.startswith(f'{client.ns}-')
+    again = client.episode(START)
+    assert (again.accepted, again.episode_id) == (False, episode_id)
+    assert 'still recording' in again.message
+
+    sent = sample_messages()
+    for topic, msg in sent:
+        client.pubs[topic].publish(msg)
+    assert spin_until(client.executor, lambda: node.writer.message_count == len(sent)), \
+        f'{node.writer.message_count} of {len(sent)} messages recorded'
+
+    ended = client.episode(END)
+    assert ended.accepted and ended.episode_id == episode_id, ended.message
+    assert '6 steps, 2 interventions' in ended.message
+    labelled = client.label(episode_id, LabelEpisode.Request.OUTCOME_SUCCESS, 'alice', 'clean')
+    assert labelled.accepted, labelled.message
+    assert spin_until(client.executor, lambda: [e.event for e in client.events] == [
+        EpisodeEvent.EVENT_START, EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_LABELLED])
+    end_event, label_event = client.events[1:]
+    assert (end_event.episode_id, end_event.num_steps, end_event.num_interventions) == (
+        episode_id, 6, 2)
+    assert (label_event.outcome, label_event.policy_version) == (
+        EpisodeEvent.OUTCOME_SUCCESS, 'v5')
+
+    # The bag holds every message with its values; topic names are fully qualified.
+    bag = tmp_path / 'episodes' / 'bags' / episode_id
+    back = [(topic, plain(msg)) for topic, _, msg in read_episode_messages(bag)]
+    expected = [(f'/{client.ns}/{topic}', plain(msg)) for topic, msg in sent]
+    by_topic = {}
+    for topic, value in back:
+        by_topic.setdefault(topic, []).append(value)
+    for topic, value in expected:
+        assert by_topic[topic].pop(0) == value, topic  # in order within each topic
+    assert not any(by_topic.values())
+
+    with EpisodeIndex(tmp_path / 'episodes' / 'episodes.sqlite') as index:
+        row = index.get(episode_id)
+    assert (row.status, row.outcome, row.labeler, row.note) == (
+        'complete', 'success', 'alice', 'clean')
+    assert (row.num_steps, row.num_interventions, row.policy_version) == (6, 2, 'v5')
+    assert (row.instruction, row.robot, Path(row.bag_path)) == (
+        'stack the cubes', client.ns, bag)
+
+    # Relabelling a past episode works; unknown ids and outcomes are refused with a reason.
+    relabel = client.label(episode_id, LabelEpisode.Request.OUTCOME_FAILURE, 'bob')
+    assert relabel.accepted
+    unknown = client.label('nope-1', LabelEpisode.Request.OUTCOME_SUCCESS)
+    assert not unknown.accepted and "'nope-1' is not in the episode index" in unknown.message
+    bad = client.label(episode_id, 7)
+    assert not bad.accepted and 'invalid outcome 7' in bad.message
+    with EpisodeIndex(tmp_path / 'episodes' / 'episodes.sqlite') as index:
+        assert index.get(episode_id).outcome == 'failure'
+
+
+@pytest.mark.ros
+def test_abort_discards_the_episode_and_keeps_its_bag(recorder, tmp_path):
+    node, client = recorder()
+    started = client.episode(START)
+    for k in range(3):
+        client.pubs['executed_action'].publish(ExecutedAction(positions=[float(k)]))
+    assert spin_until(client.executor, lambda: node.writer.message_count == 3)
+    aborted = client.episode(ABORT)
+    assert aborted.accepted and 'aborted: 3 steps' in aborted.message
+    assert spin_until(client.executor, lambda: [e.event for e in client.events] == [
+        EpisodeEvent.EVENT_START, EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_DISCARDED])
+    # A late subscriber gets the latest event (latched).
+    latest = []
+    late = client.node.create_subscription(EpisodeEvent, f'/{client.ns}/recorder/events',
+                                           latest.append, LATCHED)
+    assert spin_until(client.executor, lambda: latest)
+    client.node.destroy_subscription(late)
+    assert (latest[0].event, latest[0].episode_id, latest[0].num_steps) == (
+        EpisodeEvent.EVENT_DISCARDED, started.episode_id, 3)
+    with EpisodeIndex(tmp_path / 'episodes' / 'episodes.sqlite') as index:
+        row = index.get(started.episode_id)
+    assert (row.status, row.outcome, row.num_steps) == ('complete', 'discarded', 3)
+    assert count_bag(row.bag_path).counts.steps == 3
+    # A second episode of the same recorder gets a new id and bag.
+    second = client.episode(START)
+    assert second.accepted and second.episode_id != started.episode_id
+    assert client.episode(END).accepted
+
+
+def _start_recorder(storage: Path, ns: str) -> Child:
+    code = 'from habc_policy.episode_recorder_node import main; main()'
+    return Child([sys.executable, '-c', code, '--ros-args', '-r', f'__ns:=/{ns}',
+                  '-p', f'storage_dir:={storage}', '-p', 'flush_interval_s:=0.5'])
+
+
+@pytest.mark.ros
+def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
+    storage = tmp_path / 'episodes'
+    ns = next(_namespaces)
+    child = _start_recorder(storage, ns)
+    client = Client(ros, ns)
+    try:
+        child.wait_for('ready')
+        client.wait_ready()
+        started = client.episode(START)
+        assert started.accepted, started.message
+        sent = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # ~50 Hz for 1.5 s
+            client.pubs['executed_action'].publish(ExecutedAction(positions=[float(sent)],
+                                                                  policy_version='v9'))
+            sent += 1
+            client.executor.spin_once(timeout_sec=0.02)
+        child.process.send_signal(signal.SIGKILL)
+        child.process.wait(timeout=10)
+        bag = storage / 'bags' / started.episode_id
+        assert not (bag / 'metadata.yaml').exists()  # a killed writer's bag is unreadable
+
+        child = _start_recorder(storage, ns)
+        line = child.wait_for('ready')
+        assert '1 episode(s) recovered' in line, child.output
+        with EpisodeIndex(storage / 'episodes.sqlite') as index:
+            row = index.get(started.episode_id)
+        # The version comes from the executed actions: no chunk was seen before START.
+        assert (row.status, row.outcome, row.policy_version) == ('incomplete', 'unknown', 'v9')
+        positions = [msg.positions[0] for _, _, msg in read_episode_messages(bag)]
+        # Everything flushed before the kill (all but the last ~0.5-1 s), in order.
+        assert positions == [float(k) for k in range(len(positions))]
+        assert len(positions) >= sent // 4, (len(positions), sent)
+        assert row.num_steps == len(positions)
+        # The restarted recorder is idle: END is refused and changes nothing.
+        refused = client.episode(END, attempts=10)
+        assert not refused.accepted and 'no episode is recording' in refused.message
+        child.process.send_signal(signal.SIGINT)
+        assert child.finish(timeout=15) == 0, child.output
+    finally:
+        client.close()
+        child.kill()

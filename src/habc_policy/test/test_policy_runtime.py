@@ -1,0 +1,351 @@
+"""PolicyRuntime and InferenceWorker without ROS: verified loading, hot swap, inference."""
+
+import json
+from pathlib import Path
+import threading
+
+import numpy as np
+import pytest
+from safetensors.torch import save as save_safetensors
+import torch
+
+from habc_policy.chunk_executor import ChunkExecutor
+from habc_policy.image_convert import numpy_to_image
+from habc_policy.models.base import load_policy
+from habc_policy.models.vla import SmallVLA, SmallVLAConfig
+from habc_policy.policy_runtime import (
+    checkpoint_number,
+    InferenceWorker,
+    observation_from_msg,
+    PolicyNodeParams,
+    PolicyObservation,
+    PolicyRuntime,
+    resolve_checkpoint_dir,
+    WeightsError,
+)
+
+PERIOD = 0.02
+JOINTS = [f'j{i}' for i in range(14)]
+
+
+def tiny_config(**changes) -> SmallVLAConfig:
+    values = {'state_dim': 14, 'action_dim': 14, 'horizon': 10, 'num_views': 1,
+              'image_size': 32, 'hidden_dim': 32, 'num_layers': 1, 'cnn_channels': [8, 16],
+              'action_head': 'l2'}
+    return SmallVLAConfig(**{**values, **changes})
+
+
+def make_checkpoint(folder: Path, version: str, seed: int, **changes) -> str:
+    """Save a tiny SmallVLA with distinct weights; return the sha256 of its weights."""
+    torch.manual_seed(seed)
+    policy = SmallVLA(tiny_config(**changes))
+    policy.version = version
+    return policy.save(folder)
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ckpt')
+    shas = {name: make_checkpoint(root / name, version, seed)
+            for name, version, seed in [('sft', 'sft', 0), ('v2', '2', 1), ('v5', '5', 2)]}
+    shas['dim7'] = make_checkpoint(root / 'dim7', '3', 3, action_dim=7)
+    return root, shas
+
+
+def observation(stamp: float, names=JOINTS, views: int = 1, size: int = 32) -> PolicyObservation:
+    rng = np.random.default_rng(int(stamp * 1000))
+    images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(views)]
+    return PolicyObservation(stamp=stamp, images=images, joint_names=list(names),
+                             positions=np.linspace(-1, 1, len(names)), instruction='test')
+
+
+def runtime_with(folder: Path, **kwargs) -> PolicyRuntime:
+    params = PolicyNodeParams()
+    runtime = PolicyRuntime(ChunkExecutor(params.executor_params()), PERIOD, **kwargs)
+    runtime.load_startup(str(folder))
+    return runtime
+
+
+def test_uris_resolve_to_checkpoint_folders(checkpoints, tmp_path):
+    root, _ = checkpoints
+    folder = root / 'v2'
+    assert resolve_checkpoint_dir(str(folder)) == folder
+    assert resolve_checkpoint_dir(str(folder / 'model.safetensors')) == folder
+    assert resolve_checkpoint_dir(f'file://{folder}/model.safetensors') == folder
+    spaced = tmp_path / 'with space'
+    make_checkpoint(spaced, '2', 0)
+    assert resolve_checkpoint_dir(f'file://{str(spaced).replace(" ", "%20")}') == spaced
+    with pytest.raises(WeightsError, match='not found'):
+        resolve_checkpoint_dir(str(tmp_path / 'nope'))
+    with pytest.raises(WeightsError, match="scheme 's3' is not supported"):
+        resolve_checkpoint_dir('s3://bucket/ckpt')
+    with pytest.raises(WeightsError, match='another host'):
+        resolve_checkpoint_dir('file://server/ckpt')
+    (tmp_path / 'half').mkdir()
+    (tmp_path / 'half' / 'model.safetensors').write_bytes(b'')
+    with pytest.raises(WeightsError, match='config.json missing'):
+        resolve_checkpoint_dir(str(tmp_path / 'half'))
+    with pytest.raises(WeightsError, match='or its model.safetensors'):
+        resolve_checkpoint_dir(str(folder / 'config.json'))
+
+
+def test_version_numbers_of_checkpoints():
+    assert checkpoint_number('3') == 3
+    assert checkpoint_number('sft') is None
+    assert checkpoint_number('v3') is None
+    assert checkpoint_number('untrained') is None
+
+
+def test_node_parameters_build_the_executor():
+    params = PolicyNodeParams(control_rate_hz=25.0, mode='ensemble', min_remaining_steps=10)
+    executor = params.executor_params()
+    assert executor.control_period_s == pytest.approx(0.04)
+    assert executor.stale_after_s == pytest.approx(0.03)  # 0 = 0.75 of the period
+    with pytest.raises(ValueError, match='64 hex digits'):
+        PolicyNodeParams(expected_sha256='abc')
+    with pytest.raises(ValueError, match='stale_after_s'):
+        PolicyNodeParams(stale_after_s=0.001)
+
+
+def test_startup_checkpoint_gets_version_1_or_its_integer(checkpoints):
+    root, shas = checkpoints
+    runtime = runtime_with(root / 'sft')
+    assert (runtime.active.version, runtime.active.number) == ('1', 1)
+    assert runtime.executor.staged_version == '1'
+    assert runtime.active.sha256 == shas['sft']
+    assert runtime_with(root / 'v5').active.version == '5'
+    params = PolicyNodeParams()
+    strict = PolicyRuntime(ChunkExecutor(params.executor_params()), PERIOD)
+    with pytest.raises(WeightsError, match='sha256 mismatch'):
+        strict.load_startup(str(root / 'sft'), expected_sha256='0' * 64)
+    assert strict.active is None
+
+
+def test_chunk_starts_one_period_after_the_observation(checkpoints):
+    runtime = runtime_with(checkpoints[0] / 'sft')
+    result = runtime.infer(observation(100.0))
+    assert result.accepted and result.version == '1' and result.chunk_id == 0
+    assert result.actions.shape == (10, 14) and result.joint_names == JOINTS
+    assert result.start_time == pytest.approx(100.0 + PERIOD)
+    # The first action is due one period after the observation; the next ids increase.
+    action = runtime.executor.next_action(100.0 + PERIOD)
+    np.testing.assert_allclose(action.action, result.actions[0])
+    assert runtime.infer(observation(100.05)).chunk_id == 1
+
+
+def test_good_update_is_staged_then_swapped_between_inferences(checkpoints):
+    root, shas = checkpoints
+    runtime = runtime_with(root / 'sft')
+    loaded = runtime.offer_update(2, shas['v2'], f'file://{root}/v2/model.safetensors')
+    assert loaded.version == '2' and runtime.pending is loaded
+    assert runtime.status()['staged_version'] == '2'
+    assert runtime.infer(observation(1.0)).version == '1'  # infer alone never swaps
+    assert runtime.swap_if_pending() is loaded
+    assert runtime.executor.staged_version == '2'
+    result = runtime.infer(observation(1.1))
+    assert result.version == '2' and result.accepted
+    status = runtime.status()
+    assert status['active_version'] == '2' and status['last_update']['result'] == 'active'
+    # The new weights really act: a different chunk for the same observation.
+    reference = runtime_with(root / 'sft').infer(observation(1.1)).actions
+    assert not np.allclose(result.actions, reference)
+
+
+@pytest.mark.parametrize('case', ['wrong_sha', 'corrupt', 'missing', 'action_dim', 'old',
+                                  'format', 'truncated_config'])
+def test_bad_update_is_rejected_and_the_old_policy_keeps_acting(checkpoints, tmp_path, case):
+    root, shas = checkpoints
+    runtime = runtime_with(root / 'sft')
+    uri, sha, version, fmt = str(root / 'v2'), shas['v2'], 2, 'safetensors'
+    expected = {'wrong_sha': 'sha256 mismatch', 'corrupt': 'cannot load',
+                'missing': 'not found', 'action_dim': 'action_dim is 7',
+                'old': 'not newer', 'format': "format 'onnx'",
+                'truncated_config': 'cannot load'}[case]
+    if case == 'wrong_sha':
+        sha = 'ab' * 32
+    elif case in ('corrupt', 'truncated_config'):
+        bad = tmp_path / 'bad'
+        make_checkpoint(bad, '2', 1)
+        if case == 'corrupt':
+            data = (bad / 'model.safetensors').read_bytes()
+            (bad / 'model.safetensors').write_bytes(data[:len(data) // 2])
+        else:
+            (bad / 'config.json').write_text('{"type": "small_vla", "conf')
+        uri = str(bad)
+        from habc_policy.models.base import sha256_file
+        sha = sha256_file(bad / 'model.safetensors')  # the hash matches: the content is bad
+    elif case == 'missing':
+        uri = str(tmp_path / 'gone' / 'model.safetensors')
+    elif case == 'action_dim':
+        uri, sha = str(root / 'dim7'), shas['dim7']
+    elif case == 'old':
+        version = 1
+    elif case == 'format':
+        fmt = 'onnx'
+    with pytest.raises(WeightsError, match=expected):
+        runtime.offer_update(version, sha, uri, fmt=fmt)
+    status = runtime.status()
+    assert status['last_update']['result'] == 'rejected'
+    assert expected in status['last_update']['reason']
+    assert status['staged_version'] is None and runtime.swap_if_pending() is None
+    assert status['counters']['updates_rejected'] == 1
+    # The old version goes on producing chunks.
+    assert runtime.infer(observation(2.0)).version == '1'
+    assert runtime.executor.staged_version == '1'
+
+
+def test_inline_weights_reuse_the_active_architecture(checkpoints):
+    root, _ = checkpoints
+    runtime = runtime_with(root / 'sft')
+    state = load_policy(root / 'v2').state_dict()
+    data = save_safetensors({k: v.contiguous() for k, v in state.items()})
+    import hashlib
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(WeightsError, match='inline weights: sha256 mismatch'):
+        runtime.offer_update(3, 'cd' * 32, data=data)
+    with pytest.raises(WeightsError, match='inline weights: cannot load'):
+        broken = save_safetensors({'nonsense': torch.zeros(2)})
+        runtime.offer_update(3, hashlib.sha256(broken).hexdigest(), data=broken)
+    loaded = runtime.offer_update(3, sha, data=data)
+    assert loaded.version == '3' and loaded.source == 'inline'
+    runtime.swap_if_pending()
+    expected = runtime_with(root / 'v2').infer(observation(3.0)).actions
+    np.testing.assert_allclose(runtime.infer(observation(3.0)).actions, expected, atol=1e-6)
+    empty = PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD)
+    with pytest.raises(WeightsError, match='need an active policy'):
+        empty.offer_update(2, sha, data=data)
+
+
+def test_weights_uri_parameter_loads(checkpoints):
+    root, shas = checkpoints
+    runtime = runtime_with(root / 'sft')
+    # A checkpoint named like the SFT one: a manual version label, the number stays 1.
+    manual = runtime.offer_weights_uri(str(root / 'sft'), shas['sft'])
+    assert manual.version == f'manual-{shas["sft"][:12]}' and manual.number == 1
+    runtime.swap_if_pending()
+    assert runtime.infer(observation(1.0)).version == manual.version
+    # The learner's next update still counts as newer.
+    assert runtime.offer_update(2, shas['v2'], str(root / 'v2')).version == '2'
+    # An integer checkpoint above the active number keeps its number.
+    assert runtime.offer_weights_uri(str(root / 'v5')).version == '5'
+    with pytest.raises(WeightsError, match='sha256 mismatch'):
+        runtime.offer_weights_uri(str(root / 'v5'), 'ef' * 32)
+
+
+def test_model_input_reorders_joints_and_resizes_images(checkpoints):
+    root, _ = checkpoints
+    runtime = runtime_with(root / 'sft', joint_names=JOINTS)
+    shuffled = list(reversed(JOINTS))
+    obs = observation(1.0, names=shuffled, size=48)
+    inputs = runtime.model_input(runtime.active.policy, obs)
+    np.testing.assert_allclose(inputs['state'], obs.positions[::-1].astype(np.float32))
+    assert inputs['images'].shape == (1, 32, 32, 3)
+    assert runtime.infer(obs).joint_names == JOINTS  # commands follow the parameter
+    with pytest.raises(ValueError, match='1 camera image'):
+        runtime.infer(observation(2.0, views=2))
+    with pytest.raises(ValueError, match=r"lacks joints \['j13'\]"):
+        runtime.infer(observation(3.0, names=JOINTS[:13] + ['other']))
+
+
+def test_observation_message_becomes_model_input():
+    from habc_msgs.msg import Observation
+
+    msg = Observation()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = 12, 500_000_000
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    msg.images = [numpy_to_image(rgb[:, :, ::-1], 'bgr8')]
+    msg.joint_state.name = ['a', 'b']
+    msg.joint_state.position = [0.5, -0.5]
+    msg.instruction = 'go'
+    obs = observation_from_msg(msg)
+    assert obs.stamp == 12.5 and obs.joint_names == ['a', 'b'] and obs.instruction == 'go'
+    np.testing.assert_array_equal(obs.images[0], rgb)
+    np.testing.assert_array_equal(obs.positions, [0.5, -0.5])
+    assert obs.header_stamp is msg.header.stamp
+
+
+def test_worker_swaps_only_between_inferences(checkpoints):
+    root, shas = checkpoints
+    runtime = runtime_with(root / 'sft')
+    events, results = [], []
+    inside, release = threading.Event(), threading.Event()
+    predict = runtime._predict
+
+    def gated_predict(policy, inputs):
+        # Only the worker's inferences wait (the loader's warm-up must not).
+        if threading.current_thread().name == 'policy_inference':
+            inside.set()
+            assert release.wait(10)
+        return predict(policy, inputs)
+
+    runtime._predict = gated_predict
+    done = threading.Semaphore(0)
+
+    def on_result(result):
+        events.append(f'chunk {result.version}')
+        results.append(result)
+        done.release()
+
+    worker = InferenceWorker(runtime, on_result, lambda exc: events.append(repr(exc)),
+                             lambda loaded: events.append(f'swap {loaded.version}'))
+    worker.start()
+    try:
+        worker.offer(observation(1.0))
+        assert worker.request()
+        assert inside.wait(10)
+        assert not worker.request()  # busy: one inference at a time
+        runtime.offer_update(2, shas['v2'], str(root / 'v2'))
+        worker.wake()
+        assert runtime.active.version == '1'  # no swap under a running inference
+        release.set()
+        assert done.acquire(timeout=10)
+        assert not worker.request()  # no observation newer than the one used
+        worker.offer(observation(0.5))  # older than the kept one: ignored
+        worker.offer(observation(2.0))
+        assert not worker.request(not_before=2.5)  # before a handback: not worth running
+        deadline = threading.Event()
+        while worker.busy and not deadline.wait(0.01):
+            pass
+        assert worker.request()
+        assert done.acquire(timeout=10)
+    finally:
+        worker.stop()
+    assert events == ['chunk 1', 'swap 2', 'chunk 2'], events
+    assert [r.observation.stamp for r in results] == [1.0, 2.0]
+    assert all(r.accepted for r in results)
+
+
+def test_worker_reports_errors_and_keeps_running(checkpoints):
+    runtime = runtime_with(checkpoints[0] / 'sft')
+    errors, results = [], []
+    got = threading.Semaphore(0)
+    worker = InferenceWorker(runtime, lambda r: (results.append(r), got.release()),
+                             lambda exc: (errors.append(exc), got.release()))
+    worker.start()
+    try:
+        worker.offer(observation(1.0, views=3))
+        assert worker.request() and got.acquire(timeout=10)
+        worker.offer(observation(2.0))
+        while not worker.request():
+            pass
+        assert got.acquire(timeout=10)
+    finally:
+        worker.stop()
+    assert 'camera image' in str(errors[0]) and len(results) == 1
+    assert runtime.counters['inference_errors'] == 1
+
+
+def test_status_is_json_serialisable(checkpoints):
+    runtime = runtime_with(checkpoints[0] / 'sft')
+    status = json.loads(json.dumps(runtime.status()))
+    assert status['active_version'] == '1' and status['active_number'] == 1
+
+
+def test_without_a_startup_checkpoint_the_first_update_starts_acting(checkpoints):
+    root, shas = checkpoints
+    runtime = PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD)
+    assert runtime.infer(observation(1.0)) is None  # nothing to act with yet
+    assert runtime.status()['active_version'] is None
+    runtime.offer_update(2, shas['v2'], str(root / 'v2'))
+    assert runtime.swap_if_pending().version == '2'
+    assert runtime.infer(observation(2.0)).version == '2'

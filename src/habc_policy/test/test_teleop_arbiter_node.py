@@ -1,0 +1,294 @@
+"""teleop_arbiter_node: joint mapping, tick statistics, and the node on real rclpy."""
+
+import itertools
+
+from diagnostic_msgs.msg import DiagnosticArray
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from ros_helpers import spin_until
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, Float64MultiArray
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED
+from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
+from habc_policy.arbiter import Source
+from habc_policy.teleop_arbiter_node import (
+    JointOrder,
+    TeleopArbiterNode,
+    TeleopArbiterNodeParams,
+    TickStats,
+)
+
+# Unit tests of the plain helpers ---------------------------------------------------------------
+
+
+def test_joint_order_from_the_first_joint_state_maps_commands_by_name():
+    order = JointOrder()
+    with pytest.raises(ValueError, match='before the first joint state'):
+        order.command(['a'], [1.0], 'policy/joint_command')
+    np.testing.assert_array_equal(order.state(['a', 'b', 'c'], [1.0, 2.0, 3.0]), [1, 2, 3])
+    assert order.names == ['a', 'b', 'c']
+    # Another order, and a state with an extra joint: mapped by name.
+    np.testing.assert_array_equal(order.state(['x', 'c', 'b', 'a'], [9, 3, 2, 1]), [1, 2, 3])
+    np.testing.assert_array_equal(
+        order.command(['c', 'a', 'b'], [0.3, 0.1, 0.2], 'policy/joint_command'), [0.1, 0.2, 0.3])
+    np.testing.assert_array_equal(order.command([], [4, 5, 6], 'teleop/joint_command'),
+                                  [4, 5, 6])
+
+
+@pytest.mark.parametrize(('names', 'positions', 'match'), [
+    (['a', 'b'], [0.0, 0.0], r'lacks 1 of the 3 joints \(c\)'),
+    (['a', 'b', 'c', 'd'], [0.0] * 4, r'unknown joint\(s\) d'),
+    (['a', 'b', 'b', 'c'], [0.0] * 4, "names joint 'b' twice"),
+    (['a', 'b', 'c'], [0.0, 0.0], '3 joint names but 2 positions'),
+    ([], [0.0, 0.0], 'no joint names and 2 positions'),
+])
+def test_joint_order_rejects_commands_that_do_not_name_every_joint(names, positions, match):
+    order = JointOrder(['a', 'b', 'c'])
+    with pytest.raises(ValueError, match=match):
+        order.command(names, positions, 'policy/joint_command')
+
+
+def test_joint_order_rejects_a_state_without_every_configured_joint():
+    order = JointOrder(['a', 'b'])
+    with pytest.raises(ValueError, match=r'joint_states lacks 1 of the 2 joints \(b\)'):
+        order.state(['a', 'x'], [0.0, 0.0])
+    with pytest.raises(ValueError, match='no joint names'):
+        JointOrder().state([], [0.0])
+
+
+def test_tick_stats_measure_period_jitter_and_overruns():
+    stats = TickStats(0.02, window=100)
+    for now in (0.0, 0.02, 0.041, 0.060, 0.120, 0.140):  # one 60 ms gap: 2 ticks missed
+        stats.tick(now)
+    stats.record_busy(0.001)
+    summary = stats.summary()
+    assert summary['ticks'] == 6 and summary['late_ticks'] == 1
+    assert summary['missed_ticks'] == 2
+    assert summary['mean_period_ms'] == pytest.approx(28.0)
+    assert summary['max_abs_jitter_ms'] == pytest.approx(40.0)
+    assert summary['jitter_p50_ms'] == pytest.approx(1.0)
+    assert summary['busy_mean_ms'] == pytest.approx(1.0)
+
+
+def test_node_parameters_are_checked_against_joint_names():
+    assert TeleopArbiterNodeParams().command_interface == 'forward'
+    with pytest.raises(ValueError, match='position_lower has 1 values for 2 joint_names'):
+        TeleopArbiterNodeParams(joint_names=['a', 'b'], position_lower=[0.0],
+                                position_upper=[1.0])
+    with pytest.raises(ValueError, match='unique'):
+        TeleopArbiterNodeParams(joint_names=['a', 'a'])
+    with pytest.raises(ValueError, match='choose one of'):
+        TeleopArbiterNodeParams(command_interface='serial')
+
+
+# The node on real rclpy ------------------------------------------------------------------------
+
+_namespaces = (f'arb{k}' for k in itertools.count())
+
+
+@pytest.fixture(scope='module')
+def ros():
+    rclpy.init()
+    node = rclpy.create_node('arbiter_node_test')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    yield node, executor
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown()
+
+
+class Harness:
+    """The arbiter node in its own namespace, fed by a 100 Hz robot/policy/teleop stand-in."""
+
+    def __init__(self, ros, **params):
+        self.test_node, self.executor = ros
+        ns = next(_namespaces)
+        self.arbiter = TeleopArbiterNode(
+            namespace=ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        self.executor.add_node(self.arbiter.node)
+        node = self.test_node
+        self.names = ['a', 'b', 'c']
+        self.state = [0.0, 0.0, 0.0]
+        self.policy: tuple[list[str], list[float]] | None = None
+        self.teleop: tuple[list[str], list[float]] | None = None
+        self.forward, self.trajectory, self.intervention, self.executed = [], [], [], []
+        self._pubs = {
+            'joint_states': node.create_publisher(JointState, f'/{ns}/joint_states',
+                                                  JOINT_STATES),
+            'policy': node.create_publisher(JointState, f'/{ns}/policy/joint_command', COMMANDS),
+            'teleop': node.create_publisher(JointState, f'/{ns}/teleop/joint_command', COMMANDS),
+            'engage': node.create_publisher(Bool, f'/{ns}/teleop/engage', COMMANDS),
+            'estop': node.create_publisher(Bool, f'/{ns}/teleop/estop', COMMANDS),
+            'events': node.create_publisher(EpisodeEvent, f'/{ns}/recorder/events', LATCHED),
+            'chunk': node.create_publisher(ActionChunk, f'/{ns}/policy/chunk', COMMANDS),
+        }
+        self._subs = [
+            node.create_subscription(Float64MultiArray,
+                                     f'/{ns}/forward_position_controller/commands',
+                                     self.forward.append, COMMANDS),
+            node.create_subscription(JointTrajectory,
+                                     f'/{ns}/joint_trajectory_controller/joint_trajectory',
+                                     self.trajectory.append, COMMANDS),
+            node.create_subscription(InterventionState, f'/{ns}/intervention',
+                                     self.intervention.append, COMMANDS),
+            node.create_subscription(ExecutedAction, f'/{ns}/executed_action',
+                                     self.executed.append, COMMANDS),
+        ]
+        self._timer = node.create_timer(0.01, self._feed)
+        self.ns = ns
+
+    def _feed(self):
+        self._pubs['joint_states'].publish(JointState(name=self.names, position=self.state))
+        for key in ('policy', 'teleop'):
+            command = getattr(self, key)
+            if command is not None:
+                self._pubs[key].publish(JointState(name=command[0], position=command[1]))
+
+    def publish(self, key, msg):
+        self._pubs[key].publish(msg)
+
+    def spin_until(self, predicate, timeout=10.0):
+        assert spin_until(self.executor, predicate, timeout=timeout), \
+            f'timed out; last intervention: {self.intervention[-1:]}'
+
+    def spin_for(self, seconds):
+        spin_until(self.executor, lambda: False, timeout=seconds)
+
+    def wait_source(self, source, reason=None, timeout=10.0):
+        """Spin until the newest InterventionState has `source` (and `reason`); return it."""
+        def ok():
+            if not self.intervention:
+                return False
+            last = self.intervention[-1]
+            return last.source == source and (reason is None or last.reason == reason)
+        self.spin_until(ok, timeout)
+        return self.intervention[-1]
+
+    def close(self):
+        self.test_node.destroy_timer(self._timer)
+        for publisher in self._pubs.values():
+            self.test_node.destroy_publisher(publisher)
+        for subscription in self._subs:
+            self.test_node.destroy_subscription(subscription)
+        self.executor.remove_node(self.arbiter.node)
+        self.arbiter.node.destroy_node()
+
+
+@pytest.fixture
+def harness(ros):
+    made = []
+
+    def make(**params):
+        made.append(Harness(ros, **params))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+@pytest.mark.ros
+def test_maps_joint_names_and_publishes_every_tick(harness):
+    h = harness(command_interface='both', diagnostics_period_s=0.2)
+    diagnostics = []
+    h._subs.append(h.test_node.create_subscription(
+        DiagnosticArray, f'/{h.ns}/arbiter/diagnostics', diagnostics.append, 10))
+    h.policy = (['c', 'a', 'b'], [0.3, 0.1, 0.2])  # another order than joint_states
+    state = h.wait_source(Source.POLICY, 'start')
+    assert (state.active, state.segment_id, state.episode_id) == (False, 1, '')
+    # Every stream, once discovery has matched it (the subscriptions match one by one).
+    h.spin_until(lambda: h.forward and list(h.forward[-1].data) == [0.1, 0.2, 0.3]
+                 and h.trajectory and h.executed)
+    assert list(h.trajectory[-1].joint_names) == ['a', 'b', 'c']
+    assert list(h.trajectory[-1].points[0].positions) == [0.1, 0.2, 0.3]
+    action = h.executed[-1]
+    assert (action.source, list(action.joint_names), list(action.positions)) == (
+        Source.POLICY, ['a', 'b', 'c'], [0.1, 0.2, 0.3])
+
+    # One InterventionState per tick (no assertion on the rate: that is wall-clock timing,
+    # measured by benchmarks/bench_loop.py, not tested).
+    ticks_before, states_before = h.arbiter.stats.ticks, len(h.intervention)
+    h.spin_for(0.5)
+    ticks = h.arbiter.stats.ticks - ticks_before
+    assert ticks > 0
+    h.spin_until(lambda: len(h.intervention) - states_before >= ticks)
+
+    # Episode id from recorder/events (segment ids restart), version from policy/chunk.
+    h.publish('chunk', ActionChunk(policy_version='v3'))
+    h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_START))
+    h.spin_until(lambda: h.executed[-1].episode_id == 'ep-1'
+                 and h.executed[-1].policy_version == 'v3'
+                 and h.intervention[-1].episode_id == 'ep-1')
+    assert h.intervention[-1].segment_id == 0 and h.executed[-1].segment_id == 0
+    h.publish('events', EpisodeEvent(episode_id='ep-0', event=EpisodeEvent.EVENT_END))
+    h.spin_for(0.2)
+    assert h.executed[-1].episode_id == 'ep-1'  # the END of another episode changes nothing
+    h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_END))
+    h.spin_until(lambda: h.executed[-1].episode_id == '')
+
+    # A command that lacks a joint is rejected; the policy goes stale and the arm holds.
+    h.policy = (['a', 'b'], [0.5, 0.5])
+    state = h.wait_source(Source.HOLD, 'watchdog')
+    assert state.segment_id == 1
+    assert h.arbiter.rejected['policy/joint_command'] > 0
+    assert list(h.forward[-1].data) == [0.1, 0.2, 0.3]  # the last command, held
+
+    h.spin_until(lambda: diagnostics)
+    values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+    assert float(values['ticks']) > 0 and 'jitter_p99_ms' in values
+    assert int(values['rejected/policy/joint_command']) > 0
+    assert h.arbiter.stats.summary()['mean_period_ms'] > 0
+
+
+@pytest.mark.ros
+def test_engage_hands_control_to_the_human_and_back(harness):
+    h = harness(handback_ramp_s=0.0)
+    h.policy = (['a', 'b', 'c'], [0.1, 0.1, 0.1])
+    h.teleop = (['a', 'b', 'c'], [0.05, -0.05, 0.0])  # close to the follower: no auto takeover
+    policy = h.wait_source(Source.POLICY)
+    h.publish('engage', Bool(data=True))
+    human = h.wait_source(Source.HUMAN, 'engage')
+    assert human.active and human.segment_id == policy.segment_id + 1
+    h.spin_until(lambda: list(h.forward[-1].data) == [0.05, -0.05, 0.0]
+                 and h.executed[-1].source == Source.HUMAN
+                 and list(h.executed[-1].positions) == [0.05, -0.05, 0.0])
+    h.publish('engage', Bool(data=False))
+    back = h.wait_source(Source.POLICY, 'handback')
+    assert not back.active and back.segment_id == human.segment_id + 1
+    h.spin_until(lambda: list(h.forward[-1].data) == [0.1, 0.1, 0.1])
+
+
+@pytest.mark.ros
+def test_estop_latches_until_the_reset_service(harness):
+    h = harness()
+    h.state = [0.2, 0.2, 0.2]
+    h.policy = (['a', 'b', 'c'], [0.25, 0.25, 0.25])
+    h.wait_source(Source.POLICY)
+    h.publish('estop', Bool(data=True))
+    stopped = h.wait_source(Source.HOLD, 'estop')
+    h.spin_until(lambda: list(h.forward[-1].data) == [0.2, 0.2, 0.2])  # the measured position
+    h.publish('estop', Bool(data=False))  # False never releases the latch
+    h.spin_for(0.3)
+    assert h.intervention[-1].reason == 'estop'
+    assert h.intervention[-1].segment_id == stopped.segment_id
+
+    client = h.test_node.create_client(Trigger, f'/{h.ns}/arbiter/reset_estop')
+    try:
+        assert spin_until(h.executor, client.service_is_ready, timeout=10.0)
+        future = client.call_async(Trigger.Request())
+        assert spin_until(h.executor, future.done, timeout=10.0)
+        assert future.result().success and 'released' in future.result().message
+        resumed = h.wait_source(Source.POLICY)
+        assert resumed.segment_id == stopped.segment_id + 1
+        h.spin_until(lambda: list(h.forward[-1].data) == [0.25, 0.25, 0.25])
+        future = client.call_async(Trigger.Request())
+        assert spin_until(h.executor, future.done, timeout=10.0)
+        assert 'not latched' in future.result().message
+    finally:
+        h.test_node.destroy_client(client)
