@@ -38,6 +38,9 @@ PUPPET_GRIPPER_CLOSE = 0.01844
 CAMERAS = ('top', 'angle', 'front_close', 'left_wrist', 'right_wrist', 'left_pillar',
            'right_pillar')
 ARMS = ('left', 'right')
+# The task's objects (names of their bodies), in the order of object_state().
+TASK_OBJECTS = {'transfer_cube': ('box',), 'insertion': ('peg', 'socket')}
+OFF_TABLE_Z = -0.05            # m: an object centre below this has fallen off the table
 
 INSTRUCTIONS = {
     'transfer_cube': 'pick up the red cube with the right arm and hand it over to the left arm',
@@ -209,7 +212,8 @@ class AlohaEnv:
         success = self._held >= self.config.success_hold_steps
         # An object knocked off the table cannot be recovered: end the episode as a failure.
         truncated = not success and (self.steps >= self.config.max_steps
-                                     or self.object_state().reshape(-1, 3)[:, 2].min() < -0.05)
+                                     or self.object_state().reshape(-1, 3)[:, 2].min()
+                                     < OFF_TABLE_Z)
         return StepResult(self.observation(), stage, success, truncated, False)
 
     def _instability_warnings(self) -> int:
@@ -249,8 +253,8 @@ class AlohaEnv:
 
     def object_state(self) -> np.ndarray:
         """Positions of the task's objects (3 per object), for the low-dimensional track."""
-        names = ['box'] if self.config.task == 'transfer_cube' else ['peg', 'socket']
-        return np.concatenate([self.object_position(n) for n in names]).astype(np.float32)
+        return np.concatenate([self.object_position(n) for n in TASK_OBJECTS[self.config.task]]
+                              ).astype(np.float32)
 
     # --- privileged state (scripted expert and operator only) ------------------------------
     def contacts(self) -> set[tuple[int, int]]:
@@ -310,8 +314,7 @@ class AlohaEnv:
     def privileged(self) -> dict:
         """Object poses, gripper (site) positions and contact flags."""
         state = {'step': self.steps}
-        objects = ['box'] if self.config.task == 'transfer_cube' else ['peg', 'socket']
-        for name in objects:
+        for name in TASK_OBJECTS[self.config.task]:
             state[f'{name}_pos'] = self.object_position(name)
             state[f'{name}_quat'] = self.data.body(name).xquat.copy()
         for arm in ARMS:

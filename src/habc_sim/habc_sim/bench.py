@@ -51,7 +51,7 @@ class BenchProfile:
     sft_steps: int = 3000
     rounds: int = 2
     rollouts_per_round: int = 20
-    steps_per_round: int = 1000
+    steps_per_round: int = 500
     eval_episodes: int = 50
     batch_size: int = 256
     actor_lr: float = 1e-3        # 3e-4 left the low-dim SFT policy underfit (loss 0.65 vs 0.24)
@@ -185,7 +185,8 @@ def _evaluate(context: RunContext, task: str, track: str, checkpoint: Path) -> d
                                    if successes else None)}
 
 
-def _make_policy(track: str, task: str, horizon: int, profile: BenchProfile):
+def make_policy(track: str, task: str, horizon: int, profile: BenchProfile):
+    """Build the untrained policy of a track: the low-dim regressor or the small VLA."""
     from habc_policy.models.lowdim import LowDimChunkConfig, LowDimChunkPolicy
     from habc_policy.models.vla import SmallVLA, SmallVLAConfig
     objects = 3 if task == 'transfer_cube' else 6
@@ -199,7 +200,8 @@ def _make_policy(track: str, task: str, horizon: int, profile: BenchProfile):
                                    image_size=profile.image_size, action_head='l2'))
 
 
-def _demo_episodes(demos: list[dict], task: str):
+def demo_episodes(demos: list[dict], task: str) -> list:
+    """Turn recorded expert rollouts into demonstration Episodes (failed ones dropped)."""
     from habc_learner.episode import Episode, EpisodeKind, Outcome
     from habc_sim.aloha import INSTRUCTIONS
     episodes = []
@@ -224,7 +226,7 @@ def run_cell(context: RunContext, task: str, track: str, seed: int) -> None:
     demo_jobs = [EpisodeJob(task, track, DEMO_SEED_BASE + 10_000 * seed + i, p.max_steps,
                             p.image_size, p.cameras, demo_noise=p.noise_for(task))
                  for i in range(p.demos)]
-    demos = _demo_episodes(_episodes(context, demo_jobs, f'demos {task}'), task)
+    demos = demo_episodes(_episodes(context, demo_jobs, f'demos {task}'), task)
     if not demos:
         raise RuntimeError(f'no successful demonstration for {task} with noise '
                            f'{p.noise_for(task)}; lower demo_noise')
@@ -234,7 +236,7 @@ def run_cell(context: RunContext, task: str, track: str, seed: int) -> None:
     for episode in demos:
         sft_buffer.add(episode)
     seed_everything(seed)
-    policy = _make_policy(track, task, p.horizon, p)
+    policy = make_policy(track, task, p.horizon, p)
     trainer = Trainer(policy, sft_buffer, sft_config,
                       TrainConfig(steps=p.sft_steps, batch_size=p.batch_size,
                                   actor_lr=p.actor_lr, seed=seed),

@@ -1,0 +1,111 @@
+"""scripted_operator_node as a real process, against sim_robot_node and test stand-ins.
+
+The test plays the recorder's services and a pass-through arbiter (the real ones are
+habc_policy's; the lead's bringup test runs them together).
+"""
+
+import signal
+import sys
+import time
+
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from ros_helpers import Child, spin_until
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, Float64MultiArray
+
+from habc_common.qos import COMMANDS
+from habc_msgs.msg import InterventionState
+from habc_msgs.srv import EpisodeControl, LabelEpisode
+
+pytestmark = pytest.mark.ros
+NS = '/optest'
+
+
+def node_process(module: str, *parameters: str) -> Child:
+    args = [a for p in parameters for a in ('-p', p)]
+    return Child([sys.executable, '-m', f'habc_sim.{module}', '--ros-args', *args,
+                  '-r', f'__ns:={NS}'])
+
+
+class StandIn:
+    """The recorder's services and a pass-through arbiter (teleop command while engaged)."""
+
+    def __init__(self) -> None:
+        rclpy.init()
+        self.node = rclpy.create_node('operator_stand_in')
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.calls: list[tuple] = []
+        self.engage: list[bool] = []
+        self.commands = 0
+        self.node.create_service(EpisodeControl, f'{NS}/recorder/episode_control',
+                                 self.episode_control)
+        self.node.create_service(LabelEpisode, f'{NS}/recorder/label_episode', self.label)
+        self.node.create_subscription(Bool, f'{NS}/teleop/engage', self.on_engage, COMMANDS)
+        self.node.create_subscription(JointState, f'{NS}/teleop/joint_command', self.on_command,
+                                      COMMANDS)
+        self.robot = self.node.create_publisher(
+            Float64MultiArray, f'{NS}/forward_position_controller/commands', COMMANDS)
+        self.intervention = self.node.create_publisher(InterventionState, f'{NS}/intervention',
+                                                       COMMANDS)
+
+    def episode_control(self, request, response):
+        self.calls.append(('control', request.command))
+        response.accepted, response.episode_id = True, 'ep-0042'
+        return response
+
+    def label(self, request, response):
+        self.calls.append(('label', request.episode_id, request.outcome, request.labeler,
+                           request.note))
+        response.accepted = True
+        return response
+
+    def on_engage(self, msg: Bool) -> None:
+        if not self.engage or self.engage[-1] != msg.data:
+            self.engage.append(msg.data)
+        source = (InterventionState.SOURCE_HUMAN if msg.data
+                  else InterventionState.SOURCE_POLICY)
+        self.intervention.publish(InterventionState(active=msg.data, source=source))
+
+    def on_command(self, msg: JointState) -> None:
+        assert len(msg.position) == 14
+        # The operator must not drive the leader arm while the policy is in control.
+        assert self.engage and self.engage[-1], 'teleop command while not engaged'
+        self.commands += 1
+        self.robot.publish(Float64MultiArray(data=list(msg.position)))
+
+    def close(self) -> None:
+        self.node.destroy_node()
+        rclpy.shutdown()
+
+
+def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits():
+    stand_in = StandIn()
+    # No cameras: the operator does not look at images, and the ticks stay in real time.
+    sim = node_process('sim_robot_node', 'cameras:=[]', 'seed:=1', 'max_steps:=130')
+    operator = node_process('scripted_operator_node', 'episodes:=1', 'seed_base:=4',
+                            'max_steps:=130', 'takeover_probability:=1.0',
+                            'reaction_delay_steps:=0', 'wait_for_services_s:=60.0')
+    try:
+        sim.wait_for('ready:', timeout=60.0)
+        # Its "policy" never moves the robot: the stall detector fires after 50 ticks.
+        deadline = time.monotonic() + 90.0
+        assert spin_until(stand_in.executor, lambda: operator.process.poll() is not None,
+                          timeout=deadline - time.monotonic()), operator.output
+        assert operator.finish() == 0, operator.output
+        assert stand_in.calls[:2] == [('control', EpisodeControl.Request.COMMAND_START),
+                                      ('control', EpisodeControl.Request.COMMAND_END)]
+        kind, episode_id, outcome, labeler, note = stand_in.calls[2]
+        assert (kind, episode_id, labeler) == ('label', 'ep-0042', 'scripted_operator')
+        assert outcome == LabelEpisode.Request.OUTCOME_FAILURE, note   # the time limit
+        assert 'seed 4; time limit' in note and 'stall' in note
+        assert stand_in.engage[-2:] == [True, False] and stand_in.commands > 10
+        assert 'reset 1: transfer_cube, seed 4' in sim.output
+    finally:
+        for child in (operator, sim):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGINT)
+                child.finish(timeout=20)
+        stand_in.close()

@@ -1,0 +1,209 @@
+"""sim_robot_node as a real process: state, images, commands, reset (loopback DDS)."""
+
+import json
+import signal
+import sys
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from ros_helpers import Child, ROOT, spin_until
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from habc_common.params import check_parameter_file
+from habc_common.qos import COMMANDS, JOINT_STATES, SENSOR_DATA
+from habc_msgs.srv import ResetSim
+from habc_sim.joints import ALOHA_JOINT_NAMES
+from habc_sim.operator_session import ScriptedOperatorParams
+from habc_sim.sim_robot import OverrunCounter, SimRobot, SimRobotParams
+
+pytestmark = pytest.mark.ros
+NS = '/simtest'
+START_POSE = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0] * 2)   # arm joints at reset
+
+
+# --- the core, in process -------------------------------------------------------------------
+def test_core_holds_until_commanded_and_reports_privileged_state():
+    robot = SimRobot(SimRobotParams(cameras=['angle'], image_size=32, seed=3, max_steps=2))
+    try:
+        start = robot.target.copy()
+        first = robot.step()
+        assert first.images.shape == (1, 32, 32, 3) and first.images.dtype == np.uint8
+        np.testing.assert_allclose(first.positions, start, atol=0.02)   # holds its pose
+        json.dumps(first.privileged)   # plain JSON types only
+        assert first.privileged['step'] == 1 and not first.privileged['truncated']
+        assert robot.step().privileged['truncated']    # reported, but the robot runs on
+        assert robot.step().privileged['step'] == 3
+        with pytest.raises(ValueError, match='command has 3 values, the robot has 14'):
+            robot.command([0.0] * 3)
+        with pytest.raises(ValueError, match=r"unknown joints \['elbow'\]"):
+            robot.command_by_name(['elbow'], [0.0])
+        robot.command_by_name(['right_waist', 'left_waist'], [-0.2, 0.2])
+        assert robot.target[[0, 7]].tolist() == [0.2, -0.2] and robot.has_command
+        robot.reset(4)
+        assert not robot.has_command and robot.reset_count == 1
+        np.testing.assert_array_equal(robot.target, start)
+        with pytest.raises(ValueError, match='non-negative'):
+            robot.reset(-1)
+    finally:
+        robot.close()
+
+
+def test_overrun_counter_counts_long_ticks_and_skipped_periods():
+    counter = OverrunCounter(0.02)
+    counter.started(0.0)
+    assert not counter.finished(0.005)
+    counter.started(0.021)           # jitter, not a skipped tick
+    assert counter.finished(0.075)   # 54 ms: overran, the timer skips the missed periods
+    counter.started(0.08)
+    assert (counter.overruns, counter.skipped) == (1, 2)
+
+
+def test_params_reject_bad_cameras():
+    with pytest.raises(ValueError, match='cameras must be 0-3'):
+        SimRobotParams(cameras=['nose'])
+    assert SimRobotParams(cameras=None).cameras == []   # how ROS hands over `cameras: []`
+
+
+def test_parameter_files_match_the_declarations():
+    params = ROOT / 'config' / 'params'
+    assert check_parameter_file(SimRobotParams, params / 'sim_robot.yaml')
+    assert check_parameter_file(ScriptedOperatorParams, params / 'scripted_operator.yaml')
+
+
+# --- the node, as its own process -----------------------------------------------------------
+@pytest.fixture(scope='module')
+def sim():
+    child = Child([sys.executable, '-m', 'habc_sim.sim_robot_node', '--ros-args',
+                   '--params-file', str(ROOT / 'config' / 'params' / 'sim_robot.yaml'),
+                   '-p', 'image_size:=48', '-p', 'seed:=2', '-r', f'__ns:={NS}'])
+    try:
+        child.wait_for('ready:', timeout=60.0)
+        yield child
+        child.process.send_signal(signal.SIGINT)
+        assert child.finish(timeout=20) == 0, child.output
+    finally:
+        child.kill()
+
+
+class Probe:
+    """The test's side: subscriptions to everything the robot publishes, and publishers."""
+
+    def __init__(self) -> None:
+        rclpy.init()
+        self.node = rclpy.create_node('sim_robot_probe')
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.joints: list[JointState] = []
+        self.images: list[Image] = []
+        self.privileged: list[dict] = []
+        self.node.create_subscription(JointState, f'{NS}/joint_states', self.joints.append,
+                                      JOINT_STATES)
+        self.node.create_subscription(Image, f'{NS}/camera/angle/image_raw', self.images.append,
+                                      SENSOR_DATA)
+        self.node.create_subscription(
+            String, f'{NS}/sim/privileged',
+            lambda msg: self.privileged.append(json.loads(msg.data)), JOINT_STATES)
+        self.commands = self.node.create_publisher(
+            Float64MultiArray, f'{NS}/forward_position_controller/commands', COMMANDS)
+        self.trajectories = self.node.create_publisher(
+            JointTrajectory, f'{NS}/joint_trajectory_controller/joint_trajectory', COMMANDS)
+        self.reset = self.node.create_client(ResetSim, f'{NS}/sim/reset')
+
+    def spin_until(self, predicate, timeout: float = 20.0) -> bool:
+        return spin_until(self.executor, predicate, timeout)
+
+    def position(self, name: str) -> float:
+        last = self.joints[-1]
+        return last.position[list(last.name).index(name)]
+
+    def call_reset(self, seed: int) -> ResetSim.Response:
+        assert self.spin_until(self.reset.service_is_ready), 'sim/reset not available'
+        future = self.reset.call_async(ResetSim.Request(seed=seed))
+        assert self.spin_until(future.done, timeout=10.0), 'sim/reset did not answer'
+        return future.result()
+
+    def close(self) -> None:
+        self.node.destroy_node()
+        rclpy.shutdown()
+
+
+@pytest.fixture(scope='module')
+def probe(sim):
+    probe = Probe()
+    yield probe
+    probe.close()
+
+
+def test_publishes_joint_states_images_and_privileged_with_one_stamp(sim, probe):
+    assert probe.spin_until(lambda: probe.joints and probe.images and probe.privileged), \
+        sim.output
+    state = probe.joints[-1]
+    assert list(state.name) == list(ALOHA_JOINT_NAMES)
+    assert len(state.position) == len(state.velocity) == 14
+    image = probe.images[-1]
+    assert (image.height, image.width, image.encoding, image.step) == (48, 48, 'rgb8', 144)
+    pixels = np.frombuffer(bytes(image.data), np.uint8).reshape(48, 48, 3)
+    assert pixels.std() > 5            # a rendered scene, not a blank frame
+    assert image.header.frame_id == 'angle'
+    privileged = probe.privileged[-1]
+    assert {'step', 'stage', 'success', 'failure', 'truncated', 'objects', 'seed',
+            'task', 'reset_count', 'stamp_ns'} <= set(privileged)
+    assert privileged['task'] == 'transfer_cube' and set(privileged['objects']) == {'box'}
+    # Every topic of one tick carries the same stamp.
+    def stamp(message) -> int:
+        return message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
+
+    def matched() -> bool:
+        stamps = {stamp(j) for j in probe.joints}
+        return (any(p['stamp_ns'] in stamps for p in probe.privileged)
+                and any(stamp(i) in stamps for i in probe.images))
+
+    assert probe.spin_until(matched, timeout=10.0)
+
+
+def test_follows_forward_commands_and_rejects_bad_ones_once(sim, probe):
+    assert probe.spin_until(lambda: probe.joints)
+    target = [*START_POSE[:6], 0.5, *START_POSE[6:], 0.5]
+    target[0] = 0.3                    # left waist
+    needle = 'rejected: command has 3 values, the robot has 14 joints'
+
+    def moved() -> bool:
+        probe.commands.publish(Float64MultiArray(data=[0.0, 1.0, 2.0]))
+        probe.commands.publish(Float64MultiArray(data=target))
+        return probe.position('left_waist') > 0.2 and needle in sim.output
+
+    assert probe.spin_until(moved), f'left_waist at {probe.position("left_waist")}'
+    assert sim.output.count(needle) == 1    # logged once, although sent on every spin
+
+
+def test_follows_trajectories_by_joint_name(sim, probe):
+    trajectory = JointTrajectory(joint_names=['right_waist', 'left_waist'],
+                                 points=[JointTrajectoryPoint(positions=[-0.3, 0.0])])
+
+    def moved() -> bool:
+        probe.trajectories.publish(trajectory)
+        return probe.position('right_waist') < -0.2 and probe.position('left_waist') < 0.1
+
+    assert probe.spin_until(moved), sim.output
+
+
+def test_reset_restarts_from_the_seed_and_holds(sim, probe):
+    # Commands of the tests before may still be on their way; one arriving after the reset
+    # would (rightly) move the arm again.
+    probe.spin_until(lambda: False, timeout=1.0)
+    response = probe.call_reset(5)
+    assert response.success, response.message
+    probe.privileged.clear()
+    probe.joints.clear()
+    assert probe.spin_until(lambda: len(probe.privileged) > 3 and len(probe.joints) > 3)
+    after = [p for p in probe.privileged if p['seed'] == 5]
+    assert after and after[0]['reset_count'] == 1 and after[0]['step'] < 100
+    # The latched command was cleared: the arms stay at the reset pose.
+    arms = np.array(probe.joints[-1].position)[[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]]
+    np.testing.assert_allclose(arms, START_POSE, atol=0.05)
+    refused = probe.call_reset(-3)
+    assert not refused.success and 'non-negative' in refused.message
