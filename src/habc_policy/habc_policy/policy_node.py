@@ -72,6 +72,10 @@ class PolicyNode:
         self.runtime = PolicyRuntime(self.executor, self.params.control_period_s,
                                      self.params.device, self.params.joint_names)
         self._paused = False
+        # Seamless swaps: control ticks without an action before each version's first one.
+        self._empty_ticks = 0
+        self._last_action_version: str | None = None
+        self._swap_gap_ticks: dict[str, int] = {}
         self._last_source: tuple[int, str] | None = None
         self._not_before = -math.inf
         self._command_names: list[str] = []
@@ -236,12 +240,21 @@ class PolicyNode:
             return
         now = self._now()
         action = self.executor.next_action(now)
+        if action is None:
+            self._empty_ticks += 1
         if action is not None and self._command_names:
             msg = JointState()
             msg.header.stamp = self.node.get_clock().now().to_msg()
             msg.name = self._command_names
             msg.position = action.action.tolist()
             self.command_publisher.publish(msg)
+            if self._last_action_version not in (None, action.version):
+                # The first tick of new weights: how many control ticks went without an
+                # action since the old version's last one (0 = a seamless swap).
+                self._swap_gap_ticks[action.version] = self._empty_ticks
+                self.publish_status()
+            self._last_action_version = action.version
+            self._empty_ticks = 0
         self._maybe_infer(now)
 
     # Worker callbacks (inference thread) ------------------------------------------------
@@ -274,6 +287,7 @@ class PolicyNode:
         """Publish the runtime status as JSON on the latched policy/status."""
         status = self.runtime.status()
         status['executing_version'] = self.executor.current_version
+        status['swap_gap_ticks'] = dict(self._swap_gap_ticks)
         status['paused'] = self._paused
         status['stamp'] = time.time()
         self.status_publisher.publish(String(data=json.dumps(status)))
