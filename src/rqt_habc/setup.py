@@ -8,7 +8,7 @@ setup(
     packages=find_packages(exclude=['test']),
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
-        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name, ['package.xml', 'plugin.xml']),
     ],
     install_requires=['setuptools'],
     zip_safe=True,
@@ -16,5 +16,5 @@ setup(
     maintainer_email='habc@example.org',
     description='The habc labelling dashboard (rqt plugin and standalone).',
     license='Apache-2.0',
-    entry_points={'console_scripts': []},
+    entry_points={'console_scripts': ['dashboard = rqt_habc.standalone:main']},
 )

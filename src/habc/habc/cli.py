@@ -20,8 +20,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                'show which windows of an episode get the outcome label, and their weights'),
     'sim': ('habc_sim.cli', 'simulated robot tools: scripted expert success rates'),
     'bench': ('habc_sim.bench', "the paper's comparison in simulation, every method, seeds"),
+    'train': ('habc_learner.train_cli', 'train a policy offline from bags (ros2 bag record too)'),
     'demo': ('habc.demo', 'the main job on the simulated robot: SFT if needed, then the '
              'closed loop with learner rounds'),
+    'play': ('habc.play', 'replay bags on ROS topics like ros2 bag play, or as a new episode'),
+    'episodes': ('habc.episodes', 'list, show, label and export (LeRobot) recorded episodes'),
+    'dashboard': ('rqt_habc.standalone', 'label episodes, watch interventions and the learner'),
 }
 
 EPILOG = """\
@@ -35,14 +39,21 @@ examples:
 Every command takes --help. Source env.sh first, or use .venv/bin/habc which does it."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser; with `only`, import just that subcommand's module.
+
+    Every subcommand is listed either way; the others get no options, so `habc dashboard`
+    does not pay for importing torch through `habc bench`.
+    """
     parser = argparse.ArgumentParser(
         prog='habc', description='habc: online RL fine-tuning of VLA robot policies on ROS 2 '
         'with HABC (hierarchical advantage-weighted behaviour cloning).', epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         child = sub.add_parser(name, help=help_text,
                                description=getattr(module, 'HELP', module.__doc__),
@@ -54,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `habc`."""
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith('-')), '')
+    parser = build_parser(only=command if command in SUBCOMMANDS else '')
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take positionals after an option that follows other positionals
     # (`habc launch bringup --dry-run use_sim:=false`); launch arguments are recognisable by

@@ -14,14 +14,40 @@ Actions stamped before the first observation have no s_t and are skipped. Alignm
 header stamps (the time of the tick and of the camera frame set), not the bag's receive
 times, so a slow recorder does not shift observations against actions.
 
-Bags from elsewhere (`ros2 bag record` of another stack) will need a topic mapping
-(`TopicMapping`); today it only names the two habc topics.
+Bags from elsewhere (`ros2 bag record` of another stack) hold standard topics instead: camera
+images (sensor_msgs/Image or CompressedImage), joint states (sensor_msgs/JointState), the
+command sent to the robot (std_msgs/Float64MultiArray, sensor_msgs/JointState or
+trajectory_msgs/JointTrajectory) and an intervention flag (std_msgs/Bool, True = human, or
+habc_msgs/InterventionState). A `TopicMapping` that names a `command` topic says which is
+which. Then one step is made per command message, or, with `control_period_s`, per control
+tick on a regular grid (the command in force at the tick: a forward controller holds the
+last target):
+
+    a_t          = the newest command at or before the tick
+    controller_t = the newest flag at or before the tick (policy before the first flag)
+    s_t          = the newest joint state (per joint: split publishers are merged) and the
+                   newest image of each camera at or before the tick
+
+Ticks before every input has been seen once are skipped. Times are header stamps where a
+message has one (and it is not zero), else the bag's receive time; `stamps: receive` uses
+receive times throughout (for a robot whose clock is not the recorder's).
+
+A bag is a rosbag2 folder (metadata.yaml + MCAP or sqlite3 files) or a bare .mcap/.db3 file;
+a folder without metadata.yaml that holds exactly one .mcap file (written by the mcap tools,
+or copied without its metadata) is read from that file. rosbags reads such a file on its own,
+so nothing is ever written into an input bag.
 """
 
 from bisect import bisect_right
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+import functools
+import io
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rosbags.rosbag2 import Reader
@@ -31,8 +57,22 @@ from habc_policy.bag_io import read_episode_messages
 
 OBSERVATION_TYPE = 'habc_msgs/msg/Observation'
 EXECUTED_ACTION_TYPE = 'habc_msgs/msg/ExecutedAction'
+INTERVENTION_STATE_TYPE = 'habc_msgs/msg/InterventionState'
+IMAGE_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
+JOINT_STATE_TYPE = 'sensor_msgs/msg/JointState'
+FLOAT_ARRAY_TYPE = 'std_msgs/msg/Float64MultiArray'
+TRAJECTORY_TYPE = 'trajectory_msgs/msg/JointTrajectory'
+COMMAND_TYPES = (FLOAT_ARRAY_TYPE, JOINT_STATE_TYPE, TRAJECTORY_TYPE)
+BOOL_TYPE = 'std_msgs/msg/Bool'
+FLAG_TYPES = (BOOL_TYPE, INTERVENTION_STATE_TYPE)
+STRING_TYPE = 'std_msgs/msg/String'
+BAG_FILE_SUFFIXES = ('.mcap', '.db3')
 _CHANNELS = {'rgb8': (3, (0, 1, 2)), 'bgr8': (3, (2, 1, 0)),
-             'rgba8': (4, (0, 1, 2)), 'bgra8': (4, (2, 1, 0))}
+             'rgba8': (4, (0, 1, 2)), 'bgra8': (4, (2, 1, 0)), 'mono8': (1, (0, 0, 0))}
+
+
+class BagReadError(ValueError):
+    """rosbags cannot read a bag's files: truncated, damaged, or an unfinished recording."""
 
 
 @dataclass(frozen=True)
@@ -41,31 +81,142 @@ class TopicMapping:
 
     A relative name (no leading '/') matches the topic in any namespace ('observation'
     matches '/observation' and '/robot1/observation'); an absolute name must match exactly.
-    The defaults are the habc topics (docs/ros_interfaces.md). This is the hook for training
-    from foreign bags: a mapping from their camera, joint-state and command topics to these
-    inputs will extend this class.
+    The defaults are the habc topics (docs/ros_interfaces.md): `observation` and
+    `executed_action`. Naming a `command` topic switches to standard topics (a bag of
+    `ros2 bag record` of another stack, see the module docstring); `joint_states` is then
+    required and `observation` / `executed_action` are not used.
+
+    Attributes:
+        observation: habc_msgs/Observation topic (habc bags).
+        executed_action: habc_msgs/ExecutedAction topic (habc bags).
+        cameras: image topics (sensor_msgs/Image or CompressedImage), in view order.
+        joint_states: sensor_msgs/JointState topic of the robot's state.
+        command: the executed command: std_msgs/Float64MultiArray, sensor_msgs/JointState or
+            trajectory_msgs/JointTrajectory (its first point).
+        intervention: std_msgs/Bool (True = a human is in control) or
+            habc_msgs/InterventionState; '' means the policy drove throughout.
+        instruction: the task instruction ('' keeps the one recorded in the bag, if any).
+        instruction_topic: a std_msgs/String topic holding the instruction.
+        control_period_s: resample at this period (s); None makes one step per command.
+        joint_names: the joints of the state vector, in this order; () takes every joint
+            that the joint-state topic names, in order of appearance.
+        stamps: 'header' (header stamps where present) or 'receive' (the bag's times).
     """
 
     observation: str = 'observation'
     executed_action: str = 'executed_action'
+    cameras: tuple[str, ...] = ()
+    joint_states: str = ''
+    command: str = ''
+    intervention: str = ''
+    instruction: str = ''
+    instruction_topic: str = ''
+    control_period_s: float | None = None
+    joint_names: tuple[str, ...] = ()
+    stamps: str = 'header'
+
+    def __post_init__(self) -> None:
+        # Lists (from YAML) become tuples so that the mapping stays hashable and immutable.
+        for name in ('cameras', 'joint_names'):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(str(v) for v in value))
+        if self.stamps not in ('header', 'receive'):
+            raise ValueError(f"TopicMapping.stamps must be 'header' or 'receive', got "
+                             f'{self.stamps!r}')
+        if self.control_period_s is not None and not (
+                math.isfinite(self.control_period_s) and self.control_period_s > 0):
+            raise ValueError('TopicMapping.control_period_s must be a positive number of '
+                             f'seconds, got {self.control_period_s!r}')
+        standard_only = [name for name in ('cameras', 'joint_states', 'intervention',
+                                           'instruction_topic', 'control_period_s',
+                                           'joint_names')
+                         if getattr(self, name) not in ((), '', None)]
+        if not self.command and standard_only:
+            raise ValueError(f'TopicMapping: {standard_only} describe standard topics, which '
+                             'also need `command` (the topic of the executed command)')
+        if self.command and not self.joint_states:
+            raise ValueError('TopicMapping: standard topics need `joint_states` (a '
+                             'sensor_msgs/JointState topic) besides `command`')
+
+    @property
+    def standard(self) -> bool:
+        """Return True for standard topics (a `command` topic), False for habc bags."""
+        return bool(self.command)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> 'TopicMapping':
+        """Build a mapping from a dict (a parsed mapping file); errors name the bad key."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f'a topic mapping is a mapping of keys to values, got '
+                             f'{type(data).__name__}')
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(key) for key in data if key not in known)
+        if unknown:
+            raise ValueError(f'unknown topic mapping key(s) {unknown}; known: {known}')
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if value is None:
+                continue
+            if key in ('cameras', 'joint_names'):
+                items = [value] if isinstance(value, str) else value
+                if not isinstance(items, list | tuple) or not all(
+                        isinstance(item, str) and item for item in items):
+                    raise ValueError(f'topic mapping key {key!r} must be a list of names, got '
+                                     f'{value!r}')
+                values[key] = tuple(items)
+            elif key == 'control_period_s':
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f'topic mapping key {key!r} must be a number of seconds '
+                                     f'(e.g. 0.02 for 50 Hz), got {value!r}')
+                values[key] = float(value)
+            elif not isinstance(value, str):
+                raise ValueError(f'topic mapping key {key!r} must be a string, got {value!r}')
+            else:
+                values[key] = value
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> 'TopicMapping':
+        """Read a mapping file (YAML or JSON); errors name the file."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding='utf-8'))
+            return cls.from_dict(data or {})
+        except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+            raise ValueError(f'topic mapping {path}: {exc}') from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields that differ from the defaults (what a mapping file would say)."""
+        default = TopicMapping()
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
 
 
 def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
                      cameras: Sequence[int] | None = None, image_size: int | None = None,
                      topics: TopicMapping = TopicMapping(), episode_id: str | None = None,
-                     kind: EpisodeKind = EpisodeKind.ROLLOUT) -> Episode:
+                     kind: EpisodeKind = EpisodeKind.ROLLOUT,
+                     with_images: bool = True) -> Episode:
     """Build an Episode from one recorded episode bag.
 
     Args:
-        bag_path: rosbag2 directory of the episode.
+        bag_path: the bag: a rosbag2 directory, a bare .mcap/.db3 file, or a directory that
+            holds one .mcap file and no metadata.yaml.
         outcome: its label ('success', 'failure', ... or an Outcome).
         cameras: indices into Observation.images of the views to keep, in this order;
-            None keeps every view.
+            None keeps every view (habc bags; standard topics take `topics.cameras`).
         image_size: resize every image to image_size x image_size pixels; None keeps them.
-        topics: which topics hold observations and executed actions.
+        topics: which topics hold observations and executed actions (or, with a `command`
+            topic, the standard topics of another stack).
         episode_id: the id to give the episode; None takes it from the executed actions (or
-            the bag directory name when they carry none).
+            the bag's directory or file name when they carry none).
         kind: rollout (default) or demonstration.
+        with_images: False leaves images out (and does not decode them), for a policy
+            without cameras.
 
     Returns:
         Episode with observations {'state': (T, S) float32 joint positions, 'images':
@@ -74,24 +225,43 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
 
     Raises:
         FileNotFoundError: no bag at `bag_path`.
+        BagReadError: rosbags cannot read the bag (truncated, damaged, or the MCAP file of a
+            writer that died); the message says what to do.
         ValueError: the bag lacks a needed topic (the message names what is missing and what
             the bag holds), no action follows an observation, or the messages are
             inconsistent (changing joint names, image sizes or view counts).
     """
     path = Path(bag_path)
-    if not (path / 'metadata.yaml').is_file():
-        raise FileNotFoundError(f'{path} is not a rosbag2 directory (no metadata.yaml); a bag '
-                                'of a crashed recorder needs habc_policy.bag_io.recover_bag()')
-    observation_topic, action_topic = _resolve_topics(path, topics)
-    observations: list[tuple[int, object]] = []
+    source = bag_source(path)
+    if topics.standard:
+        return _episode_from_standard_topics(path, source, outcome, topics, image_size,
+                                             episode_id, kind, with_images)
+    observation_topic, action_topic = _resolve_topics(path, topics, source)
+    where = f'bag {path}'
+    # Observations are reduced to what training keeps as they stream in (state, resized
+    # images): holding every full message until the end would take the whole bag's size in
+    # memory (a long episode with VGA cameras is tens of GB).
+    observations: list[_Observation] = []
     actions: list[tuple[int, object]] = []
-    for topic, _, message in read_episode_messages(path, [observation_topic, action_topic]):
+    for topic, _, message in _read_messages(path, source, [observation_topic, action_topic]):
         stamp = _stamp_ns(message.header.stamp)
-        (observations if topic == observation_topic else actions).append((stamp, message))
+        if topic == observation_topic:
+            observations.append(_Observation.of(message, stamp, cameras, image_size,
+                                                with_images, where))
+        else:
+            actions.append((stamp, message))
     # Python's sort is stable: equal stamps keep the order of the bag.
-    observations.sort(key=lambda item: item[0])
+    observations.sort(key=lambda item: item.stamp)
     actions.sort(key=lambda item: item[0])
-    obs_stamps = [stamp for stamp, _ in observations]
+    obs_stamps = [item.stamp for item in observations]
+    # The recorder and the arbiter learn of START and END separately, so the first or last
+    # few ticks of a bag may carry the neighbouring episode's id: they are not this
+    # episode's steps. Its id is the one given, else the most frequent one.
+    ids = Counter(a.episode_id for _, a in actions if a.episode_id)
+    own = episode_id if episode_id is not None and episode_id in ids else (
+        ids.most_common(1)[0][0] if ids else '')
+    if own:
+        actions = [(t, a) for t, a in actions if a.episode_id in ('', own)]
     chosen: list[int] = []
     kept: list[object] = []
     stamps: list[int] = []
@@ -102,18 +272,17 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
         chosen.append(newest)
         kept.append(action)
         stamps.append(stamp)
-    where = f'bag {path}'
     if not kept:
         raise ValueError(f'{where}: no {action_topic} message at or after the first '
                          f'{observation_topic} message ({len(actions)} actions, '
                          f'{len(observations)} observations); nothing to train on')
 
-    # Decode each observation in use once (one may serve several ticks), then index per step.
-    used = sorted(set(chosen))
-    state = _stack_states([observations[i][1] for i in used], where)
-    images = _stack_images([observations[i][1] for i in used], cameras, image_size, where)
-    rows = {obs_index: row for row, obs_index in enumerate(used)}
-    step_rows = np.array([rows[i] for i in chosen])
+    # Check the observations in use (one may serve several ticks), then build per step.
+    used = [observations[i] for i in sorted(set(chosen))]
+    _check_states(used, where)
+    state = np.stack([observations[i].position for i in chosen])
+    images = (_stack_images([observations[i] for i in chosen], used, cameras, where)
+              if with_images else None)
 
     joint_names = list(kept[0].joint_names)
     for action in kept:
@@ -132,13 +301,13 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
         raise ValueError(f'{where}: unknown executed_action source values {bad}; expected '
                          f'{[f"{c.value} {c.name.lower()}" for c in Controller]}') from None
 
-    instruction = next((observations[i][1].instruction for i in chosen
-                        if observations[i][1].instruction), '')
+    instruction = next((observations[i].instruction for i in chosen
+                        if observations[i].instruction), '') or topics.instruction
     if episode_id is None:
-        episode_id = next((a.episode_id for a in kept if a.episode_id), path.name)
-    observations_out = {'state': state[step_rows]}
+        episode_id = next((a.episode_id for a in kept if a.episode_id), bag_name(path))
+    observations_out = {'state': state}
     if images is not None:
-        observations_out['images'] = images[step_rows]
+        observations_out['images'] = images
     return Episode(observations=observations_out, actions=action_array,
                    controllers=controllers, outcome=Outcome.parse(outcome),
                    instruction=instruction, kind=kind,
@@ -147,10 +316,98 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
                    episode_id=episode_id)
 
 
+def bag_source(bag_path: str | Path) -> Path:
+    """Return what rosbags opens for a bag: its directory, or its one .mcap/.db3 file.
+
+    rosbags reads a bare MCAP or sqlite3 file without metadata.yaml, so a directory without
+    one that holds a single .mcap file (mcap tools, a copy without its metadata, the bag of
+    a writer that died) is read from that file. Nothing is written.
+
+    Raises:
+        FileNotFoundError: nothing at `bag_path`, or a directory without metadata.yaml and
+            without a single .mcap file.
+    """
+    path = Path(bag_path)
+    if path.is_file():
+        if path.suffix in BAG_FILE_SUFFIXES:
+            return path
+        raise FileNotFoundError(f'{path} is not a bag: expected a rosbag2 directory or a '
+                                f'{"/".join(BAG_FILE_SUFFIXES)} file')
+    if (path / 'metadata.yaml').is_file():
+        return path
+    if path.is_dir():
+        files = sorted(p for p in path.glob('*.mcap') if p.is_file())
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            raise FileNotFoundError(
+                f'{path} is not a rosbag2 directory (no metadata.yaml) and holds several MCAP '
+                f'files {[p.name for p in files]}; `ros2 bag reindex {path}` writes the '
+                'metadata.yaml that makes them one bag (or pass the files one by one)')
+    raise FileNotFoundError(f'{path} is not a rosbag2 directory (no metadata.yaml); a bag '
+                            'of a crashed recorder needs habc_policy.bag_io.recover_bag()')
+
+
+def bag_name(bag_path: str | Path) -> str:
+    """Return a bag's name: its directory name, or its file name without suffix."""
+    path = Path(bag_path)
+    return path.stem if path.suffix in BAG_FILE_SUFFIXES and not path.is_dir() else path.name
+
+
+def bag_files(bag_path: str | Path) -> list[Path]:
+    """Return the files that make up a bag (what reading it has to go through)."""
+    path = Path(bag_path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+
+
 def bag_topics(bag_path: str | Path) -> dict[str, tuple[str, int]]:
-    """Return topic -> (message type, message count) of a bag."""
-    with Reader(Path(bag_path)) as reader:
+    """Return topic -> (message type, message count) of a bag.
+
+    Raises:
+        FileNotFoundError: no bag at `bag_path`.
+        BagReadError: rosbags cannot open the bag.
+    """
+    path = Path(bag_path)
+    source = bag_source(path)
+    with _reading(path, source), Reader(source) as reader:
         return {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+
+
+@contextmanager
+def _reading(path: Path, source: Path) -> Iterator[None]:
+    """Turn whatever rosbags raises on a damaged bag into a BagReadError that says what to do.
+
+    Only rosbags calls run inside: our own ValueErrors (inconsistent messages) never pass
+    through here.
+    """
+    try:
+        yield
+    except BagReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - rosbags, struct, sqlite3, zstd: all mean "damaged"
+        raise BagReadError(read_problem(path, source, exc)) from exc
+
+
+def read_problem(path: Path, source: Path, exc: BaseException) -> str:
+    """Say why a bag cannot be read and what to do about it."""
+    what = f'{type(exc).__name__}: {exc}'
+    files = [source] if source.is_file() else bag_files(source)
+    suffixes = {p.suffix for p in files}
+    if '.mcap' in suffixes:
+        start = ('it has no metadata.yaml and its MCAP file' if source.is_file()
+                 and source.parent == path else 'its MCAP file')
+        hint = (f'{start} is cut short or damaged: the writer died before closing it, or the '
+                'copy is incomplete. habc_policy.bag_io.recover_bag(path) rebuilds the bag '
+                'from its complete records (it rewrites the bag in place: run it on a copy to '
+                'keep the original), then train again')
+    elif '.db3' in suffixes:
+        hint = ('its sqlite3 file is damaged or incomplete: restore it from a copy, or salvage '
+                'it with `sqlite3 FILE .recover` and `ros2 bag reindex`')
+    else:
+        hint = 'metadata.yaml names files that are missing or of an unknown storage format'
+    return f'bag {path} cannot be read ({what}); {hint}'
 
 
 def match_topic(name: str, available: Sequence[str]) -> list[str]:
@@ -161,56 +418,327 @@ def match_topic(name: str, available: Sequence[str]) -> list[str]:
             if topic == name or topic == '/' + name or topic.endswith('/' + name)]
 
 
-def _resolve_topics(path: Path, mapping: TopicMapping) -> tuple[str, str]:
-    available = bag_topics(path)
+def _resolve_topics(path: Path, mapping: TopicMapping, source: Path) -> tuple[str, str]:
+    (observation, action), _ = _resolve(path, source, [
+        (mapping.observation, (OBSERVATION_TYPE,), True),
+        (mapping.executed_action, (EXECUTED_ACTION_TYPE,), True)])
+    return observation, action
+
+
+def _resolve(path: Path, source: Path, wanted: Sequence[tuple[str, tuple[str, ...], bool]]
+             ) -> tuple[list[str], dict[str, str]]:
+    """Return the bag topic of each (mapping name, allowed types, required) entry.
+
+    An optional entry ('' or without messages) resolves to ''. All problems are reported at
+    once, with what the bag holds. Also returns topic -> message type of the bag.
+    """
+    with _reading(path, source), Reader(source) as reader:
+        available = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
     listing = ', '.join(f'{topic} ({msgtype}, {count})'
                         for topic, (msgtype, count) in sorted(available.items())) or 'nothing'
     resolved, problems = [], []
-    for name, msgtype in ((mapping.observation, OBSERVATION_TYPE),
-                          (mapping.executed_action, EXECUTED_ACTION_TYPE)):
-        matches = match_topic(name, list(available))
-        if not matches:
-            problems.append(f'no topic {name!r} ({msgtype})')
+    for name, msgtypes, required in wanted:
+        expected = msgtypes[0] if len(msgtypes) == 1 else f'one of {list(msgtypes)}'
+        matches = match_topic(name, list(available)) if name else []
+        if not name and not required:
+            pass
+        elif not matches:
+            problems.append(f'no topic {name!r} ({expected})')
         elif len(matches) > 1:
             problems.append(f'{name!r} matches several topics {matches}; give its absolute '
                             'name in the TopicMapping')
-        elif available[matches[0]][0] != msgtype:
+        elif available[matches[0]][0] not in msgtypes:
             problems.append(f'topic {matches[0]!r} has type {available[matches[0]][0]}, '
-                            f'expected {msgtype}')
-        elif available[matches[0]][1] == 0:
+                            f'expected {expected}')
+        elif available[matches[0]][1] == 0 and required:
             problems.append(f'topic {matches[0]!r} has no messages')
-        else:
+        elif available[matches[0]][1] > 0:
             resolved.append(matches[0])
             continue
         resolved.append('')
     if problems:
         raise ValueError(f'bag {path} cannot be trained on: {"; ".join(problems)}. '
                          f'It holds: {listing}')
-    return resolved[0], resolved[1]
+    return resolved, {topic: msgtype for topic, (msgtype, _) in available.items()}
+
+
+# Standard topics (`ros2 bag record` of another stack) -----------------------------------------
+
+def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outcome,
+                                  topics: TopicMapping, image_size: int | None,
+                                  episode_id: str | None, kind: EpisodeKind,
+                                  with_images: bool) -> Episode:
+    where = f'bag {path}'
+    camera_names = topics.cameras if with_images else ()
+    resolved, types = _resolve(path, source, [
+        *[(name, IMAGE_TYPES, True) for name in camera_names],
+        (topics.joint_states, (JOINT_STATE_TYPE,), True),
+        (topics.command, COMMAND_TYPES, True),
+        (topics.intervention, FLAG_TYPES, False),
+        (topics.instruction_topic, (STRING_TYPE,), False)])
+    camera_topics = resolved[:len(camera_names)]
+    state_topic, command_topic, flag_topic, instruction_topic = resolved[len(camera_names):]
+    wanted = {topic for topic in resolved if topic}
+    streams: dict[str, list[tuple[int, object]]] = {topic: [] for topic in wanted}
+    receive = topics.stamps == 'receive'
+    # Raw images are resized as they stream in, so that the messages can be freed (holding
+    # them all takes the bag's size in memory); compressed ones are small until decoded, and
+    # only the frames that ticks use are decoded.
+    raw_cameras = {topic for topic in camera_topics if types[topic] == IMAGE_TYPES[0]}
+    for topic, log_time, message in _read_messages(path, source, sorted(wanted)):
+        stamp = log_time if receive else _message_stamp(message, log_time)
+        if topic in raw_cameras:
+            message = _owned(_resize(_image_array(message, f'{where}: {topic}'), image_size),
+                             message.data)
+        streams[topic].append((stamp, message))
+    for stream in streams.values():
+        stream.sort(key=lambda item: item[0])  # stable: equal stamps keep the bag's order
+
+    command_stamps, commands = _command_rows(streams[command_topic], types[command_topic],
+                                             f'{where}: command topic {command_topic}')
+    state_stamps, states = _joint_state_rows(streams[state_topic], topics.joint_names,
+                                             f'{where}: joint state topic {state_topic}')
+    camera_stamps = [np.array([stamp for stamp, _ in streams[topic]], dtype=np.int64)
+                     for topic in camera_topics]
+    if len(commands) == 0 or len(states) == 0:
+        what = 'command' if len(commands) == 0 else 'joint state'
+        raise ValueError(f'{where}: no usable {what} message (JointTrajectory commands need '
+                         'points; joint states need every joint of the state vector); nothing '
+                         'to train on')
+
+    # Every input must have been seen once: a step before that has nothing to observe.
+    first_input = max([int(state_stamps[0])] + [int(s[0]) for s in camera_stamps])
+    if topics.control_period_s is None:
+        keep = np.flatnonzero(command_stamps >= first_input)
+        ticks, command_index = command_stamps[keep], keep
+    else:
+        period = max(1, round(topics.control_period_s * 1e9))
+        start = max(first_input, int(command_stamps[0]))
+        ticks = np.arange(start, int(command_stamps[-1]) + 1, period, dtype=np.int64)
+        command_index = np.searchsorted(command_stamps, ticks, side='right') - 1
+    if len(ticks) == 0:
+        raise ValueError(f'{where}: no {command_topic} message at or after the first joint state '
+                         f'and image ({len(commands)} commands); nothing to train on')
+
+    state_index = np.searchsorted(state_stamps, ticks, side='right') - 1
+    observations: dict[str, np.ndarray] = {'state': states[state_index]}
+    if camera_topics:
+        # Decode each frame in use once (one may serve several ticks), then pack per tick.
+        views = []
+        for topic, stamps in zip(camera_topics, camera_stamps, strict=True):
+            index = np.searchsorted(stamps, ticks, side='right') - 1
+            decoded = {int(i): _frame(streams[topic][i][1], image_size, f'{where}: {topic}')
+                       for i in np.unique(index)}
+            views.append([decoded[int(i)] for i in index])
+        observations['images'] = _pack([list(row) for row in zip(*views, strict=True)], where)
+
+    controllers = np.full(len(ticks), Controller.POLICY, dtype=np.int8)
+    if flag_topic:
+        flag_stamps, flags = _flag_rows(streams[flag_topic], types[flag_topic],
+                                        f'{where}: intervention topic {flag_topic}')
+        flag_index = np.searchsorted(flag_stamps, ticks, side='right') - 1
+        seen = flag_index >= 0  # before the first flag the policy drives
+        controllers[seen] = flags[flag_index[seen]]
+
+    instruction = topics.instruction
+    if instruction_topic and not instruction:
+        instruction = next((str(m.data) for _, m in streams[instruction_topic] if m.data), '')
+    return Episode(observations=observations, actions=commands[command_index],
+                   controllers=controllers, outcome=Outcome.parse(outcome),
+                   instruction=instruction, kind=kind, policy_versions=[''] * len(ticks),
+                   timestamps=ticks.astype(np.float64) * 1e-9,
+                   episode_id=episode_id or bag_name(path))
+
+
+def _message_stamp(message: object, log_time: int) -> int:
+    """Return the header stamp of a message, or its receive time without one (or when zero)."""
+    header = getattr(message, 'header', None)
+    if header is not None:
+        stamp = _stamp_ns(header.stamp)
+        if stamp > 0:
+            return stamp
+    return int(log_time)
+
+
+def _command_rows(messages: list, msgtype: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return stamps (N,) and command vectors (N, D) float32; named joints keep one order."""
+    stamps, rows = [], []
+    names: list[str] | None = None
+    for stamp, message in messages:
+        if msgtype == FLOAT_ARRAY_TYPE:
+            values, message_names = message.data, None
+        elif msgtype == JOINT_STATE_TYPE:
+            values, message_names = message.position, list(message.name)
+        else:
+            if not message.points:
+                continue  # an empty trajectory commands nothing (it stops the controller)
+            values, message_names = message.points[0].positions, list(message.joint_names)
+        values = np.asarray(values, dtype=np.float32)
+        if message_names is not None:
+            if names is None:
+                names = message_names
+            if message_names != names:
+                if sorted(message_names) != sorted(names) or len(values) != len(names):
+                    raise ValueError(f'{where}: the commanded joints change from {names} to '
+                                     f'{message_names}')
+                values = values[[message_names.index(n) for n in names]]
+        if rows and len(values) != len(rows[0]):
+            raise ValueError(f'{where}: commands have different lengths '
+                             f'{sorted({len(rows[0]), len(values)})}')
+        stamps.append(stamp)
+        rows.append(values)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    return np.array(stamps, dtype=np.int64), np.stack(rows)
+
+
+def _joint_state_rows(messages: list, joint_names: Sequence[str],
+                      where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return stamps (N,) and state vectors (N, S) float32, newest value of every joint.
+
+    Drivers often publish arms and grippers as separate JointState messages on one topic;
+    each joint keeps its newest position, and a state exists once every joint has one.
+    """
+    if joint_names:
+        names = list(joint_names)
+    else:
+        names = []
+        for _, message in messages:
+            names.extend(n for n in message.name if n not in names)
+    column = {name: i for i, name in enumerate(names)}
+    current = np.full(len(names), np.nan)
+    maps: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+    stamps, rows = [], []
+    complete = False
+    for stamp, message in messages:
+        key = tuple(message.name)
+        if key not in maps:
+            pairs = [(j, column[n]) for j, n in enumerate(key) if n in column]
+            maps[key] = (np.array([j for j, _ in pairs], dtype=np.int64),
+                         np.array([i for _, i in pairs], dtype=np.int64))
+        source, target = maps[key]
+        position = np.asarray(message.position, dtype=np.float64)
+        if len(position) == 0 or len(source) == 0:
+            continue  # velocities or efforts only, or none of our joints
+        if len(position) != len(key):
+            raise ValueError(f'{where}: a message names {len(key)} joints but has '
+                             f'{len(position)} positions')
+        current[target] = position[source]
+        complete = complete or not np.isnan(current).any()
+        if complete:
+            stamps.append(stamp)
+            rows.append(current.astype(np.float32))
+    if not rows and names:
+        missing = [n for n, v in zip(names, current, strict=True) if np.isnan(v)]
+        raise ValueError(f'{where}: never has a position for joint(s) {missing}; the state '
+                         f'needs {names}')
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    return np.array(stamps, dtype=np.int64), np.stack(rows)
+
+
+def _flag_rows(messages: list, msgtype: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return stamps (N,) and the Controller (N,) int8 that each flag message announces."""
+    if msgtype == BOOL_TYPE:
+        values = [Controller.HUMAN if m.data else Controller.POLICY for _, m in messages]
+    else:
+        values = [int(m.source) for _, m in messages]
+        bad = sorted(set(values) - {int(c) for c in Controller})
+        if bad:
+            raise ValueError(f'{where}: unknown source values {bad}; expected '
+                             f'{[f"{c.value} {c.name.lower()}" for c in Controller]}')
+    return (np.array([stamp for stamp, _ in messages], dtype=np.int64),
+            np.array(values, dtype=np.int8))
+
+
+def _frame(item: object, image_size: int | None, where: str) -> np.ndarray:
+    """Return a frame decoded as it was read, or decode a CompressedImage now."""
+    if isinstance(item, np.ndarray):
+        return item
+    return _resize(_decode_compressed(item, where), image_size)
+
+
+def _decode_compressed(image: object, where: str) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array of a sensor_msgs/CompressedImage."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(np.asarray(image.data, dtype=np.uint8).tobytes())) as decoded:
+            return np.asarray(decoded.convert('RGB'))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f'{where}: a CompressedImage ({image.format!r}) cannot be decoded: '
+                         f'{exc}') from None
 
 
 def _stamp_ns(stamp: object) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def _stack_states(observations: list, where: str) -> np.ndarray:
-    names = list(observations[0].joint_state.name)
-    rows = []
+@dataclass
+class _Observation:
+    """What training keeps of one habc_msgs/Observation."""
+
+    stamp: int
+    names: list[str]
+    position: np.ndarray
+    instruction: str
+    image_count: int
+    # The chosen views, decoded and resized (owning their memory, so that the message can
+    # be freed); None when the chosen camera indices do not fit; the error of a bad image.
+    frames: list[np.ndarray] | None | ValueError
+
+    @classmethod
+    def of(cls, message: object, stamp: int, cameras: Sequence[int] | None,
+           image_size: int | None, with_images: bool, where: str) -> '_Observation':
+        count = len(message.images)
+        frames: list[np.ndarray] | None | ValueError = None
+        views = list(range(count)) if cameras is None else [int(c) for c in cameras]
+        if with_images and views and all(0 <= v < count for v in views):
+            try:
+                frames = [_owned(_resize(_image_array(message.images[v], where), image_size),
+                                 message.images[v].data) for v in views]
+            except ValueError as exc:
+                frames = exc  # raised only if this observation is used
+        joints = message.joint_state
+        return cls(stamp, list(joints.name), np.asarray(joints.position, dtype=np.float32),
+                   str(message.instruction), count, frames)
+
+
+def _owned(frame: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Return `frame`, copied if it is a view of the message's data (that would keep it)."""
+    return frame.copy() if np.may_share_memory(frame, data) else frame
+
+
+def _read_messages(path: Path, source: Path, topics: Sequence[str]) -> Iterator[tuple]:
+    """Yield read_episode_messages(); what rosbags raises becomes a BagReadError.
+
+    Only the reading is guarded: errors of the caller's processing pass unchanged.
+    """
+    messages = read_episode_messages(source, topics)
+    while True:
+        try:
+            item = next(messages)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - rosbags, struct, sqlite3, zstd: "damaged"
+            raise BagReadError(read_problem(path, source, exc)) from exc
+        yield item
+
+
+def _check_states(observations: list[_Observation], where: str) -> None:
+    names = observations[0].names
     for obs in observations:
-        if list(obs.joint_state.name) != names:
+        if obs.names != names:
             raise ValueError(f'{where}: observation joint names change from {names} to '
-                             f'{list(obs.joint_state.name)}')
-        rows.append(np.asarray(obs.joint_state.position, dtype=np.float32))
-    if len({len(row) for row in rows}) != 1:
+                             f'{obs.names}')
+    if len({len(obs.position) for obs in observations}) != 1:
         raise ValueError(f'{where}: observation joint states have different lengths '
-                         f'{sorted({len(row) for row in rows})}')
-    return np.stack(rows)
+                         f'{sorted({len(obs.position) for obs in observations})}')
 
 
-def _stack_images(observations: list, cameras: Sequence[int] | None, image_size: int | None,
-                  where: str) -> np.ndarray | None:
-    """Return (N, V, H, W, 3) uint8 of the chosen views, or None when no observation has any."""
-    counts = {len(obs.images) for obs in observations}
+def _stack_images(steps: list[_Observation], used: list[_Observation],
+                  cameras: Sequence[int] | None, where: str) -> np.ndarray | None:
+    """Return (T, V, H, W, 3) uint8 of the chosen views per step, or None without images."""
+    counts = {obs.image_count for obs in used}
     if counts == {0}:
         return None
     if len(counts) != 1:
@@ -221,13 +749,28 @@ def _stack_images(observations: list, cameras: Sequence[int] | None, image_size:
     if not views or any(not 0 <= v < count for v in views):
         raise ValueError(f'{where}: camera indices {views} do not fit the {count} images per '
                          f'observation (valid: 0..{count - 1})')
-    frames = [[_resize(_image_array(obs.images[v], where), image_size) for v in views]
-              for obs in observations]
+    for obs in used:
+        if isinstance(obs.frames, ValueError):
+            raise obs.frames
+    return _pack([obs.frames for obs in steps], where)
+
+
+def _pack(frames: list[list[np.ndarray]], where: str) -> np.ndarray:
+    """Stack rows of views of (H, W, 3) frames into one (N, V, H, W, 3) array.
+
+    Each frame is copied once, straight into its place: the frames are mostly views into
+    the messages' buffers, and nested np.stack calls would copy every image two more times.
+    """
     shapes = {frame.shape for row in frames for frame in row}
     if len(shapes) != 1:
         raise ValueError(f'{where}: images have different sizes {sorted(shapes)}; pass '
                          'image_size to resize them to one size')
-    return np.stack([np.stack(row) for row in frames])
+    (shape,) = shapes
+    out = np.empty((len(frames), len(frames[0]), *shape), dtype=np.uint8)
+    for i, row in enumerate(frames):
+        for j, frame in enumerate(row):
+            out[i, j] = frame
+    return out
 
 
 def _image_array(image: object, where: str) -> np.ndarray:
@@ -245,7 +788,10 @@ def _image_array(image: object, where: str) -> np.ndarray:
                          f'{height * step} bytes')
     # Rows may be padded to `step` bytes.
     rows = data[:height * step].reshape(height, step)[:, :width * channels]
-    return rows.reshape(height, width, channels)[:, :, list(order)]
+    pixels = rows.reshape(height, width, channels)
+    if order == (0, 1, 2) and channels == 3:
+        return pixels  # rgb8: a view of the message's buffer, copied once when packed
+    return pixels[:, :, list(order)]
 
 
 def _resize(image: np.ndarray, size: int | None) -> np.ndarray:
@@ -259,6 +805,13 @@ def _resize(image: np.ndarray, size: int | None) -> np.ndarray:
         fy, fx = height // size, width // size
         blocks = image.reshape(size, fy, size, fx, 3).astype(np.float32)
         return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
-    ys = (np.arange(size) * height / size).astype(int)
+    rows, columns = _nearest_pixels(height, width, size)
+    # Rows, then byte columns of the (H, W * 3) view: ~10x faster than image[ys][:, xs].
+    return image.reshape(height, width * 3)[rows][:, columns].reshape(size, size, 3)
+
+
+@functools.lru_cache(maxsize=16)
+def _nearest_pixels(height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = (np.arange(size) * height / size).astype(int)
     xs = (np.arange(size) * width / size).astype(int)
-    return np.ascontiguousarray(image[ys][:, xs])
+    return rows, (xs[:, None] * 3 + np.arange(3)).ravel()

@@ -63,6 +63,21 @@ def test_one_step_per_action_with_the_newest_observation_before_it(tmp_path, bag
     assert episode.num_interventions == 1
 
 
+def test_ticks_stamped_with_a_neighbouring_episode_are_not_steps(tmp_path, bags):
+    # The arbiter learns of START/END on its own: the first tick recorded here still carries
+    # the previous episode's id and the last one the next's. Neither is a step of ep-7.
+    sec = bags.SEC
+    obs = bags.observation(sec, [1.0] * 14, 0)
+    ids = ['ep-6', 'ep-7', 'ep-7', 'ep-7', 'ep-8']
+    messages = [('/observation', sec, obs)] + [
+        ('/executed_action', sec + k * 20 * MS,
+         bags.action(sec + k * 20 * MS, 0, [float(k)] * 14, episode_id=episode_id))
+        for k, episode_id in enumerate(ids)]
+    episode = episode_from_bag(bags.write(tmp_path / 'ep-7', messages), 'failure')
+    assert episode.episode_id == 'ep-7'
+    assert episode.actions[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
 def test_views_are_chosen_and_resized(tmp_path, bags):
     bag = alignment_bag(tmp_path, bags, views=2)
     both = episode_from_bag(bag, 'failure')

@@ -1,0 +1,393 @@
+"""`habc train`: train a policy offline from rosbag2 recordings (no rclpy).
+
+Reads every bag under the given paths (our recorder's bags, or `ros2 bag record` output of
+standard topics described by a topic mapping file), labels them (labels CSV > episode index
+> sidecar file), turns them into Episodes, trains one method on them and writes a
+checkpoint, TensorBoard logs and a report into the output folder. Bags that cannot be used
+(unlabelled, damaged, wrong topics, not fitting the policy) are reported and skipped; the
+input is never modified.
+"""
+
+import argparse
+from collections import Counter
+from dataclasses import asdict, fields
+import json
+import os
+from pathlib import Path
+import shlex
+import shutil
+import sys
+import time
+from typing import Any
+
+from habc_learner.bag_dataset import Labeller, load_bags, LoadResult
+from habc_learner.bag_episodes import TopicMapping
+from habc_learner.methods import Method, MethodConfig
+
+CHECKPOINT_DIR = 'checkpoint'
+TENSORBOARD_DIR = 'tensorboard'
+
+HELP = """Train a policy offline from rosbag2 recordings (MCAP or sqlite3).
+
+Each PATH is a bag (a rosbag2 folder, a folder holding one .mcap file, or a bare .mcap/.db3
+file) or a directory searched for bags. Our recorder's bags need nothing else; bags of
+`ros2 bag record` of standard topics need --mapping, a YAML file such as:
+
+  cameras: [/camera/top/image_raw, /camera/wrist/image_raw]  # sensor_msgs/Image, view order
+  joint_states: /joint_states                   # sensor_msgs/JointState: the state
+  command: /forward_position_controller/commands  # Float64MultiArray, JointState or
+                                                # JointTrajectory: the executed action
+  intervention: /teleop/engage                  # std_msgs/Bool (True = human) or
+                                                # habc_msgs/InterventionState; optional
+  instruction: transfer the cube                # optional (or instruction_topic: /task)
+  control_period_s: 0.02                        # resample at 50 Hz; omit: a step per command
+  joint_names: [...]                            # optional: state joints and their order
+  stamps: header                                # or receive: the bag's receive times
+
+Outcome labels, first that labels a bag wins: --labels CSV (bag,outcome[,note]; bag = path or
+name), the episode index (episodes.sqlite beside the bags, one level up, or --index), a
+sidecar file in the bag folder (outcome.yaml "outcome: success", label.json, outcome.txt).
+Unlabelled, discarded, damaged and unfitting bags are reported and skipped.
+
+Output in --out: checkpoint/ (model.safetensors, config.json, critic, metrics.json),
+tensorboard/, report.md with plots/*.png, report.json.
+
+examples:
+  habc train --bags ~/.habc/episodes --init sft/checkpoint --method habc --out runs/offline1
+  habc train --bags /data/teleop --demos /data/demos --mapping robot.yaml \\
+      --labels labels.csv --method habc --out runs/offline2 --steps 2000
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `habc train` options to a parser."""
+    data = parser.add_argument_group('data')
+    data.add_argument('--bags', nargs='+', required=True, metavar='PATH',
+                      help='bags, or directories searched for bags (rollouts)')
+    data.add_argument('--demos', nargs='+', default=[], metavar='PATH',
+                      help='demonstration bags (D_SFT; need no label)')
+    data.add_argument('--mapping', metavar='FILE',
+                      help='topic mapping YAML for bags of standard topics (default: the '
+                      'habc topics observation and executed_action)')
+    data.add_argument('--labels', metavar='FILE', help='labels CSV: bag,outcome[,note]')
+    data.add_argument('--index', action='append', default=[], metavar='FILE',
+                      help='episode index (episodes.sqlite) to label bags from; repeatable')
+    data.add_argument('--cameras', type=int, nargs='+', metavar='I',
+                      help='habc bags: indices into Observation.images of the views to use')
+    training = parser.add_argument_group('training')
+    training.add_argument('--method', required=True, choices=[m.value for m in Method])
+    training.add_argument('--out', required=True, type=Path, metavar='DIR',
+                          help='output folder (checkpoint, TensorBoard logs, report)')
+    training.add_argument('--steps', type=int, default=1000, help='gradient steps (1000)')
+    training.add_argument('--batch-size', type=int, default=64, help='minibatch size (64)')
+    training.add_argument('--init', type=Path, metavar='CHECKPOINT',
+                          help='start from this checkpoint folder (e.g. the SFT policy)')
+    training.add_argument('--policy', choices=('auto', 'vla', 'lowdim'), default='auto',
+                          help='new policy without --init: the small VLA (images) or the '
+                          'low-dim chunk regressor (joint state only); auto: vla when the '
+                          'bags have images')
+    training.add_argument('--policy-config', type=_json_object, default={}, metavar='JSON',
+                          help='new policy: config overrides, e.g. \'{"hidden_dim": 64}\'')
+    training.add_argument('--horizon', type=int, default=20,
+                          help='new policy: action chunk length H (20)')
+    training.add_argument('--image-size', type=int, default=96,
+                          help='new policy: images are resized to this square size (96)')
+    training.add_argument('--actor-lr', type=float, default=1e-3)
+    training.add_argument('--critic-lr', type=float, default=1e-3)
+    training.add_argument('--warmup-steps', type=int, default=300,
+                          help='gradient steps with gate g_t = 1 (300)')
+    training.add_argument('--seed', type=int, default=0)
+    training.add_argument('--device', default='auto',
+                          help='torch device: auto (cuda if available), cpu, cuda, ...')
+    training.add_argument('--version', default='offline',
+                          help='version string stored in the checkpoint (offline)')
+    parser.add_argument('--force', action='store_true',
+                        help='replace a checkpoint already in --out')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def _error(message: str) -> int:
+    print(f'habc train: {message}', file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and write checkpoint, logs and report; 0 on success, 2 on unusable input."""
+    for name in ('steps', 'batch_size', 'horizon', 'image_size'):
+        if getattr(args, name) < 1:
+            return _error(f'--{name.replace("_", "-")} must be >= 1')
+    try:
+        topics = TopicMapping.from_yaml(args.mapping) if args.mapping else TopicMapping()
+        labeller = Labeller(args.labels, args.index)
+    except ValueError as exc:
+        return _error(str(exc))
+    out = args.out.expanduser().resolve()
+    checkpoint_dir = out / CHECKPOINT_DIR
+    if checkpoint_dir.exists() and not args.force:
+        return _error(f'{checkpoint_dir} exists; pass --force to replace it or choose '
+                      'another --out')
+
+    import torch
+    device = args.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    policy = None
+    if args.init is not None:
+        from habc_policy.models.base import load_policy
+        try:
+            policy = load_policy(args.init.expanduser(), map_location=device)
+        except (FileNotFoundError, ValueError) as exc:
+            return _error(f'--init {args.init}: {exc}')
+    views = getattr(policy.config, 'num_views', None) if policy is not None else None
+    with_images = (views is not None) if policy is not None else args.policy != 'lowdim'
+    image_size = (getattr(policy.config, 'image_size', None) if policy is not None
+                  else args.image_size)
+
+    try:
+        result = load_bags(args.bags, demos=args.demos, labeller=labeller, topics=topics,
+                           cameras=args.cameras, image_size=image_size,
+                           with_images=with_images, progress=not args.quiet)
+    except FileNotFoundError as exc:
+        return _error(str(exc))
+    problem = _output_problem(out, result)
+    if problem:
+        return _error(problem)
+    if policy is None:
+        spec = _majority_spec(result)
+        if spec is not None:
+            try:
+                policy = _new_policy(args, spec)
+            except (TypeError, ValueError) as exc:
+                return _error(f'cannot build the policy: {exc}')
+    if policy is not None:
+        for item in list(result.loaded):
+            problems = fit_problems(item.episode, policy)
+            if problems:
+                result.skip(item, 'mismatch', f'episode {item.episode.episode_id} does not fit '
+                            f'the policy: {"; ".join(problems)}')
+    for item in result.skipped:
+        print(f'habc train: skipped {item.path} ({item.reason}): {item.message}',
+              file=sys.stderr)
+    for row in result.unmatched_labels:
+        print(f'habc train: label for a bag that was not found: {row}', file=sys.stderr)
+    if not result.loaded:
+        return _error(f'no usable episode among {len(result.skipped)} bag(s) under '
+                      f'{" ".join(args.bags)}; see the reasons above')
+    mb = result.size_bytes / 1e6
+    print(f'loaded {len(result.loaded)} episodes ({sum(len(e) for e in result.episodes)} '
+          f'steps) from {mb:.1f} MB in {result.seconds:.1f} s; skipped {len(result.skipped)}')
+
+    try:
+        return _train(args, policy, result, topics, out, device)
+    except ValueError as exc:
+        # e.g. a method that finds no samples (sft without demonstrations).
+        return _error(str(exc))
+
+
+def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMapping,
+           out: Path, device: str) -> int:
+    from habc_learner.train_report import build_report, write_report
+    from habc_learner.trainer import TrainConfig, Trainer
+
+    method = MethodConfig(method=args.method, horizon=policy.horizon,
+                          warmup_steps=args.warmup_steps)
+    buffer = method.make_buffer()
+    for episode in result.episodes:
+        buffer.add(episode)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, actor_lr=args.actor_lr,
+                        critic_lr=args.critic_lr, seed=args.seed,
+                        log_every=max(1, min(50, args.steps // 50)), device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(policy, buffer, method, train, log_dir=out / TENSORBOARD_DIR,
+                      progress=not args.quiet)
+    _restore_critic(args, trainer, device)
+    table = buffer.table
+    actor_mask = trainer.algorithm.actor_mask(table)
+    critic_mask = trainer.algorithm.critic_mask(table)
+    started = time.perf_counter()
+    try:
+        trainer.fit(description=f'train {args.method}')
+    finally:
+        if trainer.writer is not None:
+            trainer.writer.close()
+    seconds = time.perf_counter() - started
+
+    # Written aside, then moved: a crash never leaves a half-written checkpoint in place.
+    scratch = out / f'.{CHECKPOINT_DIR}.tmp'
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    info = trainer.save_checkpoint(scratch, version=args.version)
+    checkpoint = out / CHECKPOINT_DIR
+    if checkpoint.exists():
+        shutil.rmtree(checkpoint)
+    os.replace(scratch, checkpoint)
+
+    training = {
+        'method': args.method, 'policy': policy.type_name,
+        'policy_config': asdict(policy.config),
+        'init': str(args.init) if args.init else '', 'steps': args.steps,
+        'batch_size': args.batch_size, 'seconds': seconds,
+        'samples_per_s': args.steps * args.batch_size / seconds if seconds > 0 else 0.0,
+        'device': device, 'checkpoint': str(checkpoint), 'sha256': info['sha256'],
+        'version': args.version, 'tensorboard': str(out / TENSORBOARD_DIR),
+        'method_config': asdict(method),
+    }
+    report = build_report(command=command_line(args), result=result, buffer=buffer,
+                          actor_mask=actor_mask, critic_mask=critic_mask,
+                          history=trainer.history, training=training,
+                          mapping=topics.to_dict())
+    path = write_report(out, report)
+    last = trainer.history[-1] if trainer.history else {}
+    losses = ', '.join(f'{k.split("/")[-1]} {v:.4g}' for k, v in last.items()
+                       if k.startswith('losses/') and not k.endswith('grad_norm'))
+    print(f'trained {args.method} for {args.steps} steps in {seconds:.1f} s ({losses})')
+    print(f'checkpoint: {checkpoint} (sha256 {info["sha256"][:12]}...)')
+    print(f'report: {path}')
+    print(f'tensorboard: tensorboard --logdir {out / TENSORBOARD_DIR}')
+    return 0
+
+
+def _restore_critic(args: argparse.Namespace, trainer, device: str) -> None:
+    """Start the critic from the --init checkpoint when it was trained by the same method."""
+    if args.init is None or trainer.algorithm.critic is None:
+        return
+    critic_path = args.init.expanduser() / 'critic.safetensors'
+    try:
+        meta = json.loads((args.init.expanduser() / 'metrics.json').read_text())
+        same = meta.get('method', {}).get('method') == args.method
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not (same and critic_path.is_file()):
+        return
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(critic_path), device=device)
+        trainer.algorithm.critic.load_state_dict(state)
+        trainer.algorithm.target_critic.load_state_dict(state)
+        print(f'critic restored from {critic_path}')
+    except (RuntimeError, ValueError) as exc:
+        print(f'habc train: the critic in {critic_path} does not fit ({exc}); it starts '
+              'afresh', file=sys.stderr)
+
+
+def _output_problem(out: Path, result: LoadResult) -> str:
+    """Refuse an output folder inside an input bag: the input must stay as it was."""
+    for path in [item.path for item in result.loaded] + [s.path for s in result.skipped]:
+        if path.is_dir() and out.is_relative_to(path.resolve()):
+            return (f'--out {out} is inside the bag {path}; the input bags are never written '
+                    'to: choose another folder')
+    return ''
+
+
+def _spec(episode) -> tuple:
+    images = episode.observations.get('images')
+    return (episode.observations['state'].shape[1], episode.action_dim,
+            None if images is None else images.shape[1:])
+
+
+def _majority_spec(result: LoadResult) -> tuple | None:
+    """Return the (state dim, action dim, image shape) most episodes share."""
+    if not result.loaded:
+        return None
+    counts = Counter(_spec(item.episode) for item in result.loaded)
+    return counts.most_common(1)[0][0]
+
+
+def _new_policy(args: argparse.Namespace, spec: tuple):
+    """Build an untrained policy for the data: the small VLA or the low-dim regressor."""
+    from habc_policy.models.lowdim import LowDimChunkConfig, LowDimChunkPolicy
+    from habc_policy.models.vla import SmallVLA, SmallVLAConfig
+
+    state_dim, action_dim, images = spec
+    kind = args.policy
+    if kind == 'auto':
+        kind = 'vla' if images is not None else 'lowdim'
+    if kind == 'vla' and images is None:
+        raise ValueError('--policy vla needs images, and the bags have none (add cameras to '
+                         'the mapping, or use --policy lowdim)')
+    overrides = dict(args.policy_config)
+    if kind == 'lowdim':
+        config_cls, values = LowDimChunkConfig, {'state_dim': state_dim,
+                                                 'action_dim': action_dim,
+                                                 'horizon': args.horizon}
+    else:
+        # As habc bench's pixel track: the L2 action head fits faster on small budgets.
+        config_cls, values = SmallVLAConfig, {'state_dim': state_dim, 'action_dim': action_dim,
+                                              'horizon': args.horizon, 'num_views': images[0],
+                                              'image_size': images[1], 'action_head': 'l2'}
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f'--policy-config keys {unknown} are not in {config_cls.__name__} '
+                         f'({sorted(known)})')
+    config = config_cls(**{**values, **overrides})
+    return LowDimChunkPolicy(config) if kind == 'lowdim' else SmallVLA(config)
+
+
+def fit_problems(episode, policy) -> list[str]:
+    """Return why an episode does not fit the policy's inputs and outputs (empty: it fits)."""
+    config = policy.config
+    problems = []
+    if episode.action_dim != policy.action_dim:
+        problems.append(f'actions have {episode.action_dim} values, the policy '
+                        f'{policy.action_dim}')
+    state_dim = getattr(config, 'state_dim', None)
+    state = episode.observations['state']
+    if state_dim is not None and state.shape[1] != state_dim:
+        problems.append(f'the joint state has {state.shape[1]} values, the policy expects '
+                        f'{state_dim}')
+    views = getattr(config, 'num_views', None)
+    images = episode.observations.get('images')
+    if views is None:
+        episode.observations.pop('images', None)  # the policy sees no images: free them
+    elif images is None:
+        problems.append(f'the observations hold no images, the policy needs {views} view(s) '
+                        '(list the camera topics in the mapping)')
+    elif images.shape[1] != views:
+        problems.append(f'{images.shape[1]} camera view(s), the policy needs {views} (choose '
+                        "them with --cameras or the mapping's cameras)")
+    elif images.shape[2:4] != (config.image_size, config.image_size):
+        problems.append(f'images are {images.shape[3]}x{images.shape[2]}, the policy needs '
+                        f'{config.image_size}x{config.image_size}')
+    return problems
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """Return the `habc train` command line that `args` stand for (for the report)."""
+    parts = ['habc', 'train']
+    for key, value in vars(args).items():
+        if key in ('run', 'command') or value in (None, False, [], {}):
+            continue
+        flag = '--' + key.replace('_', '-')
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag, *(str(v) for v in value)] if key != 'index' else [
+                item for v in value for item in (flag, str(v))]
+        elif isinstance(value, dict):
+            parts += [flag, json.dumps(value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f'not JSON: {exc}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object like {"hidden_dim": 64}')
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (same as `habc train`)."""
+    parser = argparse.ArgumentParser(prog='habc train', description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args(argv)))
+
+
+if __name__ == '__main__':
+    main()

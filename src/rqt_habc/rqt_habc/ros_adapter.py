@@ -1,0 +1,209 @@
+"""The dashboard's ROS side: a thin rclpy adapter the Qt widget polls (no Qt here).
+
+It subscribes to one robot namespace (`intervention`, `recorder/events`, `policy/status`,
+`learner/status`), calls the recorder's `recorder/label_episode` service, and hands every
+received message to the widget as an `Update` through a queue. The queue is what lets the
+same widget run in two settings: standalone, where this adapter owns its node and the widget
+spins it from a QTimer (`poll()`), and inside rqt, where rqt_gui_py owns the node and spins
+it in its own thread while the widget only drains the queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import queue
+import time
+from typing import Any
+
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+
+from habc_common.qos import COMMANDS, LATCHED
+from habc_msgs.msg import EpisodeEvent, InterventionState
+from habc_msgs.srv import LabelEpisode
+from rqt_habc.model import LABEL_OUTCOMES, namespaces_with, normalize_namespace, qualified
+
+# recorder/events is latched with depth 1 on the recorder's side; a deeper reader queue
+# keeps events sent back to back (END, then LABELLED) until they are taken, and
+# transient_local still delivers the latest one when the dashboard starts.
+EVENTS_QOS = QoSProfile(depth=20, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+# A poll spins until this many spins in a row found nothing to do (a service answer takes
+# one spin to arrive and one more to run its done callback), or until its budget is spent.
+_IDLE_SPINS = 2
+_POLL_BUDGET_S = 0.03
+
+
+@dataclass(frozen=True)
+class Update:
+    """One thing that arrived, and time.monotonic() at its arrival.
+
+    `kind` is 'intervention', 'event', 'learner_status', 'policy_status' or 'label_result'.
+    """
+
+    kind: str
+    payload: Any
+    received: float
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """The recorder's answer to a label request."""
+
+    episode_id: str
+    outcome: str
+    accepted: bool
+    message: str
+
+
+class DashboardRos:
+    """Subscriptions and the label client of one robot namespace, behind a queue."""
+
+    def __init__(self, node: Node | None = None, namespace: str = '/') -> None:
+        """Use `node` (spun by its owner, e.g. rqt) or, when None, create and spin one.
+
+        Creating a node needs rclpy.init() to have been called.
+        """
+        self.owns_node = node is None
+        if node is None:
+            import rclpy
+            from rclpy.executors import SingleThreadedExecutor
+            self.node = rclpy.create_node('habc_dashboard')
+            self.executor = SingleThreadedExecutor()
+            self.executor.add_node(self.node)
+        else:
+            self.node, self.executor = node, None
+        self._queue: queue.SimpleQueue[tuple[int, Update]] = queue.SimpleQueue()
+        self._activity = 0
+        # Messages of a namespace left behind may still sit in the queue; each is tagged
+        # with the generation of the subscriptions that took it and dropped when stale.
+        self._generation = 0
+        self._entities: list[Any] = []
+        self._label_client = None
+        self.namespace = '/'
+        self.set_namespace(namespace)
+
+    # Subscriptions --------------------------------------------------------------------------
+
+    def set_namespace(self, namespace: str) -> str:
+        """Follow another robot namespace; returns it normalised ('/robot1').
+
+        Raises:
+            ValueError: not a valid namespace (nothing is changed then).
+        """
+        namespace = normalize_namespace(namespace)
+        self._destroy_entities()
+        self._generation += 1
+        self.namespace = namespace
+        node = self.node
+        self._entities = [
+            node.create_subscription(InterventionState, qualified(namespace, 'intervention'),
+                                     self._taker('intervention'), COMMANDS),
+            node.create_subscription(EpisodeEvent, qualified(namespace, 'recorder/events'),
+                                     self._taker('event'), EVENTS_QOS),
+            node.create_subscription(String, qualified(namespace, 'policy/status'),
+                                     self._taker('policy_status'), LATCHED),
+            node.create_subscription(String, qualified(namespace, 'learner/status'),
+                                     self._taker('learner_status'), LATCHED),
+        ]
+        if namespace != '/':
+            # One learner may serve several robots from the root namespace.
+            self._entities.append(node.create_subscription(
+                String, '/learner/status', self._taker('learner_status'), LATCHED))
+        self._label_client = node.create_client(
+            LabelEpisode, qualified(namespace, 'recorder/label_episode'))
+        return namespace
+
+    def _taker(self, kind: str):
+        generation = self._generation
+
+        def take(msg: Any) -> None:
+            self._activity += 1
+            self._queue.put((generation, Update(kind, msg, time.monotonic())))
+        return take
+
+    def _destroy_entities(self) -> None:
+        for entity in self._entities:
+            self.node.destroy_subscription(entity)
+        self._entities = []
+        if self._label_client is not None:
+            self.node.destroy_client(self._label_client)
+            self._label_client = None
+
+    # Polling -------------------------------------------------------------------------------
+
+    def poll(self) -> list[Update]:
+        """Spin the own node briefly (if this adapter owns it) and return what arrived."""
+        if self.executor is not None:
+            deadline = time.monotonic() + _POLL_BUDGET_S
+            idle = 0
+            while idle < _IDLE_SPINS and time.monotonic() < deadline:
+                before = self._activity
+                self.executor.spin_once(timeout_sec=0.0)
+                idle = idle + 1 if self._activity == before else 0
+        updates = []
+        while True:
+            try:
+                generation, update = self._queue.get_nowait()
+            except queue.Empty:
+                return updates
+            if generation == self._generation:
+                updates.append(update)
+
+    # Services ------------------------------------------------------------------------------
+
+    def recorder_ready(self) -> bool:
+        """Return True when the recorder's label service of this namespace is reachable."""
+        return self._label_client is not None and self._label_client.service_is_ready()
+
+    def label(self, episode_id: str, outcome: str, note: str = '', labeler: str = '') -> None:
+        """Ask the recorder to label `episode_id`; the answer comes as a 'label_result' update.
+
+        Raises:
+            ValueError: unknown outcome name.
+            RuntimeError: the recorder's label service is not available.
+        """
+        if outcome not in LABEL_OUTCOMES:
+            raise ValueError(f'invalid outcome {outcome!r}; choose one of '
+                             f'{list(LABEL_OUTCOMES)}')
+        if not self.recorder_ready():
+            raise RuntimeError(f'no episode recorder serves '
+                               f'{qualified(self.namespace, "recorder/label_episode")}')
+        request = LabelEpisode.Request(episode_id=episode_id, outcome=LABEL_OUTCOMES[outcome],
+                                       note=note, labeler=labeler)
+        future = self._label_client.call_async(request)
+
+        def done(finished: Any) -> None:
+            self._activity += 1
+            try:
+                response = finished.result()
+                result = LabelResult(episode_id, outcome, bool(response.accepted),
+                                     response.message)
+            except Exception as exc:  # noqa: BLE001 - reported in the dashboard, not raised
+                result = LabelResult(episode_id, outcome, False, f'label call failed: {exc}')
+            # Tagged current: an answer is shown even after a namespace change, since the
+            # operator asked for it.
+            self._queue.put((self._generation, Update('label_result', result,
+                                                      time.monotonic())))
+        future.add_done_callback(done)
+
+    # Graph ---------------------------------------------------------------------------------
+
+    def robot_namespaces(self) -> list[str]:
+        """Return the namespaces in which an episode recorder publishes its events."""
+        names = [name for name, _types in self.node.get_topic_names_and_types()]
+        return namespaces_with(names)
+
+    def now(self) -> float:
+        """Return the node clock's time in seconds (ROS time, as the message stamps)."""
+        return self.node.get_clock().now().nanoseconds * 1e-9
+
+    def close(self) -> None:
+        """Destroy the subscriptions, the client and, when owned, the node."""
+        self._destroy_entities()
+        if self.owns_node:
+            self.executor.shutdown()
+            self.node.destroy_node()

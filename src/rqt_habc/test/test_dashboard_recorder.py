@@ -1,0 +1,173 @@
+"""The dashboard offscreen against a real episode_recorder_node process on loopback DDS.
+
+One short episode (policy -> human -> policy) goes through EpisodeControl START/END; the
+dashboard shows it live, its Success button labels it through the recorder's real service
+(the label lands in the SQLite index), its F key relabels it, and the timeline of the
+recorded bag has the three segments.
+"""
+
+import os
+import signal
+import time
+
+from builtin_interfaces.msg import Time
+import pytest
+from ros_helpers import Child, ROOT
+
+from habc_common.qos import COMMANDS
+from habc_msgs.msg import ExecutedAction, InterventionState
+from habc_msgs.srv import EpisodeControl
+from habc_policy.episode_index import EpisodeIndex
+from rqt_habc.model import SOURCE_HUMAN, SOURCE_POLICY, timeline_from_bag
+
+RECORDER = ROOT / 'install' / 'habc_policy' / 'lib' / 'habc_policy' / 'episode_recorder_node'
+P, H = SOURCE_POLICY, SOURCE_HUMAN
+# 5 ticks each of policy, human, policy at 50 Hz: segment boundaries at +0.1 s and +0.2 s.
+SCRIPT = [(P, 0)] * 5 + [(H, 1)] * 5 + [(P, 2)] * 5
+DT = 0.02
+
+
+def pump(qapp, executor, predicate, timeout=20.0):
+    """Spin the test's node and run Qt's event loop (the dashboard's QTimer) until true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        executor.spin_once(timeout_sec=0.01)
+        qapp.processEvents()
+    return predicate()
+
+
+def call(qapp, executor, client, request):
+    future = client.call_async(request)
+    assert pump(qapp, executor, future.done), f'{client.srv_name}: no answer'
+    return future.result()
+
+
+@pytest.mark.ros
+def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
+    from python_qt_binding.QtCore import Qt
+    from python_qt_binding.QtTest import QTest
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from rqt_habc.ros_adapter import DashboardRos
+    from rqt_habc.widget import DashboardWidget
+
+    assert RECORDER.is_file(), f'{RECORDER} missing: build the workspace (make setup)'
+    ns = f'dash{os.getpid()}'
+    storage = tmp_path / 'episodes'
+    recorder = Child([str(RECORDER), '--ros-args', '-r', f'__ns:=/{ns}',
+                      '-p', f'storage_dir:={storage}'])
+    rclpy.init()
+    node = rclpy.create_node('dashboard_test_driver')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    ros = widget = None
+    try:
+        recorder.wait_for('ready')
+        intervention = node.create_publisher(InterventionState, f'/{ns}/intervention',
+                                             COMMANDS)
+        executed = node.create_publisher(ExecutedAction, f'/{ns}/executed_action', COMMANDS)
+        control = node.create_client(EpisodeControl, f'/{ns}/recorder/episode_control')
+
+        ros = DashboardRos(namespace=ns)
+        widget = DashboardWidget(ros, storage / 'episodes.sqlite', labeler='tester',
+                                 poll_ms=20, refresh_ms=300)
+        widget.resize(1000, 700)
+        widget.show()
+        widget.activateWindow()
+        assert QTest.qWaitForWindowActive(widget, 2000)
+        # Recorder and dashboard both listen to `intervention`; the recorder to the rest.
+        assert pump(qapp, executor, lambda: (
+            ros.recorder_ready() and control.service_is_ready()
+            and intervention.get_subscription_count() >= 2
+            and executed.get_subscription_count() >= 1)), recorder.output
+
+        started = call(qapp, executor, control,
+                       EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_START))
+        assert started.accepted, started.message
+        episode_id = started.episode_id
+        assert pump(qapp, executor, lambda: widget.live.episode_id == episode_id)
+        assert widget.episode_label.text() == episode_id
+
+        t0 = time.time()
+        saw_human = False
+        for k, (source, segment) in enumerate(SCRIPT):
+            stamp_s = t0 + k * DT
+            stamp = Time(sec=int(stamp_s), nanosec=int(round(stamp_s % 1 * 1e9)) % 10**9)
+            msg = InterventionState(active=source == H, source=source, segment_id=segment,
+                                    episode_id=episode_id, reason='pedal' if source == H
+                                    else 'policy')
+            msg.header.stamp = stamp
+            intervention.publish(msg)
+            action = ExecutedAction(source=source, segment_id=segment, episode_id=episode_id,
+                                    policy_version='7', joint_names=['a'], positions=[0.1 * k])
+            action.header.stamp = stamp
+            executed.publish(action)
+            if k == 7:  # mid-takeover: the dashboard says the human drives
+                assert pump(qapp, executor,
+                            lambda: widget.controller_label.text() == 'HUMAN (pedal)')
+                saw_human = True
+            pump(qapp, executor, lambda: False, timeout=0.01)
+        assert saw_human
+        assert pump(qapp, executor, lambda: widget.live.timeline.count == len(SCRIPT))
+        live = widget.live.live_timeline()
+        assert [(s.source, s.segment_id, s.ticks) for s in live.segments] == [
+            (P, 0, 5), (H, 1, 5), (P, 2, 5)]
+        pump(qapp, executor, lambda: False, timeout=0.5)  # the recorder takes its last ticks
+
+        ended = call(qapp, executor, control,
+                     EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_END))
+        assert ended.accepted, ended.message
+        assert f'{len(SCRIPT)} steps, 1 interventions' in ended.message
+        assert pump(qapp, executor, lambda: widget.live.last_finished_id == episode_id
+                    and widget.table.rowCount() == 1)
+        assert widget.table.item(0, 0).text() == episode_id
+        assert widget.target() == (episode_id, 'last finished')
+
+        # Success, clicked: the label goes through recorder/label_episode into the index.
+        widget.note_edit.setText('clean handover')
+        QTest.mouseClick(widget.buttons['success'], Qt.LeftButton)
+        assert pump(qapp, executor, lambda: widget.pending_label is None)
+        assert widget.last_message == f'episode {episode_id} labelled success by tester'
+        with EpisodeIndex(storage / 'episodes.sqlite') as index:
+            row = index.get(episode_id)
+        assert (row.outcome, row.labeler, row.note, row.num_steps, row.num_interventions,
+                row.policy_version) == ('success', 'tester', 'clean handover', 15, 1, '7')
+
+        # Relabel: select the row, press F.
+        assert pump(qapp, executor, lambda: widget.table.item(0, 1).text() == 'success')
+        assert widget.select_episode(episode_id)
+        widget.table.setFocus()
+        QTest.keyClick(widget.table, Qt.Key_F)
+        assert pump(qapp, executor, lambda: widget.table.item(0, 1).text() == 'failure'), \
+            widget.last_message
+        with EpisodeIndex(storage / 'episodes.sqlite') as index:
+            assert index.get(episode_id).outcome == 'failure'
+
+        # The recorded bag's timeline: policy, human, policy with the published boundaries.
+        timeline = timeline_from_bag(row.bag_path, episode_id)
+        assert [(s.source, s.segment_id, s.ticks) for s in timeline.segments] == [
+            (P, 0, 5), (H, 1, 5), (P, 2, 5)]
+        starts = [s.start - timeline.origin for s in timeline.segments]
+        assert starts == pytest.approx([0.0, 5 * DT, 10 * DT], abs=1e-6)
+        assert timeline.duration == pytest.approx(15 * DT, abs=1e-6)
+        shown = {r.episode_id: r for r in widget.timeline_view.rows}[episode_id]
+        assert shown.timeline.segments == timeline.segments and shown.outcome == 'failure'
+        assert not widget.grab().isNull()
+    finally:
+        if widget is not None:
+            widget.shutdown()
+            widget.close()
+        if ros is not None:
+            ros.close()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown()
+        if recorder.process.poll() is None:
+            recorder.process.send_signal(signal.SIGINT)
+            try:
+                recorder.finish(timeout=15)
+            finally:
+                recorder.kill()
