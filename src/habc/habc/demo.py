@@ -31,12 +31,12 @@ class DemoConfig:
 
     out: Path
     task: str = 'transfer_cube'
-    demos: int = 20
+    demos: int = 30
     demo_noise: float = 0.0
-    sft_steps: int = 800
+    sft_steps: int = 2000
     batch_size: int = 16
     rounds: int = 2
-    episodes_per_round: int = 3
+    episodes_per_round: int = 4
     steps_per_round: int = 60
     max_steps: int = 300
     method: str = 'habc'
@@ -112,7 +112,9 @@ def train_sft(config: DemoConfig, checkpoint: Path) -> None:
 def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
     """Write the run's parameter file, layered over config/params/*.yaml (params_file:=)."""
     out = out.resolve()
-    episodes = config.episodes_per_round * (config.rounds + 1)
+    # The operator runs episodes until the demo stops the loop (once the last version has
+    # run its episodes): updates arrive while episodes go on, so no fixed count fits.
+    episodes = 0
     params = {
         '/**/sim_robot': {'task': config.task, 'max_steps': config.max_steps},
         '/**/policy': {'checkpoint': str(checkpoint.resolve()), 'torch_threads': 1},
@@ -176,8 +178,9 @@ def version_stats(index_path: Path, monitor: Monitor) -> list[VersionStats]:
         for record in reversed(index.list()):
             if record.outcome not in ('success', 'failure'):
                 continue
-            row = stats.setdefault(record.policy_version,
-                                   VersionStats(record.policy_version))
+            # '' = no chunk seen during the episode: the policy never acted in it.
+            version = record.policy_version or 'none'
+            row = stats.setdefault(version, VersionStats(version))
             row.episodes += 1
             row.successes += record.outcome == 'success'
             row.interventions += record.num_interventions
@@ -231,11 +234,11 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
         launcher = subprocess.Popen(
             [sys.executable, '-m', 'habc.cli', 'launch', 'bringup', f'params_file:={params}'],
             stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    print(f'[demo] loop started (node logs: {log_path}); rounds: {config.rounds} x '
-          f'{config.episodes_per_round} episodes', flush=True)
+    print(f'[demo] loop started (node logs: {log_path}): the learner trains after every '
+          f'{config.episodes_per_round} labelled episodes; the demo stops once version '
+          f'{config.rounds + 1} has run {config.episodes_per_round} episodes', flush=True)
     print(TABLE_HEADER, flush=True)
     printed: set[str] = set()
-    expected = config.episodes_per_round * (config.rounds + 1)
     deadline = time.monotonic() + config.timeout_s
     code = 0
     try:
@@ -254,7 +257,8 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
                 if row.version not in printed and newer:
                     printed.add(row.version)
                     print(format_row(row), flush=True)
-            if sum(r.episodes for r in rows) >= expected:
+            final = next((r for r in rows if r.version == str(config.rounds + 1)), None)
+            if final is not None and final.episodes >= config.episodes_per_round:
                 break
             if time.monotonic() > deadline:
                 print(f'[demo] timeout after {config.timeout_s:.0f} s', file=sys.stderr)

@@ -1,0 +1,46 @@
+"""`habc demo`'s bookkeeping: the per-version table and the parameter file it writes."""
+
+from pathlib import Path
+
+import yaml
+
+from habc.demo import DemoConfig, format_row, Monitor, version_stats, write_params
+from habc_policy.episode_index import EpisodeIndex
+
+
+def test_version_stats_group_labelled_episodes_by_the_version_that_ran_them(tmp_path):
+    path = tmp_path / 'episodes.sqlite'
+    rows = [('a', '1', 'success', 0), ('b', '1', 'failure', 2), ('c', '2', 'success', 1),
+            ('d', '', 'failure', 1), ('e', '2', None, 0)]
+    with EpisodeIndex(path) as index:
+        for n, (episode, version, outcome, interventions) in enumerate(rows):
+            index.create(episode, f'/bags/{episode}', 'task', version, started_at=10.0 * n)
+            index.finish(episode, 100, interventions, ended_at=10.0 * n + 5)
+            if outcome:
+                index.label(episode, outcome, 'test', now=10.0 * n + 6)
+    monitor = Monitor(updates={'2': 100.0}, activations={'1': 0.0, '2': 100.25})
+    stats = {r.version: r for r in version_stats(path, monitor)}
+    assert set(stats) == {'1', '2', 'none'}   # 'e' is unlabelled: not counted
+    assert (stats['1'].episodes, stats['1'].successes, stats['1'].interventions) == (2, 1, 2)
+    assert stats['1'].success_rate == 0.5 and stats['1'].update_latency_s is None
+    assert stats['2'].update_latency_s == 0.25
+    assert format_row(stats['2']) == ('|       2 |        1 |      100% |             1 | '
+                                      '        0.25 s |')
+    assert '- (initial)' in format_row(stats['1'])
+    assert version_stats(tmp_path / 'missing.sqlite', monitor) == []
+
+
+def test_params_file_points_every_node_at_the_run_folder(tmp_path):
+    tmp_path = tmp_path.resolve()
+    config = DemoConfig(out=tmp_path, rounds=3, episodes_per_round=2, steps_per_round=7)
+    (tmp_path / 'run').mkdir()
+    path = write_params(config, tmp_path / 'sft', tmp_path / 'run')
+    params = yaml.safe_load(path.read_text())
+    learner = params['/**/learner']['ros__parameters']
+    assert learner['index_path'] == str(tmp_path / 'run' / 'episodes' / 'episodes.sqlite')
+    assert (learner['episodes_per_round'], learner['steps_per_round']) == (2, 7)
+    assert params['/**/episode_recorder']['ros__parameters']['storage_dir'] == str(
+        tmp_path / 'run' / 'episodes')
+    assert params['/**/policy']['ros__parameters']['checkpoint'] == str(
+        (tmp_path / 'sft').resolve())
+    assert Path(learner['init_checkpoint']) == (tmp_path / 'sft').resolve()
