@@ -257,14 +257,21 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
                 if row.version not in printed and newer:
                     printed.add(row.version)
                     print(format_row(row), flush=True)
-            final = next((r for r in rows if r.version == str(config.rounds + 1)), None)
-            if final is not None and final.episodes >= config.episodes_per_round:
+            # The learner keeps training while episodes run, so later versions may follow:
+            # stop once versions past the last round have run a round's episodes.
+            last = config.rounds + 1
+            if sum(r.episodes for r in rows if r.version.isdigit()
+                   and int(r.version) >= last) >= config.episodes_per_round:
                 break
             if time.monotonic() > deadline:
                 print(f'[demo] timeout after {config.timeout_s:.0f} s', file=sys.stderr)
                 code = 1
                 break
             time.sleep(1.0)
+    except KeyboardInterrupt:
+        print('[demo] Ctrl-C: stopping the loop and writing what was measured',
+              file=sys.stderr)
+        code = 130
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGINT)
