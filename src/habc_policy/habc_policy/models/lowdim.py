@@ -10,7 +10,7 @@ its policy failed closed loop. The benchmark's state track therefore uses the re
 HABC's weights apply to any per-sample loss (Eq. 1).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -23,6 +23,14 @@ from habc_policy.models.flow_matching import (
     mlp,
     sinusoidal_embedding,
 )
+
+
+def _require_positive(config: Any) -> None:
+    """Raise if any size of a config (every field is an int size) is below 1."""
+    for item in fields(config):
+        if getattr(config, item.name) < 1:
+            raise ValueError(f'{type(config).__name__}.{item.name} must be >= 1, got '
+                             f'{getattr(config, item.name)}')
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,7 @@ class LowDimFlowConfig:
     num_inference_steps: int = 10
 
     def __post_init__(self) -> None:
-        for name in ('state_dim', 'action_dim', 'horizon', 'feature_dim', 'hidden_dim',
-                     'num_layers', 'time_embed_dim', 'num_inference_steps'):
-            if getattr(self, name) < 1:
-                raise ValueError(f'LowDimFlowConfig.{name} must be >= 1, got '
-                                 f'{getattr(self, name)}')
+        _require_positive(self)
 
 
 @register_policy
@@ -111,11 +115,7 @@ class LowDimChunkConfig:
     num_layers: int = 2
 
     def __post_init__(self) -> None:
-        for name in ('state_dim', 'action_dim', 'horizon', 'feature_dim', 'hidden_dim',
-                     'num_layers'):
-            if getattr(self, name) < 1:
-                raise ValueError(f'LowDimChunkConfig.{name} must be >= 1, got '
-                                 f'{getattr(self, name)}')
+        _require_positive(self)
 
 
 @register_policy
