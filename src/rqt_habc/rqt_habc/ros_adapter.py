@@ -65,7 +65,7 @@ class DashboardRos:
     def __init__(self, node: Node | None = None, namespace: str = '/') -> None:
         """Use `node` (spun by its owner, e.g. rqt) or, when None, create and spin one.
 
-        Creating a node needs rclpy.init() to have been called.
+        Creating a node needs an initialised rclpy context (standalone.py makes one).
         """
         self.owns_node = node is None
         if node is None:
