@@ -32,6 +32,11 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None) -> None
         print(f'[{getattr(factory, "__name__", "node")}] invalid configuration: {exc}',
               file=sys.stderr)
         code = 2
+    except Exception:
+        if rclpy.ok():
+            raise
+        # Ctrl-C while the node was starting: rclpy's signal handler shut the context down
+        # under the constructor (a publish then fails). That is a requested, clean stop.
     finally:
         if adapter is not None:
             close = getattr(adapter, 'close', None)
