@@ -57,7 +57,10 @@ def write_params(tmp_path: Path, checkpoint: Path) -> Path:
     storage = tmp_path / 'episodes'
     params = {
         '/**/sim_robot': {'image_size': 32, 'max_steps': MAX_STEPS},
-        '/**/policy': {'checkpoint': str(checkpoint), 'torch_threads': 1},
+        # Ask for the next chunk as soon as one arrives: the most slack a loaded CI machine
+        # can give, so an empty tick at the swap would be the swap's fault.
+        '/**/policy': {'checkpoint': str(checkpoint), 'torch_threads': 1,
+                       'min_remaining_steps': 9},
         '/**/episode_recorder': {'storage_dir': str(storage)},
         # Takes over whenever a detector fires, so episodes mix policy and human segments.
         '/**/scripted_operator': {'episodes': EPISODES, 'max_steps': MAX_STEPS,

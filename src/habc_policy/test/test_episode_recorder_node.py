@@ -331,6 +331,12 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         client.wait_ready()
         started = client.episode(START)
         assert started.accepted, started.message
+        # Publish only once the recorder's subscription has matched (a loaded machine can
+        # take a while): messages sent before that are not the recorder's to lose.
+        match_deadline = time.monotonic() + 30.0
+        while (client.pubs['executed_action'].get_subscription_count() == 0
+               and time.monotonic() < match_deadline):
+            client.executor.spin_once(timeout_sec=0.05)
         sent = 0
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:  # ~50 Hz for 1.5 s
