@@ -20,6 +20,7 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None) -> None
 
     rclpy.init(args=args)
     adapter = None
+    executor = None
     code = 0
     try:
         adapter = factory()
@@ -38,6 +39,10 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None) -> None
         # Ctrl-C while the node was starting: rclpy's signal handler shut the context down
         # under the constructor (a publish then fails). That is a requested, clean stop.
     finally:
+        if executor is not None:
+            # Let the executor's worker threads finish their callbacks before the node is
+            # destroyed under them (a rare hang on Ctrl-C was seen without this).
+            executor.shutdown(timeout_sec=2.0)
         if adapter is not None:
             close = getattr(adapter, 'close', None)
             if close is not None:
