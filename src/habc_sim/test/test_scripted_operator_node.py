@@ -84,9 +84,9 @@ class StandIn:
 def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits():
     stand_in = StandIn()
     # No cameras: the operator does not look at images, and the ticks stay in real time.
-    sim = node_process('sim_robot_node', 'cameras:=[]', 'seed:=1', 'max_steps:=130')
+    sim = node_process('sim_robot_node', 'cameras:=[]', 'seed:=1', 'max_steps:=200')
     operator = node_process('scripted_operator_node', 'episodes:=1', 'seed_base:=4',
-                            'max_steps:=130', 'takeover_probability:=1.0',
+                            'max_steps:=200', 'takeover_probability:=1.0',
                             'reaction_delay_steps:=0', 'wait_for_services_s:=60.0')
     try:
         sim.wait_for('ready:', timeout=60.0)
