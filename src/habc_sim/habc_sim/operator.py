@@ -74,17 +74,28 @@ class ScriptedOperator:
         self._start = {name: np.asarray(privileged.get(f'{name}_pos', np.zeros(3)))
                        for name in self.config.objects}
         self._was_lifted = dict.fromkeys(self.config.objects, False)
-        self._history: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._history: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        self._calls = 0
 
-    def detect(self, privileged: dict) -> str | None:
-        """Return the first detector that fires on this state, if any."""
+    def detect(self, privileged: dict, t: int | None = None) -> str | None:
+        """Return the first detector that fires on this state (at step t), if any.
+
+        The stall window spans `stall_steps` control steps of t, not calls: a watcher that
+        sees only some ticks (a ROS operator under load) judges the same time span. Without
+        t, each call counts as one step.
+        """
         c = self.config
+        if t is None:
+            t = self._calls
+        self._calls += 1
         objects = np.stack([privileged[f'{name}_pos'] for name in c.objects])
         # Distance of each object to its nearest gripper: falls while the robot approaches.
         grippers = np.stack([privileged['left_gripper_pos'], privileged['right_gripper_pos']])
         reach = np.linalg.norm(objects[:, None] - grippers[None], axis=-1).min(axis=1)
-        self._history.append((int(privileged['stage']), objects, reach))
-        self._history = self._history[-c.stall_steps:]
+        self._history.append((t, int(privileged['stage']), objects, reach))
+        window_start = t - (c.stall_steps - 1)
+        while len(self._history) > 1 and self._history[1][0] <= window_start:
+            self._history.pop(0)
         for index, name in enumerate(c.objects):
             z = float(objects[index][2])
             if z > c.lifted_height:
@@ -96,9 +107,9 @@ class ScriptedOperator:
             if (Detector.BAD_APPROACH in c.detectors and not self._was_lifted[name]
                     and pushed > c.push_distance):
                 return Detector.BAD_APPROACH
-        if (Detector.STALL in c.detectors and len(self._history) == c.stall_steps
+        if (Detector.STALL in c.detectors and self._history[0][0] <= window_start
                 and not privileged['strict_success']):
-            first_stage, first_objects, first_reach = self._history[0]
+            _, first_stage, first_objects, first_reach = self._history[0]
             moved = np.linalg.norm(objects - first_objects, axis=-1).max()
             approached = (first_reach - reach).max()
             if (privileged['stage'] <= first_stage and moved < c.stall_progress
@@ -119,7 +130,7 @@ class ScriptedOperator:
                 self.will_hand_back = bool(self.rng.random() < c.handback_probability)
                 took_over = True
             elif self.pending_takeover is None and self.takeovers < c.max_takeovers:
-                detector = self.detect(privileged)
+                detector = self.detect(privileged, t)
                 if detector is not None and detector not in self.declined:
                     act = bool(self.rng.random() < c.takeover_probability)
                     self.fired.append((t, str(detector), act))
