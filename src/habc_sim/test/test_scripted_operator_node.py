@@ -101,7 +101,8 @@ def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits():
         assert (kind, episode_id, labeler) == ('label', 'ep-0042', 'scripted_operator')
         assert outcome == LabelEpisode.Request.OUTCOME_FAILURE, note   # the time limit
         assert 'seed 4; time limit' in note and 'stall' in note
-        assert stand_in.engage[-2:] == [True, False] and stand_in.commands > 10
+        # Teleop commands came while engaged (checked on receipt); how many depends on load.
+        assert stand_in.engage[-2:] == [True, False] and stand_in.commands > 0
         assert 'reset 1: transfer_cube, seed 4' in sim.output
     finally:
         for child in (operator, sim):
