@@ -33,6 +33,15 @@ def _require_positive(config: Any) -> None:
                              f'{getattr(config, item.name)}')
 
 
+def _normalized_state(policy: Policy, batch: dict[str, Any]) -> torch.Tensor:
+    """Return the batch's state vectors, checked against the policy's size, normalised."""
+    state = batch['state'].float()
+    if state.shape[-1] != policy.config.state_dim:
+        raise ValueError(f'state has {state.shape[-1]} values, the policy expects '
+                         f'{policy.config.state_dim}')
+    return (state - policy.state_mean) / policy.state_std
+
+
 @dataclass(frozen=True)
 class LowDimFlowConfig:
     """Sizes of the low-dimensional policy (all config values, so it scales)."""
@@ -71,11 +80,7 @@ class LowDimFlowPolicy(Policy):
         return self.config.feature_dim
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        state = batch['state'].float()
-        if state.shape[-1] != self.config.state_dim:
-            raise ValueError(f'state has {state.shape[-1]} values, the policy expects '
-                             f'{self.config.state_dim}')
-        return self.encoder((state - self.state_mean) / self.state_std)
+        return self.encoder(_normalized_state(self, batch))
 
     def _velocity_fn(self, features: torch.Tensor):
         c = self.config
@@ -138,14 +143,9 @@ class LowDimChunkPolicy(Policy):
         return self.config.feature_dim
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        state = batch['state'].float()
-        if state.shape[-1] != self.config.state_dim:
-            raise ValueError(f'state has {state.shape[-1]} values, the policy expects '
-                             f'{self.config.state_dim}')
         # A nonlinearity between the encoder's last Linear and the head's first one; else
         # the two would collapse into one linear map.
-        return torch.nn.functional.gelu(self.encoder((state - self.state_mean)
-                                                     / self.state_std))
+        return torch.nn.functional.gelu(self.encoder(_normalized_state(self, batch)))
 
     def _predict(self, features: torch.Tensor) -> torch.Tensor:
         c = self.config
