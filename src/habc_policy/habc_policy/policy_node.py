@@ -260,8 +260,11 @@ class PolicyNode:
     # Worker callbacks (inference thread) ------------------------------------------------
 
     def _on_chunk(self, result: ChunkResult) -> None:
-        if not result.accepted:
-            return  # planned from before a handback: it never drives the robot
+        if (not result.accepted or self._paused
+                or result.observation.stamp < self._not_before):
+            # Planned before a handback, or finished while the human drives (an inference in
+            # flight at the takeover): it never drives the robot, so it is not published.
+            return
         self._command_names = list(result.joint_names)
         horizon, action_dim = result.actions.shape
         msg = ActionChunk()
