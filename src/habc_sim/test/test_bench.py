@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from habc_sim.bench import PROFILES, summary_table, wilson_interval
+from habc_sim.bench import EVAL_SEED_BASE, PROFILES, summary_table, wilson_interval
 
 
 def test_wilson_interval_by_hand():
@@ -43,6 +43,7 @@ def test_quick_bench_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = json.loads((out / 'results.json').read_text())
+    assert payload['eval_seed_base'] == EVAL_SEED_BASE  # held-out states unless --tuning
     methods = set(PROFILES['quick'].methods)
     rows = payload['results']
     assert {r['method'] for r in rows} == methods
