@@ -403,6 +403,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--rounds', type=int, help='online rounds per method')
     parser.add_argument('--eval-episodes', type=int,
                         help='held-out evaluation episodes per checkpoint (>= 50 for results)')
+    parser.add_argument('--demos', type=int, help='expert demonstrations recorded per seed')
+    parser.add_argument('--demo-noise', type=float,
+                        help='waypoint noise (m) of the demonstrations, for every task')
+    parser.add_argument('--sft-steps', type=int, help='gradient steps of SFT')
     parser.add_argument('--workers', type=int, default=min(2, os.cpu_count() or 1),
                         help='parallel rollout processes (default 2)')
     parser.add_argument('--out', type=Path, default=Path('runs/bench'),
@@ -419,8 +423,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: tuple(v) if isinstance(v, list) else v
                  for k, v in (('tasks', args.tasks), ('tracks', args.tracks),
                               ('methods', args.methods), ('seeds', args.seeds),
-                              ('rounds', args.rounds), ('eval_episodes', args.eval_episodes))
+                              ('rounds', args.rounds), ('eval_episodes', args.eval_episodes),
+                              ('demos', args.demos), ('sft_steps', args.sft_steps))
                  if v is not None}
+    if args.demo_noise is not None:
+        overrides.update(demo_noise=args.demo_noise, demo_noise_by_task=())
     try:
         profile = replace(profile, **overrides)
         from habc_learner.methods import Method
