@@ -333,7 +333,7 @@ def plot_results(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r['task'], r['track']) for r in results})
-    methods = sorted({r['method'] for r in results})
+    methods = list(dict.fromkeys(r['method'] for r in results))  # the profile's order
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (task, track) in zip(axes[0], panels, strict=True):
         for method in methods:
@@ -351,7 +351,8 @@ def plot_results(results: list[dict], path: Path) -> None:
             ax.plot(rounds, rates, marker='o', label=method)
             ax.fill_between(rounds, lows, highs, alpha=0.12)
         ax.set_title(f'{task} ({track})')
-        ax.set_xlabel('round')
+        ax.set_xlabel('online round (0 = SFT)')
+        ax.set_xticks(sorted({r['round'] for r in results}))
         ax.set_ylabel('success rate (Wilson 95%)')
         ax.set_ylim(0, 1)
     axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
@@ -380,8 +381,9 @@ def plot_lengths(results: list[dict], methods: list[str], path: Path) -> None:
                 means.append(float(np.mean(lengths)))
                 errors.append(float(np.std(lengths)) if len(lengths) > 1 else 0.0)
         ax.bar(names, means, yerr=errors, capsize=3, color='tab:blue', alpha=0.8)
-        ax.set_title(f'{task} ({track}): successful episodes')
-        ax.set_ylabel('mean length (control steps at 50 Hz); bars: std over seeds')
+        ax.set_title(f'{task} ({track}): length of successful episodes\n'
+                     '(final round; error bars: std over seeds)', fontsize=10)
+        ax.set_ylabel('control steps at 50 Hz')
         ax.tick_params(axis='x', rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
