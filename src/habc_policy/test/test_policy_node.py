@@ -224,7 +224,10 @@ def test_human_control_pauses_and_handback_replans(harness):
     first = harness.chunks[chunks]
     stamp = first.header.stamp.sec + first.header.stamp.nanosec * 1e-9
     assert stamp >= handback - 1e-6, 'a chunk planned before the handback was executed'
-    assert harness.policy.executor.counters['rejected_before_clear'] == 0  # never even run
+    # Requests after the handback skip older observations, so the executor rejects at most
+    # the one inference that was still running at the takeover (it finishes late on a
+    # loaded machine); it never drove the robot.
+    assert harness.policy.executor.counters['rejected_before_clear'] <= 1
 
     # A hold for another reason (the policy's own command went stale) does not pause.
     harness.publish_intervention(InterventionState.SOURCE_HOLD, 'watchdog')
