@@ -115,7 +115,9 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
         live = widget.live.live_timeline()
         assert [(s.source, s.segment_id, s.ticks) for s in live.segments] == [
             (P, 0, 5), (H, 1, 5), (P, 2, 5)]
-        pump(qapp, executor, lambda: False, timeout=0.5)  # the recorder takes its last ticks
+        # The recorder (another process) takes its last ticks; it has no live step count to
+        # wait on, and a CI run once saw it handle END before 10 queued ticks after 0.5 s.
+        pump(qapp, executor, lambda: False, timeout=3.0)
 
         ended = call(qapp, executor, control,
                      EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_END))
