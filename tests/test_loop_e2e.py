@@ -208,4 +208,7 @@ def test_closed_loop_on_the_simulated_robot(tmp_path):
     assert set(versions[first:]) <= {'2', '3'}, 'an old version came back after the swap'
     gap = next(s['swap_gap_ticks']['2'] for s in listener.statuses
                if '2' in s.get('swap_gap_ticks', {}))
-    assert gap == 0, f'{gap} control tick(s) without an action at the swap to version 2'
+    # The load runs off the control thread, so a swap stalls nothing: a blocking load
+    # (hundreds of ms) would leave 10+ ticks empty. On a loaded 2-core CI machine a late
+    # inference can leave a tick or two empty at any time, swap or not (a CI run saw 1).
+    assert gap <= 2, f'{gap} control tick(s) without an action at the swap to version 2'
