@@ -12,3 +12,6 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ.setdefault('ROS_DOMAIN_ID', str(10 + os.getpid() % 90))
 os.environ['QT_QPA_PLATFORM'] = 'offscreen'
 os.environ['HF_HUB_OFFLINE'] = '1'
+
+# Fixtures shared by the packages' tests (tests/ is on pythonpath, see pytest.ini).
+pytest_plugins = ['bag_fixtures']

@@ -3,7 +3,7 @@
 
 Writes two sets of bags (or takes yours with --bags) of N episodes of T control ticks at
 50 Hz, with one 96x96 and one 224x224 rgb8 image per tick:
-    ours     our recorder's format, written with habc_policy.bag_io.EpisodeBagWriter:
+    ours     our recorder's format, written with habc_episodes.bag_format.EpisodeBagWriter:
              habc_msgs/Observation (both images + joint state) and ExecutedAction per tick
     foreign  a `ros2 bag record`-like MCAP of standard topics written with the
              mcap-ros2-support writer (uncompressed chunks, as rosbag2 writes by default; no
@@ -12,7 +12,7 @@ Writes two sets of bags (or takes yours with --bags) of N episodes of T control 
 Then reads every set three ways and reports MB/s of bag bytes (best of --repeats):
     raw bytes     every file of the bags read in 8 MiB blocks (the I/O ceiling)
     rosbags       rosbags' Reader over every message + deserialize_cdr (a plain read)
-    habc loader   habc_learner.bag_dataset.load_bags, what `habc train` runs: find and label
+    habc loader   habc_episodes.dataset.load_bags, what `habc train` runs: find and label
                   the bags, episode_from_bag (alignment, images decoded and resized to 96 px)
 Warm runs read from the page cache (the bags were just written). Cold runs (unless
 --no-cold) first drop the bag files from the page cache (fsync + posix_fadvise DONTNEED),
@@ -34,9 +34,9 @@ import time
 
 import numpy as np
 
-from habc_learner.bag_dataset import bag_size, find_bags, Labeller, load_bags
-from habc_learner.bag_episodes import bag_files, bag_source, TopicMapping
-from habc_policy.bag_io import EpisodeBagWriter, habc_typestore
+from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
+from habc_episodes.dataset import bag_size, find_bags, Labeller, load_bags
+from habc_episodes.episode_bags import bag_files, bag_source, TopicMapping
 
 SEC = 1_000_000_000
 TICK = SEC // 50

@@ -539,7 +539,8 @@ def run_training_load() -> None:
     """
     import torch
 
-    from habc_learner.episode import Controller, Episode, EpisodeKind, Outcome
+    from habc_episodes.episode import Episode
+    from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
     from habc_learner.methods import MethodConfig
     from habc_learner.trainer import seed_everything, TrainConfig, Trainer
     from habc_policy.models.vla import SmallVLA, SmallVLAConfig

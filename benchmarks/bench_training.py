@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from habc_learner.episode import Controller, Episode, EpisodeKind, Outcome
+from habc_episodes.episode import Episode
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 from habc_learner.methods import Algorithm, Method, MethodConfig
 from habc_learner.trainer import seed_everything
 from habc_policy.models.lowdim import LowDimFlowConfig, LowDimFlowPolicy

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from habc_policy.bag_io import EpisodeBagWriter, habc_typestore
+from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
 
 SEC = 1_000_000_000
 TICK_NS = SEC // 50

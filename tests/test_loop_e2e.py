@@ -26,9 +26,9 @@ import torch
 import yaml
 
 from habc_common.qos import LATCHED
+from habc_episodes.bag_format import read_episode_messages
+from habc_episodes.index import EpisodeIndex
 from habc_msgs.msg import ActionChunk, ExecutedAction, InterventionState, PolicyUpdate
-from habc_policy.bag_io import read_episode_messages
-from habc_policy.episode_index import EpisodeIndex
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 from habc_sim.aloha import START_ARM_POSE
 

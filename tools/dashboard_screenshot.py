@@ -45,9 +45,10 @@ LIVE_VERSION = '4'
 
 def seed_history(storage: Path, now: float) -> None:
     """Write the earlier rounds' episodes (bags + index rows) as the recorder would."""
-    from habc_policy.bag_io import EpisodeBagWriter, habc_typestore
-    from habc_policy.episode_index import EpisodeIndex
-    from habc_policy.episode_recorder_node import EpisodeCounts, make_episode_id
+    from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
+    from habc_episodes.episode import make_episode_id
+    from habc_episodes.index import EpisodeIndex
+    from habc_policy.episode_recorder_node import EpisodeCounts
 
     rng = random.Random(0)
     store = habc_typestore()

@@ -170,7 +170,7 @@ def _start_monitor(monitor: Monitor):
 
 def version_stats(index_path: Path, monitor: Monitor) -> list[VersionStats]:
     """Finished, labelled episodes grouped by the policy version that ran them."""
-    from habc_policy.episode_index import EpisodeIndex
+    from habc_episodes.index import EpisodeIndex
     if not index_path.exists():
         return []
     stats: dict[str, VersionStats] = {}

@@ -9,7 +9,7 @@ default ~/.habc/episodes/episodes.sqlite); each row names one episode bag.
     label    set or change an outcome in the index; the learner picks the change up at its
              next poll (no EpisodeEvent is published: for live dashboards label through the
              recorder's recorder/label_episode service instead)
-    export   labelled episodes as a LeRobot-style dataset (habc.lerobot_export)
+    export   labelled episodes as a LeRobot-style dataset (habc_episodes.lerobot_export)
 """
 
 from __future__ import annotations
@@ -26,17 +26,12 @@ import sys
 import time
 from typing import Any
 
-from habc_policy.episode_index import (
-    EpisodeIndex,
-    EpisodeRecord,
-    LABEL_OUTCOMES,
-    OUTCOMES,
-    STATUSES,
-)
+from habc_episodes.index import EpisodeIndex, EpisodeRecord
+from habc_episodes.vocabulary import EpisodeStatus, LABEL_OUTCOMES, Outcome
 
 HELP = __doc__ + """
 examples:
-  habc episodes list --outcome unknown --limit 20
+  habc episodes list --outcome unlabelled --limit 20
   habc episodes show robot1-20250101-120000-1 --horizon 10
   habc episodes label robot1-20250101-120000-1 failure --note 'dropped the cube'
   habc episodes export ~/datasets/habc_cube --storage-dir /data/episodes
@@ -68,7 +63,7 @@ def index_path(index: str | None = None, storage_dir: str | None = None) -> Path
     return expand(storage_dir or DEFAULT_STORAGE_DIR) / INDEX_FILE
 
 
-def open_index(path: Path) -> EpisodeIndex:
+def open_index(path: Path, *, read_only: bool = True) -> EpisodeIndex:
     """Open an existing index; EpisodeIndex() would create an empty one at a mistyped path.
 
     Raises:
@@ -78,7 +73,7 @@ def open_index(path: Path) -> EpisodeIndex:
         raise EpisodesError(f'no episode index at {path}; the recorder writes '
                             f'<storage_dir>/{INDEX_FILE}: pass --index FILE or --storage-dir '
                             'DIR', code=2)
-    return EpisodeIndex(path)
+    return EpisodeIndex(path, read_only=read_only)
 
 
 def _time(seconds: float | None) -> str:
@@ -145,7 +140,7 @@ class EpisodeSteps:
 
 
 def _resolve(path: Path, name: str, msgtype: str, available: dict, required: bool) -> str:
-    from habc_learner.bag_episodes import match_topic
+    from habc_episodes.episode_bags import match_topic
 
     matches = [t for t in match_topic(name, list(available)) if available[t][0] == msgtype]
     if len(matches) > 1:
@@ -160,7 +155,7 @@ def _resolve(path: Path, name: str, msgtype: str, available: dict, required: boo
 def read_steps(bag_path: str | Path) -> EpisodeSteps:
     """Read the executed actions (and intervention states) of a bag, one entry per step.
 
-    Steps are what habc_learner.bag_episodes.episode_from_bag makes of the bag: executed
+    Steps are what habc_episodes.episode_bags.episode_from_bag makes of the bag: executed
     actions in header-stamp order, without those stamped before the first observation.
     Only stamps, sources and reasons are kept (no images), so long episodes are cheap.
 
@@ -168,13 +163,13 @@ def read_steps(bag_path: str | Path) -> EpisodeSteps:
         FileNotFoundError: no bag there.
         ValueError: the bag lacks observations or executed actions.
     """
-    from habc_learner.bag_episodes import bag_topics, EXECUTED_ACTION_TYPE, OBSERVATION_TYPE
-    from habc_policy.bag_io import read_episode_messages
+    from habc_episodes.bag_format import read_episode_messages
+    from habc_episodes.episode_bags import bag_topics, EXECUTED_ACTION_TYPE, OBSERVATION_TYPE
 
     path = Path(bag_path)
     if not (path / 'metadata.yaml').is_file():
         raise FileNotFoundError(f'{path} is not a rosbag2 directory (no metadata.yaml); a bag '
-                                'of a crashed recorder needs habc_policy.bag_io.recover_bag()')
+                                'of a crashed recorder needs habc_episodes.recovery.recover_bag()')
     available = bag_topics(path)
     obs = _resolve(path, 'observation', OBSERVATION_TYPE, available, True)
     act = _resolve(path, 'executed_action', EXECUTED_ACTION_TYPE, available, True)
@@ -216,8 +211,9 @@ def segment_summary(steps: EpisodeSteps, outcome: str, credit_config: Any) -> li
     """Summarise an episode's steps per intervention segment, with the credit per role."""
     import numpy as np
 
+    from habc_episodes.episode import segments
+    from habc_episodes.vocabulary import Outcome
     from habc_learner.credit import assign_credit
-    from habc_learner.episode import Outcome, segments
 
     if not steps.controllers:
         return []
@@ -341,7 +337,7 @@ def cmd_label(index: EpisodeIndex, args: argparse.Namespace) -> int:
 # export --------------------------------------------------------------------------------------
 
 def cmd_export(index: EpisodeIndex, args: argparse.Namespace) -> int:
-    from habc.lerobot_export import export_lerobot, ExportOptions
+    from habc_episodes.lerobot_export import export_lerobot, ExportOptions
 
     if args.ids:
         try:
@@ -393,8 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest='action', metavar='ACTION', required=True)
     p = sub.add_parser('list', help='table of episodes, newest first')
     _common(p)
-    p.add_argument('--outcome', choices=OUTCOMES)
-    p.add_argument('--status', choices=STATUSES)
+    p.add_argument('--outcome', choices=Outcome.labels())
+    p.add_argument('--status', choices=EpisodeStatus.labels())
     p.add_argument('--limit', type=int, default=50, help='at most this many (default 50)')
     p.add_argument('--json', action='store_true', help='the index rows as JSON')
     p.set_defaults(action_run=cmd_list)
@@ -415,7 +411,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser('label', help='set or change the outcome in the index')
     _common(p)
     p.add_argument('episode_id', metavar='ID')
-    p.add_argument('outcome', choices=LABEL_OUTCOMES)
+    p.add_argument('outcome', choices=[o.label for o in LABEL_OUTCOMES])
     p.add_argument('--note', default='')
     p.add_argument('--labeler', default=_user(), help='default: your user name')
     p.set_defaults(action_run=cmd_label)
@@ -447,7 +443,10 @@ def _user() -> str:
 def run(args: argparse.Namespace) -> int:
     """Run one `habc episodes` action; see HELP for the exit codes."""
     try:
-        with open_index(index_path(args.index, args.storage_dir)) as index:
+        # Only `label` writes; list, show and export open the index read-only.
+        writes = args.action_run is cmd_label
+        with open_index(index_path(args.index, args.storage_dir),
+                        read_only=not writes) as index:
             return args.action_run(index, args)
     except EpisodesError as exc:
         print(f'habc episodes: {exc}', file=sys.stderr)

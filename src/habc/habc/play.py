@@ -3,7 +3,7 @@
 Publishes the raw CDR bytes of every recorded message (rclpy cannot publish rosbags message
 objects, but it publishes serialized bytes with a publisher of the message's rclpy type),
 spaced as recorded and scaled by --rate. MCAP and sqlite3 bags are read with rosbags; the
-decisions (topics, names, QoS, timing) are habc.playback's, this module is the rclpy edge.
+decisions (topics, names, QoS, timing) are habc_episodes.playback's, this module is the rclpy edge.
 
 With --record-episode the replay becomes a new episode of a running episode_recorder_node:
 START before each pass, END after it, then LABEL when --label is given. A learner_node
@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Any
 
+from habc_episodes.vocabulary import LABEL_OUTCOMES, Outcome
+
 HELP = __doc__ + """
 examples:
   habc play BAG                                   replay in real time
@@ -37,7 +39,6 @@ Ctrl-C stops; a replay that was being recorded is aborted (the recorder labels i
 Exit codes: 0 done, 1 the recorder refused or was not found, 2 bad arguments or bags,
 130 interrupted."""
 
-LABELS = {'success': 1, 'failure': 2, 'discarded': 3}  # habc_msgs/srv/LabelEpisode.OUTCOME_*
 # Time given to the recorder after the last message was acknowledged and before END: a
 # best-effort topic (observation) has no acknowledgement, and the recorder takes queued
 # messages one callback at a time.
@@ -87,7 +88,7 @@ def changed_types(topics: dict[str, Any], store: Any = None) -> dict[str, str]:
     the RIHS01 hash stored in the bag against rosbags' hash of the installed habc_msgs and of
     ROS 2 Jazzy's standard types; a type unknown there (or a bag without hashes) passes.
     """
-    from habc_policy.bag_io import habc_typestore
+    from habc_episodes.bag_format import habc_typestore
 
     store = store if store is not None else habc_typestore()
     changed = {}
@@ -105,8 +106,8 @@ class Plan:
 
     def __init__(self, bags: list[Any], topics: list[str], namespace: str,
                  remaps: list[tuple[str, str]]) -> None:
-        from habc.playback import BagTopic, output_topic, topic_qos
-        from habc_policy.bag_io import habc_typestore
+        from habc_episodes.bag_format import habc_typestore
+        from habc_episodes.playback import BagTopic, output_topic, topic_qos
 
         self.bags = bags
         merged: dict[str, BagTopic] = {}
@@ -211,7 +212,8 @@ class Recorder:
 
     def label(self, episode_id: str, outcome: str, labeler: str, note: str) -> str:
         response = self._call(self.labeler, self.Label.Request(
-            episode_id=episode_id, outcome=LABELS[outcome], labeler=labeler, note=note))
+            episode_id=episode_id, outcome=int(Outcome.from_label(outcome)), labeler=labeler,
+            note=note))
         if not response.accepted:
             raise PlayError(f'the recorder refused the label: {response.message}')
         return response.message
@@ -289,7 +291,7 @@ class BagPlayer:
         """Publish one pass of `bag` on time; return the count of messages per topic."""
         from tqdm import tqdm
 
-        from habc.playback import pass_message_count, timed_messages
+        from habc_episodes.playback import pass_message_count, timed_messages
 
         topics = [t for t in self.publishers if t in bag.topics]
         counts = dict.fromkeys(topics, 0)
@@ -323,7 +325,7 @@ class BagPlayer:
 
     def run(self) -> int:
         """Play every pass; with a recorder, record and label one episode per pass."""
-        from habc.playback import playlist
+        from habc_episodes.playback import playlist
 
         args = self.args
         if self.recorder is not None:
@@ -395,7 +397,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--record-episode', action='store_true',
                        help='START/END an episode of a running episode_recorder_node around '
                        'each pass')
-    group.add_argument('--label', choices=sorted(LABELS),
+    group.add_argument('--label', choices=[o.label for o in LABEL_OUTCOMES],
                        help='label each recorded episode (the learner trains on success and '
                        'failure)')
     group.add_argument('--note', default='', help='label note (default: "replay of BAG")')
@@ -411,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Replay the bags; see HELP for the exit codes."""
-    from habc.playback import bag_info, check_rate, parse_remap, select_topics
+    from habc_episodes.playback import bag_info, check_rate, parse_remap, select_topics
 
     try:
         check_rate(args.rate)

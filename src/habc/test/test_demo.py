@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from habc.demo import DemoConfig, format_row, Monitor, version_stats, write_params
-from habc_policy.episode_index import EpisodeIndex
+from habc_episodes.index import EpisodeIndex
 
 
 def test_version_stats_group_labelled_episodes_by_the_version_that_ran_them(tmp_path):

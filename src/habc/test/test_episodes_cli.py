@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from habc import episodes
-from habc.lerobot_export import have_pyarrow
-from habc_policy.episode_index import EpisodeIndex
+from habc_episodes.index import EpisodeIndex
+from habc_episodes.lerobot_export import have_pyarrow
 
 # policy x3, human x2 (takeover by pedal), policy x3, one hold tick, policy x3
 SOURCES = [0, 0, 0, 1, 1, 0, 0, 0, 2, 0, 0, 0]
@@ -51,10 +51,10 @@ def test_list_prints_a_table_newest_first_with_filters(storage, capsys):
     assert [line.split()[0] for line in lines[1:]] == ['ep-d', 'ep-c', 'ep-b', 'ep-a']
     assert lines[4].split() == ['ep-a', 'success', 'complete', '13', '1', 'v1',
                                 *started.split(), '12.5', 's']
-    assert lines[1].split()[:6] == ['ep-d', 'unknown', 'recording', '0', '0', '-']
+    assert lines[1].split()[:6] == ['ep-d', 'unlabelled', 'recording', '0', '0', '-']
 
     assert habc_episodes('list', '--index', str(storage / 'episodes.sqlite'),
-                         '--outcome', 'unknown', '--status', 'complete') == 0
+                         '--outcome', 'unlabelled', '--status', 'complete') == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ['ep-b']
     assert habc_episodes('list', '--storage-dir', str(storage), '--limit', '1', '--json') == 0
     assert [row['episode_id'] for row in json.loads(capsys.readouterr().out)] == ['ep-d']
@@ -95,7 +95,7 @@ def test_show_prints_segments_and_their_credit(storage, capsys):
 
 
 def test_show_steps_match_the_learner_and_its_credit_config(storage):
-    from habc_learner.bag_episodes import episode_from_bag
+    from habc_episodes.episode_bags import episode_from_bag
     from habc_learner.methods import MethodConfig
 
     steps = episodes.read_steps(storage / 'bags' / 'ep-a')
@@ -122,7 +122,7 @@ def test_label_writes_the_index(storage, capsys):
         seq = index.last_label_seq()
     assert habc_episodes('label', 'ep-b', 'failure', '--note', 'dropped it', '--labeler',
                          'bob', '--index', str(index_file)) == 0
-    assert f'episode ep-b labelled unknown -> failure by bob (label_seq {seq + 1})' in \
+    assert f'episode ep-b labelled unlabelled -> failure by bob (label_seq {seq + 1})' in \
         capsys.readouterr().out
     with EpisodeIndex(index_file) as index:
         record = index.get('ep-b')

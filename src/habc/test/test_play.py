@@ -17,9 +17,9 @@ from rosbags.interfaces import (
 )
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from habc import playback
 from habc.play import message_class, Plan
-from habc.playback import (
+from habc_episodes import playback
+from habc_episodes.playback import (
     BagTopic,
     output_topic,
     play_offsets,
@@ -173,8 +173,8 @@ def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(tmp_
     import torch
 
     from habc_common.qos import LATCHED
+    from habc_episodes.index import EpisodeIndex
     from habc_msgs.msg import PolicyUpdate
-    from habc_policy.episode_index import EpisodeIndex
     from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 
     torch.manual_seed(0)

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from habc_learner.episode import Controller, Outcome, segment_ids
+from habc_episodes.episode import segment_ids
+from habc_episodes.vocabulary import Controller, Outcome
 
 PAPER_HORIZON = 50
 PAPER_MIN_HUMAN_STEPS = 10

@@ -13,8 +13,9 @@ import enum
 import numpy as np
 import torch
 
+from habc_episodes.episode import Episode
+from habc_episodes.vocabulary import EpisodeKind, Outcome
 from habc_learner.credit import ActorWeight, assign_credit, CreditConfig, Role
-from habc_learner.episode import all_chunk_targets, Episode, EpisodeKind, Outcome
 
 
 class WeightCode(enum.IntEnum):
@@ -182,3 +183,24 @@ class SampleBuffer:
         batch['obs']['actions'] = batch['actions']
         batch['obs']['action_mask'] = batch['action_mask']
         return batch
+
+
+def chunk_targets(actions: np.ndarray, t: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the chunk a_{t:t+H} (H, D) and its mask (H,), zero-padded past the end."""
+    n, dim = actions.shape
+    valid = max(0, min(horizon, n - t))
+    chunk = np.zeros((horizon, dim), dtype=np.float32)
+    chunk[:valid] = actions[t:t + valid]
+    mask = np.zeros(horizon, dtype=np.float32)
+    mask[:valid] = 1.0
+    return chunk, mask
+
+
+def all_chunk_targets(actions: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return chunks (T, H, D) and masks (T, H) for every anchor step of an episode."""
+    n, dim = actions.shape
+    padded = np.concatenate([actions, np.zeros((horizon, dim), dtype=actions.dtype)])
+    index = np.arange(n)[:, None] + np.arange(horizon)[None, :]
+    chunks = padded[index].astype(np.float32)
+    masks = (index < n).astype(np.float32)
+    return chunks, masks

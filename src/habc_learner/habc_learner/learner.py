@@ -38,8 +38,9 @@ import time
 from typing import Any
 
 from habc_common.params import param, validate_params
-from habc_learner.bag_episodes import episode_from_bag
-from habc_learner.episode import Episode, EpisodeKind, Outcome
+from habc_episodes.episode import Episode
+from habc_episodes.episode_bags import episode_from_bag
+from habc_episodes.vocabulary import EpisodeKind, Outcome
 from habc_learner.methods import Method, MethodConfig
 from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
 
@@ -311,8 +312,8 @@ class Learner:
             except Exception as exc:  # noqa: BLE001 - one bad bag must not stop the learner
                 reason = f'{type(exc).__name__}: {exc}'
                 if record.status == 'incomplete':
-                    reason += (' (its recording was cut short: habc_policy.bag_io.recover_bag '
-                               'rescues such a bag)')
+                    reason += (' (its recording was cut short: habc_episodes.recovery.'
+                               'recover_bag rescues such a bag)')
                 self.rejected[episode_id] = reason
                 self._log(f'episode {episode_id} skipped: {reason}')
                 continue

@@ -23,6 +23,7 @@ import torch
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import LATCHED
+from habc_episodes.index import EpisodeIndex
 from habc_learner.learner import (
     CHECKPOINT_FORMAT,
     expand_path,
@@ -31,7 +32,6 @@ from habc_learner.learner import (
     RoundResult,
 )
 from habc_msgs.msg import PolicyUpdate
-from habc_policy.episode_index import EpisodeIndex
 
 PARAMS = LearnerParams
 
@@ -66,7 +66,9 @@ class LearnerNode:
         torch.set_num_threads(self.params.torch_threads)
         logger = self.node.get_logger()
         self.learner = Learner(self.params, log=logger.info)
-        self.index = EpisodeIndex(expand_path(self.params.index_path))
+        self.index_path = expand_path(self.params.index_path)
+        # Opened read-only once the recorder has created it (the learner never writes it).
+        self.index: EpisodeIndex | None = None
         self.update_publisher = self.node.create_publisher(PolicyUpdate, 'policy/update',
                                                            LATCHED)
         self.status_publisher = self.node.create_publisher(String, 'learner/status', LATCHED)
@@ -80,7 +82,7 @@ class LearnerNode:
         self.node.create_timer(self.params.poll_period_s, self.poll_callback)
         logger.info(f'ready: version {self.learner.version}, method {self.params.method}, '
                     f'{self.params.episodes_per_round} episodes per round, index '
-                    f'{self.index.path}, work_dir {self.learner.work_dir}')
+                    f'{self.index_path}, work_dir {self.learner.work_dir}')
 
     def publish_status(self, state: str, **extra: object) -> None:
         status = self.learner.status(state, **extra)
@@ -95,6 +97,13 @@ class LearnerNode:
     def _work(self) -> None:
         logger = self.node.get_logger()
         try:
+            if self.index is None:
+                try:
+                    self.index = EpisodeIndex(self.index_path, read_only=True)
+                except FileNotFoundError:
+                    self.publish_status('idle', waiting=f'no episode index at {self.index_path} '
+                                        'yet (the recorder creates it when it starts)')
+                    return
             added = self.learner.poll(self.index)
             if added:
                 self.publish_status('idle')
@@ -130,7 +139,8 @@ class LearnerNode:
         self._closing.set()
         if self._worker is not None:
             self._worker.join(timeout=2.0)
-        self.index.close()
+        if self.index is not None:
+            self.index.close()
 
 
 def main(args: list[str] | None = None) -> None:

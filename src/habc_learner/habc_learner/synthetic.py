@@ -13,7 +13,8 @@ failed ones none; plain behaviour cloning weights them all alike.
 
 import numpy as np
 
-from habc_learner.episode import Controller, Episode, EpisodeKind, Outcome
+from habc_episodes.episode import Episode
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
 STEP = {'fast': 0.1, 'slow': 0.025, 'fail': -0.02}
 TIME_LIMIT = 40

@@ -20,8 +20,8 @@ import sys
 import time
 from typing import Any
 
-from habc_learner.bag_dataset import Labeller, load_bags, LoadResult
-from habc_learner.bag_episodes import TopicMapping
+from habc_episodes.dataset import Labeller, load_bags, LoadResult
+from habc_episodes.episode_bags import TopicMapping
 from habc_learner.methods import Method, MethodConfig
 
 CHECKPOINT_DIR = 'checkpoint'

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from habc_learner.bag_dataset import LoadResult, summarize_skipped
+from habc_episodes.dataset import LoadResult, summarize_skipped
+from habc_episodes.episode import Episode, segments
+from habc_episodes.vocabulary import Controller, EpisodeKind
 from habc_learner.data import SampleBuffer, WeightCode
-from habc_learner.episode import Controller, Episode, EpisodeKind, segments
 
 SOURCES = ('policy', 'human', 'hold', 'demonstration')
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from habc_learner.episode import Episode, EpisodeKind
+from habc_episodes.episode import Episode
+from habc_episodes.vocabulary import EpisodeKind
 from habc_learner.methods import Algorithm, MethodConfig
 from habc_policy.models.base import Policy
 

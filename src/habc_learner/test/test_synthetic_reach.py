@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from habc_episodes.vocabulary import EpisodeKind
 from habc_learner.data import WeightCode
-from habc_learner.episode import EpisodeKind
 from habc_learner.methods import MethodConfig
 from habc_learner.synthetic import reach_dataset
 from habc_learner.trainer import seed_everything, TrainConfig, Trainer

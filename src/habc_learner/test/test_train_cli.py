@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from habc_learner.bag_dataset import find_bags, Labeller, load_bags
-from habc_learner.bag_episodes import BagReadError, episode_from_bag, TopicMapping
-from habc_learner.episode import Controller, Outcome
-from habc_policy.bag_io import EpisodeBagWriter, recover_bag
+from habc_episodes.bag_format import EpisodeBagWriter
+from habc_episodes.dataset import find_bags, Labeller, load_bags
+from habc_episodes.episode_bags import BagReadError, episode_from_bag, TopicMapping
+from habc_episodes.recovery import recover_bag
+from habc_episodes.vocabulary import Controller, Outcome
 
 MS = 1_000_000
 T0 = 100_000 * MS  # 100 s
@@ -339,7 +340,7 @@ def test_nothing_usable_is_an_error(tmp_path, episode_bag, capsys):
 # (3) where labels come from -------------------------------------------------------------------
 
 def test_label_precedence_csv_then_index_then_sidecar(tmp_path, episode_bag):
-    from habc_policy.episode_index import EpisodeIndex
+    from habc_episodes.index import EpisodeIndex
 
     storage = tmp_path / 'storage'  # the recorder's layout: episodes.sqlite + bags/<id>/
     paths = {name: episode_bag(name, [0] * 6) for name in 'ABCDEF'}
@@ -435,7 +436,7 @@ def test_help_lists_the_train_command():
 
 
 def test_nearest_pixel_resize_picks_the_same_pixels_as_plain_indexing():
-    from habc_learner.bag_episodes import _resize
+    from habc_episodes.episode_bags import _resize
 
     image = np.random.default_rng(0).integers(0, 256, (224, 200, 3), dtype=np.uint8)
     ys = (np.arange(96) * 224 / 96).astype(int)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from habc_learner.episode import EpisodeKind
+from habc_episodes.vocabulary import EpisodeKind
 from habc_learner.methods import MethodConfig
 from habc_learner.synthetic import reach_dataset
 from habc_learner.trainer import seed_everything, TrainConfig, Trainer

@@ -17,19 +17,11 @@ tests replay exact timelines and the node adapter decides which clock counts.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-import enum
 
 import numpy as np
 
 from habc_common.params import param, validate_params
-
-
-class Source(enum.IntEnum):
-    """Executed command source; the values are InterventionState.SOURCE_*."""
-
-    POLICY = 0
-    HUMAN = 1
-    HOLD = 2
+from habc_episodes.vocabulary import Controller
 
 
 @dataclass(frozen=True)
@@ -105,8 +97,8 @@ class ArbiterOutput:
     """
 
     command: np.ndarray | None
-    source: Source
-    controller: Source
+    source: Controller
+    controller: Controller
     segment_id: int
     reason: str
     switched: bool
@@ -116,7 +108,7 @@ class ArbiterOutput:
     @property
     def human_active(self) -> bool:
         """Whether the human's command is executed (InterventionState.active)."""
-        return self.source == Source.HUMAN
+        return self.source == Controller.HUMAN
 
 
 class TeleopArbiter:
@@ -140,7 +132,7 @@ class TeleopArbiter:
         self._upper: np.ndarray | None = None
         self._max_step: np.ndarray | None = None
         self._last_command: np.ndarray | None = None
-        self._controller = Source.POLICY
+        self._controller = Controller.POLICY
         self._control_reason = 'start'
         # Start disarmed: a leader resting away from the follower at start-up must not
         # grab control; it arms once the leader has come close (see takeover_rearm_ratio).
@@ -153,7 +145,7 @@ class TeleopArbiter:
         self._reseed_pending = False
         self._estopped = False
         self._estop_target: np.ndarray | None = None
-        self._source = Source.HOLD
+        self._source = Controller.HOLD
         self._segment_id = 0
 
     # Inputs -------------------------------------------------------------------------------
@@ -164,8 +156,8 @@ class TeleopArbiter:
         return None if self._measured is None else self._measured.size
 
     @property
-    def controller(self) -> Source:
-        """Who is in control by arbitration: Source.POLICY or Source.HUMAN."""
+    def controller(self) -> Controller:
+        """Who is in control by arbitration: Controller.POLICY or Controller.HUMAN."""
         return self._controller
 
     @property
@@ -218,11 +210,11 @@ class TeleopArbiter:
         With engage_requires_teleop, a takeover is refused (returns False) while the teleop
         command is missing or stale.
         """
-        if self._controller == Source.HUMAN:
+        if self._controller == Controller.HUMAN:
             return False
         if self.params.engage_requires_teleop and not self._teleop_fresh(now):
             return False
-        self._controller = Source.HUMAN
+        self._controller = Controller.HUMAN
         self._control_reason = reason
         # Stays disarmed through the handback until the leader is back near the follower:
         # the leader may rest where the human let go (beyond a limit the follower could not
@@ -237,9 +229,9 @@ class TeleopArbiter:
 
         Returns whether control changed (False when the policy already has it).
         """
-        if self._controller != Source.HUMAN:
+        if self._controller != Controller.HUMAN:
             return False
-        self._controller = Source.POLICY
+        self._controller = Controller.POLICY
         self._control_reason = 'handback'
         self._reseed_pending = True
         start = self._last_command if self._last_command is not None else self._measured
@@ -262,7 +254,7 @@ class TeleopArbiter:
         self._estopped = False
         self._estop_target = None
         # While the robot stood still the policy's queue went on; it must re-plan.
-        if self._controller == Source.POLICY:
+        if self._controller == Controller.POLICY:
             self._reseed_pending = True
 
     def reset_segment_id(self) -> None:
@@ -277,11 +269,11 @@ class TeleopArbiter:
         self._reseed_pending = False
         ramping = False
         if self._measured is None:
-            source, reason, command = Source.HOLD, 'watchdog', None
+            source, reason, command = Controller.HOLD, 'watchdog', None
         elif self._estopped:
             if self._estop_target is None:  # fired before any joint state
                 self._estop_target = self._measured.copy()
-            source, reason = Source.HOLD, 'estop'
+            source, reason = Controller.HOLD, 'estop'
             # No velocity limit here: the measured position is where the robot already is,
             # so jumping the command back to it stops the arm instead of letting it run on
             # toward the last command at the velocity limit.
@@ -290,12 +282,12 @@ class TeleopArbiter:
             self._check_deviation(now)
             target = self._fresh_target(now)
             if target is None:
-                source, reason = Source.HOLD, 'watchdog'
+                source, reason = Controller.HOLD, 'watchdog'
                 target = (self._last_command if self._last_command is not None
                           else self._measured)
             else:
                 source, reason = self._controller, self._control_reason
-                if source == Source.POLICY:
+                if source == Controller.POLICY:
                     target, ramping = self._ramp(target, now)
             command = self._limit(target)
         if command is not None:
@@ -351,7 +343,7 @@ class TeleopArbiter:
         p = self.params
         if not self._fresh(self._state_time, p.joint_state_stale_after_s, now):
             return None
-        if self._controller == Source.HUMAN:
+        if self._controller == Controller.HUMAN:
             return self._teleop if self._teleop_fresh(now) else None
         if self._policy is None or not self._fresh(self._policy_time, p.policy_stale_after_s,
                                                    now):
@@ -360,7 +352,7 @@ class TeleopArbiter:
 
     def _check_deviation(self, now: float) -> None:
         threshold = self.params.takeover_deviation_rad
-        if (threshold <= 0.0 or self._controller == Source.HUMAN
+        if (threshold <= 0.0 or self._controller == Controller.HUMAN
                 or not self._teleop_fresh(now)
                 or not self._fresh(self._state_time, self.params.joint_state_stale_after_s,
                                    now)):

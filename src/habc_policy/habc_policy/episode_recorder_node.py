@@ -1,7 +1,7 @@
 """episode_recorder_node: records each episode into one MCAP bag and the SQLite episode index.
 
-A thin rclpy adapter over habc_policy.bag_io (EpisodeBagWriter, recover_bag) and
-habc_policy.episode_index (EpisodeIndex); see docs/ros_interfaces.md.
+A thin rclpy adapter over habc_episodes (EpisodeBagWriter, recover_bag) and
+habc_episodes.index (EpisodeIndex); see docs/ros_interfaces.md.
 
 Services:
     recorder/episode_control (habc_msgs/EpisodeControl): START opens a new bag and index row,
@@ -23,7 +23,6 @@ trained on unless someone labels them.
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, UTC
 import importlib
 import os
 from pathlib import Path
@@ -35,21 +34,22 @@ import time
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from rclpy.serialization import deserialize_message
-from rosbags.rosbag2 import Reader
 
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters, param, validate_params
 from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, SENSOR_DATA
-from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
-from habc_msgs.srv import EpisodeControl, LabelEpisode
-from habc_policy.arbiter import Source
-from habc_policy.bag_io import (
+from habc_episodes.bag_format import (
     EpisodeBagWriter,
     habc_typestore,
     read_episode_messages,
-    recover_bag,
+    topic_summary,
 )
-from habc_policy.episode_index import EpisodeIndex, EpisodeRecord
+from habc_episodes.episode import make_episode_id, robot_label
+from habc_episodes.index import EpisodeIndex, EpisodeRecord
+from habc_episodes.recovery import recover_bag
+from habc_episodes.vocabulary import Controller, LABEL_OUTCOMES, Outcome
+from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
+from habc_msgs.srv import EpisodeControl, LabelEpisode
 
 EXECUTED_ACTION = 'habc_msgs/msg/ExecutedAction'
 INTERVENTION_STATE = 'habc_msgs/msg/InterventionState'
@@ -75,11 +75,6 @@ KNOWN_TOPICS = {
 DEFAULT_TOPICS = ['observation', 'forward_position_controller/commands', 'intervention',
                   'executed_action', 'policy/chunk', 'joint_states']
 
-LABEL_OUTCOMES = {LabelEpisode.Request.OUTCOME_SUCCESS: 'success',
-                  LabelEpisode.Request.OUTCOME_FAILURE: 'failure',
-                  LabelEpisode.Request.OUTCOME_DISCARDED: 'discarded'}
-EVENT_OUTCOMES = {'success': EpisodeEvent.OUTCOME_SUCCESS,
-                  'failure': EpisodeEvent.OUTCOME_FAILURE}
 ABORT_LABELER = 'episode_recorder'
 
 
@@ -142,18 +137,6 @@ def parse_topics(entries: Iterable[str]) -> list[tuple[str, str]]:
     return topics
 
 
-def robot_label(robot: str, namespace: str) -> str:
-    """Return the robot label: `robot`, else the namespace, else 'robot'; safe in file names."""
-    label = robot or namespace.strip('/').replace('/', '_') or 'robot'
-    return re.sub(r'[^A-Za-z0-9_.-]', '_', label)
-
-
-def make_episode_id(robot: str, when: float, n: int) -> str:
-    """Return `<robot>-<yyyymmdd-hhmmss>-<n>` for unix time `when`, in UTC."""
-    stamp = datetime.fromtimestamp(when, tz=UTC).strftime('%Y%m%d-%H%M%S')
-    return f'{robot}-{stamp}-{n}'
-
-
 def storage_path(storage_dir: str) -> Path:
     """Expand ~ and $VARIABLES of the storage_dir parameter."""
     return Path(os.path.expandvars(os.path.expanduser(storage_dir)))
@@ -178,9 +161,9 @@ class EpisodeCounts:
 
     def on_intervention_state(self, source: int) -> None:
         """Take the executed source of one InterventionState."""
-        if source == Source.HOLD:
+        if source == Controller.HOLD:
             return
-        if source == Source.HUMAN and self._driver != Source.HUMAN:
+        if source == Controller.HUMAN and self._driver != Controller.HUMAN:
             self.interventions += 1
         self._driver = source
 
@@ -201,10 +184,9 @@ def count_bag(path: str | Path) -> BagSummary:
 
     Only the ExecutedAction and InterventionState topics are deserialized.
     """
-    with Reader(Path(path)) as reader:
-        wanted = [c.topic for c in reader.connections
-                  if c.msgtype in (EXECUTED_ACTION, INTERVENTION_STATE)]
-        end_ns = reader.end_time if reader.message_count else None
+    topics, end_ns = topic_summary(path)
+    wanted = [topic for topic, (msgtype, _) in topics.items()
+              if msgtype in (EXECUTED_ACTION, INTERVENTION_STATE)]
     counts = EpisodeCounts()
     version = ''
     if wanted:
@@ -465,7 +447,7 @@ class EpisodeRecorderNode:
     def label(self, episode_id: str, outcome: int, labeler: str = '',
               note: str = '') -> tuple[bool, str]:
         """Set the outcome of a recorded episode; return (accepted, message)."""
-        name = LABEL_OUTCOMES.get(outcome)
+        name = Outcome(outcome).label if outcome in set(LABEL_OUTCOMES) else None
         if not episode_id:
             last = f'; the last episode is {self.last_episode_id}' if self.last_episode_id else ''
             return False, f'label rejected: episode_id is empty{last}'
@@ -518,8 +500,7 @@ class EpisodeRecorderNode:
     def publish_event(self, event: int, record: EpisodeRecord) -> None:
         """Publish an EpisodeEvent for `record` (live counts while it is recording)."""
         msg = EpisodeEvent(episode_id=record.episode_id, event=event,
-                           outcome=EVENT_OUTCOMES.get(record.outcome,
-                                                      EpisodeEvent.OUTCOME_UNKNOWN),
+                           outcome=int(Outcome.parse(record.outcome)),
                            policy_version=record.policy_version)
         live = self.writer is not None and self.episode.episode_id == record.episode_id
         msg.num_steps = self.counts.steps if live else record.num_steps

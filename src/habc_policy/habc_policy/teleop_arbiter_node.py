@@ -45,8 +45,9 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters, param
 from habc_common.qos import COMMANDS, JOINT_STATES
+from habc_episodes.vocabulary import Controller
 from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
-from habc_policy.arbiter import ArbiterOutput, ArbiterParams, Source, TeleopArbiter
+from habc_policy.arbiter import ArbiterOutput, ArbiterParams, TeleopArbiter
 
 COMMAND_INTERFACES = ('forward', 'trajectory', 'both')
 
@@ -356,7 +357,7 @@ class TeleopArbiterNode:
         if self.arbiter.on_engage(msg.data, self._now()):
             self.node.get_logger().info(
                 f'control {before.name} -> {self.arbiter.controller.name} (teleop/engage)')
-        elif msg.data and self.arbiter.controller != Source.HUMAN:
+        elif msg.data and self.arbiter.controller != Controller.HUMAN:
             self.node.get_logger().warning(
                 'engage refused: no fresh teleop/joint_command (engage_requires_teleop)',
                 throttle_duration_sec=2.0)

@@ -6,7 +6,8 @@ Time is injected, so every expected value below is computed by hand from the tim
 import numpy as np
 import pytest
 
-from habc_policy.arbiter import ArbiterParams, Source, TeleopArbiter
+from habc_episodes.vocabulary import Controller
+from habc_policy.arbiter import ArbiterParams, TeleopArbiter
 
 HOME = [0.0, 0.0]
 
@@ -34,18 +35,18 @@ def test_holds_without_command_before_any_joint_state():
     out = arbiter.tick(0.0)
     assert out.command is None
     assert (out.source, out.segment_id, out.reason, out.switched) == (
-        Source.HOLD, 0, 'watchdog', False)
+        Controller.HOLD, 0, 'watchdog', False)
 
 
 def test_policy_runs_from_the_start_and_holds_the_measured_position_until_then():
     arbiter = make()
     out = arbiter.tick(0.0)  # joint state, no policy yet: hold where the arm is
-    assert out.source == Source.HOLD and out.segment_id == 0
+    assert out.source == Controller.HOLD and out.segment_id == 0
     np.testing.assert_array_equal(out.command, HOME)
     feed(arbiter, 0.02, policy=[0.1, -0.1])
     out = arbiter.tick(0.02)
     assert (out.source, out.controller, out.segment_id, out.reason, out.switched) == (
-        Source.POLICY, Source.POLICY, 1, 'start', True)
+        Controller.POLICY, Controller.POLICY, 1, 'start', True)
     np.testing.assert_array_equal(out.command, [0.1, -0.1])
     assert not out.human_active and not out.reseed_policy
 
@@ -53,17 +54,17 @@ def test_policy_runs_from_the_start_and_holds_the_measured_position_until_then()
 def test_engage_takes_over_and_executes_the_teleop_command():
     arbiter = make(takeover_deviation_rad=0.0)
     feed(arbiter, 0.0, policy=[0.1, 0.1], teleop=[0.3, -0.3])
-    assert arbiter.tick(0.0).source == Source.POLICY
+    assert arbiter.tick(0.0).source == Controller.POLICY
     assert arbiter.on_engage(True, now=0.01) is True
     out = arbiter.tick(0.02)
     assert (out.source, out.reason, out.switched, out.segment_id) == (
-        Source.HUMAN, 'engage', True, 2)
+        Controller.HUMAN, 'engage', True, 2)
     assert out.human_active
     np.testing.assert_array_equal(out.command, [0.3, -0.3])
     # A repeated True (a pedal publishing its state) changes nothing.
     assert arbiter.on_engage(True, now=0.03) is False
     out = arbiter.tick(0.04)
-    assert (out.source, out.switched, out.segment_id) == (Source.HUMAN, False, 2)
+    assert (out.source, out.switched, out.segment_id) == (Controller.HUMAN, False, 2)
 
 
 def test_engage_requires_teleop_refuses_a_takeover_without_fresh_teleop():
@@ -72,7 +73,7 @@ def test_engage_requires_teleop_refuses_a_takeover_without_fresh_teleop():
     assert arbiter.take_over(now=0.0) is False  # no teleop command at all
     feed(arbiter, 0.1, policy=[0.1, 0.1], teleop=[0.0, 0.0])
     assert arbiter.take_over(now=0.35) is False  # teleop is 0.25 s old > 0.2 s
-    assert arbiter.controller == Source.POLICY
+    assert arbiter.controller == Controller.POLICY
     assert arbiter.take_over(now=0.3) is True
 
 
@@ -81,7 +82,8 @@ def test_engage_without_the_requirement_holds_until_teleop_is_fresh():
     feed(arbiter, 0.0, policy=[0.1, 0.1])
     arbiter.on_engage(True, now=0.0)
     out = arbiter.tick(0.0)
-    assert (out.source, out.controller, out.reason) == (Source.HOLD, Source.HUMAN, 'watchdog')
+    assert (out.source, out.controller, out.reason) == (
+        Controller.HOLD, Controller.HUMAN, 'watchdog')
     np.testing.assert_array_equal(out.command, HOME)
 
 
@@ -89,14 +91,14 @@ def test_deviation_takes_over_above_the_threshold_only():
     arbiter = make(takeover_deviation_rad=0.15)
     # The leader tracks the follower closely: this arms the automatic takeover.
     feed(arbiter, 0.0, policy=[0.0, 0.0], teleop=[0.05, 0.0])
-    assert arbiter.tick(0.0).source == Source.POLICY
+    assert arbiter.tick(0.0).source == Controller.POLICY
     # 0.14 rad away on one joint: below the threshold, the policy keeps control.
     feed(arbiter, 0.02, policy=[0.0, 0.0], teleop=[0.0, 0.14])
-    assert arbiter.tick(0.02).source == Source.POLICY
+    assert arbiter.tick(0.02).source == Controller.POLICY
     # 0.16 rad: the human grabbed the leader arm.
     feed(arbiter, 0.04, policy=[0.0, 0.0], teleop=[0.0, -0.16])
     out = arbiter.tick(0.04)
-    assert (out.source, out.reason, out.switched) == (Source.HUMAN, 'deviation', True)
+    assert (out.source, out.reason, out.switched) == (Controller.HUMAN, 'deviation', True)
     np.testing.assert_array_equal(out.command, [0.0, -0.16])
 
 
@@ -105,23 +107,23 @@ def test_deviation_disabled_by_zero_threshold():
     feed(arbiter, 0.0, policy=[0.0, 0.0], teleop=[0.0, 0.0])
     arbiter.tick(0.0)
     feed(arbiter, 0.02, policy=[0.0, 0.0], teleop=[3.0, 0.0])
-    assert arbiter.tick(0.02).source == Source.POLICY
+    assert arbiter.tick(0.02).source == Controller.POLICY
 
 
 def test_deviation_is_not_armed_until_the_leader_came_close():
     arbiter = make(takeover_deviation_rad=0.15, takeover_rearm_ratio=0.5)
     # The leader rests far from the follower at start-up: no takeover.
     feed(arbiter, 0.0, policy=[0.0, 0.0], teleop=[0.5, 0.0])
-    assert arbiter.tick(0.0).source == Source.POLICY
+    assert arbiter.tick(0.0).source == Controller.POLICY
     # Within the threshold but not within the re-arm band (0.075): still not armed.
     feed(arbiter, 0.02, policy=[0.0, 0.0], teleop=[0.1, 0.0])
     arbiter.tick(0.02)
     feed(arbiter, 0.04, policy=[0.0, 0.0], teleop=[0.5, 0.0])
-    assert arbiter.tick(0.04).source == Source.POLICY
+    assert arbiter.tick(0.04).source == Controller.POLICY
     feed(arbiter, 0.06, policy=[0.0, 0.0], teleop=[0.07, 0.0])  # armed now
     arbiter.tick(0.06)
     feed(arbiter, 0.08, policy=[0.0, 0.0], teleop=[0.5, 0.0])
-    assert arbiter.tick(0.08).source == Source.HUMAN
+    assert arbiter.tick(0.08).source == Controller.HUMAN
 
 
 def test_handback_does_not_trigger_an_immediate_automatic_takeover():
@@ -132,7 +134,7 @@ def test_handback_does_not_trigger_an_immediate_automatic_takeover():
     assert arbiter.tick(0.02).reason == 'deviation'
     # The released pedal keeps publishing False: that is no edge and does not hand back.
     assert arbiter.on_engage(False, now=0.03) is False
-    assert arbiter.tick(0.04).source == Source.HUMAN
+    assert arbiter.tick(0.04).source == Controller.HUMAN
     # Press and release hands back. The leader still rests 0.3 rad from the follower (say a
     # position limit kept the follower from following it): no immediate re-takeover.
     arbiter.on_engage(True, now=0.05)
@@ -140,10 +142,10 @@ def test_handback_does_not_trigger_an_immediate_automatic_takeover():
     for now in (0.06, 0.08):
         feed(arbiter, now, policy=[0.0, 0.0], teleop=[0.3, 0.0])
         out = arbiter.tick(now)
-        assert (out.source, out.reason) == (Source.POLICY, 'handback')
+        assert (out.source, out.reason) == (Controller.POLICY, 'handback')
     # Once the leader came back near the follower, a new pull takes over again.
     feed(arbiter, 0.10, policy=[0.0, 0.0], teleop=[0.05, 0.0])
-    assert arbiter.tick(0.10).source == Source.POLICY
+    assert arbiter.tick(0.10).source == Controller.POLICY
     feed(arbiter, 0.12, policy=[0.0, 0.0], teleop=[0.3, 0.0])
     assert arbiter.tick(0.12).reason == 'deviation'
 
@@ -170,9 +172,9 @@ def test_segment_id_increments_exactly_at_switches_of_the_executed_source():
         out = arbiter.tick(now)
         timeline.append((out.source, out.segment_id, out.switched))
     assert timeline == [
-        (Source.HOLD, 0, False), (Source.POLICY, 1, True), (Source.POLICY, 1, False),
-        (Source.HUMAN, 2, True), (Source.HUMAN, 2, False), (Source.HOLD, 3, True),
-        (Source.HUMAN, 4, True), (Source.POLICY, 5, True), (Source.POLICY, 5, False)]
+        (Controller.HOLD, 0, False), (Controller.POLICY, 1, True), (Controller.POLICY, 1, False),
+        (Controller.HUMAN, 2, True), (Controller.HUMAN, 2, False), (Controller.HOLD, 3, True),
+        (Controller.HUMAN, 4, True), (Controller.POLICY, 5, True), (Controller.POLICY, 5, False)]
     arbiter.reset_segment_id()
     feed(arbiter, 0.38, policy=[0.1, 0.0])
     assert arbiter.tick(0.38).segment_id == 0
@@ -183,12 +185,12 @@ def test_bumpless_handback_ramps_from_the_last_human_command_to_the_policy():
     arbiter.on_engage(True, now=0.0)
     feed(arbiter, 0.98, policy=[0.0, 0.25], teleop=[0.5, -0.25])
     out = arbiter.tick(0.98)
-    assert out.source == Source.HUMAN
+    assert out.source == Controller.HUMAN
     arbiter.on_engage(False, now=1.0)
     # On the handback tick itself the command is still the last human one: no bump.
     feed(arbiter, 1.0, policy=[0.0, 0.25])
     out = arbiter.tick(1.0)
-    assert (out.source, out.reason, out.switched) == (Source.POLICY, 'handback', True)
+    assert (out.source, out.reason, out.switched) == (Controller.POLICY, 'handback', True)
     assert out.reseed_policy and out.ramping
     np.testing.assert_allclose(out.command, [0.5, -0.25])
     # A quarter of the way: 0.75 * human + 0.25 * policy, with the policy's new command.
@@ -226,16 +228,16 @@ def test_watchdog_holds_the_last_command_while_the_policy_is_stale_and_recovers(
     np.testing.assert_array_equal(arbiter.tick(1.0).command, [0.3, 0.1])
     feed(arbiter, 1.25)  # joint states keep coming, the policy is silent
     out = arbiter.tick(1.25)  # exactly 0.25 s old: still fresh
-    assert out.source == Source.POLICY
+    assert out.source == Controller.POLICY
     feed(arbiter, 1.26)
     out = arbiter.tick(1.26)  # 0.26 s old: stale
     assert (out.source, out.controller, out.reason, out.switched, out.segment_id) == (
-        Source.HOLD, Source.POLICY, 'watchdog', True, 2)
+        Controller.HOLD, Controller.POLICY, 'watchdog', True, 2)
     np.testing.assert_array_equal(out.command, [0.3, 0.1])
     feed(arbiter, 1.3, policy=[0.35, 0.1])
     out = arbiter.tick(1.3)
     assert (out.source, out.reason, out.switched, out.segment_id) == (
-        Source.POLICY, 'start', True, 3)
+        Controller.POLICY, 'start', True, 3)
     assert not out.reseed_policy
     np.testing.assert_array_equal(out.command, [0.35, 0.1])
 
@@ -246,7 +248,7 @@ def test_stale_joint_state_holds_even_with_a_fresh_policy():
     arbiter.tick(0.0)
     arbiter.on_policy_command([0.4, 0.0], now=0.3)  # no joint state since t=0
     out = arbiter.tick(0.3)
-    assert (out.source, out.reason) == (Source.HOLD, 'watchdog')
+    assert (out.source, out.reason) == (Controller.HOLD, 'watchdog')
     np.testing.assert_array_equal(out.command, [0.2, 0.0])
 
 
@@ -254,14 +256,15 @@ def test_stale_teleop_while_the_human_is_in_control_holds():
     arbiter = make(takeover_deviation_rad=0.0, teleop_stale_after_s=0.2)
     arbiter.on_engage(True, now=0.0)
     feed(arbiter, 0.0, policy=[0.0, 0.0], teleop=[0.2, 0.1])
-    assert arbiter.tick(0.0).source == Source.HUMAN
+    assert arbiter.tick(0.0).source == Controller.HUMAN
     feed(arbiter, 0.25, policy=[0.0, 0.0])  # a fresh policy does not take control back
     out = arbiter.tick(0.25)
-    assert (out.source, out.controller, out.reason) == (Source.HOLD, Source.HUMAN, 'watchdog')
+    assert (out.source, out.controller, out.reason) == (
+        Controller.HOLD, Controller.HUMAN, 'watchdog')
     np.testing.assert_array_equal(out.command, [0.2, 0.1])
     feed(arbiter, 0.3, teleop=[0.25, 0.1])
     out = arbiter.tick(0.3)
-    assert (out.source, out.reason) == (Source.HUMAN, 'engage')
+    assert (out.source, out.reason) == (Controller.HUMAN, 'engage')
     np.testing.assert_array_equal(out.command, [0.25, 0.1])
 
 
@@ -277,16 +280,16 @@ def test_estop_latches_a_hold_at_the_measured_position_until_reset():
         feed(arbiter, now, state=[0.31, 0.2], policy=[0.9, 0.9], teleop=[0.0, 0.0])
         arbiter.on_engage(True, now)
         out = arbiter.tick(now)
-        assert (out.source, out.reason) == (Source.HOLD, 'estop')
+        assert (out.source, out.reason) == (Controller.HOLD, 'estop')
         np.testing.assert_array_equal(out.command, [0.3, 0.2])
     assert out.segment_id == 2  # HOLD -> POLICY -> HOLD, one switch into the e-stop
     arbiter.on_engage(False, now=5.0)  # hands back while stopped: the policy resumes
-    assert arbiter.tick(5.0).source == Source.HOLD
+    assert arbiter.tick(5.0).source == Controller.HOLD
     arbiter.reset_estop()
     assert not arbiter.estopped
     feed(arbiter, 5.02, policy=[0.9, 0.9])
     out = arbiter.tick(5.02)
-    assert (out.source, out.switched, out.segment_id) == (Source.POLICY, True, 3)
+    assert (out.source, out.switched, out.segment_id) == (Controller.POLICY, True, 3)
     assert out.reseed_policy
 
 
@@ -358,4 +361,4 @@ def test_commands_of_the_wrong_length_or_not_finite_are_rejected():
         arbiter.on_policy_command([0.0, 0.0, 0.0], now=0.0)
     with pytest.raises(ValueError, match='NaN'):
         arbiter.on_teleop_command([0.0, float('nan')], now=0.0)
-    assert arbiter.tick(0.0).source == Source.HOLD
+    assert arbiter.tick(0.0).source == Controller.HOLD

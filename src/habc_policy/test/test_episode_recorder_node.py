@@ -16,6 +16,10 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray
 
 from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, SENSOR_DATA
+from habc_episodes.bag_format import read_episode_messages
+from habc_episodes.episode import make_episode_id, robot_label
+from habc_episodes.index import EpisodeIndex
+from habc_episodes.vocabulary import Controller
 from habc_msgs.msg import (
     ActionChunk,
     EpisodeEvent,
@@ -24,17 +28,12 @@ from habc_msgs.msg import (
     Observation,
 )
 from habc_msgs.srv import EpisodeControl, LabelEpisode
-from habc_policy.arbiter import Source
-from habc_policy.bag_io import read_episode_messages
-from habc_policy.episode_index import EpisodeIndex
 from habc_policy.episode_recorder_node import (
     count_bag,
     EpisodeCounts,
     EpisodeRecorderNode,
     EpisodeRecorderParams,
-    make_episode_id,
     parse_topics,
-    robot_label,
 )
 
 START, END, ABORT = (EpisodeControl.Request.COMMAND_START, EpisodeControl.Request.COMMAND_END,
@@ -63,12 +62,12 @@ def test_topics_parameter():
 
 def test_takeovers_count_switches_into_human_ignoring_holds():
     counts = EpisodeCounts()
-    for source in (Source.POLICY, Source.HUMAN, Source.HOLD, Source.HUMAN, Source.HUMAN,
-                   Source.POLICY, Source.HOLD, Source.HUMAN):
+    P, H, D = Controller.POLICY, Controller.HUMAN, Controller.HOLD  # noqa: N806
+    for source in (P, H, D, H, H, P, D, H):
         counts.on_intervention_state(source)
     assert counts.interventions == 2
     starts_human = EpisodeCounts()
-    starts_human.on_intervention_state(Source.HUMAN)
+    starts_human.on_intervention_state(Controller.HUMAN)
     assert starts_human.interventions == 1
 
 
@@ -170,11 +169,11 @@ def sample_messages() -> list[tuple[str, object]]:
         out.append(('policy/chunk', ActionChunk(policy_version='v5', chunk_id=k, horizon=1,
                                                 action_dim=2, joint_names=['a', 'b'], dt=0.02,
                                                 actions=[0.5 + k, 0.25])))
-    sources = (Source.POLICY, Source.HUMAN, Source.HOLD, Source.HUMAN, Source.POLICY,
-               Source.HUMAN)
+    sources = (Controller.POLICY, Controller.HUMAN, Controller.HOLD, Controller.HUMAN,
+               Controller.POLICY, Controller.HUMAN)
     for k, source in enumerate(sources):
         out.append(('intervention', InterventionState(
-            active=source == Source.HUMAN, source=int(source), segment_id=k, reason='test')))
+            active=source == Controller.HUMAN, source=int(source), segment_id=k, reason='test')))
         out.append(('executed_action', ExecutedAction(
             source=int(source), segment_id=k, policy_version='v5', joint_names=['a', 'b'],
             positions=[0.125 * k, -1.5])))
@@ -355,7 +354,7 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         with EpisodeIndex(storage / 'episodes.sqlite') as index:
             row = index.get(started.episode_id)
         # The version comes from the executed actions: no chunk was seen before START.
-        assert (row.status, row.outcome, row.policy_version) == ('incomplete', 'unknown', 'v9')
+        assert (row.status, row.outcome, row.policy_version) == ('incomplete', 'unlabelled', 'v9')
         positions = [msg.positions[0] for _, _, msg in read_episode_messages(bag)]
         # Everything flushed before the kill (all but the last ~0.5-1 s), in order.
         assert positions == [float(k) for k in range(len(positions))]

@@ -15,8 +15,8 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED
+from habc_episodes.vocabulary import Controller
 from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
-from habc_policy.arbiter import Source
 from habc_policy.teleop_arbiter_node import (
     JointOrder,
     TeleopArbiterNode,
@@ -200,7 +200,7 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     h._subs.append(h.test_node.create_subscription(
         DiagnosticArray, f'/{h.ns}/arbiter/diagnostics', diagnostics.append, 10))
     h.policy = (['c', 'a', 'b'], [0.3, 0.1, 0.2])  # another order than joint_states
-    state = h.wait_source(Source.POLICY, 'start')
+    state = h.wait_source(Controller.POLICY, 'start')
     assert (state.active, state.segment_id, state.episode_id) == (False, 1, '')
     # Every stream, once discovery has matched it (the subscriptions match one by one).
     h.spin_until(lambda: h.forward and list(h.forward[-1].data) == [0.1, 0.2, 0.3]
@@ -209,7 +209,7 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     assert list(h.trajectory[-1].points[0].positions) == [0.1, 0.2, 0.3]
     action = h.executed[-1]
     assert (action.source, list(action.joint_names), list(action.positions)) == (
-        Source.POLICY, ['a', 'b', 'c'], [0.1, 0.2, 0.3])
+        Controller.POLICY, ['a', 'b', 'c'], [0.1, 0.2, 0.3])
 
     # One InterventionState per tick (no assertion on the rate: that is wall-clock timing,
     # measured by benchmarks/bench_loop.py, not tested).
@@ -234,7 +234,7 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
 
     # A command that lacks a joint is rejected; the policy goes stale and the arm holds.
     h.policy = (['a', 'b'], [0.5, 0.5])
-    state = h.wait_source(Source.HOLD, 'watchdog')
+    state = h.wait_source(Controller.HOLD, 'watchdog')
     assert state.segment_id == 1
     assert h.arbiter.rejected['policy/joint_command'] > 0
     assert list(h.forward[-1].data) == [0.1, 0.2, 0.3]  # the last command, held
@@ -251,15 +251,15 @@ def test_engage_hands_control_to_the_human_and_back(harness):
     h = harness(handback_ramp_s=0.0)
     h.policy = (['a', 'b', 'c'], [0.1, 0.1, 0.1])
     h.teleop = (['a', 'b', 'c'], [0.05, -0.05, 0.0])  # close to the follower: no auto takeover
-    policy = h.wait_source(Source.POLICY)
+    policy = h.wait_source(Controller.POLICY)
     h.publish('engage', Bool(data=True))
-    human = h.wait_source(Source.HUMAN, 'engage')
+    human = h.wait_source(Controller.HUMAN, 'engage')
     assert human.active and human.segment_id == policy.segment_id + 1
     h.spin_until(lambda: list(h.forward[-1].data) == [0.05, -0.05, 0.0]
-                 and h.executed[-1].source == Source.HUMAN
+                 and h.executed[-1].source == Controller.HUMAN
                  and list(h.executed[-1].positions) == [0.05, -0.05, 0.0])
     h.publish('engage', Bool(data=False))
-    back = h.wait_source(Source.POLICY, 'handback')
+    back = h.wait_source(Controller.POLICY, 'handback')
     assert not back.active and back.segment_id == human.segment_id + 1
     h.spin_until(lambda: list(h.forward[-1].data) == [0.1, 0.1, 0.1])
 
@@ -269,9 +269,9 @@ def test_estop_latches_until_the_reset_service(harness):
     h = harness()
     h.state = [0.2, 0.2, 0.2]
     h.policy = (['a', 'b', 'c'], [0.25, 0.25, 0.25])
-    h.wait_source(Source.POLICY)
+    h.wait_source(Controller.POLICY)
     h.publish('estop', Bool(data=True))
-    stopped = h.wait_source(Source.HOLD, 'estop')
+    stopped = h.wait_source(Controller.HOLD, 'estop')
     h.spin_until(lambda: list(h.forward[-1].data) == [0.2, 0.2, 0.2])  # the measured position
     h.publish('estop', Bool(data=False))  # False never releases the latch
     h.spin_for(0.3)
@@ -284,7 +284,7 @@ def test_estop_latches_until_the_reset_service(harness):
         future = client.call_async(Trigger.Request())
         assert spin_until(h.executor, future.done, timeout=10.0)
         assert future.result().success and 'released' in future.result().message
-        resumed = h.wait_source(Source.POLICY)
+        resumed = h.wait_source(Controller.POLICY)
         assert resumed.segment_id == stopped.segment_id + 1
         h.spin_until(lambda: list(h.forward[-1].data) == [0.25, 0.25, 0.25])
         future = client.call_async(Trigger.Request())

@@ -207,7 +207,8 @@ def make_policy(track: str, task: str, horizon: int, profile: BenchProfile):
 
 def demo_episodes(demos: list[dict], task: str) -> list:
     """Turn recorded expert rollouts into demonstration Episodes (failed ones dropped)."""
-    from habc_learner.episode import Episode, EpisodeKind, Outcome
+    from habc_episodes.episode import Episode
+    from habc_episodes.vocabulary import EpisodeKind, Outcome
     from habc_sim.aloha import INSTRUCTIONS
     episodes = []
     for demo in demos:

@@ -17,7 +17,7 @@ import enum
 
 import numpy as np
 
-from habc_learner.episode import Controller, Outcome
+from habc_episodes.vocabulary import Controller, Outcome
 
 
 class Detector(enum.StrEnum):

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from habc_common.params import param, validate_params
-from habc_learner.episode import Controller, Outcome
+from habc_episodes.vocabulary import Controller, Outcome
 from habc_sim.aloha import TASK_OBJECTS
 from habc_sim.expert_mirror import ExpertMirror
 from habc_sim.operator import OperatorConfig, ScriptedOperator

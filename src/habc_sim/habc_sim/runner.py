@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from habc_learner.episode import Controller, Episode, EpisodeKind, Outcome
+from habc_episodes.episode import Episode
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 from habc_sim.aloha import AlohaEnv, policy_observation
 from habc_sim.expert import ExpertConfig, ScriptedExpert
 from habc_sim.operator import ScriptedOperator

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from habc_learner.episode import Controller, Outcome
+from habc_episodes.vocabulary import Controller, Outcome
 from habc_sim.operator import Detector, OperatorConfig, ScriptedOperator
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from habc_learner.episode import Outcome
+from habc_episodes.vocabulary import Outcome
 from habc_sim.operator_session import (
     NOTHING,
     OperatorSession,

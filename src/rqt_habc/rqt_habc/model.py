@@ -21,15 +21,13 @@ import re
 import statistics
 from typing import Any
 
+from habc_episodes.episode import robot_label
+from habc_episodes.vocabulary import Controller
+
 # Values of InterventionState.source / ExecutedAction.source (habc_policy.arbiter.Source).
-SOURCE_POLICY, SOURCE_HUMAN, SOURCE_HOLD = 0, 1, 2
-SOURCE_NAMES = {SOURCE_POLICY: 'policy', SOURCE_HUMAN: 'human', SOURCE_HOLD: 'hold'}
 
 # Values of EpisodeEvent.event.
 EVENT_START, EVENT_END, EVENT_LABELLED, EVENT_DISCARDED = 0, 1, 2, 3
-
-# Values of LabelEpisode.Request.outcome, by the outcome names of the episode index.
-LABEL_OUTCOMES = {'success': 1, 'failure': 2, 'discarded': 3}
 
 INTERVENTION_TYPE = 'habc_msgs/msg/InterventionState'
 EXECUTED_ACTION_TYPE = 'habc_msgs/msg/ExecutedAction'
@@ -43,7 +41,10 @@ STALE_AFTER_S = 1.0
 
 def source_name(source: int) -> str:
     """Return 'policy', 'human', 'hold', or 'source N' for a value this code does not know."""
-    return SOURCE_NAMES.get(source, f'source {source}')
+    try:
+        return Controller(source).label
+    except ValueError:
+        return f'source {source}'
 
 
 # Timelines -----------------------------------------------------------------------------------
@@ -159,18 +160,15 @@ def timeline_from_bag(path: str | Path, episode_id: str = '') -> Timeline:
         ValueError: the bag has neither topic.
     """
     # Imported here: rosbags is only needed once a past episode is shown.
-    from rosbags.rosbag2 import Reader
-
-    from habc_policy.bag_io import read_episode_messages
+    from habc_episodes.bag_format import read_episode_messages, topic_summary
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f'episode bag {path} does not exist')
-    with Reader(path) as reader:
-        by_type: dict[str, list[str]] = {}
-        for connection in reader.connections:
-            if connection.msgcount:
-                by_type.setdefault(connection.msgtype, []).append(connection.topic)
+    by_type: dict[str, list[str]] = {}
+    for topic, (msgtype, count) in topic_summary(path)[0].items():
+        if count:
+            by_type.setdefault(msgtype, []).append(topic)
     topics = by_type.get(INTERVENTION_TYPE) or by_type.get(EXECUTED_ACTION_TYPE)
     if not topics:
         raise ValueError(f'bag {path} has no {INTERVENTION_TYPE} or {EXECUTED_ACTION_TYPE} '
@@ -448,13 +446,8 @@ def namespaces_with(topic_names: Iterable[str], suffix: str = 'recorder/events')
 
 
 def robot_of_namespace(namespace: str) -> str:
-    """Return the robot label the episode recorder uses by default in `namespace`.
-
-    The same rule as habc_policy.episode_recorder_node.robot_label with an empty `robot`
-    parameter (a test keeps the two equal).
-    """
-    label = namespace.strip('/').replace('/', '_') or 'robot'
-    return re.sub(r'[^A-Za-z0-9_.-]', '_', label)
+    """Return the robot label the episode recorder uses by default in `namespace`."""
+    return robot_label('', namespace)
 
 
 def filter_robot(records: Sequence[Any], robot: str | None) -> list[Any]:

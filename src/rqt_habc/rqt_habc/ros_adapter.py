@@ -20,9 +20,10 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from std_msgs.msg import String
 
 from habc_common.qos import COMMANDS, LATCHED
+from habc_episodes.vocabulary import LABEL_OUTCOMES
 from habc_msgs.msg import EpisodeEvent, InterventionState
 from habc_msgs.srv import LabelEpisode
-from rqt_habc.model import LABEL_OUTCOMES, namespaces_with, normalize_namespace, qualified
+from rqt_habc.model import namespaces_with, normalize_namespace, qualified
 
 # recorder/events is latched with depth 1 on the recorder's side; a deeper reader queue
 # keeps events sent back to back (END, then LABELLED) until they are taken, and
@@ -166,13 +167,13 @@ class DashboardRos:
             ValueError: unknown outcome name.
             RuntimeError: the recorder's label service is not available.
         """
-        if outcome not in LABEL_OUTCOMES:
-            raise ValueError(f'invalid outcome {outcome!r}; choose one of '
-                             f'{list(LABEL_OUTCOMES)}')
+        labels = {o.label: o for o in LABEL_OUTCOMES}
+        if outcome not in labels:
+            raise ValueError(f'invalid outcome {outcome!r}; choose one of {list(labels)}')
         if not self.recorder_ready():
             raise RuntimeError(f'no episode recorder serves '
                                f'{qualified(self.namespace, "recorder/label_episode")}')
-        request = LabelEpisode.Request(episode_id=episode_id, outcome=LABEL_OUTCOMES[outcome],
+        request = LabelEpisode.Request(episode_id=episode_id, outcome=int(labels[outcome]),
                                        note=note, labeler=labeler)
         future = self._label_client.call_async(request)
 

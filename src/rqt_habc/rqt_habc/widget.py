@@ -42,7 +42,8 @@ from python_qt_binding.QtWidgets import (
     QWidget,
 )
 
-from habc_policy.episode_index import EpisodeIndex, EpisodeRecord
+from habc_episodes.index import EpisodeIndex, EpisodeRecord
+from habc_episodes.vocabulary import Controller, Outcome
 from rqt_habc.model import (
     DEFAULT_INDEX,
     EVENT_END,
@@ -54,10 +55,7 @@ from rqt_habc.model import (
     parse_status,
     policy_summary,
     robot_of_namespace,
-    SOURCE_HOLD,
-    SOURCE_HUMAN,
     source_name,
-    SOURCE_POLICY,
     stamp_seconds,
     Timeline,
     timeline_from_bag,
@@ -65,9 +63,10 @@ from rqt_habc.model import (
     VersionStats,
 )
 
-SOURCE_COLORS = {SOURCE_POLICY: '#3a7bd5', SOURCE_HUMAN: '#f0932b', SOURCE_HOLD: '#a6a6a6'}
-OUTCOME_COLORS = {'success': '#2e9d4b', 'failure': '#d64541', 'discarded': '#8c8c8c',
-                  'unknown': '#d0d0d0'}
+SOURCE_COLORS = {Controller.POLICY: '#3a7bd5', Controller.HUMAN: '#f0932b',
+                 Controller.HOLD: '#a6a6a6'}
+OUTCOME_COLORS = {Outcome.SUCCESS.label: '#2e9d4b', Outcome.FAILURE.label: '#d64541',
+                  Outcome.DISCARDED.label: '#8c8c8c', Outcome.UNLABELLED.label: '#d0d0d0'}
 TAKEOVER_COLOR = '#f0932b'
 
 TABLE_COLUMNS = ('Episode', 'Outcome', 'Takeovers', 'Version', 'Steps', 'Duration', 'Started',
@@ -112,7 +111,7 @@ class TimelineRow:
     episode_id: str
     caption: str
     timeline: Timeline | None
-    outcome: str = 'unknown'
+    outcome: str = Outcome.UNLABELLED.label
     note: str = ''
     highlighted: bool = False
 
@@ -193,7 +192,7 @@ class TimelineView(QWidget):
 
     def _legend(self, painter: QPainter, right: float) -> None:
         x = right
-        for source in (SOURCE_HOLD, SOURCE_HUMAN, SOURCE_POLICY):
+        for source in (Controller.HOLD, Controller.HUMAN, Controller.POLICY):
             text = source_name(source)
             text_width = painter.fontMetrics().horizontalAdvance(text)
             x -= text_width + 22
@@ -679,7 +678,7 @@ class DashboardWidget(QWidget):
                                        'recorder creates it when it starts)')
                 return None
             try:
-                self.index = EpisodeIndex(self.index_path)
+                self.index = EpisodeIndex(self.index_path, read_only=True)
             except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
                 self._index_problem = f'cannot open the episode index {self.index_path}: {exc}'
                 return None
@@ -739,7 +738,7 @@ class DashboardWidget(QWidget):
                     item.setForeground(QBrush(QColor(OUTCOME_COLORS.get(record.outcome,
                                                                         '#000000'))))
                     font = item.font()
-                    font.setBold(record.outcome != 'unknown')
+                    font.setBold(record.outcome != Outcome.UNLABELLED.label)
                     item.setFont(font)
                 if TABLE_COLUMNS[column] == 'Note':
                     item.setToolTip(value)

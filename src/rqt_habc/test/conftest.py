@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from habc_policy.bag_io import EpisodeBagWriter, habc_typestore
-from habc_policy.episode_index import EpisodeIndex
+from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
+from habc_episodes.index import EpisodeIndex
 
 
 @pytest.fixture(scope='session')

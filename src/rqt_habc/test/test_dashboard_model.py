@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from habc_policy.bag_io import EpisodeBagWriter, habc_typestore
-from habc_policy.episode_index import EpisodeRecord
+from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
+from habc_episodes.index import EpisodeRecord
+from habc_episodes.vocabulary import Controller
 from rqt_habc.model import (
     EVENT_END,
     EVENT_LABELLED,
@@ -22,15 +23,12 @@ from rqt_habc.model import (
     robot_of_namespace,
     Segment,
     segments_from_ticks,
-    SOURCE_HOLD,
-    SOURCE_HUMAN,
-    SOURCE_POLICY,
     timeline_from_bag,
     TimelineBuilder,
     version_stats,
 )
 
-P, H, X = SOURCE_POLICY, SOURCE_HUMAN, SOURCE_HOLD
+P, H, X = Controller.POLICY, Controller.HUMAN, Controller.HOLD
 
 
 def approx_segments(segments):
@@ -187,7 +185,7 @@ def test_version_stats_count_outcomes_and_takeovers_in_running_order():
         record('a', '2', 'success', 1, 30.0),
         record('b', '2', 'failure', 3, 31.0),
         record('c', '2', 'discarded', 9, 32.0),  # said nothing about the policy
-        record('d', '2', 'unknown', 2, 33.0),    # not labelled yet: takeovers count
+        record('d', '2', 'unlabelled', 2, 33.0),    # not labelled yet: takeovers count
         record('e', 'sft', 'failure', 4, 10.0),
         record('f', 'sft', 'failure', 2, 11.0),
         record('g', '10', 'success', 0, 40.0),
@@ -205,7 +203,7 @@ def test_version_stats_count_outcomes_and_takeovers_in_running_order():
     assert by['sft'].success_rate == 0.0 and by['sft'].takeovers_per_episode == 3.0
     assert by['10'].episodes == 1 and by['10'].success_rate == 1.0
     assert by['-'].labelled == 1
-    only_unlabelled = version_stats([record('x', '4', 'unknown', 1, 1.0)])
+    only_unlabelled = version_stats([record('x', '4', 'unlabelled', 1, 1.0)])
     assert only_unlabelled[0].success_rate is None
 
 
@@ -245,7 +243,8 @@ def test_namespaces():
         '/', '/lab/r1', '/r2']
 
 
-def test_robot_label_matches_the_recorders_default():
-    from habc_policy.episode_recorder_node import robot_label
-    for namespace in ('/', '/robot1', '/lab/robot1', '/a.b'):
-        assert robot_of_namespace(namespace) == robot_label('', namespace)
+def test_robot_label_of_a_namespace_is_the_recorders_default():
+    # The recorder labels its episodes robot_label(robot parameter, namespace).
+    for namespace, label in (('/', 'robot'), ('/robot1', 'robot1'),
+                             ('/lab/robot1', 'lab_robot1'), ('/a.b', 'a.b')):
+        assert robot_of_namespace(namespace) == label

@@ -15,13 +15,14 @@ import pytest
 from ros_helpers import Child, ROOT
 
 from habc_common.qos import COMMANDS
+from habc_episodes.index import EpisodeIndex
+from habc_episodes.vocabulary import Controller
 from habc_msgs.msg import ExecutedAction, InterventionState
 from habc_msgs.srv import EpisodeControl
-from habc_policy.episode_index import EpisodeIndex
-from rqt_habc.model import SOURCE_HUMAN, SOURCE_POLICY, timeline_from_bag
+from rqt_habc.model import timeline_from_bag
 
 RECORDER = ROOT / 'install' / 'habc_policy' / 'lib' / 'habc_policy' / 'episode_recorder_node'
-P, H = SOURCE_POLICY, SOURCE_HUMAN
+P, H = Controller.POLICY, Controller.HUMAN
 # 5 ticks each of policy, human, policy at 50 Hz: segment boundaries at +0.1 s and +0.2 s.
 SCRIPT = [(P, 0)] * 5 + [(H, 1)] * 5 + [(P, 2)] * 5
 DT = 0.02

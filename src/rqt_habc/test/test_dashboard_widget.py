@@ -9,17 +9,16 @@ import time
 from types import ModuleType, SimpleNamespace
 import xml.etree.ElementTree as ET
 
+from habc_episodes.vocabulary import Controller
 from rqt_habc.model import (
     EVENT_END,
     EVENT_START,
     normalize_namespace,
-    SOURCE_HUMAN,
-    SOURCE_POLICY,
 )
 from rqt_habc.ros_adapter import LabelResult, Update
 
 PACKAGE = Path(__file__).resolve().parents[1]
-P, H = SOURCE_POLICY, SOURCE_HUMAN
+P, H = Controller.POLICY, Controller.HUMAN
 
 
 class FakeRos:

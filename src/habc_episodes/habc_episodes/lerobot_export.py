@@ -10,7 +10,7 @@ Layout (LeRobot dataset format v2.1, images as PNG frames instead of encoded vid
     OUT/data/chunk-000/episode_000000.parquet
     OUT/images/observation.images.view0/episode_000000/frame_000000.png
 
-One frame is one training step of the learner (habc_learner.bag_episodes.episode_from_bag):
+One frame is one training step of the learner (habc_episodes.episode_bags.episode_from_bag):
 the executed action and the newest observation before it. Columns: observation.state,
 action, timestamp (frame_index / fps, as LeRobot checks it), frame_index, episode_index,
 index, task_index, next.done, next.success, and ours: controller (0 policy, 1 human, 2 hold),
@@ -89,7 +89,7 @@ def frame_columns(episode: Any, episode_index: int, first_index: int, task_index
     """Return the per-frame columns of one habc_learner Episode (images excluded)."""
     n = len(episode)
     controllers = np.asarray(episode.controllers, dtype=np.int64)
-    success = int(episode.outcome) == 1  # habc_learner.episode.Outcome.SUCCESS
+    success = int(episode.outcome) == 1  # habc_episodes.episode.Outcome.SUCCESS
     done = np.zeros(n, dtype=bool)
     done[-1] = True
     return {
@@ -103,7 +103,7 @@ def frame_columns(episode: Any, episode_index: int, first_index: int, task_index
         'next.done': done,
         'next.success': done & success,
         'controller': controllers,
-        'intervention': controllers == 1,  # habc_learner.episode.Controller.HUMAN
+        'intervention': controllers == 1,  # habc_episodes.episode.Controller.HUMAN
         'outcome': np.full(n, int(success), dtype=np.int64),
         'stamp': np.asarray(episode.timestamps, dtype=np.float64),
     }
@@ -208,7 +208,7 @@ def export_lerobot(items: Sequence[tuple[Any, Path]], out: Path,
     """
     from PIL import Image
 
-    from habc_learner.bag_episodes import episode_from_bag
+    from habc_episodes.episode_bags import episode_from_bag
 
     if options.fps is not None and options.fps <= 0:
         raise ValueError(f'--fps must be positive (got {options.fps})')

@@ -1,74 +1,34 @@
-"""Episode data model and windowing into training samples (no rollout, no rclpy).
+"""The Episode data model: one recorded episode as arrays over its control steps.
 
 An episode is a sequence of control steps t = 0..T-1. Per step: the observation (arrays keyed
 by name, or a reference into a bag), the executed action a_t, the controller whose command
 was executed (policy / human / hold), the policy version and the timestamp. Per episode: the
 outcome (success / failure / unlabelled / discarded), the instruction and the kind (a
 demonstration for SFT or a rollout of the policy).
-
-A training sample (a "window") is anchored at step t: the observation s_t and the chunk of
-the next H executed actions a_{t:t+H}. Where the chunk runs past the episode end the missing
-rows are zero and masked out.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-import enum
+from datetime import datetime, UTC
+import re
 
 import numpy as np
 
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
-class Controller(enum.IntEnum):
-    """Who controlled a step; values match habc_msgs/InterventionState.SOURCE_*."""
+# Episode ids: <robot>-<UTC time>-<serial>, the robot label taken from the recorder's robot
+# parameter or its namespace (the dashboard derives the same label from a namespace).
 
-    POLICY = 0
-    HUMAN = 1
-    HOLD = 2
-
-    @classmethod
-    def parse(cls, value: 'str | int | Controller') -> 'Controller':
-        """Accept 'policy' / 'human' / 'hold' (any case) or the integer source value."""
-        if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                raise ValueError(f'unknown controller {value!r}; use policy, human or hold') \
-                    from None
-        return cls(int(value))
+def robot_label(robot: str, namespace: str) -> str:
+    """Return the robot label: `robot`, else the namespace, else 'robot'; safe in file names."""
+    label = robot or namespace.strip('/').replace('/', '_') or 'robot'
+    return re.sub(r'[^A-Za-z0-9_.-]', '_', label)
 
 
-class Outcome(enum.IntEnum):
-    """Episode outcome; SUCCESS/FAILURE values match habc_msgs/EpisodeEvent.OUTCOME_*."""
-
-    UNLABELLED = 0
-    SUCCESS = 1
-    FAILURE = 2
-    DISCARDED = 3
-
-    @classmethod
-    def parse(cls, value: 'str | int | bool | None | Outcome') -> 'Outcome':
-        """Accept 'success' / 'failure' / 'discarded' / None, booleans or enum values."""
-        if value is None:
-            return cls.UNLABELLED
-        if isinstance(value, bool):
-            return cls.SUCCESS if value else cls.FAILURE
-        if isinstance(value, str):
-            aliases = {'unlabelled': 'UNLABELLED', 'unlabeled': 'UNLABELLED',
-                       'unknown': 'UNLABELLED', 'null': 'UNLABELLED'}
-            key = aliases.get(value.strip().lower(), value.strip().upper())
-            try:
-                return cls[key]
-            except KeyError:
-                raise ValueError(f'unknown outcome {value!r}; use success, failure, '
-                                 'discarded or null') from None
-        return cls(int(value))
-
-
-class EpisodeKind(enum.IntEnum):
-    """Where an episode comes from: D_SFT demonstrations or rollouts of the policy."""
-
-    DEMO = 0
-    ROLLOUT = 1
+def make_episode_id(robot: str, when: float, n: int) -> str:
+    """Return `<robot>-<yyyymmdd-hhmmss>-<n>` for unix time `when`, in UTC."""
+    stamp = datetime.fromtimestamp(when, tz=UTC).strftime('%Y%m%d-%H%M%S')
+    return f'{robot}-{stamp}-{n}'
 
 
 @dataclass
@@ -157,24 +117,3 @@ def segments(controllers: Sequence[int]) -> list[tuple[int, int, Controller]]:
         steps = np.flatnonzero(ids == seg)
         result.append((int(steps[0]), int(steps[-1]) + 1, Controller(int(controllers[steps[0]]))))
     return result
-
-
-def chunk_targets(actions: np.ndarray, t: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return the chunk a_{t:t+H} (H, D) and its mask (H,), zero-padded past the end."""
-    n, dim = actions.shape
-    valid = max(0, min(horizon, n - t))
-    chunk = np.zeros((horizon, dim), dtype=np.float32)
-    chunk[:valid] = actions[t:t + valid]
-    mask = np.zeros(horizon, dtype=np.float32)
-    mask[:valid] = 1.0
-    return chunk, mask
-
-
-def all_chunk_targets(actions: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return chunks (T, H, D) and masks (T, H) for every anchor step of an episode."""
-    n, dim = actions.shape
-    padded = np.concatenate([actions, np.zeros((horizon, dim), dtype=actions.dtype)])
-    index = np.arange(n)[:, None] + np.arange(horizon)[None, :]
-    chunks = padded[index].astype(np.float32)
-    masks = (index < n).astype(np.float32)
-    return chunks, masks

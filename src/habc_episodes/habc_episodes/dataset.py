@@ -16,7 +16,7 @@ Outcome labels, first source that labels a bag wins:
      the dashboard relabels;
   3. a sidecar file next to the bag's data (outcome.yaml / label.json / ..., see
      SIDECAR_NAMES): a static note written together with the bag.
-'unknown' in the index is no label (the next source may give one); 'discarded' in the
+'unlabelled' in the index is no label (the next source may give one); 'discarded' in the
 winning source skips the bag. Bags without a label are reported and skipped.
 
 Nothing here writes into the input: bags are opened read-only by rosbags and the index with
@@ -33,7 +33,8 @@ from pathlib import Path
 import sqlite3
 import time
 
-from habc_learner.bag_episodes import (
+from habc_episodes.episode import Episode
+from habc_episodes.episode_bags import (
     BAG_FILE_SUFFIXES,
     bag_files,
     bag_name,
@@ -41,14 +42,12 @@ from habc_learner.bag_episodes import (
     episode_from_bag,
     TopicMapping,
 )
-from habc_learner.episode import Episode, EpisodeKind, Outcome
-from habc_policy.episode_index import EpisodeRecord
+from habc_episodes.index import EpisodeRecord
+from habc_episodes.vocabulary import EpisodeKind, LABEL_OUTCOMES, Outcome
 
 INDEX_NAME = 'episodes.sqlite'
 SIDECAR_NAMES = ('outcome.yaml', 'outcome.yml', 'outcome.json', 'outcome.txt',
                  'label.yaml', 'label.yml', 'label.json', 'label.txt')
-LABEL_OUTCOMES = {'success': Outcome.SUCCESS, 'failure': Outcome.FAILURE,
-                  'discarded': Outcome.DISCARDED}
 
 
 @dataclass(frozen=True)
@@ -158,18 +157,13 @@ def bag_size(path: Path) -> int:
 # Labels --------------------------------------------------------------------------------------
 
 def parse_outcome(value: object, where: str) -> Outcome | None:
-    """Return the label's Outcome (None for 'unknown' or empty); ValueError names `where`."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return Outcome.SUCCESS if value else Outcome.FAILURE
-    text = str(value).strip().lower()
-    if text in ('', 'unknown', 'unlabelled', 'unlabeled', 'null', 'none'):
-        return None
-    if text not in LABEL_OUTCOMES:
-        raise ValueError(f'{where}: unknown outcome {value!r}; use success, failure or '
-                         'discarded')
-    return LABEL_OUTCOMES[text]
+    """Return the label's Outcome (None for no label); ValueError names `where`."""
+    try:
+        outcome = Outcome.parse(value if isinstance(value, (bool, type(None))) else str(value))
+    except ValueError:
+        raise ValueError(f'{where}: unknown outcome {value!r}; use '
+                         f'{", ".join(o.label for o in LABEL_OUTCOMES)}') from None
+    return None if outcome is Outcome.UNLABELLED else outcome
 
 
 @dataclass(frozen=True)

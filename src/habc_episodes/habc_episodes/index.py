@@ -21,44 +21,64 @@ from pathlib import Path
 import sqlite3
 import threading
 
-OUTCOMES = ('unknown', 'success', 'failure', 'discarded')
-LABEL_OUTCOMES = ('success', 'failure', 'discarded')
-TRAINABLE_OUTCOMES = ('success', 'failure')
-STATUSES = ('recording', 'complete', 'incomplete')
+from habc_episodes.vocabulary import EpisodeStatus, LABEL_OUTCOMES, Outcome
+
+# The index stores outcomes and statuses as their text labels (vocabulary.py).
+_OUTCOME_LABELS = Outcome.labels()
+_TRAINABLE_LABELS = tuple(o.label for o in Outcome if o.trainable)
+_LABEL_LABELS = tuple(o.label for o in LABEL_OUTCOMES)
+_STATUS_LABELS = EpisodeStatus.labels()
+_FINISHED_LABELS = tuple(s.label for s in EpisodeStatus if s.finished)
+
+
+def _sql_list(labels: tuple[str, ...]) -> str:
+    return ', '.join(f"'{label}'" for label in labels)
+
 
 # Bump when the table layout changes and add a step to _MIGRATIONS (from version N to N+1).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE episodes (
+_EPISODES_TABLE = f"""
+CREATE TABLE {{name}} (
     episode_id TEXT PRIMARY KEY NOT NULL CHECK (episode_id != ''),
     bag_path TEXT NOT NULL,
     robot TEXT NOT NULL DEFAULT '',
     instruction TEXT NOT NULL DEFAULT '',
-    outcome TEXT NOT NULL DEFAULT 'unknown'
-        CHECK (outcome IN ('unknown', 'success', 'failure', 'discarded')),
+    outcome TEXT NOT NULL DEFAULT '{Outcome.UNLABELLED.label}'
+        CHECK (outcome IN ({_sql_list(_OUTCOME_LABELS)})),
     labeler TEXT NOT NULL DEFAULT '',
     note TEXT NOT NULL DEFAULT '',
     num_steps INTEGER NOT NULL DEFAULT 0,
     num_interventions INTEGER NOT NULL DEFAULT 0,
     policy_version TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL DEFAULT 'recording'
-        CHECK (status IN ('recording', 'complete', 'incomplete')),
+    status TEXT NOT NULL DEFAULT '{EpisodeStatus.RECORDING.label}'
+        CHECK (status IN ({_sql_list(_STATUS_LABELS)})),
     started_at REAL NOT NULL,
     ended_at REAL,
     labelled_at REAL,
     label_seq INTEGER UNIQUE
-);
+)"""
+_SCHEMA = _EPISODES_TABLE.format(name='episodes') + """;
 CREATE INDEX episodes_by_start ON episodes (started_at);
 CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
 INSERT INTO counters (name, value) VALUES ('label_seq', 0);
 """
 
-_MIGRATIONS: dict[int, str] = {}
-
 _COLUMNS = ('episode_id', 'bag_path', 'robot', 'instruction', 'outcome', 'labeler', 'note',
             'num_steps', 'num_interventions', 'policy_version', 'status', 'started_at',
             'ended_at', 'labelled_at', 'label_seq')
+_MIGRATIONS: dict[int, str] = {
+    # Version 1 spelled "no label yet" 'unknown'; the vocabulary's one spelling is
+    # 'unlabelled'. SQLite cannot change a CHECK constraint in place: rebuild the table.
+    1: _EPISODES_TABLE.format(name='episodes_v2') + f""";
+INSERT INTO episodes_v2 ({', '.join(_COLUMNS)})
+    SELECT {', '.join(_COLUMNS).replace(
+        'outcome,', "CASE outcome WHEN 'unknown' THEN 'unlabelled' ELSE outcome END,", 1)}
+    FROM episodes;
+DROP TABLE episodes;
+ALTER TABLE episodes_v2 RENAME TO episodes;
+CREATE INDEX episodes_by_start ON episodes (started_at)""",
+}
 _SELECT = f'SELECT {", ".join(_COLUMNS)} FROM episodes'
 
 
@@ -89,30 +109,61 @@ class EpisodeRecord:
         It needs a success/failure label and a finished bag; an episode cut short (status
         'incomplete') counts only because a person labelled it after looking at it.
         """
-        return self.outcome in TRAINABLE_OUTCOMES and self.status in ('complete', 'incomplete')
+        return self.outcome in _TRAINABLE_LABELS and self.status in _FINISHED_LABELS
 
 
 class EpisodeIndex:
-    """SQLite index of recorded episodes (thread-safe; several processes may open one file)."""
+    """SQLite index of recorded episodes (thread-safe; several processes may open one file).
 
-    def __init__(self, path: str | Path, timeout_s: float = 10.0) -> None:
-        """Open or create the index at `path`; `timeout_s` is how long a write waits for a lock.
+    The recorder owns the file and opens it writable (the default). Readers (the learner, the
+    dashboard's history, `habc episodes list/show/export`) open it with `read_only=True`:
+    they never create the file, never change the schema and cannot write a row by mistake.
+    """
+
+    def __init__(self, path: str | Path, timeout_s: float = 10.0, *,
+                 read_only: bool = False) -> None:
+        """Open (or, writable, create) the index at `path`.
+
+        Args:
+            path: the SQLite file (the recorder writes <storage_dir>/episodes.sqlite).
+            timeout_s: how long a statement waits for another process's lock.
+            read_only: open an existing index for reading only.
 
         Raises:
-            RuntimeError: the file was written by a newer schema version than this code knows.
+            FileNotFoundError: read-only and there is no file at `path`.
+            RuntimeError: the file was written by a newer schema version than this code
+                knows, or (read-only) by an older one that a writer must upgrade first.
             ValueError: the file is an SQLite database but not an episode index.
         """
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE for writes, so
-        # two writers serialise on the lock instead of failing on upgrade from read to write).
-        self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(
+                    f'no episode index at {self.path}; the episode recorder creates it at '
+                    '<storage_dir>/episodes.sqlite when it starts')
+            # mode=ro: SQLite refuses every write. WAL readers still need the -shm file,
+            # which the recorder (the writer) keeps.
+            uri = f'{self.path.resolve().as_uri()}?mode=ro'
+            self._db = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE for writes,
+            # so two writers serialise on the lock instead of failing on upgrade from read to
+            # write).
+            self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
+                                       check_same_thread=False)
         self._lock = threading.RLock()
         try:
-            self.journal_mode = str(self._db.execute('PRAGMA journal_mode=WAL').fetchone()[0])
             self._db.execute(f'PRAGMA busy_timeout = {int(timeout_s * 1000)}')
-            self._upgrade_schema()
+            if read_only:
+                self.journal_mode = str(self._db.execute('PRAGMA journal_mode').fetchone()[0])
+                self._check_schema()
+            else:
+                self.journal_mode = str(
+                    self._db.execute('PRAGMA journal_mode=WAL').fetchone()[0])
+                self._upgrade_schema()
         except BaseException:
             self._db.close()
             raise
@@ -132,7 +183,7 @@ class EpisodeIndex:
 
     def create(self, episode_id: str, bag_path: str | Path, instruction: str,
                policy_version: str, *, started_at: float, robot: str = '') -> EpisodeRecord:
-        """Add an episode that starts recording now (status 'recording', outcome 'unknown').
+        """Add an episode that starts recording now (status 'recording', outcome 'unlabelled').
 
         Raises:
             ValueError: `episode_id` is empty or already in the index.
@@ -168,7 +219,7 @@ class EpisodeIndex:
         if num_steps < 0 or num_interventions < 0:
             raise ValueError(f'episode {episode_id!r}: counts must not be negative (got '
                              f'num_steps={num_steps}, num_interventions={num_interventions})')
-        status = 'complete' if complete else 'incomplete'
+        status = (EpisodeStatus.COMPLETE if complete else EpisodeStatus.INCOMPLETE).label
         with self._write() as db:
             current = self._get(db, episode_id)
             if current.status == 'complete':
@@ -187,17 +238,21 @@ class EpisodeIndex:
                         policy_version, episode_id))
         return self.get(episode_id)
 
-    def label(self, episode_id: str, outcome: str, labeler: str = '', note: str = '', *,
-              now: float) -> EpisodeRecord:
+    def label(self, episode_id: str, outcome: str | Outcome, labeler: str = '',
+              note: str = '', *, now: float) -> EpisodeRecord:
         """Set or change the outcome label; every call takes a new, larger `label_seq`.
+
+        `outcome` is one of LABEL_OUTCOMES, as the enum or its label ('success', ...).
 
         Raises:
             KeyError: no such episode.
             ValueError: `outcome` is not one of LABEL_OUTCOMES.
         """
-        if outcome not in LABEL_OUTCOMES:
+        text = outcome.label if isinstance(outcome, Outcome) else outcome
+        if text not in _LABEL_LABELS:
             raise ValueError(f'invalid outcome {outcome!r} for episode {episode_id!r}; '
-                             f'choose one of {list(LABEL_OUTCOMES)}')
+                             f'choose one of {list(_LABEL_LABELS)}')
+        outcome = text
         with self._write() as db:
             self._get(db, episode_id)
             db.execute('UPDATE episodes SET outcome = ?, labeler = ?, note = ?, labelled_at = ?, '
@@ -247,8 +302,8 @@ class EpisodeIndex:
         """
         query = _SELECT + ' WHERE label_seq > ?'
         if trainable_only:
-            query += (" AND outcome IN ('success', 'failure') "
-                      "AND status IN ('complete', 'incomplete')")
+            query += (f' AND outcome IN ({_sql_list(_TRAINABLE_LABELS)}) '
+                      f'AND status IN ({_sql_list(_FINISHED_LABELS)})')
         with self._lock:
             rows = self._db.execute(query + ' ORDER BY label_seq', (int(seq),)).fetchall()
         return [EpisodeRecord(*row) for row in rows]
@@ -269,13 +324,15 @@ class EpisodeIndex:
         query, args = _SELECT, []
         clauses = []
         if status is not None:
-            if status not in STATUSES:
-                raise ValueError(f'invalid status {status!r}; choose one of {list(STATUSES)}')
+            if status not in _STATUS_LABELS:
+                raise ValueError(f'invalid status {status!r}; choose one of '
+                                 f'{list(_STATUS_LABELS)}')
             clauses.append('status = ?')
             args.append(status)
         if outcome is not None:
-            if outcome not in OUTCOMES:
-                raise ValueError(f'invalid outcome {outcome!r}; choose one of {list(OUTCOMES)}')
+            if outcome not in _OUTCOME_LABELS:
+                raise ValueError(f'invalid outcome {outcome!r}; choose one of '
+                                 f'{list(_OUTCOME_LABELS)}')
             clauses.append('outcome = ?')
             args.append(outcome)
         if clauses:
@@ -295,6 +352,9 @@ class EpisodeIndex:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """Run the block in one IMMEDIATE transaction (commit on success, else roll back)."""
+        if self.read_only:
+            raise PermissionError(f'the episode index {self.path} was opened read-only; only '
+                                  'the episode recorder (or `habc episodes label`) writes it')
         with self._lock:
             self._db.execute('BEGIN IMMEDIATE')
             try:
@@ -319,12 +379,27 @@ class EpisodeIndex:
         return int(db.execute("SELECT value FROM counters WHERE name = 'label_seq'")
                    .fetchone()[0])
 
+    def _schema_version(self, db: sqlite3.Connection) -> int:
+        """Return the file's schema version; RuntimeError when newer than this code."""
+        version = int(db.execute('PRAGMA user_version').fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f'{self.path} has episode index schema version {version}, '
+                               f'newer than this code ({SCHEMA_VERSION}); update habc')
+        return version
+
+    def _check_schema(self) -> None:
+        version = self._schema_version(self._db)
+        if version == SCHEMA_VERSION:
+            return
+        if version == 0:
+            raise ValueError(f'{self.path} is not an episode index (no schema version)')
+        raise RuntimeError(f'{self.path} has the older episode index schema version {version}; '
+                           'a writer upgrades it: start the episode recorder once, or run '
+                           '`habc episodes label` on it')
+
     def _upgrade_schema(self) -> None:
         with self._write() as db:
-            version = int(db.execute('PRAGMA user_version').fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f'{self.path} has episode index schema version {version}, '
-                                   f'newer than this code ({SCHEMA_VERSION}); update habc')
+            version = self._schema_version(db)
             if version == 0:
                 tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 if tables.fetchall():

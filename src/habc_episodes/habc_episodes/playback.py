@@ -6,7 +6,7 @@ be tested without DDS:
     bag_info()        the topics, types, counts and recorded QoS offers of a rosbag2 bag
                       (MCAP or sqlite3, read with rosbags)
     select_topics()   the --topics filter ('/robot1/observation' exactly, or 'observation' in
-                      any namespace, as habc_learner.bag_episodes.match_topic)
+                      any namespace, as habc_episodes.episode_bags.match_topic)
     output_topic()    --remap and --namespace applied to a recorded topic name
     topic_qos()       the publisher QoS: the recorded offers, else the habc profile of the
                       topic (docs/ros_interfaces.md), else rosbag2's default
@@ -100,7 +100,7 @@ def bag_info(path: str | Path) -> BagInfo:
     Raises:
         FileNotFoundError: nothing at `path`.
         ValueError: rosbags cannot open it (the message says why; a bag of a crashed
-            recorder needs habc_policy.bag_io.recover_bag()).
+            recorder needs habc_episodes.recovery.recover_bag()).
     """
     path = Path(path)
     if not path.exists():
@@ -121,7 +121,7 @@ def bag_info(path: str | Path) -> BagInfo:
         raise
     except Exception as exc:  # rosbags raises its own error types
         raise ValueError(f'cannot read bag {path}: {type(exc).__name__}: {exc} (a bag of a '
-                         'recorder that crashed needs habc_policy.bag_io.recover_bag())') \
+                         'recorder that crashed needs habc_episodes.recovery.recover_bag())') \
             from None
     return info
 
@@ -149,7 +149,7 @@ def match_topic(pattern: str, available: Iterable[str]) -> list[str]:
     """Return the topics a filter entry names: an absolute name exactly, a relative one anywhere.
 
     'observation' matches '/observation' and '/robot1/observation' (the same rule as
-    habc_learner.bag_episodes.match_topic, so one name works for both tools).
+    habc_episodes.episode_bags.match_topic, so one name works for both tools).
     """
     if pattern.startswith('/'):
         return [topic for topic in available if topic == pattern]

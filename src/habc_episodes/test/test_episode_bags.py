@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from habc_learner.bag_episodes import episode_from_bag, match_topic, TopicMapping
-from habc_learner.episode import Controller, EpisodeKind, Outcome
+from habc_episodes.episode_bags import episode_from_bag, match_topic, TopicMapping
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
 MS = 1_000_000
 

@@ -13,13 +13,13 @@ import pytest
 from rosbags.rosbag2 import Reader, WriterError
 from rosbags.typesys import get_types_from_msg
 
-from habc_policy.bag_io import (
+from habc_episodes.bag_format import (
     EpisodeBagWriter,
     habc_msg_dir,
     habc_typestore,
     read_episode_messages,
-    recover_bag,
 )
+from habc_episodes.recovery import recover_bag
 
 HABC_TYPES = ('ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'InterventionState',
               'Observation', 'PolicyUpdate')
@@ -238,9 +238,9 @@ def test_writer_rejects_wrong_input(tmp_path, store):
 
 _KILLED_WRITER = """
 import sys, time
-from habc_policy.bag_io import EpisodeBagWriter, habc_typestore
+from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
 sys.path.insert(0, sys.argv[1])
-from test_bag_io import write_samples
+from test_bag_format import write_samples
 store = habc_typestore()
 interval = None if sys.argv[3] == 'none' else float(sys.argv[3])
 writer = EpisodeBagWriter(sys.argv[2], store, flush_interval_s=interval)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from habc_policy.episode_index import EpisodeIndex, EpisodeRecord, SCHEMA_VERSION
+from habc_episodes.index import EpisodeIndex, EpisodeRecord, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_create_finish_get(index):
                            started_at=100.0, robot='/left_robot')
     assert created == EpisodeRecord(
         episode_id='ep-1', bag_path='/bags/ep-1', robot='/left_robot',
-        instruction='transfer the cube', outcome='unknown', labeler='', note='', num_steps=0,
+        instruction='transfer the cube', outcome='unlabelled', labeler='', note='', num_steps=0,
         num_interventions=0, policy_version='v3', status='recording', started_at=100.0,
         ended_at=None, labelled_at=None, label_seq=None)
     finished = index.finish('ep-1', num_steps=250, num_interventions=3, ended_at=105.5)
@@ -153,7 +153,7 @@ def test_list_filters_and_orders_newest_first(index):
     assert [r.episode_id for r in index.list(limit=2)] == ['d', 'c']
     assert [r.episode_id for r in index.list(outcome='success')] == ['c', 'a']
     assert [r.episode_id for r in index.list(status='recording')] == ['d']
-    assert [r.episode_id for r in index.list(status='complete', outcome='unknown')] == []
+    assert [r.episode_id for r in index.list(status='complete', outcome='unlabelled')] == []
 
 
 def test_schema_version_and_wal(tmp_path):
@@ -187,7 +187,7 @@ def test_two_processes_label_concurrently_without_sequence_clashes(tmp_path):
         for name in ('a', 'b'):
             _recorded(index, name, 1.0)
     script = ('import sys\n'
-              'from habc_policy.episode_index import EpisodeIndex\n'
+              'from habc_episodes.index import EpisodeIndex\n'
               'index = EpisodeIndex(sys.argv[1])\n'
               'for k in range(40):\n'
               '    index.label(sys.argv[2], "success" if k % 2 else "failure", "p", now=k)\n')
@@ -205,3 +205,69 @@ def test_two_processes_label_concurrently_without_sequence_clashes(tmp_path):
         seqs = sorted(r.label_seq for r in records)
         assert len(seqs) == 2 and seqs[1] == 80 and 40 <= seqs[0] < 80
         assert {r.outcome for r in records} == {'success'}
+
+
+def test_read_only_mode_reads_but_never_creates_or_writes(tmp_path):
+    path = tmp_path / 'episodes.sqlite'
+    with pytest.raises(FileNotFoundError, match='recorder creates it'):
+        EpisodeIndex(path, read_only=True)
+    assert not path.exists()  # a mistyped path creates nothing
+    with EpisodeIndex(path) as writer:
+        _recorded(writer, 'a', 1.0, labelled='success')
+        with EpisodeIndex(path, read_only=True) as reader:
+            assert reader.get('a').outcome == 'success'
+            assert [r.episode_id for r in reader.labelled_since(0)] == ['a']
+            with pytest.raises(PermissionError, match='read-only'):
+                reader.label('a', 'failure', now=2.0)
+            with pytest.raises(PermissionError, match='read-only'):
+                reader.create('b', tmp_path / 'b', '', '1', started_at=3.0)
+            writer.label('a', 'failure', now=4.0)  # a reader sees the writer's changes
+            assert reader.get('a').outcome == 'failure'
+    assert EpisodeIndex(path, read_only=True).last_label_seq() == 2
+
+
+def _version_1_index(path):
+    """Write an index as schema version 1 wrote it (outcome 'unknown' for no label)."""
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE episodes (
+                episode_id TEXT PRIMARY KEY NOT NULL CHECK (episode_id != ''),
+                bag_path TEXT NOT NULL, robot TEXT NOT NULL DEFAULT '',
+                instruction TEXT NOT NULL DEFAULT '',
+                outcome TEXT NOT NULL DEFAULT 'unknown'
+                    CHECK (outcome IN ('unknown', 'success', 'failure', 'discarded')),
+                labeler TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '',
+                num_steps INTEGER NOT NULL DEFAULT 0,
+                num_interventions INTEGER NOT NULL DEFAULT 0,
+                policy_version TEXT NOT NULL DEFAULT '',
+                status TEXT NOT NULL DEFAULT 'recording'
+                    CHECK (status IN ('recording', 'complete', 'incomplete')),
+                started_at REAL NOT NULL, ended_at REAL, labelled_at REAL,
+                label_seq INTEGER UNIQUE);
+            CREATE INDEX episodes_by_start ON episodes (started_at);
+            CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+            INSERT INTO counters (name, value) VALUES ('label_seq', 1);
+            INSERT INTO episodes (episode_id, bag_path, started_at) VALUES ('old', 'b1', 1.0);
+            INSERT INTO episodes (episode_id, bag_path, outcome, status, started_at, ended_at,
+                                  label_seq)
+                VALUES ('done', 'b2', 'success', 'complete', 2.0, 3.0, 1);
+            PRAGMA user_version = 1;
+        """)
+
+
+def test_a_version_1_index_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_path):
+    path = tmp_path / 'episodes.sqlite'
+    _version_1_index(path)
+    with pytest.raises(RuntimeError, match='older episode index schema version 1'):
+        EpisodeIndex(path, read_only=True)
+    with EpisodeIndex(path) as index:
+        assert index.get('old').outcome == 'unlabelled'
+        assert index.get('done').outcome == 'success'
+        assert [r.episode_id for r in index.list(outcome='unlabelled')] == ['old']
+        assert index.last_label_seq() == 1
+        assert index.label('old', 'failure', now=5.0).label_seq == 2
+    with sqlite3.connect(path) as db:
+        assert db.execute('PRAGMA user_version').fetchone()[0] == SCHEMA_VERSION
+    with EpisodeIndex(path, read_only=True) as reader:
+        assert [r.episode_id for r in reader.labelled_since(0, trainable_only=False)] == [
+            'done', 'old']

@@ -52,8 +52,9 @@ from typing import Any
 import numpy as np
 from rosbags.rosbag2 import Reader
 
-from habc_learner.episode import Controller, Episode, EpisodeKind, Outcome
-from habc_policy.bag_io import read_episode_messages
+from habc_episodes.bag_format import read_episode_messages
+from habc_episodes.episode import Episode
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
 OBSERVATION_TYPE = 'habc_msgs/msg/Observation'
 EXECUTED_ACTION_TYPE = 'habc_msgs/msg/ExecutedAction'
@@ -345,7 +346,7 @@ def bag_source(bag_path: str | Path) -> Path:
                 f'files {[p.name for p in files]}; `ros2 bag reindex {path}` writes the '
                 'metadata.yaml that makes them one bag (or pass the files one by one)')
     raise FileNotFoundError(f'{path} is not a rosbag2 directory (no metadata.yaml); a bag '
-                            'of a crashed recorder needs habc_policy.bag_io.recover_bag()')
+                            'of a crashed recorder needs habc_episodes.recovery.recover_bag()')
 
 
 def bag_name(bag_path: str | Path) -> str:
@@ -399,7 +400,7 @@ def read_problem(path: Path, source: Path, exc: BaseException) -> str:
         start = ('it has no metadata.yaml and its MCAP file' if source.is_file()
                  and source.parent == path else 'its MCAP file')
         hint = (f'{start} is cut short or damaged: the writer died before closing it, or the '
-                'copy is incomplete. habc_policy.bag_io.recover_bag(path) rebuilds the bag '
+                'copy is incomplete. habc_episodes.recovery.recover_bag(path) rebuilds the bag '
                 'from its complete records (it rewrites the bag in place: run it on a copy to '
                 'keep the original), then train again')
     elif '.db3' in suffixes:

@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-from habc_learner.episode import (
-    all_chunk_targets,
-    chunk_targets,
-    Controller,
-    Episode,
-    Outcome,
-    segment_ids,
-    segments,
-)
+from habc_episodes.episode import Episode, segment_ids, segments
+from habc_episodes.vocabulary import Controller, Outcome
+from habc_learner.data import all_chunk_targets, chunk_targets
 
 
 def make_episode(controllers, outcome='success'):
