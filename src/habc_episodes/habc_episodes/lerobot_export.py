@@ -86,7 +86,7 @@ def estimate_fps(timestamps: Sequence[np.ndarray]) -> int:
 
 def frame_columns(episode: Any, episode_index: int, first_index: int, task_index: int,
                   fps: int) -> dict[str, np.ndarray]:
-    """Return the per-frame columns of one habc_learner Episode (images excluded)."""
+    """Return the per-frame columns of one Episode (images excluded)."""
     n = len(episode)
     controllers = np.asarray(episode.controllers, dtype=np.int64)
     success = int(episode.outcome) == 1  # habc_episodes.episode.Outcome.SUCCESS

@@ -447,7 +447,7 @@ class EpisodeRecorderNode:
     def label(self, episode_id: str, outcome: int, labeler: str = '',
               note: str = '') -> tuple[bool, str]:
         """Set the outcome of a recorded episode; return (accepted, message)."""
-        name = Outcome(outcome).label if outcome in set(LABEL_OUTCOMES) else None
+        name = Outcome(outcome).label if outcome in LABEL_OUTCOMES else None
         if not episode_id:
             last = f'; the last episode is {self.last_episode_id}' if self.last_episode_id else ''
             return False, f'label rejected: episode_id is empty{last}'
