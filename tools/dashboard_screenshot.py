@@ -48,7 +48,7 @@ def seed_history(storage: Path, now: float) -> None:
     from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
     from habc_episodes.episode import make_episode_id
     from habc_episodes.index import EpisodeIndex
-    from habc_policy.episode_recorder_node import EpisodeCounts
+    from habc_policy.episode_recorder import EpisodeCounts
 
     rng = random.Random(0)
     store = habc_typestore()

@@ -1,4 +1,4 @@
-"""The words of an episode, each defined once: who controlled a step, how it ended, its status.
+"""The words of an episode, each defined once: controller, outcome, status, policy version.
 
 Integer values match the habc_msgs constants (InterventionState.SOURCE_*,
 ExecutedAction.SOURCE_*, LabelEpisode.OUTCOME_*, EpisodeEvent.OUTCOME_*), so a message field
@@ -9,7 +9,9 @@ on the dashboard: lower-case names ('policy', 'unlabelled', 'complete').
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import enum
+import re
 
 
 class _Labelled(enum.IntEnum):
@@ -120,3 +122,69 @@ class EpisodeStatus(enum.Enum):
     def finished(self) -> bool:
         """True once the bag is closed (complete or incomplete)."""
         return self is not EpisodeStatus.RECORDING
+
+
+_VERSION_TEXT = re.compile(r'(\d+)(?::(.+))?')
+
+
+@dataclass(frozen=True, order=True)
+class PolicyVersion:
+    """Which weights produced an action: a monotonic number, plus an optional tag.
+
+    The number orders the weights of one robot's policy: the start-up checkpoint is
+    STARTUP_VERSION (1, tagged 'sft'), the learner publishes 2, 3, ... (PolicyUpdate.version
+    is the number). A tag names weights that share a number: 'sft' for the first
+    checkpoint, 'manual-<sha256 prefix>' for weights an operator loaded by hand. The text
+    form, `str(version)`, is the one spelling on every message (ActionChunk, PolicyCommand,
+    ExecutedAction, EpisodeEvent), in checkpoints' config.json, in bags and in the episode
+    index: '3', or '1:sft' with a tag. `parse` reads it back.
+    """
+
+    number: int
+    tag: str = ''
+
+    def __post_init__(self) -> None:
+        if isinstance(self.number, bool) or not isinstance(self.number, int) \
+                or self.number < 0:
+            raise ValueError(f'policy version number must be an integer >= 0, got '
+                             f'{self.number!r}')
+        if ':' in self.tag or self.tag != self.tag.strip():
+            raise ValueError(f'policy version tag {self.tag!r} must not contain ":" or '
+                             'surrounding blanks')
+
+    def __str__(self) -> str:
+        return f'{self.number}:{self.tag}' if self.tag else str(self.number)
+
+    @classmethod
+    def parse(cls, text: str | int | PolicyVersion) -> PolicyVersion:
+        """Read a version's text form ('3', '1:sft') or number.
+
+        A bare tag without a number ('sft', 'untrained': checkpoints written before
+        versions had numbers) is the start-up number with that tag.
+
+        Raises:
+            ValueError: empty text (no version is known: keep '' apart from versions).
+        """
+        if isinstance(text, PolicyVersion):
+            return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(text)
+        value = str(text).strip()
+        if not value:
+            raise ValueError('empty policy version (no weights are known to have acted)')
+        match = _VERSION_TEXT.fullmatch(value)
+        if match is None:
+            return cls(STARTUP_VERSION.number, value.replace(':', '-'))
+        return cls(int(match.group(1)), match.group(2) or '')
+
+    @staticmethod
+    def sort_key(text: str) -> tuple[int, int, str]:
+        """Order version texts as the weights ran; '' (no version) first."""
+        if not str(text).strip():
+            return (0, -1, '')
+        version = PolicyVersion.parse(text)
+        return (1, version.number, version.tag)
+
+
+# The version of the weights a policy starts with (the SFT checkpoint): defined here once.
+STARTUP_VERSION = PolicyVersion(1, 'sft')

@@ -221,7 +221,7 @@ def test_writer_rejects_wrong_input(tmp_path, store):
             writer.write('/other', 1, b'\x00\x01\x00\x00')
         with pytest.raises(ValueError, match='not CDR'):
             writer.write('/iv', 1, b'{"json": 1}')
-        with pytest.raises(ValueError, match='is not a habc_msgs/msg/InterventionState'):
+        with pytest.raises(ValueError, match='not a habc_msgs/msg/InterventionState'):
             writer.write('/iv', 1, b'\x00\x01\x00\x00\x05')
         with pytest.raises(TypeError, match='has type habc_msgs/msg/InterventionState'):
             writer.write('/iv', 1, sample_messages(store)['/habc/executed_action'])

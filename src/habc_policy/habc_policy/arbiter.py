@@ -94,6 +94,9 @@ class ArbiterOutput:
         actions and re-plan from the current state.
     ramping: True while the command is a handback blend of the last human command and the
         policy command.
+    policy_version: the version of the policy's newest command: on a policy step, of the
+        executed command; on a human or hold step, of the policy the human corrected (or
+        that stopped); '' before any policy command.
     """
 
     command: np.ndarray | None
@@ -104,6 +107,7 @@ class ArbiterOutput:
     switched: bool
     reseed_policy: bool
     ramping: bool
+    policy_version: str = ''
 
     @property
     def human_active(self) -> bool:
@@ -126,6 +130,7 @@ class TeleopArbiter:
         self._state_time: float | None = None
         self._policy: np.ndarray | None = None
         self._policy_time: float | None = None
+        self._policy_version = ''
         self._teleop: np.ndarray | None = None
         self._teleop_time: float | None = None
         self._lower: np.ndarray | None = None
@@ -179,10 +184,16 @@ class TeleopArbiter:
         self._measured = positions
         self._state_time = now
 
-    def on_policy_command(self, positions: Sequence[float], now: float) -> None:
-        """Record the policy's per-tick joint command received at time `now` (s)."""
+    def on_policy_command(self, positions: Sequence[float], now: float,
+                          policy_version: str = '') -> None:
+        """Record the policy's per-tick joint command received at time `now` (s).
+
+        `policy_version` names the weights that produced it (PolicyVersion text); every
+        executed step carries it on (ArbiterOutput.policy_version).
+        """
         self._policy = self._as_vector(positions, 'policy command')
         self._policy_time = now
+        self._policy_version = policy_version
 
     def on_teleop_command(self, positions: Sequence[float], now: float) -> None:
         """Record the teleop (leader arm) joint positions received at time `now` (s)."""
@@ -299,7 +310,8 @@ class TeleopArbiter:
         return ArbiterOutput(
             command=None if command is None else command.copy(), source=source,
             controller=self._controller, segment_id=self._segment_id, reason=reason,
-            switched=switched, reseed_policy=reseed, ramping=ramping)
+            switched=switched, reseed_policy=reseed, ramping=ramping,
+            policy_version=self._policy_version)
 
     # Helpers ------------------------------------------------------------------------------
 

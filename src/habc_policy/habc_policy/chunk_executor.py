@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from habc_common.params import param, validate_params
+from habc_episodes.vocabulary import PolicyVersion
 
 # Due times are sums of float periods: one nanosecond of slack keeps a tick at exactly the
 # due time (1.0 + 3 * 0.02 vs 1.06) from counting as early or late.
@@ -104,7 +105,7 @@ class ScheduledAction:
 
     action: np.ndarray
     due_time: float
-    version: str
+    version: PolicyVersion
     chunk_id: int
     index: int
     sources: tuple[int, ...]
@@ -113,7 +114,7 @@ class ScheduledAction:
 class _Chunk:
     """A chunk kept for ensembling, with the last step used (to count skipped ones)."""
 
-    def __init__(self, actions: np.ndarray, start_time: float, dt: float, version: str,
+    def __init__(self, actions: np.ndarray, start_time: float, dt: float, version: PolicyVersion,
                  chunk_id: int) -> None:
         self.actions = actions
         self.start_time = start_time
@@ -136,22 +137,22 @@ class ChunkExecutor:
             'chunks_accepted': 0, 'rejected_out_of_order': 0, 'rejected_version': 0,
             'rejected_before_clear': 0, 'executed': 0, 'stale_dropped': 0, 'replaced': 0,
             'underruns': 0}
-        self.current_version: str | None = None
+        self.current_version: PolicyVersion | None = None
         self._lock = threading.Lock()
         self._queue: list[ScheduledAction] = []  # receding: due times ascending
         self._chunks: list[_Chunk] = []  # ensemble: oldest first
         self._action_dim: int | None = None
         self._last_chunk_id: int | None = None
-        self._staged_version: str | None = None
+        self._staged_version: PolicyVersion | None = None
         self._not_before: float | None = None
         self._running = False
 
     @property
-    def staged_version(self) -> str | None:
+    def staged_version(self) -> PolicyVersion | None:
         """The version that every chunk must carry since the last stage_version call."""
         return self._staged_version
 
-    def add_chunk(self, chunk: Any, start_time: float, dt: float, version: str,
+    def add_chunk(self, chunk: Any, start_time: float, dt: float, version: PolicyVersion,
                   chunk_id: int) -> bool:
         """Add an (H, D) chunk whose first action is due at `start_time` (s).
 
@@ -173,8 +174,8 @@ class ChunkExecutor:
             raise ValueError(f'chunk {chunk_id}: step dt={dt} s differs from control_period_s='
                              f'{period} s; the executor runs one action per control tick, '
                              "so run the control timer at the policy's action rate")
-        if not isinstance(version, str) or not version:
-            raise ValueError(f'chunk {chunk_id}: version must be a non-empty string, '
+        if not isinstance(version, PolicyVersion):
+            raise ValueError(f'chunk {chunk_id}: version must be a PolicyVersion, '
                              f'got {version!r}')
         start_time = float(start_time)
         with self._lock:
@@ -237,10 +238,10 @@ class ChunkExecutor:
         """Whether the next inference should start: fewer than min_remaining_steps remain."""
         return self.remaining_actions(now) < self.params.min_remaining_steps
 
-    def stage_version(self, version: str) -> None:
+    def stage_version(self, version: PolicyVersion) -> None:
         """Accept only chunks of `version` from now on (call it right after a weight swap)."""
-        if not isinstance(version, str) or not version:
-            raise ValueError(f'version must be a non-empty string, got {version!r}')
+        if not isinstance(version, PolicyVersion):
+            raise ValueError(f'version must be a PolicyVersion, got {version!r}')
         with self._lock:
             self._staged_version = version
 
@@ -269,8 +270,8 @@ class ChunkExecutor:
                 'mode': self.params.mode,
                 'queued_actions': len(self._queue),
                 'chunks_kept': len(self._chunks),
-                'current_version': self.current_version,
-                'staged_version': self._staged_version,
+                'current_version': _text(self.current_version),
+                'staged_version': _text(self._staged_version),
                 'underrun_ratio': c['underruns'] / ticks if ticks else 0.0,
                 'stale_ratio': c['stale_dropped'] / planned if planned else 0.0,
             }
@@ -315,3 +316,7 @@ class ChunkExecutor:
         newest, index = covering[-1]
         return ScheduledAction(action, newest.due(index), version, newest.chunk_id, index,
                                tuple(chunk.chunk_id for chunk, _ in covering))
+
+
+def _text(version: PolicyVersion | None) -> str | None:
+    return None if version is None else str(version)

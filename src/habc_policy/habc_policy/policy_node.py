@@ -4,8 +4,9 @@ Topics (see docs/ros_interfaces.md):
   subscribes  `observation` (habc_msgs/Observation, SENSOR_DATA)
               `intervention` (habc_msgs/InterventionState, COMMANDS)
               `policy/update` (habc_msgs/PolicyUpdate, LATCHED)
-  publishes   `policy/joint_command` (sensor_msgs/JointState, COMMANDS): on every control tick
-                  that has an action due, stamped with the tick time
+  publishes   `policy/joint_command` (habc_msgs/PolicyCommand, COMMANDS): on every control
+                  tick that has an action due, stamped with the tick time, with the version
+                  and chunk id of the chunk the action comes from
               `policy/chunk` (habc_msgs/ActionChunk, COMMANDS): every chunk the executor
                   accepted, stamped with its observation's stamp
               `policy/status` (std_msgs/String JSON, LATCHED): active and staged version, the
@@ -33,14 +34,21 @@ import time
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.context import Context
 from rclpy.node import Node
-from sensor_msgs.msg import JointState
 from std_msgs.msg import String
 
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
-from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyUpdate
+from habc_episodes.vocabulary import PolicyVersion
+from habc_msgs.msg import (
+    ActionChunk,
+    InterventionState,
+    Observation,
+    PolicyCommand,
+    PolicyUpdate,
+)
 from habc_policy.chunk_executor import ChunkExecutor
 from habc_policy.policy_runtime import (
     ChunkResult,
@@ -60,8 +68,10 @@ PARAMS = PolicyNodeParams
 class PolicyNode:
     """Thin rclpy adapter over PolicyRuntime, InferenceWorker and ChunkExecutor."""
 
-    def __init__(self, namespace: str = '', parameter_overrides: list | None = None) -> None:
-        self.node = Node('policy', namespace=namespace,
+    def __init__(self, namespace: str = '', parameter_overrides: list | None = None,
+                 context: Context | None = None) -> None:
+        # context: an rclpy Context other than the default one (tests run their own).
+        self.node = Node('policy', namespace=namespace, context=context,
                          parameter_overrides=parameter_overrides or [])
         self.params = declare_node_parameters(self.node, PolicyNodeParams)
         self.log = self.node.get_logger()
@@ -74,7 +84,7 @@ class PolicyNode:
         self._paused = False
         # Seamless swaps: control ticks without an action before each version's first one.
         self._empty_ticks = 0
-        self._last_action_version: str | None = None
+        self._last_action_version: PolicyVersion | None = None
         self._swap_gap_ticks: dict[str, int] = {}
         self._last_source: tuple[int, str] | None = None
         self._not_before = -math.inf
@@ -82,8 +92,8 @@ class PolicyNode:
         self._last_error = ''
         self._closed = False
 
-        self.command_publisher = self.node.create_publisher(JointState, 'policy/joint_command',
-                                                            COMMANDS)
+        self.command_publisher = self.node.create_publisher(PolicyCommand,
+                                                            'policy/joint_command', COMMANDS)
         self.chunk_publisher = self.node.create_publisher(ActionChunk, 'policy/chunk', COMMANDS)
         self.status_publisher = self.node.create_publisher(String, 'policy/status', LATCHED)
 
@@ -243,15 +253,14 @@ class PolicyNode:
         if action is None:
             self._empty_ticks += 1
         if action is not None and self._command_names:
-            msg = JointState()
+            msg = PolicyCommand(policy_version=str(action.version), chunk_id=action.chunk_id,
+                                name=self._command_names, position=action.action.tolist())
             msg.header.stamp = self.node.get_clock().now().to_msg()
-            msg.name = self._command_names
-            msg.position = action.action.tolist()
             self.command_publisher.publish(msg)
             if self._last_action_version not in (None, action.version):
                 # The first tick of new weights: how many control ticks went without an
                 # action since the old version's last one (0 = a seamless swap).
-                self._swap_gap_ticks[action.version] = self._empty_ticks
+                self._swap_gap_ticks[str(action.version)] = self._empty_ticks
                 self.publish_status()
             self._last_action_version = action.version
             self._empty_ticks = 0
@@ -269,7 +278,7 @@ class PolicyNode:
         horizon, action_dim = result.actions.shape
         msg = ActionChunk()
         msg.header.stamp = result.observation.header_stamp
-        msg.policy_version = result.version
+        msg.policy_version = str(result.version)
         msg.chunk_id = result.chunk_id
         msg.horizon, msg.action_dim = horizon, action_dim
         msg.joint_names = list(result.joint_names)
@@ -289,7 +298,8 @@ class PolicyNode:
     def publish_status(self) -> None:
         """Publish the runtime status as JSON on the latched policy/status."""
         status = self.runtime.status()
-        status['executing_version'] = self.executor.current_version
+        executing = self.executor.current_version
+        status['executing_version'] = None if executing is None else str(executing)
         status['swap_gap_ticks'] = dict(self._swap_gap_ticks)
         status['paused'] = self._paused
         status['stamp'] = time.time()

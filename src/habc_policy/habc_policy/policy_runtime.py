@@ -8,17 +8,16 @@ policy_node is a thin adapter over the classes here:
   InferenceWorker  the inference thread: runs PolicyRuntime.infer on the newest observation
                    when asked, and swaps in staged weights between two inferences.
 
-Versions. Every policy has an integer `number` (the order of updates) and a string `version`
-(the label on every chunk, ActionChunk.policy_version):
-  startup checkpoint   number = the checkpoint's config.json version when it is a decimal
-                       integer, else 1 (the SFT checkpoint is saved as 'sft'; the learner
-                       publishes integer versions from 2 on); version = str(number);
+Versions (habc_episodes.vocabulary.PolicyVersion: a number that orders updates and an
+optional tag; its text is the label on every chunk and command):
+  startup checkpoint   the checkpoint's config.json version (PolicyVersion.parse: '1:sft' as
+                       the SFT checkpoint is saved, STARTUP_VERSION; the learner's '2', ...);
   PolicyUpdate         accepted only when msg.version is above the active and the staged
-                       number; version = str(msg.version);
-  weights_uri (param)  an operator's manual load: when the checkpoint's config.json version
-                       is an integer above the active number it is used as for an update;
-                       otherwise the number stays (so the learner's next update still
-                       replaces it) and version = 'manual-<first 12 hex of sha256>'.
+                       number; version = PolicyVersion(msg.version);
+  weights_uri (param)  an operator's manual load: when the checkpoint's number is above the
+                       active number its version is used as for an update; otherwise the
+                       number stays (so the learner's next update still replaces it) and the
+                       tag is 'manual-<first 12 hex of sha256>'.
 
 Verification, in this order; any failure raises WeightsError with the reason and leaves
 the active policy untouched: the version is newer; the URI resolves to a local checkpoint
@@ -51,11 +50,9 @@ from urllib.request import url2pathname
 import numpy as np
 
 from habc_common.params import param, validate_params
+from habc_episodes.vocabulary import PolicyVersion
 from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
 from habc_policy.image_convert import image_to_numpy
-
-# First SFT checkpoint: what a startup checkpoint without an integer version counts as.
-STARTUP_NUMBER = 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +119,10 @@ class PolicyNodeParams:
             min_remaining_steps=self.min_remaining_steps)
 
 
+# Tag of weights an operator loaded through the weights_uri parameter.
+MANUAL_TAG = 'manual-'
+
+
 class WeightsError(Exception):
     """Weights that failed verification; str(exc) is the reason, for logs and status."""
 
@@ -131,8 +132,7 @@ class LoadedPolicy:
     """A verified policy ready to act: the model and where it came from."""
 
     policy: Any
-    number: int
-    version: str
+    version: PolicyVersion
     sha256: str
     source: str
 
@@ -158,7 +158,7 @@ class ChunkResult:
     """The outcome of one inference: the chunk and whether the executor took it."""
 
     actions: np.ndarray
-    version: str
+    version: PolicyVersion
     chunk_id: int
     start_time: float
     dt: float
@@ -229,10 +229,11 @@ def resolve_checkpoint_dir(uri: str) -> Path:
     return folder
 
 
-def checkpoint_number(version: str) -> int | None:
-    """Return the integer a checkpoint's version string stands for, or None ('sft', 'v3')."""
-    text = str(version).strip()
-    return int(text) if text.isdecimal() else None
+def _checkpoint_version(text: str, folder: Path) -> PolicyVersion:
+    try:
+        return PolicyVersion.parse(text)
+    except ValueError as exc:
+        raise WeightsError(f'{folder}: config.json has no usable version ({exc})') from None
 
 
 def _stat_key(path: Path) -> tuple[int, int, int]:
@@ -273,17 +274,18 @@ class PolicyRuntime:
     def newest_number(self) -> int:
         """Return the number an update must exceed: the staged or else the active one's."""
         with self._lock:
-            candidates = [p.number for p in (self.active, self._pending) if p is not None]
+            candidates = [p.version.number for p in (self.active, self._pending)
+                          if p is not None]
         return max(candidates, default=0)
 
     def load_startup(self, checkpoint: str, expected_sha256: str = '') -> LoadedPolicy:
         """Load the start-up checkpoint and make it active at once (no inference runs yet)."""
-        loaded = self._load_checkpoint(checkpoint, expected_sha256, number=None,
+        loaded = self._load_checkpoint(checkpoint, expected_sha256, version=None,
                                        require_sha=False)
         with self._lock:
             self.active = loaded
         self.executor.stage_version(loaded.version)
-        self.last_update = UpdateRecord(checkpoint, loaded.version, 'active',
+        self.last_update = UpdateRecord(checkpoint, str(loaded.version), 'active',
                                         sha256=loaded.sha256)
         return loaded
 
@@ -300,9 +302,10 @@ class PolicyRuntime:
             if not is_sha256(sha256):
                 raise WeightsError(f'sha256 {sha256!r} is not 64 hex digits')
             if data:
-                loaded = self._load_inline(bytes(data), sha256.lower(), version)
+                loaded = self._load_inline(bytes(data), sha256.lower(), PolicyVersion(version))
             else:
-                loaded = self._load_checkpoint(uri, sha256, number=version, require_sha=True)
+                loaded = self._load_checkpoint(uri, sha256, version=PolicyVersion(version),
+                                               require_sha=True)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(source, str(version), str(exc))
@@ -312,7 +315,7 @@ class PolicyRuntime:
     def offer_weights_uri(self, uri: str, expected_sha256: str = '') -> LoadedPolicy:
         """Verify and load weights named by the weights_uri parameter; stage them."""
         try:
-            loaded = self._load_checkpoint(uri, expected_sha256, number=None,
+            loaded = self._load_checkpoint(uri, expected_sha256, version=None,
                                            require_sha=False, manual=True)
             self._stage(loaded)
         except WeightsError as exc:
@@ -329,7 +332,7 @@ class PolicyRuntime:
             self.active = loaded
         self.executor.stage_version(loaded.version)
         self.counters['swaps'] += 1
-        self.last_update = UpdateRecord(loaded.source, loaded.version, 'active',
+        self.last_update = UpdateRecord(loaded.source, str(loaded.version), 'active',
                                         sha256=loaded.sha256)
         return loaded
 
@@ -339,11 +342,11 @@ class PolicyRuntime:
             active, pending = self.active, self._pending
         update = self.last_update
         return {
-            'active_version': None if active is None else active.version,
-            'active_number': None if active is None else active.number,
+            'active_version': None if active is None else str(active.version),
+            'active_number': None if active is None else active.version.number,
             'active_sha256': None if active is None else active.sha256,
             'active_source': None if active is None else active.source,
-            'staged_version': None if pending is None else pending.version,
+            'staged_version': None if pending is None else str(pending.version),
             'last_update': None if update is None else {
                 'source': update.source, 'version': update.version, 'result': update.result,
                 'reason': update.reason, 'sha256': update.sha256},
@@ -352,14 +355,14 @@ class PolicyRuntime:
 
     def _stage(self, loaded: LoadedPolicy) -> None:
         with self._lock:
-            newest = max([p.number for p in (self.active, self._pending) if p is not None],
-                         default=0)
-            manual = loaded.version.startswith('manual-')
-            if not manual and loaded.number <= newest:
-                raise WeightsError(f'version {loaded.number} is not newer than {newest} '
-                                   '(a newer one was loaded meanwhile)')
+            newest = max([p.version.number for p in (self.active, self._pending)
+                          if p is not None], default=0)
+            manual = loaded.version.tag.startswith(MANUAL_TAG)
+            if not manual and loaded.version.number <= newest:
+                raise WeightsError(f'version {loaded.version.number} is not newer than '
+                                   f'{newest} (a newer one was loaded meanwhile)')
             self._pending = loaded
-        self.last_update = UpdateRecord(loaded.source, loaded.version, 'staged',
+        self.last_update = UpdateRecord(loaded.source, str(loaded.version), 'staged',
                                         sha256=loaded.sha256)
 
     def record_rejection(self, source: str, version: str, reason: str) -> None:
@@ -367,7 +370,7 @@ class PolicyRuntime:
         self.counters['updates_rejected'] += 1
         self.last_update = UpdateRecord(source, version, 'rejected', reason)
 
-    def _load_checkpoint(self, uri: str, expected_sha256: str, number: int | None,
+    def _load_checkpoint(self, uri: str, expected_sha256: str, version: PolicyVersion | None,
                          require_sha: bool, manual: bool = False) -> LoadedPolicy:
         from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
 
@@ -394,21 +397,16 @@ class PolicyRuntime:
         if changed:
             raise WeightsError(f'{weights} changed while it was verified and loaded; '
                                'publish the update after the checkpoint is written')
-        own = checkpoint_number(policy.version)
-        if number is None and manual:
+        own = _checkpoint_version(policy.version, folder)
+        if version is None and manual:
             active = self.newest_number()
-            if own is not None and own > active:
-                number, version = own, str(own)
-            else:
-                number, version = active, f'manual-{digest[:12]}'
-        elif number is None:
-            number = own if own is not None else STARTUP_NUMBER
-            version = str(number)
-        else:
-            version = str(number)
-        return self._finish_load(policy, number, version, digest, str(folder))
+            version = (own if own.number > active
+                       else PolicyVersion(active, f'{MANUAL_TAG}{digest[:12]}'))
+        elif version is None:
+            version = own
+        return self._finish_load(policy, version, digest, str(folder))
 
-    def _load_inline(self, data: bytes, sha256: str, number: int) -> LoadedPolicy:
+    def _load_inline(self, data: bytes, sha256: str, version: PolicyVersion) -> LoadedPolicy:
         from safetensors.torch import load as load_safetensors
 
         active = self.active
@@ -426,10 +424,10 @@ class PolicyRuntime:
         except Exception as exc:  # any parse or shape error is a rejection
             raise WeightsError(f'inline weights: cannot load: {type(exc).__name__}: '
                                f'{exc}') from exc
-        policy.version = str(number)
-        return self._finish_load(policy, number, str(number), digest, 'inline')
+        policy.version = str(version)
+        return self._finish_load(policy, version, digest, 'inline')
 
-    def _finish_load(self, policy: Any, number: int, version: str, digest: str,
+    def _finish_load(self, policy: Any, version: PolicyVersion, digest: str,
                      source: str) -> LoadedPolicy:
         active = self.active
         if active is not None:
@@ -440,7 +438,7 @@ class PolicyRuntime:
         except Exception as exc:  # a model that cannot run must not go live
             raise WeightsError(f'{source}: warm-up inference failed: '
                                f'{type(exc).__name__}: {exc}') from exc
-        return LoadedPolicy(policy, number, version, digest, source)
+        return LoadedPolicy(policy, version, digest, source)
 
     @staticmethod
     def _check_compatible(old: Any, new: Any) -> None:

@@ -4,18 +4,20 @@ A thin rclpy adapter over habc_policy.arbiter.TeleopArbiter (docs/ros_interfaces
 
 Subscribes:
     joint_states (sensor_msgs/JointState): the follower's measured positions.
-    policy/joint_command, teleop/joint_command (sensor_msgs/JointState): per-tick targets.
+    policy/joint_command (habc_msgs/PolicyCommand): the policy's per-tick target and the
+        version of the weights that produced it.
+    teleop/joint_command (sensor_msgs/JointState): the human's per-tick target.
     teleop/engage (std_msgs/Bool): True takes over, False hands back (edges act).
     teleop/estop (std_msgs/Bool): True latches the e-stop.
     recorder/events (habc_msgs/EpisodeEvent, latched): START sets the episode id and restarts
         segment ids at 0, END or DISCARDED of that episode clears it.
-    policy/chunk (habc_msgs/ActionChunk): the newest chunk's policy_version.
 Publishes on every control tick:
     forward_position_controller/commands (std_msgs/Float64MultiArray) and/or
     joint_trajectory_controller/joint_trajectory (trajectory_msgs/JointTrajectory), after
         the first joint state (parameter command_interface);
     intervention (habc_msgs/InterventionState);
-    executed_action (habc_msgs/ExecutedAction), whenever a command was sent.
+    executed_action (habc_msgs/ExecutedAction), whenever a command was sent, with the
+        policy version of the executed policy command (ArbiterOutput.policy_version).
 Also publishes arbiter/diagnostics (diagnostic_msgs/DiagnosticArray): control tick period,
 jitter and overruns, and rejected inputs. Service: arbiter/reset_estop (std_srvs/Trigger).
 
@@ -46,7 +48,7 @@ from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters, param
 from habc_common.qos import COMMANDS, JOINT_STATES
 from habc_episodes.vocabulary import Controller
-from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
+from habc_msgs.msg import EpisodeEvent, ExecutedAction, InterventionState, PolicyCommand
 from habc_policy.arbiter import ArbiterOutput, ArbiterParams, TeleopArbiter
 
 COMMAND_INTERFACES = ('forward', 'trajectory', 'both')
@@ -267,7 +269,6 @@ class TeleopArbiterNode:
         self.joints = JointOrder(self.params.joint_names)
         self.stats = TickStats(self.params.control_period_s, self.params.jitter_window)
         self.episode_id = ''
-        self.policy_version = ''
         self.rejected: Counter[str] = Counter()
         self.last_output: ArbiterOutput | None = None
         self._last_reject: dict[str, str] = {}
@@ -294,7 +295,7 @@ class TeleopArbiterNode:
         node = self.node
         node.create_subscription(JointState, 'joint_states', self.joint_state_callback,
                                  JOINT_STATES)
-        node.create_subscription(JointState, 'policy/joint_command', self.policy_callback,
+        node.create_subscription(PolicyCommand, 'policy/joint_command', self.policy_callback,
                                  COMMANDS)
         node.create_subscription(JointState, 'teleop/joint_command', self.teleop_callback,
                                  COMMANDS)
@@ -302,7 +303,6 @@ class TeleopArbiterNode:
         node.create_subscription(Bool, 'teleop/estop', self.estop_callback, COMMANDS)
         node.create_subscription(EpisodeEvent, 'recorder/events', self.event_callback,
                                  EVENTS_QOS)
-        node.create_subscription(ActionChunk, 'policy/chunk', self.chunk_callback, COMMANDS)
         node.create_service(Trigger, 'arbiter/reset_estop', self.reset_estop_callback)
         # The control tick runs on the steady clock: wall-clock steps (NTP) or simulated
         # time must not change the control rate; message stamps use the node's ROS clock.
@@ -338,10 +338,10 @@ class TeleopArbiterNode:
         except ValueError as exc:
             self._reject('joint_states', exc)
 
-    def policy_callback(self, msg: JointState) -> None:
+    def policy_callback(self, msg: PolicyCommand) -> None:
         try:
             positions = self.joints.command(msg.name, msg.position, 'policy/joint_command')
-            self.arbiter.on_policy_command(positions, self._now())
+            self.arbiter.on_policy_command(positions, self._now(), msg.policy_version)
         except ValueError as exc:
             self._reject('policy/joint_command', exc)
 
@@ -394,9 +394,6 @@ class TeleopArbiterNode:
             # topic may deliver only the last of two events sent back to back.
             self.episode_id = ''
 
-    def chunk_callback(self, msg: ActionChunk) -> None:
-        self.policy_version = msg.policy_version
-
     # Tick ---------------------------------------------------------------------------------
 
     def tick(self) -> ArbiterOutput:
@@ -421,7 +418,7 @@ class TeleopArbiterNode:
                 self._trajectory.publish(trajectory)
             action = ExecutedAction(source=int(out.source), segment_id=out.segment_id,
                                     episode_id=self.episode_id,
-                                    policy_version=self.policy_version,
+                                    policy_version=out.policy_version,
                                     joint_names=self.joints.names, positions=positions)
             action.header.stamp = stamp
             self._executed.publish(action)
@@ -452,7 +449,7 @@ class TeleopArbiterNode:
             'controller': self.arbiter.controller.name,
             'estopped': str(self.arbiter.estopped),
             'episode_id': self.episode_id,
-            'policy_version': self.policy_version,
+            'policy_version': out.policy_version if out is not None else '',
         })
         values.update({f'rejected/{topic}': str(n) for topic, n in sorted(self.rejected.items())})
         status.values = [KeyValue(key=key, value=value) for key, value in values.items()]

@@ -51,6 +51,27 @@ def test_policy_runs_from_the_start_and_holds_the_measured_position_until_then()
     assert not out.human_active and not out.reseed_policy
 
 
+def test_every_step_names_the_version_of_the_newest_policy_command():
+    arbiter = make(takeover_deviation_rad=0.0)
+    assert arbiter.tick(0.0).policy_version == ''  # no policy command yet
+    arbiter.on_policy_command([0.1, 0.1], now=0.0, policy_version='1:sft')
+    arbiter.on_teleop_command([0.1, 0.1], now=0.0)
+    assert arbiter.tick(0.0).policy_version == '1:sft'
+    # The swap: the next executed command comes from version 2.
+    arbiter.on_policy_command([0.1, 0.1], now=0.02, policy_version='2')
+    out = arbiter.tick(0.02)
+    assert (out.source, out.policy_version) == (Controller.POLICY, '2')
+    # A human step names the policy the human corrected.
+    arbiter.on_engage(True, now=0.03)
+    arbiter.on_teleop_command([0.2, 0.2], now=0.04)
+    out = arbiter.tick(0.04)
+    assert (out.source, out.policy_version) == (Controller.HUMAN, '2')
+    # A rejected command changes neither the target nor the version.
+    with pytest.raises(ValueError):
+        arbiter.on_policy_command([0.1], now=0.05, policy_version='3')
+    assert arbiter.tick(0.05).policy_version == '2'
+
+
 def test_engage_takes_over_and_executes_the_teleop_command():
     arbiter = make(takeover_deviation_rad=0.0)
     feed(arbiter, 0.0, policy=[0.1, 0.1], teleop=[0.3, -0.3])

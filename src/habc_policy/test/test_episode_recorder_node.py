@@ -1,10 +1,13 @@
-"""episode_recorder_node: episode ids, counts, and the node on real rclpy, crash included."""
+"""episode_recorder_node on real rclpy: services, raw recording, events, a killed recorder.
+
+The recorder's logic (start, end, labels, recovery) is unit-tested in test_episode_recorder.py.
+"""
 
 import itertools
 from pathlib import Path
+import shutil
 import signal
 import sys
-import time
 
 from builtin_interfaces.msg import Time
 import pytest
@@ -17,8 +20,8 @@ from std_msgs.msg import Float64MultiArray
 
 from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, SENSOR_DATA
 from habc_episodes.bag_format import read_episode_messages
-from habc_episodes.episode import make_episode_id, robot_label
 from habc_episodes.index import EpisodeIndex
+from habc_episodes.recovery import recover_bag
 from habc_episodes.vocabulary import Controller
 from habc_msgs.msg import (
     ActionChunk,
@@ -28,56 +31,11 @@ from habc_msgs.msg import (
     Observation,
 )
 from habc_msgs.srv import EpisodeControl, LabelEpisode
-from habc_policy.episode_recorder_node import (
-    count_bag,
-    EpisodeCounts,
-    EpisodeRecorderNode,
-    EpisodeRecorderParams,
-    parse_topics,
-)
+from habc_policy.episode_recorder import count_bag
+from habc_policy.episode_recorder_node import EpisodeRecorderNode
 
 START, END, ABORT = (EpisodeControl.Request.COMMAND_START, EpisodeControl.Request.COMMAND_END,
                      EpisodeControl.Request.COMMAND_ABORT)
-
-# Unit tests of the plain helpers ---------------------------------------------------------------
-
-
-def test_episode_ids_and_robot_labels():
-    assert make_episode_id('robot1', 0.0, 3) == 'robot1-19700101-000000-3'
-    assert robot_label('', '/') == 'robot'
-    assert robot_label('', '/lab/robot1') == 'lab_robot1'
-    assert robot_label('arm a', '/x') == 'arm_a'
-
-
-def test_topics_parameter():
-    assert parse_topics(['executed_action', 'cam:sensor_msgs/msg/Image']) == [
-        ('executed_action', 'habc_msgs/msg/ExecutedAction'), ('cam', 'sensor_msgs/msg/Image')]
-    with pytest.raises(ValueError, match='not a known habc topic; give its type'):
-        parse_topics(['camera/top/image_raw'])
-    with pytest.raises(ValueError, match='twice'):
-        parse_topics(['intervention', 'intervention'])
-    with pytest.raises(ValueError, match='package/msg/Type'):
-        EpisodeRecorderParams(topics=['x:Image'])
-
-
-def test_takeovers_count_switches_into_human_ignoring_holds():
-    counts = EpisodeCounts()
-    P, H, D = Controller.POLICY, Controller.HUMAN, Controller.HOLD  # noqa: N806
-    for source in (P, H, D, H, H, P, D, H):
-        counts.on_intervention_state(source)
-    assert counts.interventions == 2
-    starts_human = EpisodeCounts()
-    starts_human.on_intervention_state(Controller.HUMAN)
-    assert starts_human.interventions == 1
-
-
-def test_finish_can_fill_in_the_policy_version(tmp_path):
-    with EpisodeIndex(tmp_path / 'index.sqlite') as index:
-        index.create('e1', tmp_path / 'e1', 'task', '', started_at=1.0)
-        assert index.finish('e1', 3, 1, ended_at=2.0, policy_version='v2').policy_version == 'v2'
-        index.create('e2', tmp_path / 'e2', 'task', 'v1', started_at=1.0)
-        assert index.finish('e2', 3, 1, ended_at=2.0).policy_version == 'v1'
-
 
 # The node on real rclpy ------------------------------------------------------------------------
 
@@ -166,7 +124,7 @@ def sample_messages() -> list[tuple[str, object]]:
         obs.joint_state = JointState(name=['a', 'b'], position=[0.5 * k, -0.25])
         out.append(('observation', obs))
     for k in range(2):
-        out.append(('policy/chunk', ActionChunk(policy_version='v5', chunk_id=k, horizon=1,
+        out.append(('policy/chunk', ActionChunk(policy_version='5', chunk_id=k, horizon=1,
                                                 action_dim=2, joint_names=['a', 'b'], dt=0.02,
                                                 actions=[0.5 + k, 0.25])))
     sources = (Controller.POLICY, Controller.HUMAN, Controller.HOLD, Controller.HUMAN,
@@ -175,7 +133,7 @@ def sample_messages() -> list[tuple[str, object]]:
         out.append(('intervention', InterventionState(
             active=source == Controller.HUMAN, source=int(source), segment_id=k, reason='test')))
         out.append(('executed_action', ExecutedAction(
-            source=int(source), segment_id=k, policy_version='v5', joint_names=['a', 'b'],
+            source=int(source), segment_id=k, policy_version='5', joint_names=['a', 'b'],
             positions=[0.125 * k, -1.5])))
         out.append(('forward_position_controller/commands',
                     Float64MultiArray(data=[0.125 * k, -1.5])))
@@ -238,8 +196,8 @@ def test_start_record_end_label_round_trip(recorder, tmp_path):
     sent = sample_messages()
     for topic, msg in sent:
         client.pubs[topic].publish(msg)
-    assert spin_until(client.executor, lambda: node.writer.message_count == len(sent)), \
-        f'{node.writer.message_count} of {len(sent)} messages recorded'
+    assert spin_until(client.executor, lambda: node.recorder.writer.message_count == len(sent)), \
+        f'{node.recorder.writer.message_count} of {len(sent)} messages recorded'
 
     ended = client.episode(END)
     assert ended.accepted and ended.episode_id == episode_id, ended.message
@@ -252,7 +210,7 @@ def test_start_record_end_label_round_trip(recorder, tmp_path):
     assert (end_event.episode_id, end_event.num_steps, end_event.num_interventions) == (
         episode_id, 6, 2)
     assert (label_event.outcome, label_event.policy_version) == (
-        EpisodeEvent.OUTCOME_SUCCESS, 'v5')
+        EpisodeEvent.OUTCOME_SUCCESS, '5')
 
     # The bag holds every message with its values; topic names are fully qualified.
     bag = tmp_path / 'episodes' / 'bags' / episode_id
@@ -269,19 +227,13 @@ def test_start_record_end_label_round_trip(recorder, tmp_path):
         row = index.get(episode_id)
     assert (row.status, row.outcome, row.labeler, row.note) == (
         'complete', 'success', 'alice', 'clean')
-    assert (row.num_steps, row.num_interventions, row.policy_version) == (6, 2, 'v5')
+    assert (row.num_steps, row.num_interventions, row.policy_version) == (6, 2, '5')
     assert (row.instruction, row.robot, Path(row.bag_path)) == (
         'stack the cubes', client.ns, bag)
 
-    # Relabelling a past episode works; unknown ids and outcomes are refused with a reason.
-    relabel = client.label(episode_id, LabelEpisode.Request.OUTCOME_FAILURE, 'bob')
-    assert relabel.accepted
+    # A refusal comes back with its reason (the core's tests cover every case).
     unknown = client.label('nope-1', LabelEpisode.Request.OUTCOME_SUCCESS)
     assert not unknown.accepted and "'nope-1' is not in the episode index" in unknown.message
-    bad = client.label(episode_id, 7)
-    assert not bad.accepted and 'invalid outcome 7' in bad.message
-    with EpisodeIndex(tmp_path / 'episodes' / 'episodes.sqlite') as index:
-        assert index.get(episode_id).outcome == 'failure'
 
 
 @pytest.mark.ros
@@ -290,7 +242,7 @@ def test_abort_discards_the_episode_and_keeps_its_bag(recorder, tmp_path):
     started = client.episode(START)
     for k in range(3):
         client.pubs['executed_action'].publish(ExecutedAction(positions=[float(k)]))
-    assert spin_until(client.executor, lambda: node.writer.message_count == 3)
+    assert spin_until(client.executor, lambda: node.recorder.writer.message_count == 3)
     aborted = client.episode(ABORT)
     assert aborted.accepted and 'aborted: 3 steps' in aborted.message
     assert spin_until(client.executor, lambda: [e.event for e in client.events] == [
@@ -313,6 +265,17 @@ def test_abort_discards_the_episode_and_keeps_its_bag(recorder, tmp_path):
     assert client.episode(END).accepted
 
 
+def flushed_messages(bag: Path, scratch: Path) -> int:
+    """Count the messages a live recorder has flushed to `bag` (recovering a copy)."""
+    copy = scratch / 'flushed_copy'
+    shutil.rmtree(copy, ignore_errors=True)
+    try:
+        shutil.copytree(bag, copy)
+        return recover_bag(copy).message_count
+    except Exception:  # the file is being written: not readable yet
+        return 0
+
+
 def _start_recorder(storage: Path, ns: str) -> Child:
     code = 'from habc_policy.episode_recorder_node import main; main()'
     return Child([sys.executable, '-c', code, '--ros-args', '-r', f'__ns:=/{ns}',
@@ -332,20 +295,21 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         assert started.accepted, started.message
         # Publish only once the recorder's subscription has matched (a loaded machine can
         # take a while): messages sent before that are not the recorder's to lose.
-        match_deadline = time.monotonic() + 30.0
-        while (client.pubs['executed_action'].get_subscription_count() == 0
-               and time.monotonic() < match_deadline):
-            client.executor.spin_once(timeout_sec=0.05)
-        sent = 0
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:  # ~50 Hz for 1.5 s
-            client.pubs['executed_action'].publish(ExecutedAction(positions=[float(sent)],
-                                                                  policy_version='v9'))
-            sent += 1
-            client.executor.spin_once(timeout_sec=0.02)
+        assert spin_until(client.executor,
+                          lambda: client.pubs['executed_action'].get_subscription_count(),
+                          timeout=60.0), 'the recorder never subscribed to executed_action'
+        bag = storage / 'bags' / started.episode_id
+        sent = 40
+        for k in range(sent):
+            client.pubs['executed_action'].publish(ExecutedAction(positions=[float(k)],
+                                                                  policy_version='9'))
+        # Kill it once its periodic flush has put every message on disk: what a crash may
+        # lose is what was not flushed, and the test must not depend on how fast this
+        # machine is. A copy of the live bag is recovered to see what the file holds.
+        assert spin_until(client.executor, lambda: flushed_messages(bag, tmp_path) >= sent,
+                          timeout=60.0), 'the recorder did not flush the messages'
         child.process.send_signal(signal.SIGKILL)
         child.process.wait(timeout=10)
-        bag = storage / 'bags' / started.episode_id
         assert not (bag / 'metadata.yaml').exists()  # a killed writer's bag is unreadable
 
         child = _start_recorder(storage, ns)
@@ -354,11 +318,10 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         with EpisodeIndex(storage / 'episodes.sqlite') as index:
             row = index.get(started.episode_id)
         # The version comes from the executed actions: no chunk was seen before START.
-        assert (row.status, row.outcome, row.policy_version) == ('incomplete', 'unlabelled', 'v9')
+        assert (row.status, row.outcome, row.policy_version) == ('incomplete', 'unlabelled', '9')
         positions = [msg.positions[0] for _, _, msg in read_episode_messages(bag)]
-        # Everything flushed before the kill (all but the last ~0.5-1 s), in order.
-        assert positions == [float(k) for k in range(len(positions))]
-        assert len(positions) >= sent // 4, (len(positions), sent)
+        # Everything flushed before the kill, in order.
+        assert positions == [float(k) for k in range(sent)]
         assert row.num_steps == len(positions)
         # The restarted recorder is idle: END is refused and changes nothing.
         refused = client.episode(END, attempts=10)

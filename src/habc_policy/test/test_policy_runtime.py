@@ -9,12 +9,12 @@ import pytest
 from safetensors.torch import save as save_safetensors
 import torch
 
+from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 from habc_policy.chunk_executor import ChunkExecutor
 from habc_policy.image_convert import numpy_to_image
 from habc_policy.models.base import load_policy
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 from habc_policy.policy_runtime import (
-    checkpoint_number,
     InferenceWorker,
     observation_from_msg,
     PolicyNodeParams,
@@ -89,11 +89,13 @@ def test_uris_resolve_to_checkpoint_folders(checkpoints, tmp_path):
         resolve_checkpoint_dir(str(folder / 'config.json'))
 
 
-def test_version_numbers_of_checkpoints():
-    assert checkpoint_number('3') == 3
-    assert checkpoint_number('sft') is None
-    assert checkpoint_number('v3') is None
-    assert checkpoint_number('untrained') is None
+def test_startup_versions_of_checkpoints(tmp_path):
+    # The SFT checkpoint is STARTUP_VERSION however it was spelled; the learner's keep their
+    # number.
+    for saved, expected in [('sft', STARTUP_VERSION), ('1:sft', STARTUP_VERSION),
+                            ('7', PolicyVersion(7)), ('untrained', PolicyVersion(1, 'untrained'))]:
+        make_checkpoint(tmp_path / saved, saved, 0)
+        assert runtime_with(tmp_path / saved).active.version == expected
 
 
 def test_node_parameters_build_the_executor():
@@ -107,13 +109,13 @@ def test_node_parameters_build_the_executor():
         PolicyNodeParams(stale_after_s=0.001)
 
 
-def test_startup_checkpoint_gets_version_1_or_its_integer(checkpoints):
+def test_startup_checkpoint_gets_the_startup_version_or_its_own(checkpoints):
     root, shas = checkpoints
     runtime = runtime_with(root / 'sft')
-    assert (runtime.active.version, runtime.active.number) == ('1', 1)
-    assert runtime.executor.staged_version == '1'
+    assert runtime.active.version == STARTUP_VERSION == PolicyVersion(1, 'sft')
+    assert runtime.executor.staged_version == STARTUP_VERSION
     assert runtime.active.sha256 == shas['sft']
-    assert runtime_with(root / 'v5').active.version == '5'
+    assert runtime_with(root / 'v5').active.version == PolicyVersion(5)
     params = PolicyNodeParams()
     strict = PolicyRuntime(ChunkExecutor(params.executor_params()), PERIOD)
     with pytest.raises(WeightsError, match='sha256 mismatch'):
@@ -124,7 +126,7 @@ def test_startup_checkpoint_gets_version_1_or_its_integer(checkpoints):
 def test_chunk_starts_one_period_after_the_observation(checkpoints):
     runtime = runtime_with(checkpoints[0] / 'sft')
     result = runtime.infer(observation(100.0))
-    assert result.accepted and result.version == '1' and result.chunk_id == 0
+    assert result.accepted and result.version == STARTUP_VERSION and result.chunk_id == 0
     assert result.actions.shape == (10, 14) and result.joint_names == JOINTS
     assert result.start_time == pytest.approx(100.0 + PERIOD)
     # The first action is due one period after the observation; the next ids increase.
@@ -137,13 +139,13 @@ def test_good_update_is_staged_then_swapped_between_inferences(checkpoints):
     root, shas = checkpoints
     runtime = runtime_with(root / 'sft')
     loaded = runtime.offer_update(2, shas['v2'], f'file://{root}/v2/model.safetensors')
-    assert loaded.version == '2' and runtime.pending is loaded
+    assert loaded.version == PolicyVersion(2) and runtime.pending is loaded
     assert runtime.status()['staged_version'] == '2'
-    assert runtime.infer(observation(1.0)).version == '1'  # infer alone never swaps
+    assert runtime.infer(observation(1.0)).version == STARTUP_VERSION  # infer alone never swaps
     assert runtime.swap_if_pending() is loaded
-    assert runtime.executor.staged_version == '2'
+    assert runtime.executor.staged_version == PolicyVersion(2)
     result = runtime.infer(observation(1.1))
-    assert result.version == '2' and result.accepted
+    assert result.version == PolicyVersion(2) and result.accepted
     status = runtime.status()
     assert status['active_version'] == '2' and status['last_update']['result'] == 'active'
     # The new weights really act: a different chunk for the same observation.
@@ -190,8 +192,8 @@ def test_bad_update_is_rejected_and_the_old_policy_keeps_acting(checkpoints, tmp
     assert status['staged_version'] is None and runtime.swap_if_pending() is None
     assert status['counters']['updates_rejected'] == 1
     # The old version goes on producing chunks.
-    assert runtime.infer(observation(2.0)).version == '1'
-    assert runtime.executor.staged_version == '1'
+    assert runtime.infer(observation(2.0)).version == STARTUP_VERSION
+    assert runtime.executor.staged_version == STARTUP_VERSION
 
 
 def test_inline_weights_reuse_the_active_architecture(checkpoints):
@@ -207,7 +209,7 @@ def test_inline_weights_reuse_the_active_architecture(checkpoints):
         broken = save_safetensors({'nonsense': torch.zeros(2)})
         runtime.offer_update(3, hashlib.sha256(broken).hexdigest(), data=broken)
     loaded = runtime.offer_update(3, sha, data=data)
-    assert loaded.version == '3' and loaded.source == 'inline'
+    assert loaded.version == PolicyVersion(3) and loaded.source == 'inline'
     runtime.swap_if_pending()
     expected = runtime_with(root / 'v2').infer(observation(3.0)).actions
     np.testing.assert_allclose(runtime.infer(observation(3.0)).actions, expected, atol=1e-6)
@@ -221,13 +223,13 @@ def test_weights_uri_parameter_loads(checkpoints):
     runtime = runtime_with(root / 'sft')
     # A checkpoint named like the SFT one: a manual version label, the number stays 1.
     manual = runtime.offer_weights_uri(str(root / 'sft'), shas['sft'])
-    assert manual.version == f'manual-{shas["sft"][:12]}' and manual.number == 1
+    assert manual.version == PolicyVersion(1, f'manual-{shas["sft"][:12]}')
     runtime.swap_if_pending()
     assert runtime.infer(observation(1.0)).version == manual.version
     # The learner's next update still counts as newer.
-    assert runtime.offer_update(2, shas['v2'], str(root / 'v2')).version == '2'
+    assert runtime.offer_update(2, shas['v2'], str(root / 'v2')).version == PolicyVersion(2)
     # An integer checkpoint above the active number keeps its number.
-    assert runtime.offer_weights_uri(str(root / 'v5')).version == '5'
+    assert runtime.offer_weights_uri(str(root / 'v5')).version == PolicyVersion(5)
     with pytest.raises(WeightsError, match='sha256 mismatch'):
         runtime.offer_weights_uri(str(root / 'v5'), 'ef' * 32)
 
@@ -296,7 +298,7 @@ def test_worker_swaps_only_between_inferences(checkpoints):
         assert not worker.request()  # busy: one inference at a time
         runtime.offer_update(2, shas['v2'], str(root / 'v2'))
         worker.wake()
-        assert runtime.active.version == '1'  # no swap under a running inference
+        assert runtime.active.version == STARTUP_VERSION  # no swap under a running inference
         release.set()
         assert done.acquire(timeout=10)
         assert not worker.request()  # no observation newer than the one used
@@ -310,7 +312,7 @@ def test_worker_swaps_only_between_inferences(checkpoints):
         assert done.acquire(timeout=10)
     finally:
         worker.stop()
-    assert events == ['chunk 1', 'swap 2', 'chunk 2'], events
+    assert events == ['chunk 1:sft', 'swap 2', 'chunk 2'], events
     assert [r.observation.stamp for r in results] == [1.0, 2.0]
     assert all(r.accepted for r in results)
 
@@ -338,7 +340,7 @@ def test_worker_reports_errors_and_keeps_running(checkpoints):
 def test_status_is_json_serialisable(checkpoints):
     runtime = runtime_with(checkpoints[0] / 'sft')
     status = json.loads(json.dumps(runtime.status()))
-    assert status['active_version'] == '1' and status['active_number'] == 1
+    assert status['active_version'] == '1:sft' and status['active_number'] == 1
 
 
 def test_without_a_startup_checkpoint_the_first_update_starts_acting(checkpoints):
@@ -347,5 +349,5 @@ def test_without_a_startup_checkpoint_the_first_update_starts_acting(checkpoints
     assert runtime.infer(observation(1.0)) is None  # nothing to act with yet
     assert runtime.status()['active_version'] is None
     runtime.offer_update(2, shas['v2'], str(root / 'v2'))
-    assert runtime.swap_if_pending().version == '2'
-    assert runtime.infer(observation(2.0)).version == '2'
+    assert runtime.swap_if_pending().version == PolicyVersion(2)
+    assert runtime.infer(observation(2.0)).version == PolicyVersion(2)

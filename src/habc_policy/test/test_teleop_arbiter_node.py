@@ -16,7 +16,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED
 from habc_episodes.vocabulary import Controller
-from habc_msgs.msg import ActionChunk, EpisodeEvent, ExecutedAction, InterventionState
+from habc_msgs.msg import EpisodeEvent, ExecutedAction, InterventionState, PolicyCommand
 from habc_policy.teleop_arbiter_node import (
     JointOrder,
     TeleopArbiterNode,
@@ -117,17 +117,18 @@ class Harness:
         self.names = ['a', 'b', 'c']
         self.state = [0.0, 0.0, 0.0]
         self.policy: tuple[list[str], list[float]] | None = None
+        self.policy_version = '1:sft'
         self.teleop: tuple[list[str], list[float]] | None = None
         self.forward, self.trajectory, self.intervention, self.executed = [], [], [], []
         self._pubs = {
             'joint_states': node.create_publisher(JointState, f'/{ns}/joint_states',
                                                   JOINT_STATES),
-            'policy': node.create_publisher(JointState, f'/{ns}/policy/joint_command', COMMANDS),
+            'policy': node.create_publisher(PolicyCommand, f'/{ns}/policy/joint_command',
+                                            COMMANDS),
             'teleop': node.create_publisher(JointState, f'/{ns}/teleop/joint_command', COMMANDS),
             'engage': node.create_publisher(Bool, f'/{ns}/teleop/engage', COMMANDS),
             'estop': node.create_publisher(Bool, f'/{ns}/teleop/estop', COMMANDS),
             'events': node.create_publisher(EpisodeEvent, f'/{ns}/recorder/events', LATCHED),
-            'chunk': node.create_publisher(ActionChunk, f'/{ns}/policy/chunk', COMMANDS),
         }
         self._subs = [
             node.create_subscription(Float64MultiArray,
@@ -146,10 +147,12 @@ class Harness:
 
     def _feed(self):
         self._pubs['joint_states'].publish(JointState(name=self.names, position=self.state))
-        for key in ('policy', 'teleop'):
-            command = getattr(self, key)
-            if command is not None:
-                self._pubs[key].publish(JointState(name=command[0], position=command[1]))
+        if self.policy is not None:
+            self._pubs['policy'].publish(PolicyCommand(
+                name=self.policy[0], position=self.policy[1], policy_version=self.policy_version))
+        if self.teleop is not None:
+            self._pubs['teleop'].publish(JointState(name=self.teleop[0],
+                                                    position=self.teleop[1]))
 
     def publish(self, key, msg):
         self._pubs[key].publish(msg)
@@ -210,6 +213,7 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     action = h.executed[-1]
     assert (action.source, list(action.joint_names), list(action.positions)) == (
         Controller.POLICY, ['a', 'b', 'c'], [0.1, 0.2, 0.3])
+    assert action.policy_version == '1:sft'  # from the executed policy command
 
     # One InterventionState per tick (no assertion on the rate: that is wall-clock timing,
     # measured by benchmarks/bench_loop.py, not tested).
@@ -219,11 +223,12 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     assert ticks > 0
     h.spin_until(lambda: len(h.intervention) - states_before >= ticks)
 
-    # Episode id from recorder/events (segment ids restart), version from policy/chunk.
-    h.publish('chunk', ActionChunk(policy_version='v3'))
+    # Episode id from recorder/events (segment ids restart); the version of every executed
+    # step is that of the policy command it executed.
+    h.policy_version = '3'
     h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_START))
     h.spin_until(lambda: h.executed[-1].episode_id == 'ep-1'
-                 and h.executed[-1].policy_version == 'v3'
+                 and h.executed[-1].policy_version == '3'
                  and h.intervention[-1].episode_id == 'ep-1')
     assert h.intervention[-1].segment_id == 0 and h.executed[-1].segment_id == 0
     h.publish('events', EpisodeEvent(episode_id='ep-0', event=EpisodeEvent.EVENT_END))
@@ -258,6 +263,8 @@ def test_engage_hands_control_to_the_human_and_back(harness):
     h.spin_until(lambda: list(h.forward[-1].data) == [0.05, -0.05, 0.0]
                  and h.executed[-1].source == Controller.HUMAN
                  and list(h.executed[-1].positions) == [0.05, -0.05, 0.0])
+    # A human step names the policy the human corrected.
+    assert h.executed[-1].policy_version == '1:sft'
     h.publish('engage', Bool(data=False))
     back = h.wait_source(Controller.POLICY, 'handback')
     assert not back.active and back.segment_id == human.segment_id + 1
