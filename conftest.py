@@ -14,4 +14,4 @@ os.environ['QT_QPA_PLATFORM'] = 'offscreen'
 os.environ['HF_HUB_OFFLINE'] = '1'
 
 # Fixtures shared by the packages' tests (tests/ is on pythonpath, see pytest.ini).
-pytest_plugins = ['bag_fixtures']
+pytest_plugins = ['bag_fixtures', 'ros_fixtures']
