@@ -47,6 +47,10 @@ def sample_messages() -> dict:
     update.metrics = [KeyValue(key='losses/actor', value='0.125'),
                       KeyValue(key='weights/mean_g', value='1.03')]
 
+    command = msg.PolicyCommand(policy_version='1:sft', chunk_id=2**40 + 3,
+                                name=['left_waist', 'right_waist'], position=[0.25, -0.75])
+    command.header.stamp.sec = 98
+
     observation = msg.Observation()
     observation.header.stamp.sec = 99
     images = []
@@ -63,7 +67,7 @@ def sample_messages() -> dict:
 
     return {'ActionChunk': chunk, 'InterventionState': intervention,
             'ExecutedAction': executed, 'EpisodeEvent': event, 'PolicyUpdate': update,
-            'Observation': observation}
+            'PolicyCommand': command, 'Observation': observation}
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +97,7 @@ def test_every_message_type_round_trips_through_another_process(peer, node):
     test_node, executor = node
     sent = sample_messages()
     assert set(sent) == {'ActionChunk', 'EpisodeEvent', 'ExecutedAction',
-                         'InterventionState', 'Observation', 'PolicyUpdate'}
+                         'InterventionState', 'Observation', 'PolicyCommand', 'PolicyUpdate'}
     received = {}
     publishers = []
     for name, message in sent.items():
@@ -118,6 +122,7 @@ def test_every_message_type_round_trips_through_another_process(peer, node):
     assert received['Observation'].images[1].header.frame_id == 'camera_1'
     assert bytes(received['Observation'].images[1].data)[:3] == bytes([7, 8, 9])
     assert received['EpisodeEvent'].outcome == msg.EpisodeEvent.OUTCOME_FAILURE
+    assert received['PolicyCommand'].chunk_id == 2**40 + 3
 
 
 def _call(node_and_executor, srv_type, name, request):

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
-from habc_episodes.vocabulary import EpisodeStatus, LABEL_OUTCOMES, Outcome
+from habc_episodes.vocabulary import Controller, EpisodeStatus, LABEL_OUTCOMES, Outcome
 
 HELP = __doc__ + """
 examples:
@@ -40,7 +40,6 @@ Exit codes: 0 done, 1 an episode or bag could not be used, 2 bad arguments or no
 
 DEFAULT_STORAGE_DIR = '~/.habc/episodes'
 INDEX_FILE = 'episodes.sqlite'
-CONTROLLER_NAMES = ('policy', 'human', 'hold')  # habc_msgs InterventionState.SOURCE_*
 
 
 class EpisodesError(Exception):
@@ -232,7 +231,7 @@ def segment_summary(steps: EpisodeSteps, outcome: str, credit_config: Any) -> li
         if k >= 0 and steps.interventions[k][1] == int(controller):
             reason = steps.interventions[k][2]
         labelled = int(np.count_nonzero(~np.isnan(credit.label[start:end])))
-        result.append(Segment(number, CONTROLLER_NAMES[int(controller)], start, end - 1,
+        result.append(Segment(number, Controller(int(controller)).label, start, end - 1,
                               (steps.stamps_ns[start] - t0) / 1e9,
                               (steps.stamps_ns[end - 1] - t0) / 1e9, reason, roles, labelled))
     return result

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from habc_episodes.vocabulary import Controller
+
 CODEBASE_VERSION = 'v2.1'
 CHUNKS_SIZE = 1000
 DATA_PATH = 'data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.'
@@ -132,7 +134,7 @@ def features(state_dim: int, action_dim: int, image_shape: tuple[int, ...] | Non
         'task_index': scalar('int64'),
         'next.done': scalar('bool'),
         'next.success': scalar('bool'),
-        'controller': scalar('int64', ['policy', 'human', 'hold']),
+        'controller': scalar('int64', list(Controller.labels())),
         'intervention': scalar('bool'),
         'outcome': scalar('int64', ['failure', 'success']),
         'stamp': scalar('float64'),

@@ -22,7 +22,7 @@ from habc_episodes.bag_format import (
 from habc_episodes.recovery import recover_bag
 
 HABC_TYPES = ('ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'InterventionState',
-              'Observation', 'PolicyUpdate')
+              'Observation', 'PolicyCommand', 'PolicyUpdate')
 
 
 @pytest.fixture(scope='module')

@@ -17,7 +17,8 @@ from habc_episodes.episode import Episode, segments
 from habc_episodes.vocabulary import Controller, EpisodeKind
 from habc_learner.data import SampleBuffer, WeightCode
 
-SOURCES = ('policy', 'human', 'hold', 'demonstration')
+# Who produced a step in the report: a controller, or a demonstration (D_SFT).
+SOURCES = (*Controller.labels(), 'demonstration')
 
 
 def episode_row(path: Path, episode: Episode, label_source: str, size_bytes: int,
