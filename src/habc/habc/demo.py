@@ -10,7 +10,7 @@
 """
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import json
 import os
 from pathlib import Path
@@ -46,8 +46,8 @@ class DemoConfig:
 
 
 @dataclass
-class VersionStats:
-    """What happened while one policy version was active."""
+class VersionRow:
+    """One row of the table: a policy version's labelled episodes and its update latency."""
 
     version: str
     episodes: int = 0
@@ -73,40 +73,6 @@ class Monitor:
             if version in self.updates and version in self.activations:
                 return self.activations[version] - self.updates[version]
         return None
-
-
-def train_sft(config: DemoConfig, checkpoint: Path) -> None:
-    """Record expert demonstrations and train the small VLA on them (version 1)."""
-    from dataclasses import replace
-
-    from habc_learner.methods import MethodConfig
-    from habc_learner.trainer import seed_everything, TrainConfig, Trainer
-    from habc_sim import bench
-    from habc_sim.rollouts import run_parallel
-
-    profile = replace(bench.PROFILES['pixels'], max_steps=config.max_steps)
-    jobs = [bench.EpisodeJob(config.task, 'pixels', bench.DEMO_SEED_BASE + i,
-                             profile.max_steps, profile.image_size, profile.cameras,
-                             demo_noise=config.demo_noise)
-            for i in range(config.demos)]
-    print(f'[demo] no SFT checkpoint at {checkpoint}: recording {config.demos} expert '
-          'demonstrations and training the small VLA on them', flush=True)
-    demos = bench.demo_episodes(list(run_parallel(bench.run_job, jobs, config.workers,
-                                                  'expert demonstrations')), config.task)
-    if not demos:
-        raise RuntimeError('no expert demonstration succeeded; lower --demo-noise')
-    method = MethodConfig(method='sft', horizon=profile.horizon)
-    buffer = method.make_buffer()
-    for episode in demos:
-        buffer.add(episode)
-    seed_everything(0)
-    policy = bench.make_policy('pixels', config.task, profile.horizon, profile)
-    trainer = Trainer(policy, buffer, method,
-                      TrainConfig(steps=config.sft_steps, batch_size=config.batch_size,
-                                  actor_lr=profile.actor_lr))
-    trainer.fit(description='SFT (small VLA)')
-    trainer.save_checkpoint(checkpoint, version='1')
-    print(f'[demo] SFT checkpoint (version 1) written to {checkpoint}', flush=True)
 
 
 def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
@@ -168,28 +134,21 @@ def _start_monitor(monitor: Monitor):
     return executor, node
 
 
-def version_stats(index_path: Path, monitor: Monitor) -> list[VersionStats]:
+def version_stats(index_path: Path, monitor: Monitor) -> list[VersionRow]:
     """Finished, labelled episodes grouped by the policy version that ran them."""
     from habc_episodes.index import EpisodeIndex
+    from habc_episodes.stats import version_stats as stats_per_version
     if not index_path.exists():
         return []
-    stats: dict[str, VersionStats] = {}
     with EpisodeIndex(index_path) as index:
-        for record in reversed(index.list()):
-            if record.outcome not in ('success', 'failure'):
-                continue
-            # '' = no chunk seen during the episode: the policy never acted in it.
-            version = record.policy_version or 'none'
-            row = stats.setdefault(version, VersionStats(version))
-            row.episodes += 1
-            row.successes += record.outcome == 'success'
-            row.interventions += record.num_interventions
-    for row in stats.values():
-        row.update_latency_s = monitor.latency(row.version)
-    return sorted(stats.values(), key=lambda r: (len(r.version), r.version))
+        records = index.list()
+    # 'none' = no chunk seen during the episode: the policy never acted in it.
+    return [VersionRow(s.version, s.labelled, s.successes, s.takeovers,
+                       monitor.latency(s.version))
+            for s in stats_per_version(records, labelled_only=True, no_version='none')]
 
 
-def format_row(row: VersionStats) -> str:
+def format_row(row: VersionRow) -> str:
     latency = (f'{row.update_latency_s:.2f} s' if row.update_latency_s is not None
                else '- (initial)' if row.version == '1' else '-')
     return (f'| {row.version:>7} | {row.episodes:>8} | {100 * row.success_rate:>8.0f}% | '
@@ -200,7 +159,7 @@ TABLE_HEADER = ('| version | episodes |  success | interventions | update latenc
                 '|--------:|---------:|---------:|--------------:|---------------:|')
 
 
-def plot(rows: list[VersionStats], path: Path) -> None:
+def plot(rows: list[VersionRow], path: Path) -> None:
     """Success rate and interventions per episode for each policy version."""
     import matplotlib
     matplotlib.use('Agg')
@@ -334,7 +293,17 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     checkpoint = config.out / 'sft'
     if not (checkpoint / 'model.safetensors').is_file():
-        train_sft(config, checkpoint)
+        from habc_sim import bench
+
+        print(f'[demo] no SFT checkpoint at {checkpoint}: recording {config.demos} expert '
+              'demonstrations and training the small VLA on them', flush=True)
+        # The pixel track's SFT at the demo's budgets (seed 0).
+        profile = replace(bench.PROFILES['pixels'], max_steps=config.max_steps,
+                          demos=config.demos, demo_noise=config.demo_noise,
+                          sft_steps=config.sft_steps, batch_size=config.batch_size)
+        bench.train_sft(config.task, 'pixels', 0, profile, checkpoint, version='1',
+                        workers=config.workers)
+        print(f'[demo] SFT checkpoint (version 1) written to {checkpoint}', flush=True)
     # Each run gets its own episodes and learner (the SFT checkpoint is shared): versions
     # and tables start from 1 again.
     run_dir = config.out / time.strftime('run-%Y%m%d-%H%M%S')

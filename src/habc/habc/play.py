@@ -3,7 +3,8 @@
 Publishes the raw CDR bytes of every recorded message (rclpy cannot publish rosbags message
 objects, but it publishes serialized bytes with a publisher of the message's rclpy type),
 spaced as recorded and scaled by --rate. MCAP and sqlite3 bags are read with rosbags; the
-decisions (topics, names, QoS, timing) are habc_episodes.playback's, this module is the rclpy edge.
+decisions (topics, names, timing) are habc_episodes.playback's, the QoS of habc topics
+habc_common.qos'; this module is the rclpy edge.
 
 With --record-episode the replay becomes a new episode of a running episode_recorder_node:
 START before each pass, END after it, then LABEL when --label is given. A learner_node
@@ -24,9 +25,13 @@ import re
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
+from habc_common.messages import message_class
 from habc_episodes.vocabulary import LABEL_OUTCOMES, Outcome
+
+if TYPE_CHECKING:
+    from habc_episodes.playback import BagTopic, TopicQos
 
 HELP = __doc__ + """
 examples:
@@ -51,34 +56,29 @@ class PlayError(Exception):
     """A failure that ends `habc play` with one line and exit code 1."""
 
 
-def message_class(msgtype: str) -> type:
-    """Return the generated rclpy class of 'package/msg/Type'.
+def topic_qos(topic: BagTopic) -> TopicQos:
+    """Return the QoS to publish a recorded topic with.
 
-    Raises:
-        ValueError: the name is malformed or the package is not installed for Python.
+    1. The QoS offers recorded with it (`ros2 bag record` stores them), when they agree.
+    2. The habc profile of the topic (habc_common.qos.qos_for_topic): the habc recorder
+       stores no offers, and e.g. a reliable publisher of the best-effort observation topic
+       would reach subscribers that were never meant to wait for it.
+    3. rosbag2's default: reliable, volatile, depth 10.
     """
-    parts = msgtype.split('/')
-    if len(parts) == 2:
-        parts = [parts[0], 'msg', parts[1]]
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f'message type {msgtype!r} is not "package/msg/Type"')
-    try:
-        from rosidl_runtime_py.utilities import get_message
-    except ImportError:
-        pass  # not in the pip environment: import the generated module directly
-    else:
-        try:
-            return get_message('/'.join(parts))
-        except (AttributeError, ModuleNotFoundError, ValueError) as exc:
-            raise ValueError(f'message type {msgtype} is not installed: {exc}') from None
-    import importlib
+    from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 
-    package, _, name = parts
-    try:
-        return getattr(importlib.import_module(f'{package}.msg'), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f'message type {msgtype} is not installed for rclpy ({exc}); install '
-                         f'or build {package} and source env.sh') from None
+    from habc_common.qos import profile_name, qos_for_topic
+    from habc_episodes.playback import recorded_qos, TopicQos
+
+    recorded = recorded_qos(topic)
+    if recorded is not None:
+        return recorded
+    profile = qos_for_topic(topic.name, topic.msgtype)
+    if profile is None:
+        return TopicQos()
+    return TopicQos(profile.reliability == ReliabilityPolicy.RELIABLE,
+                    profile.durability == DurabilityPolicy.TRANSIENT_LOCAL, profile.depth,
+                    profile_name(profile))
 
 
 def changed_types(topics: dict[str, Any], store: Any = None) -> dict[str, str]:
@@ -107,7 +107,7 @@ class Plan:
     def __init__(self, bags: list[Any], topics: list[str], namespace: str,
                  remaps: list[tuple[str, str]]) -> None:
         from habc_episodes.bag_format import habc_typestore
-        from habc_episodes.playback import BagTopic, output_topic, topic_qos
+        from habc_episodes.playback import BagTopic, output_topic
 
         self.bags = bags
         merged: dict[str, BagTopic] = {}

@@ -8,8 +8,8 @@ be tested without DDS:
     select_topics()   the --topics filter ('/robot1/observation' exactly, or 'observation' in
                       any namespace, as habc_episodes.episode_bags.match_topic)
     output_topic()    --remap and --namespace applied to a recorded topic name
-    topic_qos()       the publisher QoS: the recorded offers, else the habc profile of the
-                      topic (docs/ros_interfaces.md), else rosbag2's default
+    recorded_qos()    the publisher QoS the recorded offers ask for, if they agree (else
+                      habc.play uses the habc profile of the topic, habc_common.qos)
     play_offsets()    when each message is due: (t_i - t_0) / rate seconds after the pass
                       starts, t being the bag's receive times as `ros2 bag play` uses them
     playlist()        the order of passes: every bag once, one after another; --loop repeats
@@ -41,28 +41,6 @@ class TopicQos:
     depth: int = DEFAULT_DEPTH
     # Where it came from, for the log: 'bag', the habc_common.qos profile name, 'default'.
     source: str = 'default'
-
-
-# The habc topics' profiles (habc_common.qos, which imports rclpy; test_play checks that
-# these stay equal). Keyed by the name relative to the robot namespace.
-SENSOR_DATA = TopicQos(False, False, 5, 'SENSOR_DATA')
-JOINT_STATES = TopicQos(True, False, 100, 'JOINT_STATES')
-COMMANDS = TopicQos(True, False, 50, 'COMMANDS')
-LATCHED = TopicQos(True, True, 1, 'LATCHED')
-HABC_QOS = {
-    'observation': SENSOR_DATA,
-    'joint_states': JOINT_STATES,
-    'policy/update': LATCHED,
-    'policy/status': LATCHED,
-    'recorder/events': LATCHED,
-    'learner/status': LATCHED,
-}
-# Every other topic of docs/ros_interfaces.md (commands, intervention, executed actions,
-# chunks, teleop) is COMMANDS; camera images are SENSOR_DATA.
-HABC_COMMAND_TOPICS = (
-    'forward_position_controller/commands', 'joint_trajectory_controller/joint_trajectory',
-    'intervention', 'executed_action', 'policy/chunk', 'policy/joint_command',
-    'teleop/joint_command', 'teleop/engage', 'teleop/estop', 'sim/privileged')
 
 
 @dataclass(frozen=True)
@@ -211,43 +189,25 @@ def output_topic(name: str, namespace: str = '',
     return f'/{namespace}{name}' if namespace else name
 
 
-def _relative(name: str, patterns: Iterable[str]) -> str | None:
-    """Return the pattern that `name` ends with (at a namespace boundary), if any."""
-    for pattern in patterns:
-        if name == '/' + pattern or name.endswith('/' + pattern):
-            return pattern
-    return None
+def recorded_qos(topic: BagTopic) -> TopicQos | None:
+    """Return the QoS the offers recorded with a topic ask for; None when they do not tell.
 
-
-def topic_qos(topic: BagTopic) -> TopicQos:
-    """Return the QoS to publish a recorded topic with.
-
-    1. The QoS offers recorded with it (`ros2 bag record` stores them), when they agree on
-       reliability and durability; a transient_local offer makes a latched publisher, so a
-       subscriber that starts later still gets the last message. Offers that disagree fall
-       through, as rosbag2's player does.
-    2. The habc profile of the topic (habc_common.qos, docs/ros_interfaces.md): the habc
-       recorder stores no offers, and e.g. a reliable publisher of the best-effort
-       observation topic would reach subscribers that were never meant to wait for it.
-    3. rosbag2's default: reliable, volatile, depth 10.
+    `ros2 bag record` stores the publishers' offers; when they agree on reliability and
+    durability, the replay publishes with them (a transient_local offer makes a latched
+    publisher, so a subscriber that starts later still gets the last message). Offers that
+    disagree, and bags without offers (the habc recorder's), fall through to the topic's
+    habc profile, as rosbag2's player falls through to its default.
     """
     offers = [q for q in topic.offers
               if q.reliability in (QosReliability.RELIABLE, QosReliability.BEST_EFFORT)
               and q.durability in (QosDurability.TRANSIENT_LOCAL, QosDurability.VOLATILE)]
-    if offers and len({(q.reliability, q.durability) for q in offers}) == 1:
-        offer = offers[0]
-        depth = max((q.depth for q in offers if q.history == QosHistory.KEEP_LAST), default=0)
-        return TopicQos(offer.reliability == QosReliability.RELIABLE,
-                        offer.durability == QosDurability.TRANSIENT_LOCAL,
-                        depth if depth > 0 else DEFAULT_DEPTH, 'bag')
-    known = _relative(topic.name, HABC_QOS)
-    if known is not None:
-        return HABC_QOS[known]
-    if topic.msgtype == 'sensor_msgs/msg/Image':
-        return SENSOR_DATA
-    if _relative(topic.name, HABC_COMMAND_TOPICS) is not None:
-        return COMMANDS
-    return TopicQos()
+    if not offers or len({(q.reliability, q.durability) for q in offers}) != 1:
+        return None
+    offer = offers[0]
+    depth = max((q.depth for q in offers if q.history == QosHistory.KEEP_LAST), default=0)
+    return TopicQos(offer.reliability == QosReliability.RELIABLE,
+                    offer.durability == QosDurability.TRANSIENT_LOCAL,
+                    depth if depth > 0 else DEFAULT_DEPTH, 'bag')
 
 
 def play_offsets(timestamps_ns: Sequence[int], rate: float = 1.0) -> list[float]:

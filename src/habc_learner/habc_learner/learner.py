@@ -42,6 +42,7 @@ from habc_episodes.episode import Episode
 from habc_episodes.episode_bags import episode_from_bag
 from habc_episodes.vocabulary import EpisodeKind, Outcome
 from habc_learner.methods import Method, MethodConfig
+from habc_learner.policies import fit_problems
 from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
 
 STATE_FILE = 'learner_state.json'
@@ -387,34 +388,13 @@ class Learner:
                                    kind=kind)
         if not episode.instruction:
             episode.instruction = instruction
-        self._check_fits(episode)
-        return episode
-
-    def _check_fits(self, episode: Episode) -> None:
-        """Raise ValueError when the episode does not match the policy's inputs and outputs."""
-        config = self.policy.config
-        problems = []
-        if episode.action_dim != self.policy.action_dim:
-            problems.append(f'actions have {episode.action_dim} values, the policy '
-                            f'{self.policy.action_dim}')
-        state_dim = getattr(config, 'state_dim', None)
-        state = episode.observations['state']
-        if state_dim is not None and state.shape[1] != state_dim:
-            problems.append(f'the joint state has {state.shape[1]} values, the policy '
-                            f'expects {state_dim}')
-        views = getattr(config, 'num_views', None)
-        if views is None:
-            # The policy sees no images: do not hold them in memory.
-            episode.observations.pop('images', None)
-        elif 'images' not in episode.observations:
-            problems.append(f'the observations hold no images, the policy needs {views} '
-                            'view(s)')
-        elif episode.observations['images'].shape[1] != views:
-            problems.append(f'{episode.observations["images"].shape[1]} camera view(s), the '
-                            f'policy needs {views}: set the cameras parameter')
+        # Not the image size: with image_size 0 the learner keeps the recorded size on purpose.
+        problems = fit_problems(episode, self.policy, cameras='the cameras parameter',
+                                check_image_size=False)
         if problems:
             raise ValueError(f'episode {episode.episode_id} does not fit the policy: '
                              + '; '.join(problems))
+        return episode
 
     # --- training ---------------------------------------------------------------------------
     def _make_trainer(self):

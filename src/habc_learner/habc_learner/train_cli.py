@@ -10,7 +10,7 @@ input is never modified.
 
 import argparse
 from collections import Counter
-from dataclasses import asdict, fields
+from dataclasses import asdict
 import json
 import os
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 from habc_episodes.dataset import Labeller, load_bags, LoadResult
 from habc_episodes.episode_bags import TopicMapping
 from habc_learner.methods import Method, MethodConfig
+from habc_learner.policies import fit_problems, new_policy
 
 CHECKPOINT_DIR = 'checkpoint'
 TENSORBOARD_DIR = 'tensorboard'
@@ -156,12 +157,14 @@ def run(args: argparse.Namespace) -> int:
         spec = _majority_spec(result)
         if spec is not None:
             try:
-                policy = _new_policy(args, spec)
+                policy = new_policy(args.policy, *spec, horizon=args.horizon,
+                                    overrides=args.policy_config)
             except (TypeError, ValueError) as exc:
                 return _error(f'cannot build the policy: {exc}')
     if policy is not None:
         for item in list(result.loaded):
-            problems = fit_problems(item.episode, policy)
+            problems = fit_problems(item.episode, policy,
+                                    cameras="--cameras or the mapping's cameras")
             if problems:
                 result.skip(item, 'mismatch', f'episode {item.episode.episode_id} does not fit '
                             f'the policy: {"; ".join(problems)}')
@@ -291,65 +294,6 @@ def _majority_spec(result: LoadResult) -> tuple | None:
         return None
     counts = Counter(_spec(item.episode) for item in result.loaded)
     return counts.most_common(1)[0][0]
-
-
-def _new_policy(args: argparse.Namespace, spec: tuple):
-    """Build an untrained policy for the data: the small VLA or the low-dim regressor."""
-    from habc_policy.models.lowdim import LowDimChunkConfig, LowDimChunkPolicy
-    from habc_policy.models.vla import SmallVLA, SmallVLAConfig
-
-    state_dim, action_dim, images = spec
-    kind = args.policy
-    if kind == 'auto':
-        kind = 'vla' if images is not None else 'lowdim'
-    if kind == 'vla' and images is None:
-        raise ValueError('--policy vla needs images, and the bags have none (add cameras to '
-                         'the mapping, or use --policy lowdim)')
-    overrides = dict(args.policy_config)
-    if kind == 'lowdim':
-        config_cls, values = LowDimChunkConfig, {'state_dim': state_dim,
-                                                 'action_dim': action_dim,
-                                                 'horizon': args.horizon}
-    else:
-        # As habc bench's pixel track: the L2 action head fits faster on small budgets.
-        config_cls, values = SmallVLAConfig, {'state_dim': state_dim, 'action_dim': action_dim,
-                                              'horizon': args.horizon, 'num_views': images[0],
-                                              'image_size': images[1], 'action_head': 'l2'}
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f'--policy-config keys {unknown} are not in {config_cls.__name__} '
-                         f'({sorted(known)})')
-    config = config_cls(**{**values, **overrides})
-    return LowDimChunkPolicy(config) if kind == 'lowdim' else SmallVLA(config)
-
-
-def fit_problems(episode, policy) -> list[str]:
-    """Return why an episode does not fit the policy's inputs and outputs (empty: it fits)."""
-    config = policy.config
-    problems = []
-    if episode.action_dim != policy.action_dim:
-        problems.append(f'actions have {episode.action_dim} values, the policy '
-                        f'{policy.action_dim}')
-    state_dim = getattr(config, 'state_dim', None)
-    state = episode.observations['state']
-    if state_dim is not None and state.shape[1] != state_dim:
-        problems.append(f'the joint state has {state.shape[1]} values, the policy expects '
-                        f'{state_dim}')
-    views = getattr(config, 'num_views', None)
-    images = episode.observations.get('images')
-    if views is None:
-        episode.observations.pop('images', None)  # the policy sees no images: free them
-    elif images is None:
-        problems.append(f'the observations hold no images, the policy needs {views} view(s) '
-                        '(list the camera topics in the mapping)')
-    elif images.shape[1] != views:
-        problems.append(f'{images.shape[1]} camera view(s), the policy needs {views} (choose '
-                        "them with --cameras or the mapping's cameras)")
-    elif images.shape[2:4] != (config.image_size, config.image_size):
-        problems.append(f'images are {images.shape[3]}x{images.shape[2]}, the policy needs '
-                        f'{config.image_size}x{config.image_size}')
-    return problems
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -190,21 +190,6 @@ def _evaluate(context: RunContext, task: str, track: str, checkpoint: Path) -> d
                                    if successes else None)}
 
 
-def make_policy(track: str, task: str, horizon: int, profile: BenchProfile):
-    """Build the untrained policy of a track: the low-dim regressor or the small VLA."""
-    from habc_policy.models.lowdim import LowDimChunkConfig, LowDimChunkPolicy
-    from habc_policy.models.vla import SmallVLA, SmallVLAConfig
-    objects = 3 if task == 'transfer_cube' else 6
-    if track == 'state':
-        # The L2 chunk regressor: the flow MLP did not fit the expert on this budget (see
-        # habc_policy.models.lowdim).
-        return LowDimChunkPolicy(LowDimChunkConfig(state_dim=14 + objects, action_dim=14,
-                                                   horizon=horizon))
-    return SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=horizon,
-                                   num_views=len(profile.cameras),
-                                   image_size=profile.image_size, action_head='l2'))
-
-
 def demo_episodes(demos: list[dict], task: str) -> list:
     """Turn recorded expert rollouts into demonstration Episodes (failed ones dropped)."""
     from habc_episodes.episode import Episode
@@ -221,35 +206,62 @@ def demo_episodes(demos: list[dict], task: str) -> list:
     return episodes
 
 
+def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoint: Path, *,
+              version: str, workers: int, progress: bool = True) -> list:
+    """Record the expert demonstrations of one seed and train the track's policy on them.
+
+    The SFT checkpoint (`version`) is written to `checkpoint`; the demonstrations that
+    succeeded are returned (the online rounds keep them in their buffers).
+
+    Raises:
+        RuntimeError: no demonstration succeeded.
+    """
+    from habc_learner.methods import MethodConfig
+    from habc_learner.policies import new_policy
+    from habc_learner.trainer import seed_everything, TrainConfig, Trainer
+    from habc_sim.rollouts import run_parallel
+
+    p = profile
+    jobs = [EpisodeJob(task, track, DEMO_SEED_BASE + 10_000 * seed + i, p.max_steps,
+                       p.image_size, p.cameras, demo_noise=p.noise_for(task))
+            for i in range(p.demos)]
+    demos = demo_episodes(list(run_parallel(run_job, jobs, workers, f'demos {task}',
+                                            progress)), task)
+    if not demos:
+        raise RuntimeError(f'no successful demonstration for {task} with noise '
+                           f'{p.noise_for(task)}; lower demo_noise')
+    config = MethodConfig(method='sft', horizon=p.horizon)
+    buffer = config.make_buffer()
+    for episode in demos:
+        buffer.add(episode)
+    seed_everything(seed)
+    if track == 'state':
+        # The state track's state: 14 joints, then each object's position (cube; peg, socket).
+        objects = 3 if task == 'transfer_cube' else 6
+        policy = new_policy('lowdim', 14 + objects, 14, None, horizon=p.horizon)
+    else:
+        policy = new_policy('vla', 14, 14, (len(p.cameras), p.image_size, p.image_size),
+                            horizon=p.horizon)
+    trainer = Trainer(policy, buffer, config,
+                      TrainConfig(steps=p.sft_steps, batch_size=p.batch_size,
+                                  actor_lr=p.actor_lr, seed=seed),
+                      progress=progress)
+    trainer.fit(description=f'SFT {task}')
+    trainer.save_checkpoint(checkpoint, version=version)
+    return demos
+
+
 def run_cell(context: RunContext, task: str, track: str, seed: int) -> None:
     """Demonstrations, SFT and every method's rounds for one task, track and seed."""
     from habc_learner.methods import MethodConfig
-    from habc_learner.trainer import seed_everything, TrainConfig, Trainer
+    from habc_learner.trainer import TrainConfig, Trainer
     from habc_policy.models.base import load_policy
 
     p = context.profile
     cell = context.out / f'{task}-{track}-seed{seed}'
-    demo_jobs = [EpisodeJob(task, track, DEMO_SEED_BASE + 10_000 * seed + i, p.max_steps,
-                            p.image_size, p.cameras, demo_noise=p.noise_for(task))
-                 for i in range(p.demos)]
-    demos = demo_episodes(_episodes(context, demo_jobs, f'demos {task}'), task)
-    if not demos:
-        raise RuntimeError(f'no successful demonstration for {task} with noise '
-                           f'{p.noise_for(task)}; lower demo_noise')
-
-    sft_config = MethodConfig(method='sft', horizon=p.horizon)
-    sft_buffer = sft_config.make_buffer()
-    for episode in demos:
-        sft_buffer.add(episode)
-    seed_everything(seed)
-    policy = make_policy(track, task, p.horizon, p)
-    trainer = Trainer(policy, sft_buffer, sft_config,
-                      TrainConfig(steps=p.sft_steps, batch_size=p.batch_size,
-                                  actor_lr=p.actor_lr, seed=seed),
-                      progress=context.progress)
-    trainer.fit(description=f'SFT {task}')
     sft_checkpoint = cell / 'sft' / 'round0'
-    trainer.save_checkpoint(sft_checkpoint, version='sft')
+    demos = train_sft(task, track, seed, p, sft_checkpoint, version='sft',
+                      workers=context.workers, progress=context.progress)
     sft_eval = _evaluate(context, task, track, sft_checkpoint)
     base = {'task': task, 'track': track, 'seed': seed, 'demos': len(demos)}
     for method in p.methods:

@@ -1,4 +1,4 @@
-"""The dashboard's plain model (no Qt, no rclpy): timelines, live state, per-version stats.
+"""The dashboard's plain model (no Qt, no rclpy): timelines, live state, status summaries.
 
 Everything the dashboard shows is computed here from plain values, so it is unit-tested
 without a display or a ROS graph:
@@ -7,8 +7,9 @@ without a display or a ROS graph:
     stores them in each episode's bag;
   - the live state of the robot: the current episode, its elapsed time and who controls it,
     from `intervention` and `recorder/events`;
-  - statistics per policy version from the episode index: success rate and takeovers;
   - the summaries of the JSON status topics of the learner and the policy node.
+The statistics per policy version (success rate, takeovers) are habc_episodes.stats', shared
+with `habc demo`.
 """
 
 from __future__ import annotations
@@ -278,64 +279,6 @@ def label_target(selected: str, last_finished: str, newest_finished: str) -> str
     the dashboard watched, then the newest finished episode of the index.
     """
     return selected or last_finished or newest_finished
-
-
-# Per-version statistics -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class VersionStats:
-    """Outcomes and takeovers of the finished, not discarded episodes of one policy version."""
-
-    version: str
-    episodes: int
-    successes: int
-    failures: int
-    discarded: int
-    takeovers: int
-    steps: int
-
-    @property
-    def labelled(self) -> int:
-        return self.successes + self.failures
-
-    @property
-    def success_rate(self) -> float | None:
-        """Return successes / labelled episodes (None before the first label)."""
-        return self.successes / self.labelled if self.labelled else None
-
-    @property
-    def takeovers_per_episode(self) -> float | None:
-        return self.takeovers / self.episodes if self.episodes else None
-
-
-def version_stats(records: Iterable[Any]) -> list[VersionStats]:
-    """Return per-version stats of index records (EpisodeRecord-like), oldest version first.
-
-    Episodes still recording are left out, and discarded ones are only counted as such: the
-    operator said they say nothing about the policy. Versions are ordered by their first
-    episode, which is the order in which they ran on the robot whatever their names ('sft',
-    '3', 'manual-...'). An empty version (no policy loaded) is shown as '-'.
-    """
-    groups: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if record.status == 'recording':
-            continue
-        group = groups.setdefault(record.policy_version or '-', {
-            'first': record.started_at, 'episodes': 0, 'successes': 0, 'failures': 0,
-            'discarded': 0, 'takeovers': 0, 'steps': 0})
-        group['first'] = min(group['first'], record.started_at)
-        if record.outcome == 'discarded':
-            group['discarded'] += 1
-            continue
-        group['episodes'] += 1
-        group['successes'] += record.outcome == 'success'
-        group['failures'] += record.outcome == 'failure'
-        group['takeovers'] += record.num_interventions
-        group['steps'] += record.num_steps
-    ordered = sorted(groups.items(), key=lambda item: (item[1]['first'], item[0]))
-    return [VersionStats(version, g['episodes'], g['successes'], g['failures'],
-                         g['discarded'], g['takeovers'], g['steps'])
-            for version, g in ordered]
 
 
 # Status topics -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from python_qt_binding.QtWidgets import (
 )
 
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
+from habc_episodes.stats import version_stats, VersionStats
 from habc_episodes.vocabulary import Controller, Outcome
 from rqt_habc.model import (
     DEFAULT_INDEX,
@@ -59,8 +60,6 @@ from rqt_habc.model import (
     stamp_seconds,
     Timeline,
     timeline_from_bag,
-    version_stats,
-    VersionStats,
 )
 
 SOURCE_COLORS = {Controller.POLICY: '#3a7bd5', Controller.HUMAN: '#f0932b',

@@ -7,6 +7,7 @@ import pytest
 
 from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
 from habc_episodes.index import EpisodeRecord
+from habc_episodes.stats import version_stats
 from habc_episodes.vocabulary import Controller
 from rqt_habc.model import (
     EVENT_END,
@@ -25,7 +26,6 @@ from rqt_habc.model import (
     segments_from_ticks,
     timeline_from_bag,
     TimelineBuilder,
-    version_stats,
 )
 
 P, H, X = Controller.POLICY, Controller.HUMAN, Controller.HOLD
