@@ -17,7 +17,8 @@ from rosbags.interfaces import (
 )
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from habc.play import message_class, Plan
+from habc.play import Plan, topic_qos
+from habc_common.messages import message_class
 from habc_episodes import playback
 from habc_episodes.playback import (
     BagTopic,
@@ -26,7 +27,6 @@ from habc_episodes.playback import (
     playlist,
     select_topics,
     timed_messages,
-    topic_qos,
 )
 
 # Unit tests of the plain core ----------------------------------------------------------------
@@ -76,29 +76,25 @@ def _offer(reliability, durability, depth=7):
 
 
 def test_qos_from_the_bag_else_the_habc_profile_else_the_default():
-    from habc_common import qos
-
-    for ours, theirs in ((playback.SENSOR_DATA, qos.SENSOR_DATA),
-                         (playback.JOINT_STATES, qos.JOINT_STATES),
-                         (playback.COMMANDS, qos.COMMANDS), (playback.LATCHED, qos.LATCHED)):
-        assert (ours.reliable, ours.transient_local, ours.depth) == (
-            theirs.reliability == qos.ReliabilityPolicy.RELIABLE,
-            theirs.durability == qos.DurabilityPolicy.TRANSIENT_LOCAL, theirs.depth)
+    # The habc profiles (habc_common.qos) as the plain values the plan logs and publishes with.
+    sensor_data = playback.TopicQos(False, False, 5, 'SENSOR_DATA')
+    commands = playback.TopicQos(True, False, 50, 'COMMANDS')
+    latched_qos = playback.TopicQos(True, True, 1, 'LATCHED')
     assert topic_qos(BagTopic('/robot1/observation', 'habc_msgs/msg/Observation', 1)) == \
-        playback.SENSOR_DATA
-    assert topic_qos(BagTopic('/policy/update', 'habc_msgs/msg/PolicyUpdate', 1)) == \
-        playback.LATCHED
+        sensor_data
+    assert topic_qos(BagTopic('/joint_states', 'sensor_msgs/msg/JointState', 1)) == \
+        playback.TopicQos(True, False, 100, 'JOINT_STATES')
+    assert topic_qos(BagTopic('/policy/update', 'habc_msgs/msg/PolicyUpdate', 1)) == latched_qos
     assert topic_qos(BagTopic('/r/executed_action', 'habc_msgs/msg/ExecutedAction', 1)) == \
-        playback.COMMANDS
-    assert topic_qos(BagTopic('/cam/image_raw', 'sensor_msgs/msg/Image', 1)) == \
-        playback.SENSOR_DATA
+        commands
+    assert topic_qos(BagTopic('/cam/image_raw', 'sensor_msgs/msg/Image', 1)) == sensor_data
     assert topic_qos(BagTopic('/chatter', 'std_msgs/msg/String', 1)) == playback.TopicQos()
     latched = _offer(QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, 1)
     assert topic_qos(BagTopic('/map', 'std_msgs/msg/String', 1, offers=(latched,))) == \
         playback.TopicQos(True, True, 1, 'bag')
     mixed = (latched, _offer(QosReliability.BEST_EFFORT, QosDurability.VOLATILE))
     assert topic_qos(BagTopic('/observation', 'x/msg/Y', 1, offers=mixed)) == \
-        playback.SENSOR_DATA  # offers that disagree fall through
+        sensor_data  # offers that disagree fall through
 
 
 def test_one_pass_streams_raw_bytes_on_time_from_mcap_and_sqlite3(tmp_path):

@@ -19,15 +19,14 @@ in the bags are fully qualified, as `ros2 bag record` writes them (`/robot1/obse
 namespace robot1).
 """
 
-import importlib
 import time
 
 from rclpy.node import Node
-from rclpy.qos import QoSProfile
 
+from habc_common.messages import message_class
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
-from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, SENSOR_DATA
+from habc_common.qos import COMMANDS, LATCHED, qos_for_topic
 from habc_episodes.episode import robot_label
 from habc_episodes.index import EpisodeRecord
 from habc_episodes.vocabulary import Outcome
@@ -45,24 +44,6 @@ from habc_policy.episode_recorder import (
 PARAMS = EpisodeRecorderParams
 
 
-def _message_class(msgtype: str) -> type:
-    package, _, name = msgtype.split('/')
-    try:
-        return getattr(importlib.import_module(f'{package}.msg'), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f'message type {msgtype} is not installed for rclpy: {exc}') from None
-
-
-def _qos_for(name: str, msgtype: str) -> QoSProfile:
-    # Match the publishers' QoS (habc_common.qos): a reliable subscription would not match
-    # the best-effort observation and image publishers at all.
-    if name.lstrip('/') == 'observation' or msgtype == 'sensor_msgs/msg/Image':
-        return SENSOR_DATA
-    if msgtype == 'sensor_msgs/msg/JointState' and name.lstrip('/') == 'joint_states':
-        return JOINT_STATES
-    return COMMANDS
-
-
 class EpisodeRecorderNode:
     """Thin rclpy adapter over EpisodeRecorder."""
 
@@ -77,10 +58,12 @@ class EpisodeRecorderNode:
         # recorder core is not thread-safe and spin_node uses a multi-threaded executor.
         subscriptions = {}
         for name, msgtype in parse_topics(p.topics):
+            # The publishers' QoS: a reliable subscription would not match the best-effort
+            # observation and image publishers at all.
             subscriptions[name] = self.node.create_subscription(
-                _message_class(msgtype), name,
+                message_class(msgtype), name,
                 lambda data, name=name: self.message_callback(name, data),
-                _qos_for(name, msgtype), raw=True)
+                qos_for_topic(name, msgtype) or COMMANDS, raw=True)
         # Relative name -> fully qualified name, as rosbag2 stores it.
         self.bag_topics = {name: sub.topic_name for name, sub in subscriptions.items()}
         self.recorder = EpisodeRecorder(
