@@ -22,6 +22,8 @@ import time
 
 import yaml
 
+from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
+
 HELP = __doc__
 
 
@@ -119,8 +121,10 @@ def _start_monitor(monitor: Monitor):
 
     def on_status(msg: String) -> None:
         try:
-            version = str(json.loads(msg.data).get('active_version', ''))
+            version = json.loads(msg.data).get('active_version') or ''
         except json.JSONDecodeError:
+            return
+        if not version:  # no weights yet
             return
         with monitor.lock:
             monitor.activations.setdefault(version, time.monotonic())
@@ -132,6 +136,11 @@ def _start_monitor(monitor: Monitor):
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
     return executor, node
+
+
+def _number(version: str) -> int:
+    """Return the number of a version text; -1 for no version ('none', '')."""
+    return -1 if version in ('', 'none') else PolicyVersion.parse(version).number
 
 
 def version_stats(index_path: Path, monitor: Monitor) -> list[VersionRow]:
@@ -150,7 +159,7 @@ def version_stats(index_path: Path, monitor: Monitor) -> list[VersionRow]:
 
 def format_row(row: VersionRow) -> str:
     latency = (f'{row.update_latency_s:.2f} s' if row.update_latency_s is not None
-               else '- (initial)' if row.version == '1' else '-')
+               else '- (initial)' if row.version == str(STARTUP_VERSION) else '-')
     return (f'| {row.version:>7} | {row.episodes:>8} | {100 * row.success_rate:>8.0f}% | '
             f'{row.interventions:>13} | {latency:>14} |')
 
@@ -211,16 +220,15 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
             live = set(monitor.activations)
             for row in rows:
                 # A version's row is final once a newer version is live.
-                newer = [v for v in live if v.isdigit() and row.version.isdigit()
-                         and int(v) > int(row.version)]
+                newer = [v for v in live if _number(v) > _number(row.version) >= 0]
                 if row.version not in printed and newer:
                     printed.add(row.version)
                     print(format_row(row), flush=True)
             # The learner keeps training while episodes run, so later versions may follow:
             # stop once versions past the last round have run a round's episodes.
             last = config.rounds + 1
-            if sum(r.episodes for r in rows if r.version.isdigit()
-                   and int(r.version) >= last) >= config.episodes_per_round:
+            if sum(r.episodes for r in rows
+                   if _number(r.version) >= last) >= config.episodes_per_round:
                 break
             if time.monotonic() > deadline:
                 print(f'[demo] timeout after {config.timeout_s:.0f} s', file=sys.stderr)
@@ -301,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         profile = replace(bench.PROFILES['pixels'], max_steps=config.max_steps,
                           demos=config.demos, demo_noise=config.demo_noise,
                           sft_steps=config.sft_steps, batch_size=config.batch_size)
-        bench.train_sft(config.task, 'pixels', 0, profile, checkpoint, version='1',
+        bench.train_sft(config.task, 'pixels', 0, profile, checkpoint, version=STARTUP_VERSION,
                         workers=config.workers)
         print(f'[demo] SFT checkpoint (version 1) written to {checkpoint}', flush=True)
     # Each run gets its own episodes and learner (the SFT checkpoint is shared): versions

@@ -10,7 +10,7 @@ from habc_episodes.index import EpisodeIndex
 
 def test_version_stats_group_labelled_episodes_by_the_version_that_ran_them(tmp_path):
     path = tmp_path / 'episodes.sqlite'
-    rows = [('a', '1', 'success', 0), ('b', '1', 'failure', 2), ('c', '2', 'success', 1),
+    rows = [('a', '1:sft', 'success', 0), ('b', '1:sft', 'failure', 2), ('c', '2', 'success', 1),
             ('d', '', 'failure', 1), ('e', '2', None, 0)]
     with EpisodeIndex(path) as index:
         for n, (episode, version, outcome, interventions) in enumerate(rows):
@@ -18,15 +18,16 @@ def test_version_stats_group_labelled_episodes_by_the_version_that_ran_them(tmp_
             index.finish(episode, 100, interventions, ended_at=10.0 * n + 5)
             if outcome:
                 index.label(episode, outcome, 'test', now=10.0 * n + 6)
-    monitor = Monitor(updates={'2': 100.0}, activations={'1': 0.0, '2': 100.25})
+    monitor = Monitor(updates={'2': 100.0}, activations={'1:sft': 0.0, '2': 100.25})
     stats = {r.version: r for r in version_stats(path, monitor)}
-    assert set(stats) == {'1', '2', 'none'}   # 'e' is unlabelled: not counted
-    assert (stats['1'].episodes, stats['1'].successes, stats['1'].interventions) == (2, 1, 2)
-    assert stats['1'].success_rate == 0.5 and stats['1'].update_latency_s is None
+    assert set(stats) == {'1:sft', '2', 'none'}   # 'e' is unlabelled: not counted
+    first = stats['1:sft']
+    assert (first.episodes, first.successes, first.interventions) == (2, 1, 2)
+    assert first.success_rate == 0.5 and first.update_latency_s is None
     assert stats['2'].update_latency_s == 0.25
     assert format_row(stats['2']) == ('|       2 |        1 |      100% |             1 | '
                                       '        0.25 s |')
-    assert '- (initial)' in format_row(stats['1'])
+    assert '- (initial)' in format_row(first)
     assert version_stats(tmp_path / 'missing.sqlite', monitor) == []
 
 

@@ -12,7 +12,8 @@ and writes the next checkpoint version:
                                     metrics.json (Trainer.save_checkpoint)
         tensorboard/                scalars of every round
 
-Versions are integers: the init (SFT) checkpoint is version 1, round r writes version 1 + r.
+Versions are habc_episodes.vocabulary.PolicyVersion: the init checkpoint's own (the SFT one is
+STARTUP_VERSION, 1:sft), and round r writes version number 1 + r (PolicyUpdate.version).
 
 Crash safety. learner_state.json is written (with os.replace) only after the checkpoint of a
 round is complete in place, and the checkpoint itself is written into a scratch folder and
@@ -40,7 +41,7 @@ from typing import Any
 from habc_common.params import param, validate_params
 from habc_episodes.episode import Episode
 from habc_episodes.episode_bags import episode_from_bag
-from habc_episodes.vocabulary import EpisodeKind, Outcome
+from habc_episodes.vocabulary import EpisodeKind, Outcome, PolicyVersion
 from habc_learner.methods import Method, MethodConfig
 from habc_learner.policies import fit_problems
 from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
@@ -50,7 +51,6 @@ STATE_FORMAT = 1
 CHECKPOINT_DIR = 'checkpoints'
 # PolicyUpdate.format of a checkpoint folder (model.safetensors + config.json) at the URI.
 CHECKPOINT_FORMAT = 'safetensors'
-INIT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class LearnerParams:
                             'episodes.sqlite. ~ and $VARIABLES are expanded.')
     work_dir: str = param('~/.habc/learner', 'Learner state, checkpoints and TensorBoard logs '
                           '(~ and $VARIABLES are expanded).')
-    init_checkpoint: str = param('', 'Checkpoint folder of the SFT policy (version 1). Needed '
-                                 'on the first start; a restart resumes from work_dir.')
+    init_checkpoint: str = param('', 'Checkpoint folder of the SFT policy (its version, '
+                                 'STARTUP_VERSION, is the one the learner counts on from). '
+                                 'Needed on the first start; a restart resumes from work_dir.')
     method: str = param('habc', 'Training method.', choices=tuple(m.value for m in Method))
     episodes_per_round: int = param(2, 'New labelled episodes that start a training round.',
                                     min=1)
@@ -101,7 +102,7 @@ class LearnerParams:
 class RoundResult:
     """What one training round produced."""
 
-    version: int
+    version: PolicyVersion
     sha256: str
     path: Path
     metrics: dict[str, float]
@@ -121,7 +122,7 @@ class _Entry:
 
 @dataclass
 class _State:
-    version: int = INIT_VERSION
+    version: str = ''  # PolicyVersion text; '' before the first round: the init checkpoint's
     round: int = 0
     cursor: int = 0
     checkpoint: str = ''
@@ -164,14 +165,14 @@ class Learner:
             if state.method != params.method:
                 self._log(f'method changed from {state.method!r} to {params.method!r}: the '
                           'critic starts afresh')
-        self._clean_checkpoints(state.version)
         try:
             self.policy = load_policy(checkpoint, map_location=params.device)
         except FileNotFoundError as exc:
             raise ValueError(f'cannot start from checkpoint {checkpoint}: {exc}') from exc
         if not state.sha256:
             state.sha256 = sha256_file(checkpoint / WEIGHTS_FILE)
-        self.version = state.version
+        self.version = PolicyVersion.parse(state.version or self.policy.version)
+        self._clean_checkpoints(self.version)
         self.round = state.round
         self.cursor = state.cursor
         self.sha256 = state.sha256
@@ -237,7 +238,7 @@ class Learner:
     def _state_dict(self, **changes: Any) -> dict[str, Any]:
         state = {
             'format': STATE_FORMAT,
-            'version': self.version,
+            'version': str(self.version),
             'round': self.round,
             'cursor': self.cursor,
             'checkpoint': str(self.checkpoint),
@@ -262,7 +263,7 @@ class Learner:
             os.fsync(stream.fileno())
         os.replace(scratch, self.state_path)
 
-    def _clean_checkpoints(self, version: int) -> None:
+    def _clean_checkpoints(self, version: PolicyVersion) -> None:
         """Remove scratch folders and versions newer than the state (a round cut short)."""
         root = self.work_dir / CHECKPOINT_DIR
         if not root.is_dir():
@@ -271,7 +272,7 @@ class Learner:
             stale = path.name.startswith('.') and path.name.endswith('.tmp')
             if path.name.startswith('v') and path.name[1:].isdigit():
                 # Written by a round whose state never made it to disk: never published.
-                stale = int(path.name[1:]) > version
+                stale = int(path.name[1:]) > version.number
             if stale and path.is_dir():
                 self._log(f'removing {path}: left by a round that did not finish')
                 shutil.rmtree(path)
@@ -432,7 +433,7 @@ class Learner:
         if not self._restored:
             raise RuntimeError('poll() the index before training')
         p = self.params
-        target, round_index = self.version + 1, self.round + 1
+        target, round_index = PolicyVersion(self.version.number + 1), self.round + 1
         try:
             if self.trainer is None:
                 self.trainer = self._make_trainer()
@@ -462,7 +463,7 @@ class Learner:
             # The state goes to disk before this object changes: if writing it fails, the
             # round never happened (and the unpublished folder is overwritten next time).
             self._write_state(self._state_dict(
-                version=target, round=round_index, checkpoint=str(directory.relative_to(
+                version=str(target), round=round_index, checkpoint=str(directory.relative_to(
                     self.work_dir)), sha256=sha, metrics=metrics, written_at=written_at))
         except BaseException:
             self._stalled = True
@@ -476,13 +477,13 @@ class Learner:
         return RoundResult(target, sha, directory, metrics, round_index, len(self._episodes),
                            written_at)
 
-    def _write_checkpoint(self, version: int) -> tuple[Path, str]:
+    def _write_checkpoint(self, version: PolicyVersion) -> tuple[Path, str]:
         root = self.work_dir / CHECKPOINT_DIR
-        final = root / f'v{version}'
-        scratch = root / f'.v{version}.tmp'
+        final = root / f'v{version.number}'
+        scratch = root / f'.v{version.number}.tmp'
         if scratch.exists():
             shutil.rmtree(scratch)
-        info = self.trainer.save_checkpoint(scratch, version=str(version))
+        info = self.trainer.save_checkpoint(scratch, version=version)
         if final.exists():
             shutil.rmtree(final)  # left by a round whose state was never written
         os.replace(scratch, final)
@@ -491,7 +492,7 @@ class Learner:
     # --- reporting --------------------------------------------------------------------------
     def status(self, state: str = 'idle', **extra: Any) -> dict[str, Any]:
         """Return the learner's status as a JSON-ready dict ('idle' or 'training')."""
-        return {'state': state, 'version': self.version, 'round': self.round,
+        return {'state': state, 'version': str(self.version), 'round': self.round,
                 'episodes': len(self._episodes), 'pending': self._new_since_round,
                 'episodes_per_round': self.params.episodes_per_round,
                 'demos': len(self._demos), 'samples': len(self.buffer),

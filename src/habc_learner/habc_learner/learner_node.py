@@ -46,7 +46,7 @@ def policy_update_message(result: RoundResult) -> PolicyUpdate:
     seconds = int(result.written_at)
     msg.header.stamp.sec = seconds
     msg.header.stamp.nanosec = int((result.written_at - seconds) * 1e9)
-    msg.version = int(result.version)
+    msg.version = result.version.number
     msg.sha256 = result.sha256
     msg.format = CHECKPOINT_FORMAT
     msg.uri = result.path.resolve().as_uri()  # file:///abs/dir, percent-encoded

@@ -22,6 +22,7 @@ from typing import Any
 
 from habc_episodes.dataset import Labeller, load_bags, LoadResult
 from habc_episodes.episode_bags import TopicMapping
+from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 from habc_learner.methods import Method, MethodConfig
 from habc_learner.policies import fit_problems, new_policy
 
@@ -58,6 +59,9 @@ examples:
   habc train --bags /data/teleop --demos /data/demos --mapping robot.yaml \\
       --labels labels.csv --method habc --out runs/offline2 --steps 2000
 """
+
+# What an offline-trained checkpoint is: the start-up number, tagged as trained offline.
+OFFLINE_VERSION = PolicyVersion(STARTUP_VERSION.number, 'offline')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,8 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument('--seed', type=int, default=0)
     training.add_argument('--device', default='auto',
                           help='torch device: auto (cuda if available), cpu, cuda, ...')
-    training.add_argument('--version', default='offline',
-                          help='version string stored in the checkpoint (offline)')
+    training.add_argument('--version', default=str(OFFLINE_VERSION), type=PolicyVersion.parse,
+                          help="policy version stored in the checkpoint: a number, or "
+                          "'number:tag' (default %(default)s: a start-up checkpoint that the "
+                          "learner's versions 2, 3, ... replace)")
     parser.add_argument('--force', action='store_true',
                         help='replace a checkpoint already in --out')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -232,7 +238,7 @@ def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMa
         'batch_size': args.batch_size, 'seconds': seconds,
         'samples_per_s': args.steps * args.batch_size / seconds if seconds > 0 else 0.0,
         'device': device, 'checkpoint': str(checkpoint), 'sha256': info['sha256'],
-        'version': args.version, 'tensorboard': str(out / TENSORBOARD_DIR),
+        'version': str(args.version), 'tensorboard': str(out / TENSORBOARD_DIR),
         'method_config': asdict(method),
     }
     report = build_report(command=command_line(args), result=result, buffer=buffer,

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import torch
 from tqdm.auto import tqdm
 
+from habc_episodes.vocabulary import PolicyVersion
 from habc_learner.data import SampleBuffer
 from habc_learner.methods import Algorithm, MethodConfig
 
@@ -124,9 +125,10 @@ class Trainer:
             self.writer.flush()
         return self.history[-1] if self.history else {}
 
-    def save_checkpoint(self, directory: Path, version: str) -> dict[str, str]:
+    def save_checkpoint(self, directory: Path, version: PolicyVersion) -> dict[str, str]:
         """Write policy (safetensors + config), critic weights and metrics; return hashes."""
         directory = Path(directory)
+        version = str(PolicyVersion.parse(version))
         self.policy.version = version
         sha = self.policy.save(directory)
         if self.algorithm.critic is not None:

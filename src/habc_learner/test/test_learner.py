@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from habc_common.params import check_parameter_file
+from habc_episodes.vocabulary import PolicyVersion
 from habc_learner.learner import Learner, LearnerParams, STATE_FILE
 from habc_policy.models.base import load_policy, sha256_file
 
@@ -35,7 +36,7 @@ def state_of(tmp_path):
 def test_a_round_writes_version_2(tmp_path, init_checkpoint, episode_bag, index, labelled):
     add_episode(episode_bag, labelled, 'ep-1', 'success')
     learner = Learner(make_params(tmp_path, init_checkpoint))
-    assert learner.version == 1 and learner.latest() is None and not learner.resumed
+    assert learner.version == PolicyVersion(1) and learner.latest() is None and not learner.resumed
     assert learner.sha256 == sha256_file(init_checkpoint / 'model.safetensors')
     assert learner.poll(index) == ['ep-1']
     assert not learner.ready()  # 1 of 2 episodes
@@ -45,7 +46,7 @@ def test_a_round_writes_version_2(tmp_path, init_checkpoint, episode_bag, index,
     progress = []
     result = learner.train_round(on_progress=lambda *args: progress.append(args))
     directory = tmp_path / 'learner' / 'checkpoints' / 'v2'
-    assert (result.version, result.round, result.path) == (2, 1, directory)
+    assert (result.version, result.round, result.path) == (PolicyVersion(2), 1, directory)
     assert result.sha256 == sha256_file(directory / 'model.safetensors')
     for name in ('model.safetensors', 'config.json', 'metrics.json', 'critic.safetensors'):
         assert (directory / name).is_file(), name
@@ -53,14 +54,14 @@ def test_a_round_writes_version_2(tmp_path, init_checkpoint, episode_bag, index,
     assert progress[-1][:2] == (3, 3) and 'losses/actor' in result.metrics
     assert json.loads((directory / 'metrics.json').read_text())['sha256'] == result.sha256
     state = state_of(tmp_path)
-    assert state['version'] == 2 and state['round'] == 1
+    assert state['version'] == '2' and state['round'] == 1
     assert state['checkpoint'] == 'checkpoints/v2' and state['sha256'] == result.sha256
     assert state['cursor'] == index.last_label_seq()
     assert [e['episode_id'] for e in state['episodes']] == ['ep-1', 'ep-2']
     assert state['trainer_step'] == 3
     assert not learner.ready() and learner.poll(index) == []
     status = learner.status()
-    assert (status['version'], status['episodes'], status['pending']) == (2, 2, 0)
+    assert (status['version'], status['episodes'], status['pending']) == ('2', 2, 0)
 
 
 def test_a_learner_killed_mid_round_loses_nothing_and_counts_nothing_twice(
@@ -80,7 +81,7 @@ def test_a_learner_killed_mid_round_loses_nothing_and_counts_nothing_twice(
     with pytest.raises(KeyboardInterrupt):
         first.train_round()
     assert not first.ready()  # a failed round waits for new data before it retries
-    assert first.version == 1
+    assert first.version == PolicyVersion(1)
     assert not (tmp_path / 'learner' / STATE_FILE).exists()
     del first
 
@@ -88,7 +89,7 @@ def test_a_learner_killed_mid_round_loses_nothing_and_counts_nothing_twice(
     assert not second.resumed
     assert not (tmp_path / 'learner' / 'checkpoints' / 'v2').exists()  # never published
     assert second.poll(index) == ['ep-1', 'ep-2']
-    assert second.train_round().version == 2
+    assert second.train_round().version == PolicyVersion(2)
 
     # Two more episodes, then killed after the checkpoint but before the state file.
     add_episode(episode_bag, labelled, 'ep-3', 'failure')
@@ -98,18 +99,18 @@ def test_a_learner_killed_mid_round_loses_nothing_and_counts_nothing_twice(
     monkeypatch.setattr(second, '_write_state', crash)
     with pytest.raises(KeyboardInterrupt):
         second.train_round()
-    assert state_of(tmp_path)['version'] == 2
+    assert state_of(tmp_path)['version'] == '2'
     del second
 
     third = Learner(params)
-    assert third.resumed and third.version == 2 and third.round == 1
-    assert third.trainer is None and third.latest().version == 2
+    assert third.resumed and third.version == PolicyVersion(2) and third.round == 1
+    assert third.trainer is None and third.latest().version == PolicyVersion(2)
     assert third.poll(index) == ['ep-3', 'ep-4']  # re-read, from the saved cursor
     assert third.episode_ids == ['ep-1', 'ep-2', 'ep-3', 'ep-4']
     assert len(third.buffer.episodes) == 4 and len(third.buffer) == 4 * STEPS
     assert third.pending == 2 and third.ready()
     result = third.train_round()
-    assert result.version == 3 and result.round == 2
+    assert result.version == PolicyVersion(3) and result.round == 2
     assert third.trainer.step == 6  # the step count (warm-up) continues over restarts
     assert [e['episode_id'] for e in state_of(tmp_path)['episodes']] == [
         'ep-1', 'ep-2', 'ep-3', 'ep-4']
@@ -119,7 +120,7 @@ def test_a_learner_killed_mid_round_loses_nothing_and_counts_nothing_twice(
     # A clean restart: the same buffer, nothing pending, the next round is version 4.
     fourth = Learner(params)
     assert fourth.poll(index) == [] and fourth.episode_ids == third.episode_ids
-    assert not fourth.ready() and fourth.latest().version == 3
+    assert not fourth.ready() and fourth.latest().version == PolicyVersion(3)
 
 
 def test_relabels_recredit_or_remove_episodes(tmp_path, init_checkpoint, episode_bag, index,
@@ -199,7 +200,7 @@ def test_demonstrations_join_every_round(tmp_path, init_checkpoint, episode_bag,
     assert learner.poll(index) == ['ep-1']
     assert learner.status()['demos'] == 1 and learner.episode_ids == ['ep-1']
     assert learner.buffer.table['is_sft'].sum() == STEPS
-    assert learner.train_round().version == 2
+    assert learner.train_round().version == PolicyVersion(2)
 
 
 def test_the_parameter_file_matches_the_declaration():

@@ -74,7 +74,7 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         assert len(update.data) == 0
         metrics = {kv.key: kv.value for kv in update.metrics}
         assert 'losses/actor' in metrics and float(metrics['round/episodes']) == 2.0
-        listener.wait(lambda: listener.statuses and listener.statuses[-1]['version'] == 2
+        listener.wait(lambda: listener.statuses and listener.statuses[-1]['version'] == '2'
                       and listener.statuses[-1]['state'] == 'idle', 10.0, child)
         assert any(s['state'] == 'training' for s in listener.statuses) or \
             listener.statuses[-1]['round'] == 1  # a late subscriber only sees the last one

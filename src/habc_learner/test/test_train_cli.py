@@ -231,7 +231,7 @@ def test_train_on_foreign_mcap_and_sqlite3_bags(tmp_path, init_checkpoint):
     for name in ('model.safetensors', 'config.json', 'critic.safetensors', 'metrics.json'):
         assert (out / 'checkpoint' / name).is_file()
     from habc_policy.models.base import load_policy
-    assert load_policy(out / 'checkpoint').version == 'offline'
+    assert load_policy(out / 'checkpoint').version == '1:offline'
     assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
     report = json.loads((out / 'report.json').read_text())
     assert report['data']['episodes'] == 2 and report['data']['steps'] == 60

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from habc_episodes.vocabulary import EpisodeKind
+from habc_episodes.vocabulary import EpisodeKind, PolicyVersion
 from habc_learner.methods import MethodConfig
 from habc_learner.synthetic import reach_dataset
 from habc_learner.trainer import seed_everything, TrainConfig, Trainer
@@ -53,12 +53,12 @@ def test_metrics_tensorboard_and_checkpoint(tmp_path):
     assert 'losses/actor' in events.Tags()['scalars']
     assert [e.step for e in events.Scalars('losses/actor')] == [10, 20, 30]
 
-    info = trainer.save_checkpoint(tmp_path / 'v1', version='v1')
+    info = trainer.save_checkpoint(tmp_path / 'v1', version=PolicyVersion(3, 'probe'))
     meta = json.loads((tmp_path / 'v1' / 'metrics.json').read_text())
     assert meta['sha256'] == info['sha256'] and meta['method']['method'] == 'habc'
     assert (tmp_path / 'v1' / 'critic.safetensors').is_file()
     loaded = load_policy(tmp_path / 'v1')
-    assert loaded.version == 'v1'
+    assert loaded.version == '3:probe'
     obs = {'state': torch.tensor([[0.3]])}
     assert torch.equal(trainer.policy.sample_chunks(obs, torch.Generator().manual_seed(0)),
                        loaded.sample_chunks(obs, torch.Generator().manual_seed(0)))

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
+
 # Held-out initial states, used for evaluation only. Budgets were tuned on the separate
 # tuning range (its first 30 states), which only a `--tuning` run evaluates on.
 EVAL_SEED_BASE = 2_000_000
@@ -207,7 +209,7 @@ def demo_episodes(demos: list[dict], task: str) -> list:
 
 
 def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoint: Path, *,
-              version: str, workers: int, progress: bool = True) -> list:
+              version: PolicyVersion, workers: int, progress: bool = True) -> list:
     """Record the expert demonstrations of one seed and train the track's policy on them.
 
     The SFT checkpoint (`version`) is written to `checkpoint`; the demonstrations that
@@ -260,7 +262,7 @@ def run_cell(context: RunContext, task: str, track: str, seed: int) -> None:
     p = context.profile
     cell = context.out / f'{task}-{track}-seed{seed}'
     sft_checkpoint = cell / 'sft' / 'round0'
-    demos = train_sft(task, track, seed, p, sft_checkpoint, version='sft',
+    demos = train_sft(task, track, seed, p, sft_checkpoint, version=STARTUP_VERSION,
                       workers=context.workers, progress=context.progress)
     sft_eval = _evaluate(context, task, track, sft_checkpoint)
     base = {'task': task, 'track': track, 'seed': seed, 'demos': len(demos)}
@@ -297,7 +299,8 @@ def run_cell(context: RunContext, task: str, track: str, seed: int) -> None:
                                   progress=context.progress)
             trainer.fit(description=f'{method} round {round_index}')
             checkpoint = cell / method / f'round{round_index}'
-            trainer.save_checkpoint(checkpoint, version=f'{method}-r{round_index}')
+            trainer.save_checkpoint(checkpoint, version=PolicyVersion(
+                STARTUP_VERSION.number + round_index, method))
             evaluation = _evaluate(context, task, track, checkpoint)
             context.results.append({
                 **base, 'method': method, 'round': round_index, **evaluation,
