@@ -419,7 +419,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument('out', metavar='OUT', help='dataset folder to create')
     p.add_argument('--format', choices=('lerobot',), default='lerobot')
-    p.add_argument('--outcome', choices=('success', 'failure'),
+    p.add_argument('--outcome', choices=tuple(o.label for o in Outcome if o.trainable),
                    help='only these (default: both)')
     p.add_argument('--ids', nargs='+', metavar='ID', help='only these episodes')
     p.add_argument('--no-images', action='store_true', help='leave the camera images out')

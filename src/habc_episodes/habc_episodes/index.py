@@ -222,10 +222,10 @@ class EpisodeIndex:
         status = (EpisodeStatus.COMPLETE if complete else EpisodeStatus.INCOMPLETE).label
         with self._write() as db:
             current = self._get(db, episode_id)
-            if current.status == 'complete':
+            if current.status == EpisodeStatus.COMPLETE.label:
                 raise ValueError(f'episode {episode_id!r} was already finished at '
                                  f'{current.ended_at}; it cannot be finished twice')
-            if current.status == 'incomplete' and complete:
+            if current.status == EpisodeStatus.INCOMPLETE.label and complete:
                 raise ValueError(f'episode {episode_id!r} is incomplete (its recording was cut '
                                  'short); finish it with complete=False')
             # A labelled episode may become trainable here: give it a new sequence so that a
@@ -269,7 +269,7 @@ class EpisodeIndex:
         """
         with self._write() as db:
             query, args = 'SELECT episode_id, label_seq FROM episodes WHERE status = ?', \
-                ['recording']
+                [EpisodeStatus.RECORDING.label]
             if robot is not None:
                 query += ' AND robot = ?'
                 args.append(robot)
@@ -277,9 +277,9 @@ class EpisodeIndex:
             for episode_id, label_seq in rows:
                 # Same reason as in finish(): a labelled row becomes trainable now.
                 seq = self._next_seq(db) if label_seq is not None else None
-                db.execute("UPDATE episodes SET status = 'incomplete', "
+                db.execute('UPDATE episodes SET status = ?, '
                            'label_seq = COALESCE(?, label_seq) WHERE episode_id = ?',
-                           (seq, episode_id))
+                           (EpisodeStatus.INCOMPLETE.label, seq, episode_id))
         return [row[0] for row in rows]
 
     # Readers -------------------------------------------------------------------------------

@@ -96,6 +96,15 @@ _NO_LABEL_SPELLINGS = ('', 'none', 'null', 'unknown', 'unlabeled')
 LABEL_OUTCOMES = (Outcome.SUCCESS, Outcome.FAILURE, Outcome.DISCARDED)
 
 
+class RecorderEvent(enum.IntEnum):
+    """What happened to an episode in the recorder; = habc_msgs/EpisodeEvent.EVENT_*."""
+
+    START = 0      # recording started
+    END = 1        # recording finished; the bag is closed and indexed
+    LABELLED = 2   # an outcome label was set or changed
+    DISCARDED = 3  # excluded from training
+
+
 class EpisodeKind(enum.IntEnum):
     """Where an episode comes from: D_SFT demonstrations or rollouts of the policy."""
 

@@ -41,7 +41,7 @@ from typing import Any
 from habc_common.params import param, validate_params
 from habc_episodes.episode import Episode
 from habc_episodes.episode_bags import episode_from_bag
-from habc_episodes.vocabulary import EpisodeKind, Outcome, PolicyVersion
+from habc_episodes.vocabulary import EpisodeKind, EpisodeStatus, Outcome, PolicyVersion
 from habc_learner.methods import Method, MethodConfig
 from habc_learner.policies import fit_problems
 from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
@@ -313,7 +313,7 @@ class Learner:
                 episode = self._load(bag_path, record.outcome, episode_id, record.instruction)
             except Exception as exc:  # noqa: BLE001 - one bad bag must not stop the learner
                 reason = f'{type(exc).__name__}: {exc}'
-                if record.status == 'incomplete':
+                if record.status == EpisodeStatus.INCOMPLETE.label:
                     reason += (' (its recording was cut short: habc_episodes.recovery.'
                                'recover_bag rescues such a bag)')
                 self.rejected[episode_id] = reason

@@ -19,7 +19,6 @@ are never trained on unless someone labels them.
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-import enum
 import os
 from pathlib import Path
 import re
@@ -37,7 +36,13 @@ from habc_episodes.bag_format import (
 from habc_episodes.episode import make_episode_id
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
 from habc_episodes.recovery import recover_bag
-from habc_episodes.vocabulary import Controller, LABEL_OUTCOMES, Outcome
+from habc_episodes.vocabulary import (
+    Controller,
+    EpisodeStatus,
+    LABEL_OUTCOMES,
+    Outcome,
+    RecorderEvent,
+)
 
 EXECUTED_ACTION = 'habc_msgs/msg/ExecutedAction'
 INTERVENTION_STATE = 'habc_msgs/msg/InterventionState'
@@ -183,15 +188,6 @@ def count_bag(path: str | Path) -> BagSummary:
     return BagSummary(counts, end_ns, version)
 
 
-class RecorderEvent(enum.IntEnum):
-    """What happened to an episode; = habc_msgs/EpisodeEvent.EVENT_*."""
-
-    START = 0
-    END = 1
-    LABELLED = 2
-    DISCARDED = 3
-
-
 @dataclass(frozen=True)
 class Reply:
     """The answer to a start, stop or label request (the services' fields)."""
@@ -274,7 +270,7 @@ class EpisodeRecorder:
         recovery). One bad bag never stops the others; each outcome is in the result.
         """
         pending = self.index.mark_incomplete_recordings(robot=self.robot)
-        for record in self.index.list(status='incomplete'):
+        for record in self.index.list(status=EpisodeStatus.INCOMPLETE.label):
             path = Path(record.bag_path)
             if (record.robot == self.robot and record.episode_id not in pending
                     and path.is_dir() and (not (path / 'metadata.yaml').is_file()

@@ -29,14 +29,13 @@ from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, LATCHED, qos_for_topic
 from habc_episodes.episode import robot_label
 from habc_episodes.index import EpisodeRecord
-from habc_episodes.vocabulary import Outcome
+from habc_episodes.vocabulary import Outcome, RecorderEvent
 from habc_msgs.msg import EpisodeEvent
 from habc_msgs.srv import EpisodeControl, LabelEpisode
 from habc_policy.episode_recorder import (
     EpisodeRecorder,
     EpisodeRecorderParams,
     parse_topics,
-    RecorderEvent,
     Reply,
     storage_path,
 )

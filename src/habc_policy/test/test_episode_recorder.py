@@ -8,7 +8,7 @@ import pytest
 from habc_episodes.bag_format import habc_typestore, read_episode_messages
 from habc_episodes.episode import make_episode_id, robot_label
 from habc_episodes.index import EpisodeIndex
-from habc_episodes.vocabulary import Controller, Outcome
+from habc_episodes.vocabulary import Controller, Outcome, RecorderEvent
 from habc_msgs.msg import EpisodeEvent
 from habc_policy.episode_recorder import (
     count_bag,
@@ -16,7 +16,6 @@ from habc_policy.episode_recorder import (
     EpisodeRecorder,
     EpisodeRecorderParams,
     parse_topics,
-    RecorderEvent,
 )
 
 STORE = habc_typestore()

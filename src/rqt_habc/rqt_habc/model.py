@@ -23,12 +23,7 @@ import statistics
 from typing import Any
 
 from habc_episodes.episode import robot_label
-from habc_episodes.vocabulary import Controller
-
-# Values of InterventionState.source / ExecutedAction.source (habc_policy.arbiter.Source).
-
-# Values of EpisodeEvent.event.
-EVENT_START, EVENT_END, EVENT_LABELLED, EVENT_DISCARDED = 0, 1, 2, 3
+from habc_episodes.vocabulary import Controller, RecorderEvent
 
 INTERVENTION_TYPE = 'habc_msgs/msg/InterventionState'
 EXECUTED_ACTION_TYPE = 'habc_msgs/msg/ExecutedAction'
@@ -212,13 +207,13 @@ class LiveState:
                  num_interventions: int = 0, policy_version: str = '') -> None:
         """Take one EpisodeEvent."""
         self.revision += 1
-        if event == EVENT_START:
+        if event == RecorderEvent.START:
             self.episode_id, self.started_at = episode_id, stamp
             self.policy_version = policy_version
             self.num_steps, self.num_interventions = num_steps, num_interventions
             if self.timeline_episode != episode_id:
                 self._new_timeline(episode_id)
-        elif event == EVENT_END:
+        elif event == RecorderEvent.END:
             if episode_id == self.episode_id:
                 if self.started_at is not None:
                     self.last_finished_duration = max(0.0, stamp - self.started_at)

@@ -44,11 +44,9 @@ from python_qt_binding.QtWidgets import (
 
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
 from habc_episodes.stats import version_stats, VersionStats
-from habc_episodes.vocabulary import Controller, Outcome
+from habc_episodes.vocabulary import Controller, EpisodeStatus, Outcome, RecorderEvent
 from rqt_habc.model import (
     DEFAULT_INDEX,
-    EVENT_END,
-    EVENT_START,
     filter_robot,
     label_target,
     learner_summary,
@@ -75,6 +73,7 @@ TIMELINE_ROWS = 5
 # Bags read per refresh: reading one takes a moment, so the window stays responsive.
 BAG_LOADS_PER_REFRESH = 2
 LABEL_TIMEOUT_S = 10.0
+RECORDING = EpisodeStatus.RECORDING.label
 
 
 def format_duration(seconds: float | None) -> str:
@@ -559,7 +558,7 @@ class DashboardWidget(QWidget):
     def target(self) -> tuple[str, str]:
         """Return (episode id, why) of the episode a label button applies to now."""
         selected = self.selected_episode()
-        newest = next((r.episode_id for r in self.records if r.status != 'recording'), '')
+        newest = next((r.episode_id for r in self.records if r.status != RECORDING), '')
         episode_id = label_target(selected, self.live.last_finished_id, newest)
         if not episode_id:
             return '', ''
@@ -647,7 +646,7 @@ class DashboardWidget(QWidget):
                                num_steps=int(msg.num_steps),
                                num_interventions=int(msg.num_interventions),
                                policy_version=msg.policy_version)
-            if msg.event in (EVENT_START, EVENT_END):
+            if msg.event in (RecorderEvent.START, RecorderEvent.END):
                 # A label key pressed now means the episode that just ended, not a row
                 # selected for relabelling a while ago.
                 self.table.clearSelection()
@@ -817,7 +816,7 @@ class DashboardWidget(QWidget):
             rows.append(TimelineRow(live.episode_id, f'{live.episode_id} (recording)', live,
                                     highlighted=selected == live.episode_id))
         by_id = {r.episode_id: r for r in self.records}
-        finished = [r for r in self.records if r.status != 'recording']
+        finished = [r for r in self.records if r.status != RECORDING]
         candidates = ([by_id[selected]] if selected in by_id else []) + finished
         loads = 0
         pending = False
@@ -827,7 +826,7 @@ class DashboardWidget(QWidget):
             if any(row.episode_id == record.episode_id for row in rows):
                 continue
             timeline = self.bag_timelines.get(record.episode_id)
-            if timeline is None and record.status != 'recording':
+            if timeline is None and record.status != RECORDING:
                 if loads < BAG_LOADS_PER_REFRESH:
                     loads += 1
                     timeline = self._load_bag_timeline(record)
@@ -836,8 +835,8 @@ class DashboardWidget(QWidget):
                 timeline, note = None, timeline
             if timeline is None and live is not None and live.episode_id == record.episode_id:
                 timeline = live  # what this dashboard saw, until the bag is read
-            elif timeline is None and record.status == 'recording':
-                note = 'recording'
+            elif timeline is None and record.status == RECORDING:
+                note = RECORDING
             elif timeline is None and not note:
                 note = 'reading the bag ...'
                 pending = True  # read on the next poll

@@ -8,11 +8,8 @@ import pytest
 from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
 from habc_episodes.index import EpisodeRecord
 from habc_episodes.stats import version_stats
-from habc_episodes.vocabulary import Controller
+from habc_episodes.vocabulary import Controller, RecorderEvent
 from rqt_habc.model import (
-    EVENT_END,
-    EVENT_LABELLED,
-    EVENT_START,
     label_target,
     learner_summary,
     LiveState,
@@ -136,14 +133,14 @@ def test_live_state_follows_events_and_ticks():
     assert live.controller(0.0) == (None, 'no arbiter ticks yet')
     live.on_intervention(99.0, P, 0, '', 'policy', received=1.0)  # between episodes
     assert live.live_timeline() is None and live.episode_id == ''
-    live.on_event(EVENT_START, 'r-1', 100.0, policy_version='3')
+    live.on_event(RecorderEvent.START, 'r-1', 100.0, policy_version='3')
     live.on_intervention(100.0, P, 0, 'r-1', '', received=1.0)
     live.on_intervention(100.5, H, 1, 'r-1', 'pedal', received=1.5)
     assert live.controller(1.6) == (H, 'HUMAN (pedal)')
     assert live.controller(3.0) == (None, 'no arbiter ticks for 2 s')
     assert live.elapsed(112.5) == pytest.approx(12.5)
     assert live.live_timeline().sources() == [P, H]
-    live.on_event(EVENT_END, 'r-1', 110.0, num_steps=500, num_interventions=1,
+    live.on_event(RecorderEvent.END, 'r-1', 110.0, num_steps=500, num_interventions=1,
                   policy_version='3')
     assert (live.episode_id, live.last_finished_id) == ('', 'r-1')
     assert live.last_finished_duration == pytest.approx(10.0)
@@ -151,9 +148,9 @@ def test_live_state_follows_events_and_ticks():
     # The finished episode's timeline stays until the next episode starts.
     live.on_intervention(110.1, P, 0, 'r-1', '', received=2.0)  # a late tick: not resumed
     assert live.episode_id == '' and live.live_timeline().episode_id == 'r-1'
-    live.on_event(EVENT_LABELLED, 'r-1', 111.0)
+    live.on_event(RecorderEvent.LABELLED, 'r-1', 111.0)
     assert live.last_finished_id == 'r-1'
-    live.on_event(EVENT_START, 'r-2', 120.0)
+    live.on_event(RecorderEvent.START, 'r-2', 120.0)
     assert live.live_timeline() is None and live.timeline_episode == 'r-2'
 
 
@@ -162,7 +159,7 @@ def test_live_state_picks_up_an_episode_whose_start_it_missed():
     live.on_intervention(50.0, H, 4, 'r-9', 'leader_deviation', received=0.0)
     assert (live.episode_id, live.started_at) == ('r-9', 50.0)
     # The latched END of an episode whose START this dashboard never saw.
-    live.on_event(EVENT_END, 'r-9', 60.0)
+    live.on_event(RecorderEvent.END, 'r-9', 60.0)
     assert live.last_finished_id == 'r-9'
 
 

@@ -9,10 +9,8 @@ import time
 from types import ModuleType, SimpleNamespace
 import xml.etree.ElementTree as ET
 
-from habc_episodes.vocabulary import Controller
+from habc_episodes.vocabulary import Controller, RecorderEvent
 from rqt_habc.model import (
-    EVENT_END,
-    EVENT_START,
     normalize_namespace,
 )
 from rqt_habc.ros_adapter import LabelResult, Update
@@ -143,7 +141,7 @@ def test_live_episode_end_makes_it_the_label_target(qapp, episodes):
         settle(qapp, widget)
         widget.select_episode('robot-1')
         now = time.time()
-        ros.push('event', header=stamp(now - 5.0), event=EVENT_START, episode_id='robot-9',
+        ros.push('event', header=stamp(now - 5.0), event=RecorderEvent.START, episode_id='robot-9',
                  num_steps=0, num_interventions=0, policy_version='4')
         for k, source in enumerate((P, P, H, H, P)):
             ros.push('intervention', header=stamp(now - 5.0 + 0.5 * k), source=source,
@@ -159,7 +157,7 @@ def test_live_episode_end_makes_it_the_label_target(qapp, episodes):
         assert elapsed.startswith('0:0') and 4.5 <= float(elapsed.split(':')[1]) < 30
         live = widget.timeline_view.rows[0]
         assert (live.episode_id, live.timeline.sources()) == ('robot-9', [P, H, P])
-        ros.push('event', header=stamp(now), event=EVENT_END, episode_id='robot-9',
+        ros.push('event', header=stamp(now), event=RecorderEvent.END, episode_id='robot-9',
                  num_steps=5, num_interventions=1, policy_version='4')
         settle(qapp, widget, 2)
         assert widget.target() == ('robot-9', 'last finished')
@@ -195,7 +193,7 @@ def test_namespace_selector_and_unreachable_recorder(qapp, tmp_path):
         ros.ready = False
         widget.refresh()
         assert 'no recorder' in widget.connection_label.text()
-        ros.push('event', header=stamp(1.0), event=EVENT_END, episode_id='robot1-x',
+        ros.push('event', header=stamp(1.0), event=RecorderEvent.END, episode_id='robot1-x',
                  num_steps=1, num_interventions=0, policy_version='')
         settle(qapp, widget, 1)
         assert not widget.label('success')
