@@ -1,8 +1,10 @@
 """Pytest fixtures for tests that run rclpy in the test process (a plugin of every test).
 
 `ros` (one per test) and `ros_module` (one per test module) yield a RosSession: its own
-rclpy Context (never the global default one), and a MultiThreadedExecutor, as the nodes'
-`main()` uses, spinning on a background thread from set-up to teardown. Teardown stops the
+rclpy Context (never the global default one), and a SingleThreadedExecutor spinning on a
+background thread from set-up to teardown. (Not the MultiThreadedExecutor of the nodes'
+`main()`: with it, a test node's 100 Hz timer starved for 0.5 s behind the subscriptions of
+its own callback group, while one thread runs each ready callback in turn.) Teardown stops the
 spinning, shuts the executor down, destroys every node the session spun and shuts the
 context down; a callback that raised (an assert in a stand-in's callback, say) fails the
 test there if no wait_for reported it before.
@@ -96,16 +98,16 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = GUARD_S, 
 class RosSession:
     """An rclpy Context with an executor spinning in the background (see the module doc)."""
 
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self) -> None:
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.signals import SignalHandlerOptions
 
         self.context = rclpy.Context()
         # No rclpy signal handlers: Ctrl-C stays pytest's. The root conftest.py has forced
         # ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST before this.
         rclpy.init(context=self.context, signal_handler_options=SignalHandlerOptions.NO)
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self._nodes: list[Any] = []
         self._error: BaseException | None = None
         self._error_reported = False

@@ -11,6 +11,7 @@ node clock as `now`.
 from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.context import Context
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 
@@ -78,8 +79,10 @@ def _nanoseconds(stamp) -> int:
 class SyncNode:
     """Thin rclpy adapter over ObservationSynchronizer."""
 
-    def __init__(self, namespace: str = '', parameter_overrides: list | None = None) -> None:
-        self.node = Node('sync', namespace=namespace,
+    def __init__(self, namespace: str = '', parameter_overrides: list | None = None,
+                 context: Context | None = None) -> None:
+        # context: an rclpy Context other than the default one (tests run their own).
+        self.node = Node('sync', namespace=namespace, context=context,
                          parameter_overrides=parameter_overrides or [])
         self.params = declare_node_parameters(self.node, SyncNodeParams)
         self.sync = ObservationSynchronizer(self.params.sync_params())

@@ -5,10 +5,7 @@ import itertools
 from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
-from ros_helpers import spin_until
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray
 from std_srvs.srv import Trigger
@@ -92,28 +89,17 @@ def test_node_parameters_are_checked_against_joint_names():
 _namespaces = (f'arb{k}' for k in itertools.count())
 
 
-@pytest.fixture(scope='module')
-def ros():
-    rclpy.init()
-    node = rclpy.create_node('arbiter_node_test')
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    yield node, executor
-    executor.shutdown()
-    node.destroy_node()
-    rclpy.shutdown()
-
-
 class Harness:
     """The arbiter node in its own namespace, fed by a 100 Hz robot/policy/teleop stand-in."""
 
     def __init__(self, ros, **params):
-        self.test_node, self.executor = ros
+        self.ros = ros
         ns = next(_namespaces)
         self.arbiter = TeleopArbiterNode(
-            namespace=ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-        self.executor.add_node(self.arbiter.node)
-        node = self.test_node
+            namespace=ns, context=ros.context,
+            parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        ros.add_node(self.arbiter.node)
+        node = self.test_node = ros.create_node('arbiter_node_test')
         self.names = ['a', 'b', 'c']
         self.state = [0.0, 0.0, 0.0]
         self.policy: tuple[list[str], list[float]] | None = None
@@ -130,7 +116,7 @@ class Harness:
             'estop': node.create_publisher(Bool, f'/{ns}/teleop/estop', COMMANDS),
             'events': node.create_publisher(EpisodeEvent, f'/{ns}/recorder/events', LATCHED),
         }
-        self._subs = [
+        self.subscriptions = [
             node.create_subscription(Float64MultiArray,
                                      f'/{ns}/forward_position_controller/commands',
                                      self.forward.append, COMMANDS),
@@ -142,7 +128,7 @@ class Harness:
             node.create_subscription(ExecutedAction, f'/{ns}/executed_action',
                                      self.executed.append, COMMANDS),
         ]
-        self._timer = node.create_timer(0.01, self._feed)
+        node.create_timer(0.01, self._feed)
         self.ns = ns
 
     def _feed(self):
@@ -157,57 +143,39 @@ class Harness:
     def publish(self, key, msg):
         self._pubs[key].publish(msg)
 
-    def spin_until(self, predicate, timeout=10.0):
-        assert spin_until(self.executor, predicate, timeout=timeout), \
-            f'timed out; last intervention: {self.intervention[-1:]}'
+    def wait_for(self, predicate, what):
+        self.ros.wait_for(predicate, what,
+                          detail=lambda: f'last intervention: {self.intervention[-1:]}')
 
-    def spin_for(self, seconds):
-        spin_until(self.executor, lambda: False, timeout=seconds)
-
-    def wait_source(self, source, reason=None, timeout=10.0):
-        """Spin until the newest InterventionState has `source` (and `reason`); return it."""
+    def wait_source(self, source, reason=None):
+        """Wait until the newest InterventionState has `source` (and `reason`); return it."""
         def ok():
             if not self.intervention:
                 return False
             last = self.intervention[-1]
             return last.source == source and (reason is None or last.reason == reason)
-        self.spin_until(ok, timeout)
+        self.wait_for(ok, f'intervention source {source}' + (f' ({reason})' if reason else ''))
         return self.intervention[-1]
-
-    def close(self):
-        self.test_node.destroy_timer(self._timer)
-        for publisher in self._pubs.values():
-            self.test_node.destroy_publisher(publisher)
-        for subscription in self._subs:
-            self.test_node.destroy_subscription(subscription)
-        self.executor.remove_node(self.arbiter.node)
-        self.arbiter.node.destroy_node()
 
 
 @pytest.fixture
 def harness(ros):
-    made = []
-
-    def make(**params):
-        made.append(Harness(ros, **params))
-        return made[-1]
-    yield make
-    for h in made:
-        h.close()
+    """Return make(**params) -> Harness; the nodes go with the test's `ros` session."""
+    return lambda **params: Harness(ros, **params)
 
 
 @pytest.mark.ros
 def test_maps_joint_names_and_publishes_every_tick(harness):
     h = harness(command_interface='both', diagnostics_period_s=0.2)
     diagnostics = []
-    h._subs.append(h.test_node.create_subscription(
+    h.subscriptions.append(h.test_node.create_subscription(
         DiagnosticArray, f'/{h.ns}/arbiter/diagnostics', diagnostics.append, 10))
     h.policy = (['c', 'a', 'b'], [0.3, 0.1, 0.2])  # another order than joint_states
     state = h.wait_source(Controller.POLICY, 'start')
     assert (state.active, state.segment_id, state.episode_id) == (False, 1, '')
     # Every stream, once discovery has matched it (the subscriptions match one by one).
-    h.spin_until(lambda: h.forward and list(h.forward[-1].data) == [0.1, 0.2, 0.3]
-                 and h.trajectory and h.executed)
+    h.wait_for(lambda: h.forward and list(h.forward[-1].data) == [0.1, 0.2, 0.3]
+               and h.trajectory and h.executed, 'forward, trajectory and executed streams')
     assert list(h.trajectory[-1].joint_names) == ['a', 'b', 'c']
     assert list(h.trajectory[-1].points[0].positions) == [0.1, 0.2, 0.3]
     action = h.executed[-1]
@@ -218,24 +186,25 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     # One InterventionState per tick (no assertion on the rate: that is wall-clock timing,
     # measured by benchmarks/bench_loop.py, not tested).
     ticks_before, states_before = h.arbiter.stats.ticks, len(h.intervention)
-    h.spin_for(0.5)
+    h.ros.spin_for(0.5)
     ticks = h.arbiter.stats.ticks - ticks_before
     assert ticks > 0
-    h.spin_until(lambda: len(h.intervention) - states_before >= ticks)
+    h.wait_for(lambda: len(h.intervention) - states_before >= ticks,
+               f'{ticks} InterventionStates, one per tick')
 
     # Episode id from recorder/events (segment ids restart); the version of every executed
     # step is that of the policy command it executed.
     h.policy_version = '3'
     h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_START))
-    h.spin_until(lambda: h.executed[-1].episode_id == 'ep-1'
-                 and h.executed[-1].policy_version == '3'
-                 and h.intervention[-1].episode_id == 'ep-1')
+    h.wait_for(lambda: h.executed[-1].episode_id == 'ep-1'
+               and h.executed[-1].policy_version == '3'
+               and h.intervention[-1].episode_id == 'ep-1', 'episode ep-1 on every stream')
     assert h.intervention[-1].segment_id == 0 and h.executed[-1].segment_id == 0
     h.publish('events', EpisodeEvent(episode_id='ep-0', event=EpisodeEvent.EVENT_END))
-    h.spin_for(0.2)
+    h.ros.spin_for(0.2)
     assert h.executed[-1].episode_id == 'ep-1'  # the END of another episode changes nothing
     h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_END))
-    h.spin_until(lambda: h.executed[-1].episode_id == '')
+    h.wait_for(lambda: h.executed[-1].episode_id == '', 'the end of episode ep-1')
 
     # A command that lacks a joint is rejected; the policy goes stale and the arm holds.
     h.policy = (['a', 'b'], [0.5, 0.5])
@@ -244,7 +213,7 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     assert h.arbiter.rejected['policy/joint_command'] > 0
     assert list(h.forward[-1].data) == [0.1, 0.2, 0.3]  # the last command, held
 
-    h.spin_until(lambda: diagnostics)
+    h.wait_for(lambda: diagnostics, 'arbiter/diagnostics')
     values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
     assert float(values['ticks']) > 0 and 'jitter_p99_ms' in values
     assert int(values['rejected/policy/joint_command']) > 0
@@ -260,15 +229,15 @@ def test_engage_hands_control_to_the_human_and_back(harness):
     h.publish('engage', Bool(data=True))
     human = h.wait_source(Controller.HUMAN, 'engage')
     assert human.active and human.segment_id == policy.segment_id + 1
-    h.spin_until(lambda: list(h.forward[-1].data) == [0.05, -0.05, 0.0]
-                 and h.executed[-1].source == Controller.HUMAN
-                 and list(h.executed[-1].positions) == [0.05, -0.05, 0.0])
+    h.wait_for(lambda: list(h.forward[-1].data) == [0.05, -0.05, 0.0]
+               and h.executed[-1].source == Controller.HUMAN
+               and list(h.executed[-1].positions) == [0.05, -0.05, 0.0], 'the human command')
     # A human step names the policy the human corrected.
     assert h.executed[-1].policy_version == '1:sft'
     h.publish('engage', Bool(data=False))
     back = h.wait_source(Controller.POLICY, 'handback')
     assert not back.active and back.segment_id == human.segment_id + 1
-    h.spin_until(lambda: list(h.forward[-1].data) == [0.1, 0.1, 0.1])
+    h.wait_for(lambda: list(h.forward[-1].data) == [0.1, 0.1, 0.1], 'the policy command')
 
 
 @pytest.mark.ros
@@ -279,23 +248,18 @@ def test_estop_latches_until_the_reset_service(harness):
     h.wait_source(Controller.POLICY)
     h.publish('estop', Bool(data=True))
     stopped = h.wait_source(Controller.HOLD, 'estop')
-    h.spin_until(lambda: list(h.forward[-1].data) == [0.2, 0.2, 0.2])  # the measured position
+    h.wait_for(lambda: list(h.forward[-1].data) == [0.2, 0.2, 0.2],
+               'the measured position held')
     h.publish('estop', Bool(data=False))  # False never releases the latch
-    h.spin_for(0.3)
+    h.ros.spin_for(0.3)
     assert h.intervention[-1].reason == 'estop'
     assert h.intervention[-1].segment_id == stopped.segment_id
 
     client = h.test_node.create_client(Trigger, f'/{h.ns}/arbiter/reset_estop')
-    try:
-        assert spin_until(h.executor, client.service_is_ready, timeout=10.0)
-        future = client.call_async(Trigger.Request())
-        assert spin_until(h.executor, future.done, timeout=10.0)
-        assert future.result().success and 'released' in future.result().message
-        resumed = h.wait_source(Controller.POLICY)
-        assert resumed.segment_id == stopped.segment_id + 1
-        h.spin_until(lambda: list(h.forward[-1].data) == [0.25, 0.25, 0.25])
-        future = client.call_async(Trigger.Request())
-        assert spin_until(h.executor, future.done, timeout=10.0)
-        assert 'not latched' in future.result().message
-    finally:
-        h.test_node.destroy_client(client)
+    result = h.ros.call(client, Trigger.Request())
+    assert result.success and 'released' in result.message
+    resumed = h.wait_source(Controller.POLICY)
+    assert resumed.segment_id == stopped.segment_id + 1
+    h.wait_for(lambda: list(h.forward[-1].data) == [0.25, 0.25, 0.25],
+               'the policy command after the reset')
+    assert 'not latched' in h.ros.call(client, Trigger.Request()).message
