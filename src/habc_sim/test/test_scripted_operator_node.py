@@ -6,12 +6,9 @@ habc_policy's; the lead's bringup test runs them together).
 
 import signal
 import sys
-import time
 
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from ros_helpers import Child, spin_until
+from ros_helpers import Child
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64MultiArray
 
@@ -32,11 +29,8 @@ def node_process(module: str, *parameters: str) -> Child:
 class StandIn:
     """The recorder's services and a pass-through arbiter (teleop command while engaged)."""
 
-    def __init__(self) -> None:
-        rclpy.init()
-        self.node = rclpy.create_node('operator_stand_in')
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
+    def __init__(self, ros) -> None:
+        self.node = ros.create_node('operator_stand_in')
         self.calls: list[tuple] = []
         self.engage: list[bool] = []
         self.commands = 0
@@ -76,13 +70,9 @@ class StandIn:
         self.commands += 1
         self.robot.publish(Float64MultiArray(data=list(msg.position)))
 
-    def close(self) -> None:
-        self.node.destroy_node()
-        rclpy.shutdown()
 
-
-def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits():
-    stand_in = StandIn()
+def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits(ros):
+    stand_in = StandIn(ros)
     # No cameras: the operator does not look at images, and the ticks stay in real time.
     sim = node_process('sim_robot_node', 'cameras:=[]', 'seed:=1', 'max_steps:=200')
     operator = node_process('scripted_operator_node', 'episodes:=1', 'seed_base:=4',
@@ -91,9 +81,9 @@ def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits():
     try:
         sim.wait_for('ready:', timeout=60.0)
         # Its "policy" never moves the robot: the stall detector fires after 50 ticks.
-        deadline = time.monotonic() + 90.0
-        assert spin_until(stand_in.executor, lambda: operator.process.poll() is not None,
-                          timeout=deadline - time.monotonic()), operator.output
+        ros.wait_for(lambda: operator.process.poll() is not None,
+                     'the operator exiting after its episode', children=[sim],
+                     detail=lambda: operator.output)
         assert operator.finish() == 0, operator.output
         assert stand_in.calls[:2] == [('control', EpisodeControl.Request.COMMAND_START),
                                       ('control', EpisodeControl.Request.COMMAND_END)]
@@ -109,4 +99,3 @@ def test_operator_runs_an_episode_takes_over_ends_and_labels_then_exits():
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGINT)
                 child.finish(timeout=20)
-        stand_in.close()

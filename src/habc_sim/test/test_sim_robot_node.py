@@ -6,9 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from ros_helpers import Child, ROOT, spin_until
+from ros_helpers import Child, ROOT
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -92,11 +90,9 @@ def sim():
 class Probe:
     """The test's side: subscriptions to everything the robot publishes, and publishers."""
 
-    def __init__(self) -> None:
-        rclpy.init()
-        self.node = rclpy.create_node('sim_robot_probe')
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
+    def __init__(self, ros, sim: Child) -> None:
+        self.ros, self.sim = ros, sim
+        self.node = ros.create_node('sim_robot_probe')
         self.joints: list[JointState] = []
         self.images: list[Image] = []
         self.privileged: list[dict] = []
@@ -113,34 +109,27 @@ class Probe:
             JointTrajectory, f'{NS}/joint_trajectory_controller/joint_trajectory', COMMANDS)
         self.reset = self.node.create_client(ResetSim, f'{NS}/sim/reset')
 
-    def spin_until(self, predicate, timeout: float = 20.0) -> bool:
-        return spin_until(self.executor, predicate, timeout)
+    def wait_for(self, predicate, what: str, poll=None) -> None:
+        """Wait while the robot runs; fail at once, with its output, if it exits."""
+        self.ros.wait_for(predicate, what, poll=poll, children=[self.sim],
+                          detail=lambda: self.sim.output[-4000:])
 
     def position(self, name: str) -> float:
         last = self.joints[-1]
         return last.position[list(last.name).index(name)]
 
     def call_reset(self, seed: int) -> ResetSim.Response:
-        assert self.spin_until(self.reset.service_is_ready), 'sim/reset not available'
-        future = self.reset.call_async(ResetSim.Request(seed=seed))
-        assert self.spin_until(future.done, timeout=10.0), 'sim/reset did not answer'
-        return future.result()
-
-    def close(self) -> None:
-        self.node.destroy_node()
-        rclpy.shutdown()
+        return self.ros.call(self.reset, ResetSim.Request(seed=seed), 'sim/reset')
 
 
 @pytest.fixture(scope='module')
-def probe(sim):
-    probe = Probe()
-    yield probe
-    probe.close()
+def probe(sim, ros_module):
+    return Probe(ros_module, sim)
 
 
 def test_publishes_joint_states_images_and_privileged_with_one_stamp(sim, probe):
-    assert probe.spin_until(lambda: probe.joints and probe.images and probe.privileged), \
-        sim.output
+    probe.wait_for(lambda: probe.joints and probe.images and probe.privileged,
+                   'joint_states, an image and sim/privileged')
     state = probe.joints[-1]
     assert list(state.name) == list(ALOHA_JOINT_NAMES)
     assert len(state.position) == len(state.velocity) == 14
@@ -162,49 +151,47 @@ def test_publishes_joint_states_images_and_privileged_with_one_stamp(sim, probe)
         return (any(p['stamp_ns'] in stamps for p in probe.privileged)
                 and any(stamp(i) in stamps for i in probe.images))
 
-    assert probe.spin_until(matched, timeout=10.0)
+    probe.wait_for(matched, 'a joint state, image and privileged state of one stamp')
 
 
 def test_follows_forward_commands_and_rejects_bad_ones_once(sim, probe):
-    assert probe.spin_until(lambda: probe.joints)
+    probe.wait_for(lambda: probe.joints, 'joint_states')
     target = [*START_POSE[:6], 0.5, *START_POSE[6:], 0.5]
     target[0] = 0.3                    # left waist
     needle = 'rejected: command has 3 values, the robot has 14 joints'
 
-    def moved() -> bool:
+    def send() -> None:
         probe.commands.publish(Float64MultiArray(data=[0.0, 1.0, 2.0]))
         probe.commands.publish(Float64MultiArray(data=target))
-        return probe.position('left_waist') > 0.2 and needle in sim.output
 
-    assert probe.spin_until(moved), f'left_waist at {probe.position("left_waist")}'
-    assert sim.output.count(needle) == 1    # logged once, although sent on every spin
+    probe.wait_for(lambda: probe.position('left_waist') > 0.2 and needle in sim.output,
+                   'left_waist moved and the bad command rejected', poll=send)
+    assert sim.output.count(needle) == 1    # logged once, although sent on every poll
 
 
 def test_follows_trajectories_by_joint_name(sim, probe):
     trajectory = JointTrajectory(joint_names=['right_waist', 'left_waist'],
                                  points=[JointTrajectoryPoint(positions=[-0.3, 0.0])])
 
-    def moved() -> bool:
-        probe.trajectories.publish(trajectory)
-        return probe.position('right_waist') < -0.2 and probe.position('left_waist') < 0.1
-
-    assert probe.spin_until(moved), sim.output
+    probe.wait_for(lambda: probe.position('right_waist') < -0.2
+                   and probe.position('left_waist') < 0.1, 'both waists at the trajectory',
+                   poll=lambda: probe.trajectories.publish(trajectory))
 
 
 def test_reset_restarts_from_the_seed_and_holds(sim, probe):
     response = probe.call_reset(5)
     assert response.success, response.message
     probe.privileged.clear()
-    assert probe.spin_until(lambda: len(probe.privileged) > 3)
+    probe.wait_for(lambda: len(probe.privileged) > 3, 'privileged states after the reset')
     after = [p for p in probe.privileged if p['seed'] == 5]
     assert after and after[0]['reset_count'] == 1 and after[0]['step'] < 100
     # The first tick after the reset starts from the reset pose with the latched command
     # cleared. (Commands of the tests before, sent on every spin, may still arrive later on a
     # loaded machine and then rightly move the arm again: only the first tick is checked.)
     first = min(after, key=lambda p: p['step'])
-    assert probe.spin_until(lambda: any(
+    probe.wait_for(lambda: any(
         j.header.stamp.sec * 10**9 + j.header.stamp.nanosec == first['stamp_ns']
-        for j in probe.joints))
+        for j in probe.joints), 'the joint state of the first tick after the reset')
     stamps = {j.header.stamp.sec * 10**9 + j.header.stamp.nanosec: j for j in probe.joints}
     arms = np.array(stamps[first['stamp_ns']].position)[[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11,
                                                          12]]
