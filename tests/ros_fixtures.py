@@ -216,12 +216,13 @@ class RosSession:
             self._pause(min(remaining, RECHECK_S))
 
     def call(self, client: Any, request: Any, what: str | None = None,
-             timeout: float = GUARD_S) -> Any:
+             timeout: float = GUARD_S, *, poll: Callable[[], Any] | None = None) -> Any:
         """Call a service once it is available; return the response (None: call failed)."""
         name = what or client.srv_name
-        self.wait_for(client.service_is_ready, f'service {name} available', timeout)
+        self.wait_for(client.service_is_ready, f'service {name} available', timeout,
+                      poll=poll)
         future = client.call_async(request)
-        self.wait_for(future.done, f'an answer of service {name}', timeout)
+        self.wait_for(future.done, f'an answer of service {name}', timeout, poll=poll)
         return future.result()
 
     # Teardown -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import queue
 import time
 from typing import Any
 
+from rclpy.context import Context
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
@@ -63,17 +64,19 @@ class LabelResult:
 class DashboardRos:
     """Subscriptions and the label client of one robot namespace, behind a queue."""
 
-    def __init__(self, node: Node | None = None, namespace: str = '/') -> None:
+    def __init__(self, node: Node | None = None, namespace: str = '/',
+                 context: Context | None = None) -> None:
         """Use `node` (spun by its owner, e.g. rqt) or, when None, create and spin one.
 
-        Creating a node needs an initialised rclpy context (standalone.py makes one).
+        Creating a node needs an initialised rclpy context (standalone.py makes one):
+        `context`, or else the default one.
         """
         self.owns_node = node is None
         if node is None:
             import rclpy
             from rclpy.executors import SingleThreadedExecutor
-            self.node = rclpy.create_node('habc_dashboard')
-            self.executor = SingleThreadedExecutor()
+            self.node = rclpy.create_node('habc_dashboard', context=context)
+            self.executor = SingleThreadedExecutor(context=context)
             self.executor.add_node(self.node)
         else:
             self.node, self.executor = node, None

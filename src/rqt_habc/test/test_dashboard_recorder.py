@@ -12,6 +12,7 @@ import time
 
 from builtin_interfaces.msg import Time
 import pytest
+from rclpy.duration import Duration
 from ros_helpers import Child, ROOT
 
 from habc_common.qos import COMMANDS
@@ -28,29 +29,10 @@ SCRIPT = [(P, 0)] * 5 + [(H, 1)] * 5 + [(P, 2)] * 5
 DT = 0.02
 
 
-def pump(qapp, executor, predicate, timeout=20.0):
-    """Spin the test's node and run Qt's event loop (the dashboard's QTimer) until true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        executor.spin_once(timeout_sec=0.01)
-        qapp.processEvents()
-    return predicate()
-
-
-def call(qapp, executor, client, request):
-    future = client.call_async(request)
-    assert pump(qapp, executor, future.done), f'{client.srv_name}: no answer'
-    return future.result()
-
-
 @pytest.mark.ros
-def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
+def test_dashboard_labels_a_real_recorded_episode(qapp, ros, tmp_path):
     from python_qt_binding.QtCore import Qt
     from python_qt_binding.QtTest import QTest
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
 
     from rqt_habc.ros_adapter import DashboardRos
     from rqt_habc.widget import DashboardWidget
@@ -60,11 +42,17 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
     storage = tmp_path / 'episodes'
     recorder = Child([str(RECORDER), '--ros-args', '-r', f'__ns:=/{ns}',
                       '-p', f'storage_dir:={storage}'])
-    rclpy.init()
-    node = rclpy.create_node('dashboard_test_driver')
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    ros = widget = None
+    node = ros.create_node('dashboard_test_driver')
+
+    def pump(predicate, what, detail=None):
+        """Wait while Qt's event loop runs (the dashboard's QTimer spins its own node)."""
+        ros.wait_for(predicate, what, poll=qapp.processEvents, children=[recorder],
+                     detail=detail)
+
+    def call(request):
+        return ros.call(control, request, poll=qapp.processEvents)
+
+    dashboard = widget = None
     try:
         recorder.wait_for('ready')
         intervention = node.create_publisher(InterventionState, f'/{ns}/intervention',
@@ -72,24 +60,23 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
         executed = node.create_publisher(ExecutedAction, f'/{ns}/executed_action', COMMANDS)
         control = node.create_client(EpisodeControl, f'/{ns}/recorder/episode_control')
 
-        ros = DashboardRos(namespace=ns)
-        widget = DashboardWidget(ros, storage / 'episodes.sqlite', labeler='tester',
+        dashboard = DashboardRos(namespace=ns, context=ros.context)
+        widget = DashboardWidget(dashboard, storage / 'episodes.sqlite', labeler='tester',
                                  poll_ms=20, refresh_ms=300)
         widget.resize(1000, 700)
         widget.show()
         widget.activateWindow()
         assert QTest.qWaitForWindowActive(widget, 2000)
         # Recorder and dashboard both listen to `intervention`; the recorder to the rest.
-        assert pump(qapp, executor, lambda: (
-            ros.recorder_ready() and control.service_is_ready()
-            and intervention.get_subscription_count() >= 2
-            and executed.get_subscription_count() >= 1)), recorder.output
+        pump(lambda: (dashboard.recorder_ready() and control.service_is_ready()
+                      and intervention.get_subscription_count() >= 2
+                      and executed.get_subscription_count() >= 1),
+             'the recorder and the dashboard matched')
 
-        started = call(qapp, executor, control,
-                       EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_START))
+        started = call(EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_START))
         assert started.accepted, started.message
         episode_id = started.episode_id
-        assert pump(qapp, executor, lambda: widget.live.episode_id == episode_id)
+        pump(lambda: widget.live.episode_id == episode_id, 'the live episode on the dashboard')
         assert widget.episode_label.text() == episode_id
 
         t0 = time.time()
@@ -107,32 +94,35 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
             action.header.stamp = stamp
             executed.publish(action)
             if k == 7:  # mid-takeover: the dashboard says the human drives
-                assert pump(qapp, executor,
-                            lambda: widget.controller_label.text() == 'HUMAN (pedal)')
+                pump(lambda: widget.controller_label.text() == 'HUMAN (pedal)',
+                     'HUMAN (pedal) on the dashboard')
                 saw_human = True
-            pump(qapp, executor, lambda: False, timeout=0.01)
+            qapp.processEvents()
         assert saw_human
-        assert pump(qapp, executor, lambda: widget.live.timeline.count == len(SCRIPT))
+        pump(lambda: widget.live.timeline.count == len(SCRIPT), 'every tick on the dashboard')
         live = widget.live.live_timeline()
         assert [(s.source, s.segment_id, s.ticks) for s in live.segments] == [
             (P, 0, 5), (H, 1, 5), (P, 2, 5)]
-        # The recorder (another process) takes its last ticks; it has no live step count to
-        # wait on, and a CI run once saw it handle END before 10 queued ticks after 0.5 s.
-        pump(qapp, executor, lambda: False, timeout=3.0)
+        # Every tick has reached the recorder (another process) before END: it has no live
+        # step count to wait on, and a CI run once saw it handle END before 10 queued ticks
+        # (after a fixed 0.5 s). Acknowledged means in its reader's queue; its executor
+        # takes queued messages before a service request that comes after them.
+        for publisher in (intervention, executed):
+            ros.wait_for(lambda p=publisher: p.wait_for_all_acked(Duration(seconds=1)),
+                         f'acknowledgement of every tick on {publisher.topic_name}')
 
-        ended = call(qapp, executor, control,
-                     EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_END))
+        ended = call(EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_END))
         assert ended.accepted, ended.message
         assert f'{len(SCRIPT)} steps, 1 interventions' in ended.message
-        assert pump(qapp, executor, lambda: widget.live.last_finished_id == episode_id
-                    and widget.table.rowCount() == 1)
+        pump(lambda: widget.live.last_finished_id == episode_id
+             and widget.table.rowCount() == 1, 'the finished episode in the table')
         assert widget.table.item(0, 0).text() == episode_id
         assert widget.target() == (episode_id, 'last finished')
 
         # Success, clicked: the label goes through recorder/label_episode into the index.
         widget.note_edit.setText('clean handover')
         QTest.mouseClick(widget.buttons['success'], Qt.LeftButton)
-        assert pump(qapp, executor, lambda: widget.pending_label is None)
+        pump(lambda: widget.pending_label is None, 'the answer to the label request')
         assert widget.last_message == f'episode {episode_id} labelled success by tester'
         with EpisodeIndex(storage / 'episodes.sqlite') as index:
             row = index.get(episode_id)
@@ -140,12 +130,12 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
                 row.policy_version) == ('success', 'tester', 'clean handover', 15, 1, '7')
 
         # Relabel: select the row, press F.
-        assert pump(qapp, executor, lambda: widget.table.item(0, 1).text() == 'success')
+        pump(lambda: widget.table.item(0, 1).text() == 'success', 'success in the table')
         assert widget.select_episode(episode_id)
         widget.table.setFocus()
         QTest.keyClick(widget.table, Qt.Key_F)
-        assert pump(qapp, executor, lambda: widget.table.item(0, 1).text() == 'failure'), \
-            widget.last_message
+        pump(lambda: widget.table.item(0, 1).text() == 'failure', 'failure in the table',
+             detail=lambda: widget.last_message)
         with EpisodeIndex(storage / 'episodes.sqlite') as index:
             assert index.get(episode_id).outcome == 'failure'
 
@@ -163,11 +153,8 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, tmp_path):
         if widget is not None:
             widget.shutdown()
             widget.close()
-        if ros is not None:
-            ros.close()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown()
+        if dashboard is not None:
+            dashboard.close()
         if recorder.process.poll() is None:
             recorder.process.send_signal(signal.SIGINT)
             try:
