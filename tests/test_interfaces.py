@@ -4,10 +4,8 @@ import signal
 
 from diagnostic_msgs.msg import KeyValue
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from ros_helpers import ROOT, spin_until, start_python
+from ros_helpers import ROOT, start_python
 from sensor_msgs.msg import Image
 
 from habc_msgs import msg, srv
@@ -83,18 +81,12 @@ def peer():
 
 
 @pytest.fixture(scope='module')
-def node():
-    rclpy.init()
-    test_node = rclpy.create_node('interface_test')
-    executor = SingleThreadedExecutor()
-    executor.add_node(test_node)
-    yield test_node, executor
-    test_node.destroy_node()
-    rclpy.shutdown()
+def node(ros_module):
+    return ros_module.create_node('interface_test')
 
 
-def test_every_message_type_round_trips_through_another_process(peer, node):
-    test_node, executor = node
+def test_every_message_type_round_trips_through_another_process(peer, node, ros_module):
+    test_node = node
     sent = sample_messages()
     assert set(sent) == {'ActionChunk', 'EpisodeEvent', 'ExecutedAction',
                          'InterventionState', 'Observation', 'PolicyCommand', 'PolicyUpdate'}
@@ -108,8 +100,9 @@ def test_every_message_type_round_trips_through_another_process(peer, node):
     # Publish until every echo has come back (discovery may take a moment on loopback).
     for publisher, message in publishers:
         publisher.publish(message)
-    assert spin_until(executor, lambda: len(received) == len(sent), timeout=30.0), \
-        f'echoes missing for {sorted(set(sent) - set(received))}'
+    ros_module.wait_for(lambda: len(received) == len(sent), 'an echo of every message',
+                        children=[peer],
+                        detail=lambda: f'echoes missing for {sorted(set(sent) - set(received))}')
 
     for name, message in sent.items():
         assert received[name] == message, f'{name} changed on its way through the peer'
@@ -125,37 +118,32 @@ def test_every_message_type_round_trips_through_another_process(peer, node):
     assert received['PolicyCommand'].chunk_id == 2**40 + 3
 
 
-def _call(node_and_executor, srv_type, name, request):
-    test_node, executor = node_and_executor
-    client = test_node.create_client(srv_type, name)
-    assert spin_until(executor, client.service_is_ready, timeout=30.0), f'{name} not ready'
-    future = client.call_async(request)
-    assert spin_until(executor, future.done, timeout=15.0), f'{name} did not answer'
-    return future.result()
+def _call(ros, test_node, srv_type, name, request):
+    return ros.call(test_node.create_client(srv_type, name), request, name)
 
 
-def test_label_episode_service_across_processes(peer, node):
+def test_label_episode_service_across_processes(peer, node, ros_module):
     request = srv.LabelEpisode.Request(episode_id='ep-0001',
                                        outcome=srv.LabelEpisode.Request.OUTCOME_SUCCESS,
                                        note='clean handover', labeler='alice')
-    response = _call(node, srv.LabelEpisode, 'habc_test/label_episode', request)
+    response = _call(ros_module, node, srv.LabelEpisode, 'habc_test/label_episode', request)
     assert response.accepted
     assert response.message == 'ep-0001|1|alice|clean handover'
 
     request.episode_id = 'ep-9999'
-    response = _call(node, srv.LabelEpisode, 'habc_test/label_episode', request)
+    response = _call(ros_module, node, srv.LabelEpisode, 'habc_test/label_episode', request)
     assert not response.accepted
 
 
-def test_episode_control_service_across_processes(peer, node):
+def test_episode_control_service_across_processes(peer, node, ros_module):
     start = srv.EpisodeControl.Request(command=srv.EpisodeControl.Request.COMMAND_START,
                                        instruction='insert the peg')
-    first = _call(node, srv.EpisodeControl, 'habc_test/episode_control', start)
-    second = _call(node, srv.EpisodeControl, 'habc_test/episode_control', start)
+    first = _call(ros_module, node, srv.EpisodeControl, 'habc_test/episode_control', start)
+    second = _call(ros_module, node, srv.EpisodeControl, 'habc_test/episode_control', start)
     assert (first.accepted, first.episode_id) == (True, 'ep-0001')
     assert second.episode_id == 'ep-0002'
     assert first.message == '0|insert the peg'
     end = srv.EpisodeControl.Request(command=srv.EpisodeControl.Request.COMMAND_END)
-    response = _call(node, srv.EpisodeControl, 'habc_test/episode_control', end)
+    response = _call(ros_module, node, srv.EpisodeControl, 'habc_test/episode_control', end)
     assert (response.accepted, response.episode_id, response.message) == \
         (True, 'ep-0002', '1|')

@@ -7,13 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import launch_stand_in
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from ros_helpers import Child, ROOT, ros_env, spin_until
+from ros_fixtures import wait_for
+from ros_helpers import Child, ROOT, ros_env
 from sensor_msgs.msg import JointState
 
 from habc.bringup import description_path, load_description, resolve, ros_arguments
@@ -49,24 +47,18 @@ def wait_until_ready(launcher: Child) -> dict[str, int]:
     return pids
 
 
-def test_bringup_runs_and_stops_cleanly_on_sigint():
+def test_bringup_runs_and_stops_cleanly_on_sigint(ros):
     launcher = start_launcher('skeleton')
     try:
         pids = wait_until_ready(launcher)
 
-        rclpy.init()
-        try:
-            node = rclpy.create_node('launcher_test')
-            received = []
-            node.create_subscription(JointState, '/joint_states', received.append, JOINT_STATES)
-            executor = SingleThreadedExecutor()
-            executor.add_node(node)
-            assert spin_until(executor, lambda: len(received) >= 5, timeout=20.0)
-            assert len(received[-1].name) == 14
-            assert received[-1].name[0] == 'left_waist'
-            node.destroy_node()
-        finally:
-            rclpy.shutdown()
+        node = ros.create_node('launcher_test')
+        received = []
+        node.create_subscription(JointState, '/joint_states', received.append, JOINT_STATES)
+        ros.wait_for(lambda: len(received) >= 5, 'five joint states of the robot stub',
+                     children=[launcher])
+        assert len(received[-1].name) == 14
+        assert received[-1].name[0] == 'left_waist'
 
         launcher.process.send_signal(signal.SIGINT)
         code = launcher.finish(timeout=30)
@@ -101,12 +93,10 @@ def test_nodes_stop_when_the_launcher_is_killed():
         pids = wait_until_ready(launcher)
         os.kill(launcher.process.pid, signal.SIGKILL)  # no chance to clean up
         launcher.process.wait(timeout=10)
-        deadline = time.monotonic() + 20
-        while any(pid_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: not any(pid_alive(p) for p in pids.values()),
+                 'the nodes exiting after their launcher was killed')
     finally:
         launcher.kill()
-    assert not any(pid_alive(p) for p in pids.values()), 'nodes outlived their launcher'
 
 
 def test_optional_node_with_invalid_parameter_exits_and_bringup_continues(tmp_path):

@@ -12,13 +12,9 @@ import json
 from pathlib import Path
 import signal
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from ros_helpers import Child
 from std_msgs.msg import String
@@ -76,10 +72,11 @@ def write_params(tmp_path: Path, checkpoint: Path) -> Path:
 
 
 class Listener:
-    """What the loop publishes, as a user's tool would see it."""
+    """What the loop publishes, as a user's tool would see it (spun by the ros fixture)."""
 
-    def __init__(self) -> None:
-        self.node = rclpy.create_node('e2e_listener')
+    def __init__(self, ros) -> None:
+        self.ros = ros
+        self.node = ros.create_node('e2e_listener')
         self.interventions: list[InterventionState] = []
         self.executed: list[ExecutedAction] = []
         self.chunks: list[ActionChunk] = []
@@ -96,27 +93,14 @@ class Listener:
         self.node.create_subscription(
             String, 'policy/status', lambda m: self.statuses.append(json.loads(m.data)),
             LATCHED)
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        # Spin on its own thread: 50 Hz streams must not wait for the checks below.
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
 
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-    def spin_until(self, predicate, timeout: float, what: str, launcher: Child,
-                   log: Path) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            problem = ('the bringup exited' if launcher.process.poll() is not None
-                       else 'timeout' if time.monotonic() > deadline else '')
-            if problem:
-                log.write_text(launcher.output)
-                pytest.fail(f'{problem} while waiting for {what} (full log: {log}):\n'
-                            f'{launcher.output[-6000:]}')
-            time.sleep(0.5)
+    def wait_for(self, predicate, timeout: float, what: str, launcher: Child,
+                 log: Path, every: float = 0.02) -> None:
+        def full_log() -> str:
+            log.write_text(launcher.output)
+            return f'full log: {log}; its end:\n{launcher.output[-6000:]}'
+        self.ros.wait_for(predicate, what, timeout, children=[launcher], detail=full_log,
+                          every=every)
 
 
 def labelled(index_path: Path) -> list:
@@ -141,22 +125,21 @@ def segments(states) -> list[tuple[int, int]]:
 
 
 @pytest.mark.timeout(900)
-def test_closed_loop_on_the_simulated_robot(tmp_path):
+def test_closed_loop_on_the_simulated_robot(ros, tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / 'sft')
     params = write_params(tmp_path, checkpoint)
     index_path = tmp_path / 'episodes' / 'episodes.sqlite'
     log = tmp_path / 'launch.log'
     launcher = Child([sys.executable, '-m', 'habc.cli', 'launch', 'bringup',
                       f'params_file:={params}'])
-    rclpy.init()
-    listener = None
     try:
-        listener = Listener()
-        listener.spin_until(lambda: len(labelled(index_path)) >= EPISODES, 600,
-                            f'{EPISODES} labelled episodes', launcher, log)
-        listener.spin_until(lambda: any(u.version == 2 for u in listener.updates), 300,
-                            'PolicyUpdate version 2', launcher, log)
-        listener.spin_until(
+        listener = Listener(ros)
+        listener.wait_for(lambda: len(labelled(index_path)) >= EPISODES, 600,
+                          f'{EPISODES} labelled episodes', launcher, log,
+                          every=0.5)  # it opens the index
+        listener.wait_for(lambda: any(u.version == 2 for u in listener.updates), 300,
+                          'PolicyUpdate version 2', launcher, log)
+        listener.wait_for(
             lambda: any(c.policy_version == '2' for c in listener.chunks)
             and any('2' in s.get('swap_gap_ticks', {}) for s in listener.statuses), 300,
             'chunks of version 2', launcher, log)
@@ -164,10 +147,6 @@ def test_closed_loop_on_the_simulated_robot(tmp_path):
         code = launcher.finish(timeout=90)
     finally:
         launcher.kill()
-        if listener is not None:
-            listener.close()
-        if rclpy.ok():
-            rclpy.shutdown()
     assert code == 0, launcher.output[-6000:]
 
     # Episodes: complete MCAP bags, labelled in the index, readable by rosbags.

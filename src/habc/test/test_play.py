@@ -162,10 +162,8 @@ def test_plan_resolves_rclpy_types_and_skips_changed_definitions(tmp_path):
 
 
 @pytest.mark.ros
-def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(tmp_path):
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from ros_helpers import Child, spin_until
+def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(ros, tmp_path):
+    from ros_helpers import Child
     import torch
 
     from habc_common.qos import LATCHED
@@ -191,11 +189,7 @@ def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(tmp_
     learner = Child([str(_console_script('habc_learner', 'learner_node')), '--ros-args',
                      '-r', f'__ns:=/{ns}',
                      *[a for k, v in params.items() for a in ('-p', f'{k}:={v}')]])
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node('replay_test', namespace=f'/{ns}', context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
+    node = ros.create_node('replay_test', namespace=f'/{ns}')
     updates = []
     node.create_subscription(PolicyUpdate, 'policy/update', updates.append, LATCHED)
     try:
@@ -211,14 +205,14 @@ def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(tmp_
             == ('success', 'complete', 12, 1), play.output
         assert record.labeler == 'habc play' and record.note == f'replay of {bag}'
 
-        def trained():
-            return any(u.version == 2 for u in updates) or learner.process.poll() is not None
-        assert spin_until(executor, trained, timeout=180), learner.output
-        update = next(u for u in updates if u.version == 2)
+        update = ros.wait_for(lambda: next((u for u in updates if u.version == 2), None),
+                              'PolicyUpdate version 2', 180, children=[learner])
         metrics = {kv.key: kv.value for kv in update.metrics}
         assert float(metrics['round/episodes']) == 1.0, metrics
-        assert f'episode {record.episode_id} added (success, 12 steps, 1 interventions)' in \
-            learner.output
+        # The learner's log comes through a pipe that another thread reads: wait for it.
+        line = learner.wait_for(f'episode {record.episode_id} added')
+        assert line.endswith(f'episode {record.episode_id} added (success, 12 steps, '
+                             '1 interventions)'), learner.output
         state = json.loads((tmp_path / 'learner' / 'learner_state.json').read_text())
         assert [e['episode_id'] for e in state['episodes']] == [record.episode_id]
         for child in (learner, recorder):
@@ -227,9 +221,6 @@ def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(tmp_
     finally:
         for child in (learner, recorder):
             child.kill()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
 
 
 def _console_script(package: str, name: str):

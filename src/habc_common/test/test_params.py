@@ -76,27 +76,19 @@ def test_check_parameter_file(tmp_path):
         check_parameter_file(ExampleParams, broken)
 
 
-def test_declare_on_a_real_rclpy_node():
-    rclpy = pytest.importorskip('rclpy')
+def test_declare_on_a_real_rclpy_node(ros):
     from rclpy.parameter import Parameter
 
     from habc_common.params import declare_node_parameters
 
-    rclpy.init()
-    try:
-        overrides = [Parameter('rate_hz', value=25.0), Parameter('names', value=['x', 'y'])]
-        node = rclpy.create_node('params_test', parameter_overrides=overrides)
-        params = declare_node_parameters(node, ExampleParams)
-        assert params == ExampleParams(rate_hz=25.0, names=['x', 'y'])
-        descriptor = node.describe_parameter('rate_hz')
-        assert descriptor.description == 'Rate (Hz).'
-        assert descriptor.floating_point_range[0].to_value == 100.0
-        node.destroy_node()
+    overrides = [Parameter('rate_hz', value=25.0), Parameter('names', value=['x', 'y'])]
+    node = ros.create_node('params_test', parameter_overrides=overrides)
+    params = declare_node_parameters(node, ExampleParams)
+    assert params == ExampleParams(rate_hz=25.0, names=['x', 'y'])
+    descriptor = node.describe_parameter('rate_hz')
+    assert descriptor.description == 'Rate (Hz).'
+    assert descriptor.floating_point_range[0].to_value == 100.0
 
-        bad = rclpy.create_node('params_bad', parameter_overrides=[
-            Parameter('mode', value='other')])
-        with pytest.raises(ValueError, match="node 'params_bad'.*choose one of"):
-            declare_node_parameters(bad, ExampleParams)
-        bad.destroy_node()
-    finally:
-        rclpy.shutdown()
+    bad = ros.create_node('params_bad', parameter_overrides=[Parameter('mode', value='other')])
+    with pytest.raises(ValueError, match="node 'params_bad'.*choose one of"):
+        declare_node_parameters(bad, ExampleParams)

@@ -119,24 +119,16 @@ def test_type_hashes_match_the_rosidl_build(store):
             assert store.hash_rihs01(type_name) == expected, type_name
 
 
-def test_type_hashes_match_rclpy_at_run_time(store):
+def test_type_hashes_match_rclpy_at_run_time(store, ros):
     """The hash the compiled type support hands to the middleware equals the typestore's."""
-    rclpy = pytest.importorskip('rclpy')
-    from rclpy.context import Context
-
     from habc_msgs import msg
-    context = Context()
-    rclpy.init(context=context)  # root conftest.py forces LOCALHOST discovery
-    try:
-        node = rclpy.create_node('bag_io_hash_probe', context=context)
-        for name in HABC_TYPES:
-            node.create_publisher(getattr(msg, name), f'hash_probe/{name}', 1)
-            infos = node.get_publishers_info_by_topic(f'hash_probe/{name}')
-            assert len(infos) == 1
-            assert str(infos[0].topic_type_hash) == store.hash_rihs01(f'habc_msgs/msg/{name}')
-        node.destroy_node()
-    finally:
-        rclpy.shutdown(context=context)
+
+    node = ros.create_node('bag_io_hash_probe')
+    for name in HABC_TYPES:
+        node.create_publisher(getattr(msg, name), f'hash_probe/{name}', 1)
+        infos = node.get_publishers_info_by_topic(f'hash_probe/{name}')
+        assert len(infos) == 1
+        assert str(infos[0].topic_type_hash) == store.hash_rihs01(f'habc_msgs/msg/{name}')
 
 
 def test_messages_round_trip_through_rosbags_reader(tmp_path, store):

@@ -6,9 +6,7 @@ import signal
 import sys
 
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from ros_helpers import Child, spin_until
+from ros_helpers import Child
 from std_msgs.msg import String
 
 from habc_common.qos import LATCHED
@@ -31,10 +29,9 @@ def start_learner(tmp_path, init_checkpoint) -> Child:
 class Listener:
     """A test node holding what arrived on policy/update and learner/status."""
 
-    def __init__(self) -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('learner_test', context=self.context)
+    def __init__(self, ros) -> None:
+        self.ros = ros
+        self.node = ros.create_node('learner_test')
         self.updates: list[PolicyUpdate] = []
         self.statuses: list[dict] = []
         self.node.create_subscription(PolicyUpdate, 'policy/update', self.updates.append,
@@ -42,30 +39,24 @@ class Listener:
         self.node.create_subscription(String, 'learner/status',
                                       lambda m: self.statuses.append(json.loads(m.data)),
                                       LATCHED)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
 
-    def wait(self, predicate, timeout: float, child: Child) -> None:
-        exited = lambda: child.process.poll() is not None  # noqa: E731
-        assert spin_until(self.executor, lambda: predicate() or exited(), timeout)
-        assert predicate(), child.output
+    def wait(self, predicate, what: str, timeout: float, child: Child) -> None:
+        self.ros.wait_for(predicate, what, timeout, children=[child])
 
     def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        self.ros.remove_node(self.node)
 
 
 def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
-        tmp_path, init_checkpoint, episode_bag, labelled):
+        ros, tmp_path, init_checkpoint, episode_bag, labelled):
     for name, outcome in (('ep-1', 'success'), ('ep-2', 'failure')):
         labelled(episode_bag(name, [0] * 6 + [1] * 6), name, outcome, STEPS)
     checkpoint = tmp_path / 'learner' / 'checkpoints' / 'v2'
 
     child = start_learner(tmp_path, init_checkpoint)
-    listener = Listener()
+    listener = Listener(ros)
     try:
-        listener.wait(lambda: listener.updates, 120.0, child)
+        listener.wait(lambda: listener.updates, 'a PolicyUpdate', 120.0, child)
         update = listener.updates[-1]
         assert update.version == 2
         assert update.sha256 == sha256_file(checkpoint / 'model.safetensors')
@@ -75,7 +66,8 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         metrics = {kv.key: kv.value for kv in update.metrics}
         assert 'losses/actor' in metrics and float(metrics['round/episodes']) == 2.0
         listener.wait(lambda: listener.statuses and listener.statuses[-1]['version'] == '2'
-                      and listener.statuses[-1]['state'] == 'idle', 10.0, child)
+                      and listener.statuses[-1]['state'] == 'idle',
+                      'learner/status idle at version 2', 60.0, child)
         assert any(s['state'] == 'training' for s in listener.statuses) or \
             listener.statuses[-1]['round'] == 1  # a late subscriber only sees the last one
         child.process.send_signal(signal.SIGINT)
@@ -86,9 +78,10 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
 
     # Restarted (the policy node may have restarted too): version 2 comes again, latched.
     child = start_learner(tmp_path, init_checkpoint)
-    listener = Listener()
+    listener = Listener(ros)
     try:
-        listener.wait(lambda: listener.updates, 60.0, child)
+        listener.wait(lambda: listener.updates, 'the PolicyUpdate after the restart', 60.0,
+                      child)
         assert listener.updates[-1].version == 2
         assert listener.updates[-1].sha256 == update.sha256
         child.wait_for('republished version 2')
