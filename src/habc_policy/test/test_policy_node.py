@@ -1,23 +1,22 @@
 """policy_node on real rclpy: commands at the control rate, verified hot swap, handback."""
 
+from collections import Counter
 import json
 from pathlib import Path
-import threading
 import time
 
+from builtin_interfaces.msg import Time
 import numpy as np
 import pytest
-import rclpy
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from ros_helpers import Child, ROOT
-from sensor_msgs.msg import JointState
+from rosgraph_msgs.msg import Clock
 from std_msgs.msg import String
 import torch
 
 from habc_common.params import check_parameter_file
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
-from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyUpdate
+from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyCommand, PolicyUpdate
 from habc_policy.image_convert import numpy_to_image
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 from habc_policy.policy_node import PolicyNode
@@ -38,38 +37,81 @@ def make_checkpoint(folder: Path, version: str, seed: int) -> str:
     return policy.save(folder)
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = 'condition') -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'{what} not reached within {timeout} s')
-        time.sleep(0.02)
-
-
 def test_parameter_file_matches_the_declaration():
     (params,) = check_parameter_file(PolicyNodeParams, ROOT / 'config' / 'params' /
                                      'policy.yaml')
     assert params.control_rate_hz == 50.0 and params.mode == 'receding'
 
 
-class Harness:
-    """The policy node and a stand-in for sync, arbiter and learner, spun in a thread."""
+# The policy runs on simulated time that the test advances (see Harness.advance).
+PERIOD_NS = 20_000_000  # its 50 Hz control period
+START_NS = 1_000 * 1_000_000_000  # not 0: a zero stamp means "now" to the node
+# /clock and observations are best effort: what the policy has not handled after this long
+# (s, wall clock) is sent again, in case it was lost.
+RESEND_S = 0.2
 
-    def __init__(self, checkpoints: Path) -> None:
+
+def to_time(ns: int) -> Time:
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+class _Counted:
+    """A publisher that counts what it sent, so the test knows what is still in flight."""
+
+    def __init__(self, publisher, sent: Counter, key: str) -> None:
+        self._publisher, self._sent, self._key = publisher, sent, key
+
+    def publish(self, msg) -> None:
+        self._publisher.publish(msg)
+        self._sent[self._key] += 1
+
+
+class SteppedPolicyNode(PolicyNode):
+    """PolicyNode that tells the test which control tick and observation it has handled."""
+
+    def __init__(self, **kwargs) -> None:
+        self.ticked_ns = 0  # sim time of the last control tick handled to the end
+        self.observed_ns = 0  # stamp of the last observation handled to the end
+        self.sent: Counter[str] = Counter()
+        super().__init__(**kwargs)
+        self.command_publisher = _Counted(self.command_publisher, self.sent, 'commands')
+        self.chunk_publisher = _Counted(self.chunk_publisher, self.sent, 'chunks')
+
+    def control_callback(self) -> None:
+        now = self.node.get_clock().now().nanoseconds
+        super().control_callback()
+        self.ticked_ns = now
+
+    def observation_callback(self, msg: Observation) -> None:
+        super().observation_callback(msg)
+        self.observed_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+class Harness:
+    """The policy node on simulated time, and a stand-in for sync, arbiter and learner.
+
+    Time moves only while the test waits (Harness.wait_for), one control period at a step,
+    and only once the policy is done with the present instant: its control tick ran, it
+    took the newest camera frame, and no inference is running. So the chunks always arrive
+    in time however slow the machine is, and each test waits for events, not for speed.
+    """
+
+    def __init__(self, ros, checkpoints: Path) -> None:
+        self.ros = ros
         self.checkpoints = checkpoints
         self.shas = {name: make_checkpoint(checkpoints / name, version, seed)
                      for name, version, seed in [('sft', 'sft', 0), ('v2', '2', 1),
                                                  ('v5', '5', 2)]}
-        rclpy.init()  # root conftest.py forces LOCALHOST discovery
-        self.node = rclpy.create_node('policy_node_test')
-        self.policy = PolicyNode(namespace=NS, parameter_overrides=[
-            Parameter('checkpoint', value=str(checkpoints / 'sft'))])
-        self.commands: list[JointState] = []
+        self.node = ros.create_node('policy_node_test')
+        self.policy = SteppedPolicyNode(namespace=NS, context=ros.context, parameter_overrides=[
+            Parameter('checkpoint', value=str(checkpoints / 'sft')),
+            Parameter('use_sim_time', value=True)])
+        self.commands: list[PolicyCommand] = []
         self.chunks: list[ActionChunk] = []
         self.statuses: list[dict] = []
         self.observation_stamps: set[tuple[int, int]] = set()
         node = self.node
-        node.create_subscription(JointState, f'/{NS}/policy/joint_command',
+        node.create_subscription(PolicyCommand, f'/{NS}/policy/joint_command',
                                  self.commands.append, COMMANDS)
         node.create_subscription(ActionChunk, f'/{NS}/policy/chunk', self.chunks.append,
                                  COMMANDS)
@@ -82,38 +124,75 @@ class Harness:
                                                    COMMANDS)
         self.image = numpy_to_image(np.random.default_rng(0).integers(
             0, 255, (32, 32, 3), dtype=np.uint8))
-        node.create_timer(0.04, self.publish_observation)  # a 25 Hz camera
-        self.executor = MultiThreadedExecutor(num_threads=3)
-        self.executor.add_node(node)
-        self.executor.add_node(self.policy.node)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._spin, daemon=True)
-        self.thread.start()
+        self.clock = node.create_publisher(Clock, '/clock', 10)
+        self.now_ns = START_NS
+        self.ticks = 0
+        self.observed_ns = 0
+        self.observation: Observation | None = None
+        ros.add_node(self.policy.node)
+        self.publish_clock()
 
-    def _spin(self) -> None:
-        # spin_once in a loop, stopped by a flag: shutting the executor down from another
-        # thread while it spins races with its wait set.
-        while not self._stop.is_set():
-            self.executor.spin_once(timeout_sec=0.05)
+    @property
+    def now(self) -> float:
+        """The simulated time (s)."""
+        return self.now_ns * 1e-9
+
+    def advance(self) -> None:
+        """Move time one control period on if the policy is done with the present."""
+        policy = self.policy
+        if (policy.ticked_ns < self.now_ns or policy.observed_ns < self.observed_ns
+                or policy.worker.busy):
+            if time.monotonic() - self.sent_at > RESEND_S:
+                if policy.observed_ns < self.observed_ns:
+                    self.observations.publish(self.observation)
+                self.publish_clock()
+            return
+        self.now_ns += PERIOD_NS
+        self.ticks += 1
+        if self.ticks % 2 == 0:
+            self.publish_observation()  # a 25 Hz camera
+        self.publish_clock()
+
+    def publish_clock(self) -> None:
+        self.clock.publish(Clock(clock=to_time(self.now_ns)))
+        self.sent_at = time.monotonic()
+
+    def wait_for(self, predicate, what: str) -> None:
+        """Wait for `predicate` while time moves on (the fixture's guard timeout)."""
+        self.ros.wait_for(predicate, what, poll=self.advance)
+
+    def run(self, ticks: int) -> None:
+        """Let `ticks` control periods pass (each handled by the policy)."""
+        target = self.ticks + ticks
+        self.wait_for(lambda: self.ticks >= target and self.policy.ticked_ns == self.now_ns,
+                      f'{ticks} control ticks')
+
+    def settled(self) -> bool:
+        """Nothing in flight: the tick of now ran, no inference runs, all sent has arrived."""
+        sent = self.policy.sent
+        return (self.policy.ticked_ns == self.now_ns and not self.policy.worker.busy
+                and sent['commands'] == len(self.commands)
+                and sent['chunks'] == len(self.chunks))
 
     def publish_observation(self) -> None:
         msg = Observation()
-        msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.header.stamp = to_time(self.now_ns)
+        self.observed_ns = self.now_ns
         self.observation_stamps.add((msg.header.stamp.sec, msg.header.stamp.nanosec))
         msg.images = [self.image]
         msg.joint_state.header.stamp = msg.header.stamp
         msg.joint_state.name = JOINTS
         msg.joint_state.position = [0.1 * i for i in range(14)]
         msg.instruction = 'hand over the cube'
+        self.observation = msg
         self.observations.publish(msg)
 
     def publish_intervention(self, source: int, reason: str) -> float:
         msg = InterventionState(source=source, reason=reason,
                                 active=source == InterventionState.SOURCE_HUMAN)
-        now = self.node.get_clock().now()
-        msg.header.stamp = now.to_msg()
+        msg.header.stamp = to_time(self.now_ns)
         self.interventions.publish(msg)
-        return now.nanoseconds * 1e-9
+        return self.now
 
     def update(self, version: int, name: str, sha256: str) -> None:
         msg = PolicyUpdate(version=version, sha256=sha256, format='safetensors',
@@ -122,27 +201,24 @@ class Harness:
         self.updates.publish(msg)
 
     def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
         self.policy.close()
-        self.executor.shutdown()
-        self.policy.node.destroy_node()
-        self.node.destroy_node()
-        rclpy.shutdown()
+        self.ros.remove_node(self.policy.node)
 
 
 @pytest.fixture(scope='module')
-def harness(tmp_path_factory):
-    harness = Harness(tmp_path_factory.mktemp('policy_ckpt'))
+def harness(ros_module, tmp_path_factory):
+    harness = Harness(ros_module, tmp_path_factory.mktemp('policy_ckpt'))
     yield harness
     harness.close()
 
 
 @pytest.mark.ros
 def test_commands_at_the_control_rate_from_observations(harness):
-    wait_for(lambda: len(harness.commands) >= 5, 30.0, 'first joint commands')
+    harness.wait_for(lambda: len(harness.commands) >= 5, 'first joint commands')
     start = len(harness.commands)
-    wait_for(lambda: len(harness.commands) >= start + 10, 30.0, 'ten more joint commands')
+    harness.wait_for(lambda: len(harness.commands) >= start + 10, 'ten more joint commands')
+    # The chunks of these commands have arrived too (another topic: no order across the two).
+    harness.wait_for(harness.settled, 'the commands and chunks in flight')
     window = harness.commands[start:]
     stamps = np.array([c.header.stamp.sec + c.header.stamp.nanosec * 1e-9 for c in window])
     # One command per control tick, in order. The rate is wall-clock timing: measured by
@@ -150,9 +226,12 @@ def test_commands_at_the_control_rate_from_observations(harness):
     assert (np.diff(stamps) > 0).all()
     command = harness.commands[-1]
     assert list(command.name) == JOINTS and len(command.position) == 14
+    # Each command names the weights and the chunk it comes from.
+    assert command.policy_version == '1:sft'
+    assert command.chunk_id in {c.chunk_id for c in harness.chunks}
 
     chunks = list(harness.chunks)
-    assert chunks and {c.policy_version for c in chunks} == {'1'}
+    assert chunks and {c.policy_version for c in chunks} == {'1:sft'}
     chunk = chunks[-1]
     assert (chunk.horizon, chunk.action_dim, len(chunk.actions)) == (10, 14, 140)
     assert chunk.dt == pytest.approx(0.02) and list(chunk.joint_names) == JOINTS
@@ -160,32 +239,32 @@ def test_commands_at_the_control_rate_from_observations(harness):
     assert (chunk.header.stamp.sec, chunk.header.stamp.nanosec) in harness.observation_stamps
     ids = [c.chunk_id for c in chunks]
     assert ids == sorted(set(ids))
-    assert harness.statuses and harness.statuses[-1]['active_version'] == '1'
+    assert harness.statuses and harness.statuses[-1]['active_version'] == '1:sft'
 
 
 @pytest.mark.ros
 def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
-    wait_for(lambda: harness.chunks, 30.0, 'first chunk')
+    harness.wait_for(lambda: harness.chunks, 'first chunk')
     harness.update(2, 'v2', 'ab' * 32)
-    wait_for(lambda: harness.statuses[-1]['last_update']['result'] == 'rejected',
-             15.0, 'rejection status')
+    harness.wait_for(lambda: harness.statuses[-1]['last_update']['result'] == 'rejected',
+                     'rejection status')
     status = harness.statuses[-1]
     assert 'sha256 mismatch' in status['last_update']['reason']
-    assert status['active_version'] == '1'
+    assert status['active_version'] == '1:sft'
     count = len(harness.chunks)
-    wait_for(lambda: len(harness.chunks) >= count + 3, 10.0, 'chunks after the rejection')
-    assert {c.policy_version for c in harness.chunks[count:]} == {'1'}
+    harness.wait_for(lambda: len(harness.chunks) >= count + 3, 'chunks after the rejection')
+    assert {c.policy_version for c in harness.chunks[count:]} == {'1:sft'}
 
     harness.update(2, 'v2', harness.shas['v2'])
-    wait_for(lambda: any(c.policy_version == '2' for c in harness.chunks), 15.0,
-             'a chunk of version 2')
+    harness.wait_for(lambda: any(c.policy_version == '2' for c in harness.chunks),
+                     'a chunk of version 2')
     versions = [c.policy_version for c in harness.chunks]
     first = versions.index('2')
     assert set(versions[first:]) == {'2'}, 'the old version came back after the swap'
-    wait_for(lambda: harness.statuses[-1]['active_version'] == '2', 5.0, 'status of v2')
+    harness.wait_for(lambda: harness.statuses[-1]['active_version'] == '2', 'status of v2')
     assert harness.statuses[-1]['active_sha256'] == harness.shas['v2']
     count = len(harness.commands)
-    wait_for(lambda: len(harness.commands) >= count + 10, 5.0, 'commands after the swap')
+    harness.wait_for(lambda: len(harness.commands) >= count + 10, 'commands after the swap')
 
 
 @pytest.mark.ros
@@ -199,28 +278,30 @@ def test_weights_uri_parameter_goes_through_the_verified_path(harness):
     (result,) = node.set_parameters([Parameter('weights_uri',
                                                value=str(harness.checkpoints / 'v5'))])
     assert result.successful  # accepted for loading; the verdict comes on policy/status
-    wait_for(lambda: harness.statuses[-1]['last_update']['result'] == 'rejected', 15.0,
-             'rejection of a wrong expected_sha256')
+    harness.wait_for(lambda: harness.statuses[-1]['last_update']['result'] == 'rejected',
+                     'rejection of a wrong expected_sha256')
     node.set_parameters([Parameter('expected_sha256', value=harness.shas['v5'])])
     node.set_parameters([Parameter('weights_uri', value=str(harness.checkpoints / 'v5'))])
-    wait_for(lambda: harness.chunks[-1].policy_version == '5', 15.0, 'chunks of version 5')
+    harness.wait_for(lambda: harness.chunks[-1].policy_version == '5', 'chunks of version 5')
     assert harness.statuses[-1]['active_version'] == '5'
 
 
 @pytest.mark.ros
 def test_human_control_pauses_and_handback_replans(harness):
-    wait_for(lambda: harness.commands, 30.0, 'joint commands')
+    harness.wait_for(lambda: harness.commands, 'joint commands')
     for _ in range(3):
         harness.publish_intervention(InterventionState.SOURCE_HUMAN, 'pedal')
-    wait_for(lambda: harness.policy._paused, 5.0, 'pause')
-    time.sleep(0.1)  # commands already in flight
+    harness.wait_for(lambda: harness.policy._paused, 'pause')
+    # What the policy sent before the pause (an inference in flight, say) has arrived.
+    harness.wait_for(harness.settled, 'the commands and chunks in flight')
     commands, chunks = len(harness.commands), len(harness.chunks)
-    time.sleep(0.4)
+    harness.run(20)  # 0.4 s with the human in control
     assert len(harness.commands) == commands and len(harness.chunks) == chunks
+    assert harness.policy.sent == {'commands': commands, 'chunks': chunks}
 
     handback = harness.publish_intervention(InterventionState.SOURCE_POLICY, 'handback')
-    wait_for(lambda: len(harness.chunks) > chunks, 10.0, 'a chunk after the handback')
-    wait_for(lambda: len(harness.commands) > commands, 5.0, 'commands after the handback')
+    harness.wait_for(lambda: len(harness.chunks) > chunks, 'a chunk after the handback')
+    harness.wait_for(lambda: len(harness.commands) > commands, 'commands after the handback')
     first = harness.chunks[chunks]
     stamp = first.header.stamp.sec + first.header.stamp.nanosec * 1e-9
     assert stamp >= handback - 1e-6, 'a chunk planned before the handback was executed'
@@ -231,15 +312,17 @@ def test_human_control_pauses_and_handback_replans(harness):
 
     # A hold for another reason (the policy's own command went stale) does not pause.
     harness.publish_intervention(InterventionState.SOURCE_HOLD, 'watchdog')
+    harness.wait_for(lambda: harness.policy._last_source == (InterventionState.SOURCE_HOLD,
+                                                             'watchdog'), 'the hold')
     count = len(harness.commands)
-    wait_for(lambda: len(harness.commands) >= count + 10, 5.0, 'commands during a hold')
+    harness.wait_for(lambda: len(harness.commands) >= count + 10, 'commands during a hold')
     assert harness.policy._not_before == pytest.approx(handback, abs=1e-6)
 
     # Leaving an e-stop hold re-plans too: the queue went on while the robot stood still.
     harness.publish_intervention(InterventionState.SOURCE_HOLD, 'estop')
     released = harness.publish_intervention(InterventionState.SOURCE_POLICY, 'estop_reset')
-    wait_for(lambda: abs(harness.policy._not_before - released) < 1e-6, 5.0,
-             'clear after the e-stop')
+    harness.wait_for(lambda: abs(harness.policy._not_before - released) < 1e-6,
+                     'clear after the e-stop')
 
 
 @pytest.mark.ros
