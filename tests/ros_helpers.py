@@ -85,7 +85,11 @@ def start_python(script: Path, *args: str) -> Child:
 
 
 def spin_until(executor, predicate, timeout: float = 15.0) -> bool:
-    """Spin an rclpy executor until predicate() is true or the timeout passes."""
+    """Spin an rclpy executor until predicate() is true or the timeout passes.
+
+    Superseded by the `ros` fixture (tests/ros_fixtures.py: ros.wait_for); kept until
+    test_episode_recorder_node.py moves onto it.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
