@@ -8,6 +8,12 @@ the scripted expert's targets), and hands back with `teleop/engage` False; at th
 episode calls `recorder/episode_control` (END) and `recorder/label_episode` (labeler
 'scripted_operator'), then starts the next one. The logic is OperatorSession's.
 
+It publishes `scripted_operator/status` (std_msgs/String JSON, LATCHED) whenever its state
+changes: phase, episode, episode_id, pending (a service call is out), in_control,
+arbiter_human (the arbiter's last InterventionState named the human), and the stamp and step
+of the last robot tick it handled. Service answers are polled on the steady clock, so the
+node also works on simulated time (use_sim_time) while that clock stands still.
+
 With `episodes` > 0 the node exits (code 0) after the last episode; it exits with code 1
 when what it needs does not appear within wait_for_services_s or a reset fails.
 """
@@ -18,6 +24,7 @@ import time
 
 import numpy as np
 from rclpy.client import Client
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
@@ -25,7 +32,7 @@ from std_msgs.msg import Bool, String
 
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
-from habc_common.qos import COMMANDS
+from habc_common.qos import COMMANDS, LATCHED
 from habc_msgs.msg import InterventionState
 from habc_msgs.srv import EpisodeControl, LabelEpisode, ResetSim
 from habc_sim.joints import ALOHA_JOINT_NAMES, order_positions
@@ -63,7 +70,12 @@ class ScriptedOperatorNode:
         self.exit_code = 0
         self._logged_errors: set[str] = set()
         self._pending: tuple[Call, object, float] | None = None
+        self._arbiter_human = False
+        self._tick: tuple[int, int] = (0, -1)  # stamp (ns) and step of the last tick handled
+        self._status: dict | None = None
         self.engage_publisher = self.node.create_publisher(Bool, 'teleop/engage', COMMANDS)
+        self.status_publisher = self.node.create_publisher(String, 'scripted_operator/status',
+                                                           LATCHED)
         self.command_publisher = self.node.create_publisher(JointState, 'teleop/joint_command',
                                                             COMMANDS)
         self.node.create_subscription(JointState, 'joint_states', self.joint_state_callback,
@@ -81,7 +93,10 @@ class ScriptedOperatorNode:
         # Every callback (subscriptions, this timer) is in the node's default mutually
         # exclusive group, so the session is never entered twice at once. Service answers
         # are polled here instead of handled in done-callbacks, which run outside that group.
-        self.node.create_timer(POLL_PERIOD_S, self.poll)
+        # On the steady clock: calls and their timeouts are wall-clock matters, and on
+        # simulated time a clock that stands still must not stop them.
+        self.node.create_timer(POLL_PERIOD_S, self.poll,
+                               clock=Clock(clock_type=ClockType.STEADY_TIME))
         p = self.params
         self.node.get_logger().info(
             f'ready: {p.episodes or "endless"} episodes from seed {p.seed_base}, max '
@@ -117,7 +132,9 @@ class ScriptedOperatorNode:
         self._on_tick(self.pairer.add_privileged(stamp, privileged))
 
     def intervention_callback(self, msg: InterventionState) -> None:
-        self.session.on_intervention(msg.source == InterventionState.SOURCE_HUMAN)
+        self._arbiter_human = msg.source == InterventionState.SOURCE_HUMAN
+        self.session.on_intervention(self._arbiter_human)
+        self._publish_status()
 
     def _on_tick(self, tick: Tick | None) -> None:
         if tick is None or self.session.done:
@@ -128,10 +145,12 @@ class ScriptedOperatorNode:
             self.node.get_logger().warning(
                 f'driving from a robot tick {lag * 1e3:.0f} ms old: this machine is too busy '
                 'for the expert to keep up', throttle_duration_sec=10.0)
+        self._tick = (int(tick.privileged['stamp_ns']), int(tick.privileged.get('step', -1)))
         try:
             output = self.session.on_tick(tick)
         except (ValueError, KeyError, TypeError) as exc:
             self._log_once(f'robot tick ignored: {exc!r}')
+            self._publish_status()
             return
         for engaged in output.engage:
             self.engage_publisher.publish(Bool(data=engaged))
@@ -141,6 +160,7 @@ class ScriptedOperatorNode:
             command.name = list(ALOHA_JOINT_NAMES)
             command.position = output.command.tolist()
             self.command_publisher.publish(command)
+        self._publish_status()
         self._check_done()
 
     # --- services --------------------------------------------------------------------------
@@ -169,6 +189,7 @@ class ScriptedOperatorNode:
             if call is not None:
                 self._pending = (call, self.clients[call.service].call_async(_request(call)),
                                  now)
+        self._publish_status()
         self._check_done()
 
     def _answer(self, call: Call, response: object, now: float) -> None:
@@ -181,6 +202,17 @@ class ScriptedOperatorNode:
                                      response.episode_id, now=now)
         else:
             self.session.on_response(call, response.accepted, response.message, now=now)
+
+    def _publish_status(self) -> None:
+        session = self.session
+        status = {'phase': str(session.phase), 'episode': session.episode,
+                  'episode_id': session.record.episode_id if session.record else '',
+                  'pending': self._pending is not None, 'in_control': session.in_control,
+                  'arbiter_human': self._arbiter_human, 'tick_stamp_ns': self._tick[0],
+                  'step': self._tick[1]}
+        if status != self._status:  # on every change only: a tick is one
+            self._status = status
+            self.status_publisher.publish(String(data=json.dumps(status)))
 
     def _check_done(self) -> None:
         if self.session.done and self.node.context.ok():
@@ -212,7 +244,8 @@ def main(args: list[str] | None = None) -> None:
         nodes.append(ScriptedOperatorNode())
         return nodes[-1]
 
-    spin_node(scripted_operator_node, args)
+    # One callback group (see ScriptedOperatorNode): a single thread, without the stalls.
+    spin_node(scripted_operator_node, args, single_threaded=True)
     if nodes and nodes[-1].exit_code:
         sys.exit(nodes[-1].exit_code)
 

@@ -147,7 +147,8 @@ class SimRobotNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run sim_robot_node until shutdown."""
-    spin_node(SimRobotNode, args)
+    # One callback group (see SimRobotNode): a single thread, without the stalls.
+    spin_node(SimRobotNode, args, single_threaded=True)
 
 
 if __name__ == '__main__':
