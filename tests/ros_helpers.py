@@ -82,17 +82,3 @@ class Child:
 def start_python(script: Path, *args: str) -> Child:
     """Start a Python script as its own process with the ROS test environment."""
     return Child([sys.executable, str(script), *args])
-
-
-def spin_until(executor, predicate, timeout: float = 15.0) -> bool:
-    """Spin an rclpy executor until predicate() is true or the timeout passes.
-
-    Superseded by the `ros` fixture (tests/ros_fixtures.py: ros.wait_for); kept until
-    test_episode_recorder_node.py moves onto it.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        executor.spin_once(timeout_sec=0.05)
-    return predicate()

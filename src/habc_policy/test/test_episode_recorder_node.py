@@ -8,13 +8,13 @@ from pathlib import Path
 import shutil
 import signal
 import sys
+import time
 
 from builtin_interfaces.msg import Time
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
-from ros_helpers import Child, spin_until
+from ros_fixtures import GUARD_S
+from ros_helpers import Child
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray
 
@@ -42,18 +42,6 @@ START, END, ABORT = (EpisodeControl.Request.COMMAND_START, EpisodeControl.Reques
 _namespaces = (f'rec{k}' for k in itertools.count())
 
 
-@pytest.fixture(scope='module')
-def ros():
-    rclpy.init()
-    node = rclpy.create_node('recorder_node_test')
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    yield node, executor
-    executor.shutdown()
-    node.destroy_node()
-    rclpy.shutdown()
-
-
 class Client:
     """Publishers of the recorded topics and clients of the recorder's services."""
 
@@ -64,7 +52,8 @@ class Client:
              'joint_states': JointState}
 
     def __init__(self, ros, ns):
-        self.node, self.executor = ros
+        self.ros = ros
+        self.node = ros.create_node(f'{ns}_client')
         self.ns = ns
         self.pubs = {topic: self.node.create_publisher(
             msgtype, f'/{ns}/{topic}', self.QOS.get(topic, COMMANDS))
@@ -72,45 +61,46 @@ class Client:
         self.events = []
         # The event stream: a depth-1 latched reader could drop one of two back-to-back
         # events between two spins.
-        self._events = self.node.create_subscription(EpisodeEvent, f'/{ns}/recorder/events',
-                                                     self.events.append, COMMANDS)
+        self.node.create_subscription(EpisodeEvent, f'/{ns}/recorder/events',
+                                      self.events.append, COMMANDS)
         self.control = self.node.create_client(EpisodeControl, f'/{ns}/recorder/episode_control')
         self.labeler = self.node.create_client(LabelEpisode, f'/{ns}/recorder/label_episode')
 
-    def wait_ready(self, timeout=30.0):
+    def wait_ready(self):
         """Wait for both services and for every recorded topic to be matched."""
-        def ready():
-            return (self.control.service_is_ready() and self.labeler.service_is_ready()
-                    and all(p.get_subscription_count() for p in self.pubs.values()))
-        assert spin_until(self.executor, ready, timeout=timeout), 'recorder not ready'
+        self.ros.wait_for(lambda: (self.control.service_is_ready()
+                                   and self.labeler.service_is_ready()
+                                   and all(p.get_subscription_count()
+                                           for p in self.pubs.values())),
+                          f'recorder /{self.ns} serving and subscribed to every topic')
 
-    def call(self, client, request, attempts=1):
-        """Call a service; with `attempts`, resend a request unanswered for 1.5 s.
+    def call(self, client, request, resend_after_s=None):
+        """Call a service; with `resend_after_s`, resend a request left unanswered that long.
 
         Resending is for a restarted server: the killed one's endpoints stay in discovery
-        (service_is_ready() is true) until their lease ends, so the first request may go out
-        before the new server is matched.
+        (service_is_ready() is true) until their lease ends, so a request may go out before
+        the new server is matched; it is never answered, and the next one is.
         """
-        for _ in range(attempts):
+        if resend_after_s is None:
+            return self.ros.call(client, request)
+        deadline = time.monotonic() + GUARD_S
+        while True:
             future = client.call_async(request)
-            if spin_until(self.executor, future.done, timeout=15.0 if attempts == 1 else 1.5):
+            try:
+                self.ros.wait_for(future.done, f'an answer of {client.srv_name}',
+                                  resend_after_s)
                 return future.result()
-        raise AssertionError(f'{client.srv_name}: no answer')
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
 
-    def episode(self, command, instruction='', attempts=1):
+    def episode(self, command, instruction='', resend_after_s=None):
         return self.call(self.control, EpisodeControl.Request(
-            command=command, instruction=instruction), attempts)
+            command=command, instruction=instruction), resend_after_s)
 
     def label(self, episode_id, outcome, labeler='', note=''):
         return self.call(self.labeler, LabelEpisode.Request(
             episode_id=episode_id, outcome=outcome, labeler=labeler, note=note))
-
-    def close(self):
-        for publisher in self.pubs.values():
-            self.node.destroy_publisher(publisher)
-        self.node.destroy_subscription(self._events)
-        self.node.destroy_client(self.control)
-        self.node.destroy_client(self.labeler)
 
 
 def sample_messages() -> list[tuple[str, object]]:
@@ -165,18 +155,16 @@ def recorder(ros, tmp_path):
         ns = next(_namespaces)
         params.setdefault('storage_dir', str(tmp_path / 'episodes'))
         node = EpisodeRecorderNode(
-            namespace=ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-        ros[1].add_node(node.node)
+            namespace=ns, context=ros.context,
+            parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        made.append(node)
+        ros.add_node(node.node)
         client = Client(ros, ns)
-        made.append((node, client))
         client.wait_ready()
         return node, client
     yield make
-    for node, client in made:
-        client.close()
-        ros[1].remove_node(node.node)
-        node.close()
-        node.node.destroy_node()
+    for node in made:
+        node.close()  # before the session destroys its node
 
 
 @pytest.mark.ros
@@ -196,16 +184,17 @@ def test_start_record_end_label_round_trip(recorder, tmp_path):
     sent = sample_messages()
     for topic, msg in sent:
         client.pubs[topic].publish(msg)
-    assert spin_until(client.executor, lambda: node.recorder.writer.message_count == len(sent)), \
-        f'{node.recorder.writer.message_count} of {len(sent)} messages recorded'
+    client.ros.wait_for(lambda: node.recorder.writer.message_count == len(sent),
+                        f'{len(sent)} messages recorded')
 
     ended = client.episode(END)
     assert ended.accepted and ended.episode_id == episode_id, ended.message
     assert '6 steps, 2 interventions' in ended.message
     labelled = client.label(episode_id, LabelEpisode.Request.OUTCOME_SUCCESS, 'alice', 'clean')
     assert labelled.accepted, labelled.message
-    assert spin_until(client.executor, lambda: [e.event for e in client.events] == [
-        EpisodeEvent.EVENT_START, EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_LABELLED])
+    client.ros.wait_for(lambda: [e.event for e in client.events] == [
+        EpisodeEvent.EVENT_START, EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_LABELLED],
+        'events START, END, LABELLED')
     end_event, label_event = client.events[1:]
     assert (end_event.episode_id, end_event.num_steps, end_event.num_interventions) == (
         episode_id, 6, 2)
@@ -242,16 +231,17 @@ def test_abort_discards_the_episode_and_keeps_its_bag(recorder, tmp_path):
     started = client.episode(START)
     for k in range(3):
         client.pubs['executed_action'].publish(ExecutedAction(positions=[float(k)]))
-    assert spin_until(client.executor, lambda: node.recorder.writer.message_count == 3)
+    client.ros.wait_for(lambda: node.recorder.writer.message_count == 3, '3 messages recorded')
     aborted = client.episode(ABORT)
     assert aborted.accepted and 'aborted: 3 steps' in aborted.message
-    assert spin_until(client.executor, lambda: [e.event for e in client.events] == [
-        EpisodeEvent.EVENT_START, EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_DISCARDED])
+    client.ros.wait_for(lambda: [e.event for e in client.events] == [
+        EpisodeEvent.EVENT_START, EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_DISCARDED],
+        'events START, END, DISCARDED')
     # A late subscriber gets the latest event (latched).
     latest = []
     late = client.node.create_subscription(EpisodeEvent, f'/{client.ns}/recorder/events',
                                            latest.append, LATCHED)
-    assert spin_until(client.executor, lambda: latest)
+    client.ros.wait_for(lambda: latest, 'the latched event')
     client.node.destroy_subscription(late)
     assert (latest[0].event, latest[0].episode_id, latest[0].num_steps) == (
         EpisodeEvent.EVENT_DISCARDED, started.episode_id, 3)
@@ -295,9 +285,8 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         assert started.accepted, started.message
         # Publish only once the recorder's subscription has matched (a loaded machine can
         # take a while): messages sent before that are not the recorder's to lose.
-        assert spin_until(client.executor,
-                          lambda: client.pubs['executed_action'].get_subscription_count(),
-                          timeout=60.0), 'the recorder never subscribed to executed_action'
+        ros.wait_for(lambda: client.pubs['executed_action'].get_subscription_count(),
+                     'the recorder subscribed to executed_action', children=[child])
         bag = storage / 'bags' / started.episode_id
         sent = 40
         for k in range(sent):
@@ -306,8 +295,8 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         # Kill it once its periodic flush has put every message on disk: what a crash may
         # lose is what was not flushed, and the test must not depend on how fast this
         # machine is. A copy of the live bag is recovered to see what the file holds.
-        assert spin_until(client.executor, lambda: flushed_messages(bag, tmp_path) >= sent,
-                          timeout=60.0), 'the recorder did not flush the messages'
+        ros.wait_for(lambda: flushed_messages(bag, tmp_path) >= sent,
+                     f'the {sent} messages flushed to the bag', children=[child], every=0.1)
         child.process.send_signal(signal.SIGKILL)
         child.process.wait(timeout=10)
         assert not (bag / 'metadata.yaml').exists()  # a killed writer's bag is unreadable
@@ -317,17 +306,16 @@ def test_a_killed_recorder_leaves_a_recovered_incomplete_episode(ros, tmp_path):
         assert '1 episode(s) recovered' in line, child.output
         with EpisodeIndex(storage / 'episodes.sqlite') as index:
             row = index.get(started.episode_id)
-        # The version comes from the executed actions: no chunk was seen before START.
+        # The version comes from the executed actions.
         assert (row.status, row.outcome, row.policy_version) == ('incomplete', 'unlabelled', '9')
         positions = [msg.positions[0] for _, _, msg in read_episode_messages(bag)]
         # Everything flushed before the kill, in order.
         assert positions == [float(k) for k in range(sent)]
         assert row.num_steps == len(positions)
         # The restarted recorder is idle: END is refused and changes nothing.
-        refused = client.episode(END, attempts=10)
+        refused = client.episode(END, resend_after_s=1.5)
         assert not refused.accepted and 'no episode is recording' in refused.message
         child.process.send_signal(signal.SIGINT)
         assert child.finish(timeout=15) == 0, child.output
     finally:
-        client.close()
         child.kill()
