@@ -2,12 +2,12 @@
 
 `ros` (one per test) and `ros_module` (one per test module) yield a RosSession: its own
 rclpy Context (never the global default one), and a SingleThreadedExecutor spinning on a
-background thread from set-up to teardown. (Not the MultiThreadedExecutor of the nodes'
-`main()`: with it, a test node's 100 Hz timer starved for 0.5 s behind the subscriptions of
-its own callback group, while one thread runs each ready callback in turn.) Teardown stops the
-spinning, shuts the executor down, destroys every node the session spun and shuts the
-context down; a callback that raised (an assert in a stand-in's callback, say) fails the
-test there if no wait_for reported it before.
+background thread from set-up to teardown. (Not a MultiThreadedExecutor: with it, a test
+node's 100 Hz timer waited up to 0.5 s behind ready callbacks of its own callback group; one
+thread runs every ready callback in turn.) Teardown stops the spinning, shuts the executor
+down, destroys every node the session spun and shuts the context down; a callback that
+raised (an assert in a stand-in's callback, say) fails the test there if no wait_for
+reported it before.
 
     def test_echo(ros):
         node = ros.create_node('probe')          # on the session's context, spun
