@@ -145,7 +145,7 @@ class LearnerNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run learner_node until shutdown."""
-    spin_node(LearnerNode, args)
+    spin_node(LearnerNode, args, single_threaded=True)
 
 
 if __name__ == '__main__':

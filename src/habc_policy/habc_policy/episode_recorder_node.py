@@ -53,8 +53,8 @@ class EpisodeRecorderNode:
         p = self.params
         self.log = self.node.get_logger()
         self.events = self.node.create_publisher(EpisodeEvent, 'recorder/events', LATCHED)
-        # Every callback is in the node's default, mutually exclusive callback group: the
-        # recorder core is not thread-safe and spin_node uses a multi-threaded executor.
+        # Every callback is in the node's default, mutually exclusive callback group (the
+        # recorder core is not thread-safe); main() spins it on one thread.
         subscriptions = {}
         for name, msgtype in parse_topics(p.topics):
             # The publishers' QoS: a reliable subscription would not match the best-effort
@@ -146,4 +146,4 @@ class EpisodeRecorderNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run episode_recorder_node until shutdown."""
-    spin_node(EpisodeRecorderNode, args)
+    spin_node(EpisodeRecorderNode, args, single_threaded=True)

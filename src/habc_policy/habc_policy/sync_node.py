@@ -95,7 +95,7 @@ class SyncNode:
         self.diagnostics_publisher = self.node.create_publisher(
             DiagnosticArray, 'sync/diagnostics', 10)
         # One (default, mutually exclusive) callback group: the synchronizer is not
-        # thread-safe, and spin_node runs a multi-threaded executor.
+        # thread-safe; main() spins it on one thread.
         self.node.create_subscription(JointState, 'joint_states', self.joint_state_callback,
                                       JOINT_STATES)
         for index, name in enumerate(self.params.cameras):
@@ -202,4 +202,4 @@ def _format(value) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Run sync_node until shutdown."""
-    spin_node(SyncNode, args)
+    spin_node(SyncNode, args, single_threaded=True)

@@ -290,8 +290,8 @@ class TeleopArbiterNode:
         self._executed = self.node.create_publisher(ExecutedAction, 'executed_action', COMMANDS)
         self._diagnostics = self.node.create_publisher(DiagnosticArray, 'arbiter/diagnostics',
                                                        10)
-        # All callbacks share the node's default, mutually exclusive callback group: the
-        # arbiter core is not thread-safe and spin_node uses a multi-threaded executor.
+        # All callbacks share the node's default, mutually exclusive callback group (the
+        # arbiter core is not thread-safe); main() spins it on one thread.
         node = self.node
         node.create_subscription(JointState, 'joint_states', self.joint_state_callback,
                                  JOINT_STATES)
@@ -460,4 +460,4 @@ class TeleopArbiterNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run teleop_arbiter_node until shutdown."""
-    spin_node(TeleopArbiterNode, args)
+    spin_node(TeleopArbiterNode, args, single_threaded=True)
