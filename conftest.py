@@ -12,6 +12,11 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ.setdefault('ROS_DOMAIN_ID', str(10 + os.getpid() % 90))
 os.environ['QT_QPA_PLATFORM'] = 'offscreen'
 os.environ['HF_HUB_OFFLINE'] = '1'
+# One torch/OpenMP thread per process (this one and every node it starts): the suite runs
+# many processes on a 2-core machine, and OpenMP threads that spin-wait for each other there
+# slowed a 6 s training test past 300 s beside two CPU-bound processes (37 s with 2 threads
+# vs 9 s with 1, measured with two busy loops alone).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 # Fixtures shared by the packages' tests (tests/ is on pythonpath, see pytest.ini).
 pytest_plugins = ['bag_fixtures', 'ros_fixtures']

@@ -130,7 +130,9 @@ def test_closed_loop_on_the_simulated_robot(ros, tmp_path):
     params = write_params(tmp_path, checkpoint)
     index_path = tmp_path / 'episodes' / 'episodes.sqlite'
     log = tmp_path / 'launch.log'
-    launcher = Child([sys.executable, '-m', 'habc.cli', 'launch', 'bringup',
+    # The test checks that every node stops cleanly on SIGINT, not how fast: a grace period
+    # long enough for a loaded machine before the launcher escalates to SIGTERM.
+    launcher = Child([sys.executable, '-m', 'habc.cli', 'launch', 'bringup', '--grace', '120',
                       f'params_file:={params}'])
     try:
         listener = Listener(ros)
