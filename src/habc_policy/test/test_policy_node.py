@@ -157,6 +157,14 @@ class Harness:
         self.clock.publish(Clock(clock=to_time(self.now_ns)))
         self.sent_at = time.monotonic()
 
+    @property
+    def status(self) -> dict:
+        """Return the newest policy/status, or {} before the first.
+
+        The latched status topic may match after the command and chunk topics did.
+        """
+        return self.statuses[-1] if self.statuses else {}
+
     def wait_for(self, predicate, what: str) -> None:
         """Wait for `predicate` while time moves on (the fixture's guard timeout)."""
         self.ros.wait_for(predicate, what, poll=self.advance)
@@ -239,16 +247,17 @@ def test_commands_at_the_control_rate_from_observations(harness):
     assert (chunk.header.stamp.sec, chunk.header.stamp.nanosec) in harness.observation_stamps
     ids = [c.chunk_id for c in chunks]
     assert ids == sorted(set(ids))
-    assert harness.statuses and harness.statuses[-1]['active_version'] == '1:sft'
+    harness.wait_for(lambda: harness.status.get('active_version') == '1:sft',
+                     'a status of version 1:sft')
 
 
 @pytest.mark.ros
 def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
     harness.wait_for(lambda: harness.chunks, 'first chunk')
     harness.update(2, 'v2', 'ab' * 32)
-    harness.wait_for(lambda: harness.statuses[-1]['last_update']['result'] == 'rejected',
-                     'rejection status')
-    status = harness.statuses[-1]
+    harness.wait_for(lambda: (harness.status.get('last_update') or {}).get('result')
+                     == 'rejected', 'rejection status')
+    status = harness.status
     assert 'sha256 mismatch' in status['last_update']['reason']
     assert status['active_version'] == '1:sft'
     count = len(harness.chunks)
@@ -261,8 +270,8 @@ def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
     versions = [c.policy_version for c in harness.chunks]
     first = versions.index('2')
     assert set(versions[first:]) == {'2'}, 'the old version came back after the swap'
-    harness.wait_for(lambda: harness.statuses[-1]['active_version'] == '2', 'status of v2')
-    assert harness.statuses[-1]['active_sha256'] == harness.shas['v2']
+    harness.wait_for(lambda: harness.status.get('active_version') == '2', 'status of v2')
+    assert harness.status['active_sha256'] == harness.shas['v2']
     count = len(harness.commands)
     harness.wait_for(lambda: len(harness.commands) >= count + 10, 'commands after the swap')
 
@@ -278,12 +287,13 @@ def test_weights_uri_parameter_goes_through_the_verified_path(harness):
     (result,) = node.set_parameters([Parameter('weights_uri',
                                                value=str(harness.checkpoints / 'v5'))])
     assert result.successful  # accepted for loading; the verdict comes on policy/status
-    harness.wait_for(lambda: harness.statuses[-1]['last_update']['result'] == 'rejected',
-                     'rejection of a wrong expected_sha256')
+    harness.wait_for(lambda: (harness.status.get('last_update') or {}).get('result')
+                     == 'rejected', 'rejection of a wrong expected_sha256')
     node.set_parameters([Parameter('expected_sha256', value=harness.shas['v5'])])
     node.set_parameters([Parameter('weights_uri', value=str(harness.checkpoints / 'v5'))])
     harness.wait_for(lambda: harness.chunks[-1].policy_version == '5', 'chunks of version 5')
-    assert harness.statuses[-1]['active_version'] == '5'
+    # Status and chunks are two topics: no order between them.
+    harness.wait_for(lambda: harness.status.get('active_version') == '5', 'status of v5')
 
 
 @pytest.mark.ros
