@@ -442,12 +442,10 @@ class EpisodeRecorder:
         warning = None
         if self.writer is not None:
             episode_id = self.episode.episode_id
-            try:
-                _, error = self._finish(complete=False)
-                warning = (f'shut down while recording: episode {episode_id} marked '
-                           f'incomplete{"; " + error if error else ""}')
-            except (KeyError, ValueError, sqlite3.Error) as exc:
-                warning = f'episode {episode_id}: index not updated: {exc}'
+            # _finish reports a bag or index failure in `error` instead of raising.
+            _, error = self._finish(complete=False)
+            warning = (f'shut down while recording: episode {episode_id} marked '
+                       f'incomplete{"; " + error if error else ""}')
         self.index.close()
         return warning
 
