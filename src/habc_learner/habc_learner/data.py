@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from habc_episodes.episode import Episode
-from habc_episodes.vocabulary import EpisodeKind, Outcome
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 from habc_learner.credit import ActorWeight, assign_credit, CreditConfig, Role
 
 
@@ -44,13 +44,28 @@ class RewardConfig:
     gamma: float = 0.99
 
 
+class HumanWindowTargets(enum.StrEnum):
+    """Which steps of a human window's chunk the actor imitates."""
+
+    HUMAN_STEPS = 'human_steps'  # spec: only the steps the human controlled
+    FULL_CHUNK = 'full_chunk'    # the whole chunk, the policy's own steps before a takeover
+                                 # included (the first implementation; for ablations)
+
+
 class SampleBuffer:
     """All samples of a set of episodes, with credit, ready to be batched."""
 
     def __init__(self, credit: CreditConfig, rewards: RewardConfig = RewardConfig(),
-                 next_stride: int = 1, efficiency_uses_demos: bool = True) -> None:
+                 next_stride: int = 1, efficiency_uses_demos: bool = True,
+                 human_window_targets: str = HumanWindowTargets.HUMAN_STEPS) -> None:
         if next_stride < 1:
             raise ValueError(f'next_stride must be >= 1, got {next_stride}')
+        try:
+            self.human_window_targets = HumanWindowTargets(human_window_targets)
+        except ValueError:
+            raise ValueError(f'human_window_targets must be one of '
+                             f'{[t.value for t in HumanWindowTargets]}, got '
+                             f'{human_window_targets!r}') from None
         self.credit = credit
         self.rewards = rewards
         self.next_stride = next_stride
@@ -121,6 +136,13 @@ class SampleBuffer:
             & (role != Role.HOLD),
         }
         chunks, masks = all_chunk_targets(episode.actions, self.credit.horizon)
+        if not is_demo and self.human_window_targets == HumanWindowTargets.HUMAN_STEPS:
+            # A human window imitates the human: a window anchored just before a takeover
+            # must not teach the failing policy's own actions (spec/habc.md).
+            human_step = (episode.controllers == Controller.HUMAN).astype(np.float32)
+            by_step, _ = all_chunk_targets(human_step[:, None], self.credit.horizon)
+            windows = role == Role.HUMAN
+            masks[windows] *= by_step[windows, :, 0]
         columns['actions'] = chunks
         columns['action_mask'] = masks
         for key, value in columns.items():

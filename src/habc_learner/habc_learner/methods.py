@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from habc_learner.credit import CreditConfig
 from habc_learner.critics import DistributionalValue, DualHeadCritic, ScalarValue
-from habc_learner.data import RewardConfig, SampleBuffer, WeightCode
+from habc_learner.data import HumanWindowTargets, RewardConfig, SampleBuffer, WeightCode
 from habc_learner.habc import (
     efficiency_advantage,
     efficiency_loss,
@@ -57,6 +57,15 @@ class Method(enum.StrEnum):
 HABC_FAMILY = (Method.HABC_V, Method.HABC, Method.HABC_IR, Method.HABC_NAIVE)
 
 
+class AdvantageNetwork(enum.StrEnum):
+    """Which critic gives both terms of an advantage (and the gate's p_v(s_t))."""
+
+    TARGET = 'target'  # the slowly following copy, at s_t and at s_{t+1}
+    ONLINE = 'online'  # the critic being trained, under stop-gradient, at both
+    MIXED = 'mixed'    # online at s_t, target at s_{t+1}: the first implementation, whose
+                       # lag biases every advantage (kept for ablations)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """One config value (`method`) selects the method; the rest are its settings.
@@ -70,6 +79,8 @@ class MethodConfig:
     warmup_steps: int = 500                 # N_wu: g_t = 1 for the first steps
     ir_start_step: int = 0                  # habc_ir: human windows get g_t from this step
     next_stride: int = 1                    # ours: s_{t+1} is the next control step
+    advantage_network: str = AdvantageNetwork.TARGET   # both terms from one network
+    human_window_targets: str = HumanWindowTargets.HUMAN_STEPS  # imitate the human's steps
     eps: float = 1e-6                       # Eq. 8
     critic_hidden_dim: int = 256            # ours: MLP trunk over detached policy features
     critic_layers: int = 2
@@ -83,18 +94,21 @@ class MethodConfig:
     gamma: float = 0.99
     recap_mc_mix: float = 0.5               # ours: target = mix * MC + (1 - mix) * TD
     recap_bins: int = 101
-    recap_keep_fraction: float = 0.7        # ours: threshold = (1 - keep) quantile held out
+    recap_keep_fraction: float = 0.25       # threshold = (1 - keep) quantile on held-out
+                                            # episodes: the paper's Recap passed 19-27%
     recap_holdout_fraction: float = 0.2
     recap_threshold_every: int = 200
     awr_beta: float = 1.0
     awr_max_weight: float = 20.0
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, 'method', Method(self.method))
-        except ValueError:
-            raise ValueError(f'unknown method {self.method!r}; choose one of '
-                             f'{[m.value for m in Method]}') from None
+        for name, kind in (('method', Method), ('advantage_network', AdvantageNetwork),
+                           ('human_window_targets', HumanWindowTargets)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f'unknown {name} {getattr(self, name)!r}; choose one of '
+                                 f'{[m.value for m in kind]}') from None
         checks = [
             (self.horizon >= 1, 'horizon must be >= 1'),
             (self.warmup_steps >= 0, 'warmup_steps must be >= 0'),
@@ -128,7 +142,7 @@ class MethodConfig:
     def make_buffer(self) -> SampleBuffer:
         """Return an empty buffer with this method's credit and reward settings."""
         return SampleBuffer(self.credit_config(), self.reward_config(), self.next_stride,
-                            self.efficiency_uses_demos)
+                            self.efficiency_uses_demos, self.human_window_targets)
 
 
 class Algorithm:
@@ -291,8 +305,6 @@ class Algorithm:
         z_v_t, v_e_t = self.critic(f_t)
         with torch.no_grad():
             z_v_next, v_e_next = self.target_critic(f_next)
-            z_v_adv, v_e_adv = ((z_v_next, v_e_next) if f_adv is f_next
-                                else self.target_critic(f_adv))
         labelled = batch['trains_viability']
         loss_v = viability_loss(z_v_t, batch['label'], labelled)
         critic_loss = loss_v
@@ -304,21 +316,9 @@ class Algorithm:
             stats['losses/efficiency'] = loss_e.item()
 
         with torch.no_grad():
-            z_v_t_d, v_e_t_d = z_v_t.detach(), v_e_t.detach()
-            is_last = batch['is_last']
-            # At the last step there is no s_{t+1}: viability does not change, and after a
-            # terminal success nothing remains to be done (V_e = 0).
-            a_v = viability_advantage(z_v_t_d, torch.where(is_last, z_v_t_d, z_v_adv))
-            if self.method == Method.HABC_V:
-                a_e = torch.zeros_like(a_v)
-            else:
-                v_next = torch.where(batch['terminal_success'] & is_last,
-                                     torch.zeros_like(v_e_adv),
-                                     torch.where(is_last, v_e_t_d, v_e_adv))
-                steps = torch.where(is_last, torch.ones_like(batch['adv_steps']),
-                                    batch['adv_steps']).to(v_next.dtype)
-                a_e = efficiency_advantage(v_e_t_d, v_next, steps)
-            g = gate(z_v_t_d, a_v, a_e)
+            target_adv = (z_v_next, v_e_next) if f_adv is f_next else None
+            g, z_gate, a_v, a_e = self._gate(batch, f_t, f_adv, (z_v_t.detach(),
+                                                                 v_e_t.detach()), target_adv)
             if step < c.warmup_steps:
                 g = torch.ones_like(g)
             code = batch['weight_code']
@@ -329,8 +329,40 @@ class Algorithm:
             if self.method == Method.HABC_IR and step >= c.ir_start_step:
                 w = torch.where(human, g, w)
             w = torch.where(batch['is_sft'], torch.ones_like(g), w)
-            self._log_weights(stats, batch, g, z_v_t_d, a_v, a_e, human)
+            self._log_weights(stats, batch, g, z_gate, a_v, a_e, human)
         return w, critic_loss
+
+    @torch.no_grad()
+    def _gate(self, batch: dict, f_t: torch.Tensor, f_adv: torch.Tensor,
+              online_t: tuple[torch.Tensor, torch.Tensor],
+              target_adv: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, ...]:
+        """g_t, the z_v(s_t) it used, A_v and A_e of a batch (features of s_t and s_{t+k}).
+
+        Both terms of each advantage come from the network `advantage_network` names;
+        `online_t` are the online heads at s_t, `target_adv` (optional) the target's at
+        s_{t+k}, when the caller has them already.
+        """
+        network = self.config.advantage_network
+        if network == AdvantageNetwork.ONLINE:
+            z_t, v_t = online_t
+            z_next, v_next = self.critic(f_adv)
+        else:
+            z_t, v_t = online_t if network == AdvantageNetwork.MIXED else self.target_critic(f_t)
+            z_next, v_next = target_adv if target_adv is not None else self.target_critic(f_adv)
+        is_last = batch['is_last']
+        # At the last step there is no s_{t+1}: viability does not change, and after a
+        # terminal success nothing remains to be done (V_e = 0).
+        a_v = viability_advantage(z_t, torch.where(is_last, z_t, z_next))
+        if self.method == Method.HABC_V:
+            a_e = torch.zeros_like(a_v)
+        else:
+            v_next = torch.where(batch['terminal_success'] & is_last, torch.zeros_like(v_next),
+                                 torch.where(is_last, v_t, v_next))
+            steps = torch.where(is_last, torch.ones_like(batch['adv_steps']),
+                                batch['adv_steps']).to(v_next.dtype)
+            a_e = efficiency_advantage(v_t, v_next, steps)
+        return gate(z_t, a_v, a_e), z_t, a_v, a_e
 
     def _log_weights(self, stats, batch, g, z_v, a_v, a_e, human):
         code = batch['weight_code']
@@ -373,7 +405,7 @@ class Algorithm:
                                       critic_mask)
         stats['losses/value'] = critic_loss.item()
         with torch.no_grad():
-            residual = reward + c.gamma * not_done * v_next - v_t.detach()
+            residual = self._residual(batch, f_t, f_next, v_t.detach(), v_next)
             if self.method == Method.IMIT_RECAP:
                 w = (residual >= self.recap_threshold).float()
                 stats['weights/recap_threshold'] = float(self.recap_threshold)
@@ -384,6 +416,58 @@ class Algorithm:
             w = torch.where(batch['is_sft'], torch.ones_like(w), w)
             stats['critic/mean_residual'] = residual.mean().item()
         return w, critic_loss
+
+    @torch.no_grad()
+    def gate_report(self, buffer: SampleBuffer, rng: np.random.Generator,
+                    max_per_source: int = 2048, device: str = 'cpu',
+                    chunk: int = 512) -> dict[str, np.ndarray]:
+        """g_t of (up to `max_per_source`) samples per data source, HABC family only.
+
+        Sources: successful and failed rollout windows with the outcome label, human
+        windows of interventions, demonstrations. What the actor weights look like after
+        warm-up, before normalisation (the paper reports means of 0.68-0.86).
+        """
+        if self.method not in HABC_FAMILY:
+            return {}
+        table = buffer.table
+        code, sft, human = table['weight_code'], table['is_sft'], table['is_human']
+        rollout = ~sft & ~human
+        sources = {'rollout_success': rollout & (code == WeightCode.GATE),
+                   'rollout_failure': rollout & (code == WeightCode.ZERO),
+                   'human': human & ~sft & (code != WeightCode.EXCLUDED),
+                   'demo': sft}
+        report = {}
+        for name, mask in sources.items():
+            indices = np.flatnonzero(mask)
+            if len(indices) > max_per_source:
+                indices = np.sort(rng.choice(indices, max_per_source, replace=False))
+            values = []
+            for start in range(0, len(indices), chunk):
+                batch = buffer.batch(indices[start:start + chunk], device)
+                f_t = self.policy.encode(batch['obs'])
+                f_adv = self.policy.encode(batch['adv_obs'])
+                values.append(self._gate(batch, f_t, f_adv, self.critic(f_t))[0].cpu().numpy())
+            report[name] = np.concatenate(values) if values else np.zeros(0, np.float32)
+        return report
+
+    def _state_value(self, critic: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+        if self.method == Method.IMIT_RECAP:
+            return critic.expected_value(critic(features))
+        return critic(features)
+
+    @torch.no_grad()
+    def _residual(self, batch: dict, f_t: torch.Tensor, f_next: torch.Tensor,
+                  online_v_t: torch.Tensor, target_v_next: torch.Tensor) -> torch.Tensor:
+        """TD residual r + gamma (1 - d) V(s') - V(s), both values from one network."""
+        network = self.config.advantage_network
+        if network == AdvantageNetwork.ONLINE:
+            v_t, v_next = online_v_t, self._state_value(self.critic, f_next)
+        elif network == AdvantageNetwork.MIXED:
+            v_t, v_next = online_v_t, target_v_next
+        else:
+            v_t, v_next = self._state_value(self.target_critic, f_t), target_v_next
+        not_done = (~batch['is_last']).float()
+        return batch['reward'] + self.config.gamma * not_done * v_next - v_t
 
     @torch.no_grad()
     def refresh(self, buffer: SampleBuffer, step: int, device: str = 'cpu',
@@ -399,8 +483,8 @@ class Algorithm:
         if len(held_out) > max_samples:
             held_out = held_out[np.linspace(0, len(held_out) - 1, max_samples).astype(int)]
         batch = buffer.batch(held_out, device)
-        c = self.config
-        v_t = self.critic.expected_value(self.critic(self.policy.encode(batch['obs'])))
-        v_next = self.critic.expected_value(self.critic(self.policy.encode(batch['next_obs'])))
-        residual = batch['reward'] + c.gamma * (~batch['is_last']).float() * v_next - v_t
-        self.recap_threshold = float(torch.quantile(residual, 1.0 - c.recap_keep_fraction))
+        f_t, f_next = self.policy.encode(batch['obs']), self.policy.encode(batch['next_obs'])
+        residual = self._residual(batch, f_t, f_next, self._state_value(self.critic, f_t),
+                                  self._state_value(self.target_critic, f_next))
+        keep = self.config.recap_keep_fraction
+        self.recap_threshold = float(torch.quantile(residual, 1.0 - keep))

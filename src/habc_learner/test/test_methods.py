@@ -200,3 +200,56 @@ def test_method_config_validates_itself():
     with pytest.raises(ValueError, match='min_human_steps must be in'):
         MethodConfig(horizon=4, min_human_steps=5)
     assert MethodConfig(method='habc_naive').credit_config().naive
+
+
+class ShiftedReadout(Readout):
+    """A lagging copy: its z_v is the readout's minus `lag` (V_e unchanged)."""
+
+    def __init__(self, lag: float) -> None:
+        super().__init__(dual=True)
+        self.lag = lag
+
+    def forward(self, features):
+        z_v, v_e = super().forward(features)
+        return z_v - self.lag, v_e
+
+
+def _gates(network, lag):
+    config = MethodConfig(method='habc', horizon=1, min_human_steps=1, warmup_steps=0,
+                          advantage_network=network)
+    buffer = config.make_buffer()
+    buffer.add(SUCCESS)
+    algorithm = Algorithm(StatePolicy(), config)
+    algorithm.critic, algorithm.target_critic = Readout(True), ShiftedReadout(lag)
+    return algorithm.gate_report(buffer, np.random.default_rng(0))['rollout_success']
+
+
+def test_both_terms_of_an_advantage_come_from_one_network():
+    # Online z_v: 0, ln 3, ln 3; the target lags by ln 3. V_e gives A_e = 0 everywhere.
+    # One network (either): A_v(t0) = ln 3, so g_t0 = 1 + tanh((1 - p_v) ln 3) with p_v its
+    # own z_v(s_0): online 0.5 -> 1.5; target sigmoid(-ln 3) = 0.25 -> 1 + tanh(0.75 ln 3).
+    online = _gates('online', LN3)
+    target = _gates('target', LN3)
+    assert online == pytest.approx([1.5, 1.0, 1.0])
+    assert target == pytest.approx([1 + math.tanh(0.75 * LN3), 1.0, 1.0])
+    # Mixed (online at s_t, target at s_t+1) sees the lag as a fall of viability at t1:
+    # A_v(t1) = (ln 3 - ln 3) - ln 3 = -ln 3, p_v = 0.75 -> g = 1 - tanh(0.25 ln 3).
+    mixed = _gates('mixed', LN3)
+    assert mixed == pytest.approx([1.0, 1 - math.tanh(0.25 * LN3), 1.0])
+
+
+def test_gate_report_covers_each_data_source():
+    failure = episode([[0.0, -5.0], [0.0, -5.0]], ['policy'] * 2, 'failure')
+    demo = episode([[0.0, -1.0]], ['human'], 'success', kind=EpisodeKind.DEMO)
+    config = MethodConfig(method='habc', horizon=1, min_human_steps=1, warmup_steps=0)
+    buffer = config.make_buffer()
+    for e in (SUCCESS, failure, demo):
+        buffer.add(e)
+    algorithm = Algorithm(StatePolicy(), config)
+    algorithm.critic = algorithm.target_critic = Readout(True)
+    report = algorithm.gate_report(buffer, np.random.default_rng(0))
+    assert {k: len(v) for k, v in report.items()} == {
+        'rollout_success': 3, 'rollout_failure': 2, 'human': 0, 'demo': 1}
+    assert report['rollout_success'] == pytest.approx([1.5, 1.0, 1.0])
+    assert Algorithm(StatePolicy(), MethodConfig(method='awr', horizon=1)).gate_report(
+        buffer, np.random.default_rng(0)) == {}
