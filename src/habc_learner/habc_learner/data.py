@@ -154,6 +154,17 @@ class SampleBuffer:
         self._frozen = None
         self._frozen_obs = None
 
+    def copy(self) -> 'SampleBuffer':
+        """Return a buffer with the same samples that can grow on its own (arrays shared)."""
+        other = SampleBuffer(self.credit, self.rewards, self.next_stride,
+                             self.efficiency_uses_demos, self.human_window_targets)
+        other.episodes = list(self.episodes)
+        other._columns = {k: list(v) for k, v in self._columns.items()}
+        other._observations = {k: list(v) for k, v in self._observations.items()}
+        other._instructions = list(self._instructions)
+        other._frozen, other._frozen_obs = self._frozen, self._frozen_obs
+        return other
+
     def _rewards(self, episode: Episode) -> tuple[np.ndarray, np.ndarray]:
         n = len(episode)
         rewards = np.full(n, self.rewards.step_reward, dtype=np.float32)

@@ -19,7 +19,7 @@ metrics (`losses/*`, `weights/*`, `critic/*`).
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import enum
 import math
 
@@ -166,6 +166,19 @@ class Algorithm:
                                  if self.critic is not None else None)
         self.recap_threshold = -math.inf
         self._holdout_episodes: set[int] = set()
+
+    def branch_with_intervention_reweighting(self, start_step: int) -> 'Algorithm':
+        """Return a copy of this HABC algorithm (actor, critic, optimisers) with IR on.
+
+        The paper's second stage: HABC+IR continues from HABC's checkpoint once the
+        viability head is trained; human windows get g_t from `start_step` on.
+        """
+        if self.method != Method.HABC:
+            raise ValueError(f'HABC+IR branches from HABC, not from {self.method.value}')
+        branch = copy.deepcopy(self)
+        branch.config = replace(self.config, method=Method.HABC_IR, ir_start_step=start_step)
+        branch.method = Method.HABC_IR
+        return branch
 
     def _make_critic(self) -> torch.nn.Module | None:
         c, feature_dim = self.config, self.policy.feature_dim

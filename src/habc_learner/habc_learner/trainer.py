@@ -1,6 +1,7 @@
 """The training loop: minibatches, progress bar, TensorBoard scalars, checkpoints, seeds."""
 
 from collections.abc import Callable
+import copy
 from dataclasses import asdict, dataclass
 import json
 from pathlib import Path
@@ -72,6 +73,18 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(log_dir))
 
+    def branch(self, algorithm: Algorithm, log_dir: Path | None = None) -> 'Trainer':
+        """Return a trainer that goes on from this one: step count, sampler, a buffer copy.
+
+        `algorithm` is the branch's own (e.g. `Algorithm.branch_with_intervention_reweighting`).
+        """
+        other = Trainer(algorithm.policy, self.buffer.copy(), algorithm.config, self.train_config,
+                        log_dir, self.progress, algorithm)
+        other.step = self.step
+        other.rng = copy.deepcopy(self.rng)
+        other.history = list(self.history)
+        return other
+
     def _normalize_from(self, buffer: SampleBuffer) -> None:
         stats = {}
         mean, std = buffer.action_stats()
@@ -88,6 +101,9 @@ class Trainer:
         step), e.g. to report progress where no progress bar is shown.
         """
         steps = steps or self.train_config.steps
+        # The torch stream (flow-matching noise, dropout) of these steps depends only on the
+        # seed and the step count, not on what ran before in this process.
+        torch.manual_seed(self.train_config.seed * 1_000_003 + self.step)
         table = self.buffer.table
         actor_mask = self.algorithm.actor_mask(table)
         critic_mask = self.algorithm.critic_mask(table)

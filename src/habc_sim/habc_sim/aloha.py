@@ -26,6 +26,7 @@ parallel rollouts as one environment per process.
 
 from dataclasses import dataclass, field
 from pathlib import Path
+import time
 
 import mujoco
 import numpy as np
@@ -150,6 +151,7 @@ class AlohaEnv:
         self.steps = 0
         self._held = 0
         self.seed: int | None = None
+        self.render_seconds = 0.0  # time spent rendering cameras, for benchmark breakdowns
 
     def _geom_names(self) -> list[str]:
         names = ['table']
@@ -244,9 +246,13 @@ class AlohaEnv:
         return np.stack(frames)
 
     def observation(self, render: bool = True) -> dict:
-        images = self.render() if render else np.zeros(
-            (len(self.config.cameras), self.config.image_size, self.config.image_size, 3),
-            np.uint8)
+        if render:
+            start = time.perf_counter()
+            images = self.render()
+            self.render_seconds += time.perf_counter() - start
+        else:
+            images = np.zeros((len(self.config.cameras), self.config.image_size,
+                               self.config.image_size, 3), np.uint8)
         return {'state': self.joint_state(), 'velocity': self.joint_velocity(),
                 'objects': self.object_state(), 'images': images,
                 'instruction': self.instruction}

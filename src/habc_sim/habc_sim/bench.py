@@ -1,19 +1,26 @@
 """`habc bench`: the paper's protocol, in simulation, for every method and several seeds.
 
-Per task, track and seed:
+Per task, track and seed (protocol v2, spec/habc.md "Training loop"):
   1. N demonstrations from the scripted expert with noise (imperfect, like teleoperation);
-  2. SFT: the policy trained on them;
-  3. per method, from the SFT checkpoint: R rounds of E rollouts watched by the scripted
-     operator (who takes over on about half of the failures), then K gradient steps on the
-     cumulative buffer (demonstrations + every rollout so far);
-  4. every checkpoint evaluated without the operator on held-out initial states: seeds
-     from a range never used for demonstrations, rollouts or tuning.
-Reported: success rate with its Wilson 95% interval, mean length of successful episodes,
-interventions per round. Rollouts and evaluations run in parallel worker processes.
+  2. SFT: the policy trained on them; one checkpoint shared by every method;
+  3. stage 1: per method, R1 rounds of E rollouts watched by the imperfect operator (who
+     takes over on about half of the failures, slower and less precise than the policy's
+     demonstrator), each followed by K gradient steps on the cumulative buffer. The first
+     round's rollouts come from the SFT checkpoint, so every method shares them;
+  4. stage 2: HABC+IR branches from HABC's stage-1 state (actor, critic, optimisers,
+     buffer) with intervention re-weighting on, for R2 rounds; every other method runs R2
+     more rounds too, so all budgets are equal;
+  5. checkpoints evaluated without the operator on held-out initial states (seeds from a
+     range never used for demonstrations, rollouts or tuning) at the rounds in the
+     schedule (SFT, the end of each stage, and every `eval_every` rounds).
+Reported: success rate with the pooled Wilson 95% interval and a t-interval over seed
+means, mean length of successful episodes, interventions and intervention steps per
+success, g_t per data source, and a per-phase time breakdown. A method name may carry
+overrides for ablations, e.g. `habc@advantage_network=mixed` (see METHOD_KEYS).
 """
 
 import argparse
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 import json
 import math
 import os
@@ -26,11 +33,15 @@ import numpy as np
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 
 # Held-out initial states, used for evaluation only. Budgets were tuned on the separate
-# tuning range (its first 30 states), which only a `--tuning` run evaluates on.
+# tuning range, which only a `--tuning` run evaluates on.
 EVAL_SEED_BASE = 2_000_000
 TUNE_SEED_BASE = 1_000_000
 DEMO_SEED_BASE = 100_000
 ROLLOUT_SEED_BASE = 200_000
+MAX_ROUNDS = 10            # rollout seeds give each round its own block of 1000 states
+SFT = 'sft'
+IR_METHOD = 'habc_ir'      # stage 2 only: branches from HABC's stage-1 state
+IR_TRUNK = 'habc'
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ class BenchProfile:
     tasks: tuple[str, ...] = ('transfer_cube', 'insertion')
     tracks: tuple[str, ...] = ('state',)
     methods: tuple[str, ...] = ('sft', 'imit_dagger', 'imit_recap', 'habc_v', 'habc',
-                                'habc_ir', 'habc_naive', 'awr')
+                                'habc_ir')
     seeds: int = 3
     # Tuned on 30 states of the tuning range (TUNE_SEED_BASE) for the paper's SFT
     # regime of 30-50%: 40 noisy demonstrations, the successful ones kept, 3000 SFT steps.
@@ -51,10 +62,12 @@ class BenchProfile:
     demo_noise: float = 0.02
     demo_noise_by_task: tuple[tuple[str, float], ...] = (('insertion', 0.015),)
     sft_steps: int = 3000
-    rounds: int = 2
-    rollouts_per_round: int = 20
-    steps_per_round: int = 500
+    stage1_rounds: int = 5        # R1: rounds of every method from the SFT checkpoint
+    stage2_rounds: int = 2        # R2: HABC+IR's rounds, and everyone else's extra rounds
+    rollouts_per_round: int = 40  # E
+    steps_per_round: int = 500    # K
     eval_episodes: int = 50
+    eval_every: int = 0           # also evaluate every this many rounds (0: stage ends only)
     batch_size: int = 256
     actor_lr: float = 1e-3        # 3e-4 left the low-dim SFT policy underfit (loss 0.65 vs 0.24)
     horizon: int = 20
@@ -62,31 +75,97 @@ class BenchProfile:
     max_steps: int = 400          # as ACT: leaves a takeover time to finish the task
     image_size: int = 96
     cameras: tuple[str, ...] = ('angle',)
-    warmup_steps: int = 300
+    train_threads: int = 1        # torch threads of the training process: fixed, since
+                                  # results depend on the reduction order; 1, since with 2
+                                  # on 2 busy cores OpenMP's spin-waiting made a quick run's
+                                  # training 30x slower (0.16 s per Adam step, measured)
+    # The learner (spec/habc.md defaults; other values for ablations).
+    warmup_steps: int = 500       # N_wu
+    advantage_network: str = 'target'
+    human_window_targets: str = 'human_steps'
+    advantage_stride: int = 1     # s_{t+k}: 1 = the next control step
+    # The imperfect operator, fixed before any result was looked at, the same for every
+    # method: a person on a teleop device is slower than the policy and imprecise. Probed
+    # on 40 tuning states from one TransferCube SFT checkpoint, every detected failure taken
+    # over: the clean, fast expert completed 16 of 31 takeovers; 1 cm and 1.3x slower, 13;
+    # 2 cm (the state demos' noise), 8 (12 with 600 steps instead of 400). 1 cm is the pixel
+    # track's demonstration noise: a person no better than a demonstrator, who still
+    # finishes some of what they take over.
+    operator_noise: float = 0.01  # m, waypoint noise of a takeover; < 0: the demo noise
+    operator_slowdown: float = 1.3
+    operator_reaction_steps: int = 15     # 0.3 s at 50 Hz
+    operator_takeover_probability: float = 0.5
+    operator_handback_probability: float = 0.65
+
+    @property
+    def rounds(self) -> int:
+        return self.stage1_rounds + self.stage2_rounds
 
     def noise_for(self, task: str) -> float:
         """Waypoint noise (m) of the demonstrations of `task`."""
         return dict(self.demo_noise_by_task).get(task, self.demo_noise)
 
+    def operator_noise_for(self, task: str) -> float:
+        """Waypoint noise (m) of the operator's takeovers on `task`."""
+        return self.noise_for(task) if self.operator_noise < 0 else self.operator_noise
 
-PROFILES = {
-    # A smoke run of the whole pipeline (used by a test): tiny budgets, results meaningless.
-    'quick': BenchProfile(name='quick', tasks=('transfer_cube',), seeds=1, demos=6,
-                          sft_steps=60, rounds=1, rollouts_per_round=3, steps_per_round=30,
-                          eval_episodes=3, batch_size=64, max_steps=200, warmup_steps=10),
-    # The state track: both tasks, every method, 3 seeds.
-    'full': BenchProfile(name='full'),
-    # The pixel track with the small VLA (images + instruction + joints), sized for about
-    # an hour on 2 CPU cores: TransferCube, the four methods the issue names, 2 seeds.
-    # One probe on 30 tuning states (`--pixels --tuning --methods sft --demo-noise 0.01`,
-    # 1500 SFT steps, 35 demonstrations kept) gave 0/30 with an actor loss still at 0.02, so
-    # the run uses the cleaner demonstrations and twice the SFT steps (not probed again).
-    'pixels': BenchProfile(name='pixels', tasks=('transfer_cube',), tracks=('pixels',),
-                           methods=('sft', 'habc_v', 'habc', 'habc_ir'), seeds=2,
-                           demo_noise=0.01, demo_noise_by_task=(),
-                           sft_steps=3000, rounds=2, rollouts_per_round=20,
-                           steps_per_round=300, batch_size=32, warmup_steps=100),
-}
+    def eval_rounds(self) -> list[int]:
+        """Return the rounds whose checkpoints are evaluated (0 = SFT)."""
+        rounds = {0, self.stage1_rounds, self.rounds}
+        if self.eval_every:
+            rounds |= set(range(0, self.rounds + 1, self.eval_every))
+        return sorted(rounds)
+
+    def schedule(self) -> dict:
+        """Return the protocol's schedule, as results.json records it."""
+        return {'stage1_rounds': self.stage1_rounds, 'stage2_rounds': self.stage2_rounds,
+                'rollouts_per_round': self.rollouts_per_round,
+                'steps_per_round': self.steps_per_round,
+                'first_round_rollouts': 'shared by every method (from the SFT checkpoint)',
+                'habc_ir': f'branches from habc after round {self.stage1_rounds}, IR on from '
+                           'there, for stage2_rounds rounds; every other method runs as many '
+                           'extra rounds',
+                'eval_rounds': self.eval_rounds(), 'eval_episodes': self.eval_episodes}
+
+
+# Settings a method spec may override (`habc@advantage_network=mixed,advantage_stride=10`),
+# and `operator=clean` for the clean, fast expert of the first benchmark.
+METHOD_KEYS = ('warmup_steps', 'advantage_network', 'human_window_targets', 'advantage_stride',
+               'operator_noise', 'operator_slowdown', 'operator_reaction_steps',
+               'operator_takeover_probability', 'operator_handback_probability')
+CLEAN_OPERATOR = {'operator_noise': 0.0, 'operator_slowdown': 1.0}
+
+
+def _convert(key: str, text: str):
+    kind = {f.name: f.type for f in fields(BenchProfile)}[key]
+    return kind(text)  # METHOD_KEYS are all int, float or str fields
+
+
+def parse_method(spec: str, profile: BenchProfile) -> tuple[str, BenchProfile]:
+    """Split `name@key=value,...` into the method and the profile it runs with.
+
+    Raises:
+        ValueError: an unknown method or key, or a value of the wrong type.
+    """
+    from habc_learner.methods import Method
+    name, _, rest = spec.partition('@')
+    if name not in Method.__members__.values():
+        raise ValueError(f'unknown method {name!r} in {spec!r}; choose from '
+                         f'{[m.value for m in Method]}')
+    overrides: dict = {}
+    for item in filter(None, rest.split(',')):
+        key, equals, value = item.partition('=')
+        if key == 'operator' and value == 'clean':
+            overrides.update(CLEAN_OPERATOR)
+            continue
+        if not equals or key not in METHOD_KEYS:
+            raise ValueError(f'{spec!r}: expected key=value with a key of {list(METHOD_KEYS)} '
+                             '(or operator=clean)')
+        try:
+            overrides[key] = _convert(key, value)
+        except ValueError:
+            raise ValueError(f'{spec!r}: bad value {value!r} for {key}') from None
+    return name, replace(profile, **overrides)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -100,6 +179,21 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def seed_interval(rates: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-seed success rates and its t-interval over seeds (clipped to [0, 1]).
+
+    Seeds differ in demonstrations, SFT and rollouts, so their spread, not the number of
+    evaluation episodes, is what limits how sure a comparison is. One seed: no interval.
+    """
+    from scipy import stats
+    mean = float(np.mean(rates))
+    if len(rates) < 2:
+        return mean, 0.0, 1.0
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(rates) - 1)
+                 * np.std(rates, ddof=1) / math.sqrt(len(rates)))
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
 # --- worker-side jobs (run in spawned processes, one simulated robot each) ------------------
 @dataclass(frozen=True)
 class EpisodeJob:
@@ -111,8 +205,7 @@ class EpisodeJob:
     cameras: tuple[str, ...]
     checkpoint: str = ''            # '' = scripted expert demonstration
     demo_noise: float = 0.0
-    operator: bool = False
-    operator_seed: int = 0
+    operator: tuple = ()            # OperatorConfig and takeover ExpertConfig fields, or ()
     execute_steps: int = 10
 
 
@@ -131,8 +224,22 @@ def _load(checkpoint: str):
     return _POLICIES[key]
 
 
+def operator_settings(profile: BenchProfile, task: str) -> tuple:
+    """Return the operator of a rollout job as a hashable tuple of (name, value) pairs."""
+    return (('objects', ('box',) if task == 'transfer_cube' else ('peg', 'socket')),
+            ('reaction_delay_steps', profile.operator_reaction_steps),
+            ('takeover_probability', profile.operator_takeover_probability),
+            ('handback_probability', profile.operator_handback_probability),
+            ('waypoint_noise', profile.operator_noise_for(task)),
+            ('slowdown', profile.operator_slowdown))
+
+
 def run_job(job: EpisodeJob) -> dict:
-    """One demonstration, rollout or evaluation episode (in a worker process)."""
+    """One demonstration, rollout or evaluation episode (in a worker process).
+
+    Every random stream of the episode (simulator, expert, operator, policy sampling) is
+    seeded from the job alone, so results do not depend on which worker runs it or when.
+    """
     import torch
 
     from habc_sim.aloha import AlohaConfig
@@ -142,6 +249,7 @@ def run_job(job: EpisodeJob) -> dict:
     from habc_sim.runner import run_policy_episode, RunnerConfig
 
     torch.set_num_threads(1)  # one core per worker process
+    torch.manual_seed(job.seed)
     cameras = list(job.cameras) if job.track == 'pixels' else []
     env = worker_env(AlohaConfig(task=job.task, cameras=cameras, image_size=job.image_size,
                                  max_steps=job.max_steps))
@@ -149,15 +257,17 @@ def run_job(job: EpisodeJob) -> dict:
         return run_expert_episode(env, job.seed, ExpertConfig(waypoint_noise=job.demo_noise),
                                   record_track=job.track)
     policy = _load(job.checkpoint)
-    operator = None
+    operator, expert = None, None
     if job.operator:
-        objects = ('box',) if job.task == 'transfer_cube' else ('peg', 'socket')
-        operator = ScriptedOperator(OperatorConfig(objects=objects),
-                                    np.random.default_rng(job.operator_seed))
+        settings = dict(job.operator)
+        expert = ExpertConfig(waypoint_noise=settings.pop('waypoint_noise'),
+                              slowdown=settings.pop('slowdown'))
+        operator = ScriptedOperator(OperatorConfig(**settings),
+                                    np.random.default_rng([job.seed, 7919]))
     episode, summary = run_policy_episode(
         env, job.seed, policy.predict_action_chunk, operator,
         RunnerConfig(track=job.track, execute_steps=job.execute_steps,
-                     policy_version=Path(job.checkpoint).name))
+                     policy_version=Path(job.checkpoint).name), expert)
     summary['episode'] = episode if job.operator else None
     return summary
 
@@ -167,15 +277,23 @@ def run_job(job: EpisodeJob) -> dict:
 class RunContext:
     profile: BenchProfile
     out: Path
-    workers: int
+    pool: object                      # habc_sim.rollouts.WorkerPool
     progress: bool
     results: list[dict] = field(default_factory=list)
+    gate_histograms: list[dict] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
     eval_seed_base: int = EVAL_SEED_BASE  # TUNE_SEED_BASE for a tuning run (--tuning)
 
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timing[phase] = self.timing.get(phase, 0.0) + seconds
 
-def _episodes(context: RunContext, jobs: list[EpisodeJob], description: str) -> list[dict]:
-    from habc_sim.rollouts import run_parallel
-    return list(run_parallel(run_job, jobs, context.workers, description, context.progress))
+    def episodes(self, jobs: list[EpisodeJob], description: str, phase: str) -> list[dict]:
+        start = time.time()
+        results = list(self.pool.map(run_job, jobs, description, self.progress))
+        self.add_time(f'{phase}_s', time.time() - start)
+        for key in ('inference_s', 'sim_s', 'render_s'):
+            self.add_time(f'{phase}_worker_{key}', sum(r.get(key, 0.0) for r in results))
+        return results
 
 
 def _evaluate(context: RunContext, task: str, track: str, checkpoint: Path) -> dict:
@@ -183,7 +301,8 @@ def _evaluate(context: RunContext, task: str, track: str, checkpoint: Path) -> d
     jobs = [EpisodeJob(task, track, context.eval_seed_base + i, p.max_steps, p.image_size,
                        p.cameras, str(checkpoint), execute_steps=p.execute_steps)
             for i in range(p.eval_episodes)]
-    results = _episodes(context, jobs, f'eval {checkpoint.parent.name}/{checkpoint.name}')
+    results = context.episodes(jobs, f'eval {checkpoint.parent.name}/{checkpoint.name}',
+                               'eval')
     successes = [r for r in results if r['success']]
     low, high = wilson_interval(len(successes), len(results))
     return {'success_rate': len(successes) / len(results), 'ci_low': low, 'ci_high': high,
@@ -209,11 +328,13 @@ def demo_episodes(demos: list[dict], task: str) -> list:
 
 
 def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoint: Path, *,
-              version: PolicyVersion, workers: int, progress: bool = True) -> list:
+              version: PolicyVersion, workers: int = 2, progress: bool = True,
+              pool=None) -> list:
     """Record the expert demonstrations of one seed and train the track's policy on them.
 
     The SFT checkpoint (`version`) is written to `checkpoint`; the demonstrations that
-    succeeded are returned (the online rounds keep them in their buffers).
+    succeeded are returned (the online rounds keep them in their buffers). Episodes run in
+    `pool` (a WorkerPool) when given, else in `workers` new processes.
 
     Raises:
         RuntimeError: no demonstration succeeded.
@@ -227,8 +348,10 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
     jobs = [EpisodeJob(task, track, DEMO_SEED_BASE + 10_000 * seed + i, p.max_steps,
                        p.image_size, p.cameras, demo_noise=p.noise_for(task))
             for i in range(p.demos)]
-    demos = demo_episodes(list(run_parallel(run_job, jobs, workers, f'demos {task}',
-                                            progress)), task)
+    description = f'demos {task}'
+    recorded = (pool.map(run_job, jobs, description, progress) if pool is not None
+                else run_parallel(run_job, jobs, workers, description, progress))
+    demos = demo_episodes(list(recorded), task)
     if not demos:
         raise RuntimeError(f'no successful demonstration for {task} with noise '
                            f'{p.noise_for(task)}; lower demo_noise')
@@ -253,113 +376,282 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
     return demos
 
 
-def run_cell(context: RunContext, task: str, track: str, seed: int) -> None:
-    """Demonstrations, SFT and every method's rounds for one task, track and seed."""
-    from habc_learner.methods import MethodConfig
-    from habc_learner.trainer import TrainConfig, Trainer
-    from habc_policy.models.base import load_policy
+@dataclass
+class MethodRun:
+    """One method's state within a cell: its trainer (actor, critic, buffer) and checkpoint."""
 
-    p = context.profile
-    cell = context.out / f'{task}-{track}-seed{seed}'
-    sft_checkpoint = cell / 'sft' / 'round0'
-    demos = train_sft(task, track, seed, p, sft_checkpoint, version=STARTUP_VERSION,
-                      workers=context.workers, progress=context.progress)
-    sft_eval = _evaluate(context, task, track, sft_checkpoint)
-    base = {'task': task, 'track': track, 'seed': seed, 'demos': len(demos)}
-    for method in p.methods:
-        context.results.append({**base, 'method': method, 'round': 0, **sft_eval,
-                                'interventions': 0, 'rollouts': 0})
-    for method in p.methods:
-        if method == 'sft':
-            continue
-        config = MethodConfig(method=method, horizon=p.horizon, warmup_steps=p.warmup_steps,
-                              ir_start_step=p.steps_per_round)
+    spec: str
+    profile: BenchProfile
+    trainer: object
+    checkpoint: Path
+
+
+class Cell:
+    """Demonstrations, SFT and every method's two stages for one task, track and seed."""
+
+    def __init__(self, context: RunContext, task: str, track: str, seed: int,
+                 specs: list[str]) -> None:
+        self.context, self.task, self.track, self.seed = context, task, track, seed
+        self.specs = specs
+        self.dir = context.out / f'{task}-{track}-seed{seed}'
+        self.base = {'task': task, 'track': track, 'seed': seed}
+        # Rollouts of a checkpoint that several methods start a round from: the SFT
+        # checkpoint (round 1) and HABC's stage-1 checkpoint (HABC and HABC+IR, round R1+1).
+        self._rollout_cache: dict[tuple, list[dict]] = {}
+        self._shared_checkpoints: set[Path] = set()
+        self.gate_rng = np.random.default_rng([seed, 4242])
+
+    def run(self) -> None:
+        context, p = self.context, self.context.profile
+        sft_checkpoint = self.dir / SFT / 'round0'
+        start = time.time()
+        demos = train_sft(self.task, self.track, self.seed, p, sft_checkpoint,
+                          version=STARTUP_VERSION, progress=context.progress,
+                          pool=context.pool)
+        context.add_time('demos_and_sft_s', time.time() - start)
+        self.demos = demos
+        self.base['demos'] = len(demos)
+        sft_eval = _evaluate(context, self.task, self.track, sft_checkpoint)
+        for spec in self.specs:
+            context.results.append({**self.base, 'method': spec, 'round': 0, 'stage': 0,
+                                    **sft_eval, 'interventions': 0, 'rollouts': 0})
+        self.sft_checkpoint = sft_checkpoint
+        self._shared_checkpoints.add(sft_checkpoint)
+        online = [s for s in self.specs if s != SFT and not s.startswith(IR_METHOD)]
+        branches = [s for s in self.specs if s.startswith(IR_METHOD)]
+        for spec in online:
+            self._run_method(spec, branch_specs=[b for b in branches
+                                                 if _trunk_of(b) == spec])
+        # An IR branch whose trunk was not selected: run the trunk's stage 1 unreported.
+        for spec in branches:
+            if _trunk_of(spec) not in online:
+                self._run_method(_trunk_of(spec), branch_specs=[spec], report_trunk=False)
+        _write(context)
+
+    def _run_method(self, spec: str, branch_specs: list[str],
+                    report_trunk: bool = True) -> None:
+        p = self.context.profile
+        run = self._start(spec)
+        for round_index in range(1, p.stage1_rounds + 1):
+            self._round(run, round_index, stage=1, report=report_trunk)
+        branches = []
+        if branch_specs:
+            self._shared_checkpoints.add(run.checkpoint)
+        for branch_spec in branch_specs:
+            _, branch_profile = parse_method(branch_spec, p)
+            algorithm = run.trainer.algorithm.branch_with_intervention_reweighting(
+                run.trainer.step)
+            trainer = run.trainer.branch(algorithm, log_dir=self.dir / branch_spec /
+                                         'tensorboard')
+            branches.append(MethodRun(branch_spec, branch_profile, trainer, run.checkpoint))
+        if report_trunk:
+            for round_index in range(p.stage1_rounds + 1, p.rounds + 1):
+                self._round(run, round_index, stage=2)
+        for branch in branches:
+            for round_index in range(p.stage1_rounds + 1, p.rounds + 1):
+                self._round(branch, round_index, stage=2)
+
+    def _start(self, spec: str) -> MethodRun:
+        from habc_learner.methods import MethodConfig
+        from habc_learner.trainer import TrainConfig, Trainer
+        from habc_policy.models.base import load_policy
+
+        method, profile = parse_method(spec, self.context.profile)
+        config = MethodConfig(method=method, horizon=profile.horizon,
+                              warmup_steps=profile.warmup_steps,
+                              advantage_network=profile.advantage_network,
+                              human_window_targets=profile.human_window_targets,
+                              next_stride=profile.advantage_stride)
         buffer = config.make_buffer()
-        for episode in demos:
+        for episode in self.demos:
             buffer.add(episode)
-        policy = load_policy(sft_checkpoint)
-        trainer = None
-        checkpoint = sft_checkpoint
-        for round_index in range(1, p.rounds + 1):
-            round_start = time.time()
-            jobs = [EpisodeJob(task, track,
-                               ROLLOUT_SEED_BASE + 10_000 * seed + 1000 * round_index + i,
-                               p.max_steps, p.image_size, p.cameras, str(checkpoint),
-                               operator=True, operator_seed=seed * 7919 + round_index * 31 + i,
-                               execute_steps=p.execute_steps)
-                    for i in range(p.rollouts_per_round)]
-            rollouts = _episodes(context, jobs, f'{method} round {round_index} rollouts')
-            for rollout in rollouts:
-                buffer.add(rollout['episode'])
-            if trainer is None:
-                trainer = Trainer(policy, buffer, config,
-                                  TrainConfig(steps=p.steps_per_round, batch_size=p.batch_size,
-                                              actor_lr=p.actor_lr, seed=seed),
-                                  log_dir=cell / method / 'tensorboard',
-                                  progress=context.progress)
-            trainer.fit(description=f'{method} round {round_index}')
-            checkpoint = cell / method / f'round{round_index}'
-            trainer.save_checkpoint(checkpoint, version=PolicyVersion(
-                STARTUP_VERSION.number + round_index, method))
-            evaluation = _evaluate(context, task, track, checkpoint)
-            context.results.append({
-                **base, 'method': method, 'round': round_index, **evaluation,
-                'interventions': int(sum(r['interventions'] for r in rollouts)),
-                'rollouts': len(rollouts),
-                'rollout_success_rate': float(np.mean([r['success'] for r in rollouts])),
-                'round_seconds': round(time.time() - round_start, 1)})
-            _write(context)
+        trainer = Trainer(load_policy(self.sft_checkpoint), buffer, config,
+                          TrainConfig(steps=profile.steps_per_round,
+                                      batch_size=profile.batch_size,
+                                      actor_lr=profile.actor_lr, seed=self.seed),
+                          log_dir=self.dir / spec / 'tensorboard',
+                          progress=self.context.progress)
+        return MethodRun(spec, profile, trainer, self.sft_checkpoint)
+
+    def _rollouts(self, run: MethodRun, round_index: int) -> list[dict]:
+        p = run.profile
+        operator = operator_settings(p, self.task)
+        key = (run.checkpoint, operator, round_index)
+        if key in self._rollout_cache:
+            return self._rollout_cache[key]
+        jobs = [EpisodeJob(self.task, self.track,
+                           ROLLOUT_SEED_BASE + 10_000 * self.seed + 1000 * round_index + i,
+                           p.max_steps, p.image_size, p.cameras, str(run.checkpoint),
+                           operator=operator, execute_steps=p.execute_steps)
+                for i in range(p.rollouts_per_round)]
+        rollouts = self.context.episodes(jobs, f'{run.spec} round {round_index} rollouts',
+                                         'rollouts')
+        if run.checkpoint in self._shared_checkpoints:
+            self._rollout_cache[key] = rollouts
+        return rollouts
+
+    def _round(self, run: MethodRun, round_index: int, stage: int,
+               report: bool = True) -> None:
+        context = self.context
+        round_start = time.time()
+        rollouts = self._rollouts(run, round_index)
+        for rollout in rollouts:
+            run.trainer.buffer.add(rollout['episode'])
+        start = time.time()
+        history_from = len(run.trainer.history)
+        run.trainer.fit(description=f'{run.spec} round {round_index}')
+        run.checkpoint = self.dir / run.spec / f'round{round_index}'
+        run.trainer.save_checkpoint(run.checkpoint, version=PolicyVersion(
+            STARTUP_VERSION.number + round_index, run.spec.split('@')[0]))
+        context.add_time('train_s', time.time() - start)
+        if not report:
+            return
+        row = {**self.base, 'method': run.spec, 'round': round_index, 'stage': stage,
+               **rollout_stats(rollouts),
+               **weight_stats(run.trainer.history[history_from:],
+                              run.trainer.algorithm.config.warmup_steps)}
+        start = time.time()
+        report_gates = run.trainer.algorithm.gate_report(run.trainer.buffer, self.gate_rng)
+        context.add_time('gate_report_s', time.time() - start)
+        for source, values in report_gates.items():
+            row[f'g_mean_{source}'] = float(values.mean()) if len(values) else None
+            context.gate_histograms.append({
+                **self.base, 'method': run.spec, 'round': round_index, 'source': source,
+                'counts': np.histogram(values, bins=20, range=(0.0, 2.0))[0].tolist()})
+        if round_index in run.profile.eval_rounds():
+            row.update(_evaluate(context, self.task, self.track, run.checkpoint))
+        row['round_seconds'] = round(time.time() - round_start, 1)
+        context.results.append(row)
+        _write(context)
+
+
+def _trunk_of(branch_spec: str) -> str:
+    """Return the HABC spec an IR branch continues: `habc_ir@x=1` -> `habc@x=1`."""
+    return IR_TRUNK + branch_spec[len(IR_METHOD):]
+
+
+def rollout_stats(rollouts: list[dict]) -> dict:
+    """Outcomes and human effort of one round's operator-watched rollouts."""
+    successes = sum(r['success'] for r in rollouts)
+    human_steps = int(sum(r['human_steps'] for r in rollouts))
+    return {'rollouts': len(rollouts), 'rollout_successes': int(successes),
+            'rollout_success_rate': successes / len(rollouts),
+            'interventions': int(sum(r['interventions'] for r in rollouts)),
+            'episodes_with_intervention': int(sum(r['interventions'] > 0 for r in rollouts)),
+            'successes_with_intervention': int(sum(r['success'] and r['interventions'] > 0
+                                                   for r in rollouts)),
+            'human_steps': human_steps,
+            'intervention_steps_per_success': human_steps / successes if successes else None}
+
+
+def weight_stats(history: list[dict], warmup_steps: int) -> dict:
+    """Means of the logged actor-weight statistics of one round, after the warm-up."""
+    logged = [h for h in history if h['step'] > warmup_steps]
+    stats = {}
+    for key, name in (('weights/mean_g_rollout_success', 'train_g_rollout_success'),
+                      ('weights/mean_g_human', 'train_g_human'),
+                      ('weights/zero_share', 'train_zero_weight_share')):
+        values = [h[key] for h in logged if key in h]
+        stats[name] = float(np.mean(values)) if values else None
+    return stats
 
 
 def _write(context: RunContext) -> None:
-    payload = {'profile': asdict(context.profile), 'eval_seed_base': context.eval_seed_base,
-               'results': context.results}
+    payload = {'profile': asdict(context.profile), 'schedule': context.profile.schedule(),
+               'eval_seed_base': context.eval_seed_base,
+               'timing_s': {k: round(v, 1) for k, v in sorted(context.timing.items())},
+               'results': context.results, 'gate_histograms': context.gate_histograms}
     (context.out / 'results.json').write_text(json.dumps(payload, indent=1) + '\n')
 
 
-def summary_table(results: list[dict], methods: list[str]) -> str:
-    """Markdown table shaped like the paper's: methods x tasks, final-round success."""
+# --- reporting --------------------------------------------------------------------------
+def final_rows(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Return the evaluated rows of each (method, column) at its last evaluated round."""
     cells: dict[tuple[str, str], list[dict]] = {}
-    final_round = max((r['round'] for r in results), default=0)
     for r in results:
-        last = 0 if r['method'] == 'sft' else final_round
-        if r['round'] == last:
+        if 'success_rate' in r:
             cells.setdefault((r['method'], f"{r['task']} ({r['track']})"), []).append(r)
+    final = {}
+    for key, rows in cells.items():
+        last = max(r['round'] for r in rows)
+        final[key] = [r for r in rows if r['round'] == last]
+    return final
+
+
+def summary_table(results: list[dict], methods: list[str]) -> str:
+    """Markdown table shaped like the paper's: methods x tasks, final evaluated round.
+
+    Each cell: success pooled over seeds with its Wilson interval, the t-interval over the
+    seed means, the per-seed successes, and the mean length of successful episodes.
+    """
+    cells = final_rows(results)
     columns = sorted({column for _, column in cells})
-    lines = ['| method | ' + ' | '.join(columns) + ' |',
-             '|---|' + '---|' * len(columns)]
+    lines = ['| method | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
     for method in methods:
         row = []
         for column in columns:
-            runs = cells.get((method, column), [])
+            runs = sorted(cells.get((method, column), []), key=lambda r: r['seed'])
             if not runs:
                 row.append('-')
                 continue
             successes = sum(r['successes'] for r in runs)
             n = sum(r['episodes'] for r in runs)
             low, high = wilson_interval(successes, n)
+            _, t_low, t_high = seed_interval([r['success_rate'] for r in runs])
+            per_seed = '/'.join(str(r['successes']) for r in runs)
             lengths = [r['mean_success_steps'] for r in runs if r['mean_success_steps']]
             length = f', {np.mean(lengths):.0f} steps' if lengths else ''
-            row.append(f'{100 * successes / n:.0f}% [{100 * low:.0f}-{100 * high:.0f}]'
-                       f' (n={n}{length})')
+            row.append(f'{100 * successes / n:.0f}% [{100 * low:.0f}-{100 * high:.0f}] '
+                       f'seeds [{100 * t_low:.0f}-{100 * t_high:.0f}] ({per_seed}{length})')
         lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
     return '\n'.join(lines) + '\n'
 
 
-def plot_results(results: list[dict], path: Path) -> None:
-    """Success vs round with Wilson bands per method, one panel per task and track."""
+def effort_table(results: list[dict], methods: list[str]) -> str:
+    """Interventions and intervention steps per success, per round, pooled over seeds."""
+    rounds = sorted({r['round'] for r in results if r['round'] > 0})
+    columns = sorted({(r['task'], r['track']) for r in results})
+    lines = []
+    for task, track in columns:
+        lines += [f'\n{task} ({track}): takeovers / rollouts, and human steps per successful '
+                  'rollout, per round (pooled over seeds)\n',
+                  '| method | ' + ' | '.join(f'round {r}' for r in rounds) + ' |',
+                  '|---|' + '---|' * len(rounds)]
+        for method in methods:
+            row = []
+            for rnd in rounds:
+                at = [r for r in results if (r['task'], r['track'], r['method'], r['round'])
+                      == (task, track, method, rnd)]
+                if not at:
+                    row.append('-')
+                    continue
+                n = sum(r['rollouts'] for r in at)
+                successes = sum(r['rollout_successes'] for r in at)
+                human = sum(r['human_steps'] for r in at)
+                per = f'{human / successes:.0f}' if successes else '-'
+                row.append(f'{sum(r["interventions"] for r in at)}/{n}, {per}')
+            if any(cell != '-' for cell in row):
+                lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot_results(results: list[dict], path: Path, stage1_rounds: int | None = None) -> None:
+    """Success vs evaluated round per method: seed mean, pooled Wilson band; one panel each."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r['task'], r['track']) for r in results})
-    methods = list(dict.fromkeys(r['method'] for r in results))  # the profile's order
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    evaluated = [r for r in results if 'success_rate' in r]
+    panels = sorted({(r['task'], r['track']) for r in evaluated})
+    methods = list(dict.fromkeys(r['method'] for r in evaluated))  # the profile's order
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (task, track) in zip(axes[0], panels, strict=True):
         for method in methods:
-            rows = [r for r in results if (r['task'], r['track'], r['method'])
+            rows = [r for r in evaluated if (r['task'], r['track'], r['method'])
                     == (task, track, method)]
             rounds = sorted({r['round'] for r in rows})
+            if method == SFT or len(rounds) < 2:
+                continue
             rates, lows, highs = [], [], []
             for rnd in rounds:
                 at = [r for r in rows if r['round'] == rnd]
@@ -370,43 +662,111 @@ def plot_results(results: list[dict], path: Path) -> None:
                 highs.append(high)
             ax.plot(rounds, rates, marker='o', label=method)
             ax.fill_between(rounds, lows, highs, alpha=0.12)
+        if stage1_rounds:
+            ax.axvline(stage1_rounds, color='grey', linestyle=':', linewidth=1)
+            ax.text(stage1_rounds, 0.98, ' stage 2 (HABC+IR branches)', fontsize=7,
+                    va='top', color='grey')
         ax.set_title(f'{task} ({track})')
-        ax.set_xlabel('online round (0 = SFT)')
-        ax.set_xticks(sorted({r['round'] for r in results}))
-        ax.set_ylabel('success rate (Wilson 95%)')
+        ax.set_xlabel('online round (0 = the shared SFT checkpoint)')
+        ax.set_xticks(sorted({r['round'] for r in evaluated}))
+        ax.set_ylabel('success rate, pooled over seeds (Wilson 95%)')
         ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_lengths(results: list[dict], methods: list[str], path: Path) -> None:
-    """Mean length of successful episodes per method (final round), one panel per task."""
+    """Mean length of successful episodes per method (final evaluated round), per task."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r['task'], r['track']) for r in results})
-    final_round = max((r['round'] for r in results), default=0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (task, track) in zip(axes[0], panels, strict=True):
+    cells = final_rows(results)
+    panels = sorted({column for _, column in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, column in zip(axes[0], panels, strict=True):
         names, means, errors = [], [], []
         for method in methods:
-            last = 0 if method == 'sft' else final_round
-            lengths = [r['mean_success_steps'] for r in results
-                       if (r['task'], r['track'], r['method'], r['round'])
-                       == (task, track, method, last) and r['mean_success_steps']]
+            lengths = [r['mean_success_steps'] for r in cells.get((method, column), [])
+                       if r['mean_success_steps']]
             if lengths:
                 names.append(method)
                 means.append(float(np.mean(lengths)))
                 errors.append(float(np.std(lengths)) if len(lengths) > 1 else 0.0)
         ax.bar(names, means, yerr=errors, capsize=3, color='tab:blue', alpha=0.8)
-        ax.set_title(f'{task} ({track}): length of successful episodes\n'
+        ax.set_title(f'{column}: length of successful episodes\n'
                      '(final round; error bars: std over seeds)', fontsize=10)
         ax.set_ylabel('control steps at 50 Hz')
         ax.tick_params(axis='x', rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gates(histograms: list[dict], path: Path) -> bool:
+    """Histograms of g_t per data source at each HABC method's last round; False if none."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    if not histograms:
+        return False
+    last = {}
+    for h in histograms:
+        key = (h['task'], h['track'], h['method'])
+        last[key] = max(last.get(key, 0), h['round'])
+    panels = sorted(last)
+    columns = min(4, len(panels))
+    rows_n = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(4 * columns, 3.2 * rows_n),
+                             squeeze=False)
+    edges = np.linspace(0.0, 2.0, 21)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for ax, key in zip(axes.flat, panels, strict=False):
+        for source, colour in (('rollout_success', 'tab:green'), ('rollout_failure', 'tab:red'),
+                               ('human', 'tab:orange'), ('demo', 'tab:blue')):
+            counts = np.sum([h['counts'] for h in histograms
+                             if (h['task'], h['track'], h['method']) == key
+                             and h['round'] == last[key] and h['source'] == source], axis=0)
+            if np.ndim(counts) and counts.sum():
+                share = counts / counts.sum()
+                mean = float((share * centres).sum())
+                ax.step(centres, share, where='mid', color=colour,
+                        label=f'{source} (mean {mean:.2f})')
+        ax.set_title(f'{key[2]}: {key[0]} round {last[key]}', fontsize=9)
+        ax.set_xlabel('g_t (before normalisation)')
+        ax.set_ylabel('share of samples')
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --- command line -----------------------------------------------------------------------
+PROFILES = {
+    # A smoke run of the whole pipeline (used by tests): tiny budgets, results meaningless.
+    'quick': BenchProfile(name='quick', tasks=('transfer_cube',), seeds=1, demos=6,
+                          methods=('sft', 'imit_dagger', 'habc', 'habc_ir'),
+                          sft_steps=60, stage1_rounds=1, stage2_rounds=1,
+                          rollouts_per_round=3, steps_per_round=30, eval_episodes=3,
+                          batch_size=64, max_steps=200, warmup_steps=10),
+    # The state track: both tasks, the paper's methods, 3 seeds. The naive-credit and AWR
+    # baselines run separately (`--methods habc_naive awr`), so that each run fits ~90 min.
+    'full': BenchProfile(name='full'),
+    # The pixel track with the small VLA (images + instruction + joints).
+    'pixels': BenchProfile(name='pixels', tasks=('transfer_cube',), tracks=('pixels',),
+                           methods=('sft', 'imit_dagger', 'habc', 'habc_ir'), seeds=2,
+                           demo_noise=0.01, demo_noise_by_task=(),
+                           sft_steps=3000, stage1_rounds=3, stage2_rounds=2,
+                           rollouts_per_round=20, steps_per_round=300, batch_size=32,
+                           warmup_steps=300),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -415,16 +775,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile.add_argument('--quick', action='store_true',
                          help='smoke run of the whole protocol (minutes; results meaningless)')
     profile.add_argument('--full', action='store_true',
-                         help='the state track: both tasks, all methods, 3 seeds (default)')
+                         help="the state track: both tasks, the paper's methods, 3 seeds "
+                         '(default)')
     profile.add_argument('--pixels', action='store_true',
                          help='the pixel track: the small VLA on TransferCube, 2 seeds')
     parser.add_argument('--tasks', nargs='+', choices=['transfer_cube', 'insertion'])
     parser.add_argument('--tracks', nargs='+', choices=['state', 'pixels'])
-    parser.add_argument('--methods', nargs='+')
+    parser.add_argument('--methods', nargs='+',
+                        help='methods, each optionally with overrides for an ablation: '
+                        f'NAME@KEY=VALUE,... with KEY in {", ".join(METHOD_KEYS)}, or '
+                        'NAME@operator=clean. habc_ir branches from habc (with the same '
+                        'overrides) after stage 1')
     parser.add_argument('--seeds', type=int, help='number of seeds')
-    parser.add_argument('--rounds', type=int, help='online rounds per method')
+    parser.add_argument('--stage1-rounds', type=int, help='R1: online rounds of every method')
+    parser.add_argument('--stage2-rounds', type=int,
+                        help='R2: rounds of HABC+IR after its branch, and extra rounds of '
+                        'every other method')
+    parser.add_argument('--rollouts', type=int, dest='rollouts_per_round',
+                        help='E: operator-watched rollouts per round')
+    parser.add_argument('--steps-per-round', type=int, help='K: gradient steps per round')
     parser.add_argument('--eval-episodes', type=int,
                         help='held-out evaluation episodes per checkpoint (>= 50 for results)')
+    parser.add_argument('--eval-every', type=int,
+                        help='also evaluate every N rounds (default: SFT and stage ends)')
     parser.add_argument('--demos', type=int, help='expert demonstrations recorded per seed')
     parser.add_argument('--demo-noise', type=float,
                         help='waypoint noise (m) of the demonstrations, for every task')
@@ -439,48 +812,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-progress', action='store_true')
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; write results.json, results.md and success_vs_round.png."""
+def make_profile(args: argparse.Namespace) -> BenchProfile:
+    """Return the profile the options select, with overrides (ValueError if invalid)."""
     profile = PROFILES['quick' if args.quick else 'pixels' if args.pixels else 'full']
     overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in (('tasks', args.tasks), ('tracks', args.tracks),
-                              ('methods', args.methods), ('seeds', args.seeds),
-                              ('rounds', args.rounds), ('eval_episodes', args.eval_episodes),
-                              ('demos', args.demos), ('sft_steps', args.sft_steps))
-                 if v is not None}
+                 for k in ('tasks', 'tracks', 'methods', 'seeds', 'stage1_rounds',
+                           'stage2_rounds', 'rollouts_per_round', 'steps_per_round',
+                           'eval_episodes', 'eval_every', 'demos', 'sft_steps')
+                 if (v := getattr(args, k, None)) is not None}
     if args.demo_noise is not None:
         overrides.update(demo_noise=args.demo_noise, demo_noise_by_task=())
+    profile = replace(profile, **overrides)
+    for spec in profile.methods:
+        parse_method(spec, profile)
+    if profile.rounds > MAX_ROUNDS or profile.stage1_rounds < 1 or profile.stage2_rounds < 0:
+        raise ValueError(f'stage1_rounds >= 1, stage2_rounds >= 0 and at most {MAX_ROUNDS} '
+                         'rounds in all')
+    if profile.rollouts_per_round > 1000:
+        raise ValueError('at most 1000 rollouts per round (each round has its own block of '
+                         'initial states)')
+    return profile
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; write results.json, results.md and the plots."""
+    import torch
+
+    from habc_sim.rollouts import WorkerPool
     try:
-        profile = replace(profile, **overrides)
-        from habc_learner.methods import Method
-        unknown = [m for m in profile.methods if m not in Method.__members__.values()]
-        if unknown:
-            raise ValueError(f'unknown method(s) {unknown}; choose from '
-                             f'{[m.value for m in Method]}')
+        profile = make_profile(args)
     except ValueError as exc:
         print(f'habc bench: {exc}', file=sys.stderr)
         return 2
+    torch.set_num_threads(profile.train_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    context = RunContext(profile, args.out, args.workers, not args.no_progress,
-                         eval_seed_base=TUNE_SEED_BASE if args.tuning else EVAL_SEED_BASE)
     start = time.time()
-    for task in profile.tasks:
-        for track in profile.tracks:
-            for seed in range(profile.seeds):
-                run_cell(context, task, track, seed)
+    with WorkerPool(args.workers) as pool:
+        context = RunContext(profile, args.out, pool, not args.no_progress,
+                             eval_seed_base=TUNE_SEED_BASE if args.tuning else EVAL_SEED_BASE)
+        for task in profile.tasks:
+            for track in profile.tracks:
+                for seed in range(profile.seeds):
+                    Cell(context, task, track, seed, list(profile.methods)).run()
+    context.add_time('total_s', time.time() - start)
     _write(context)
-    table = summary_table(context.results, list(profile.methods))
+    methods = list(profile.methods)
+    table = summary_table(context.results, methods)
     states = ('TUNING states (a tuning run: not a result)' if args.tuning
               else 'held-out initial states')
     header = (f'# habc bench ({profile.name})\n\nCommand: `habc bench '
-              f'{" ".join(sys.argv[2:])}`\n\nSuccess on {profile.eval_episodes} {states} '
-              f'per checkpoint, pooled over {profile.seeds} seed(s), final '
-              f'round ({profile.rounds}); Wilson 95% interval; mean length of successful '
-              f'episodes. Wall time {time.time() - start:.0f} s.\n\n')
-    (args.out / 'results.md').write_text(header + table)
-    plot_results(context.results, args.out / 'success_vs_round.png')
-    plot_lengths(context.results, list(profile.methods), args.out / 'success_length.png')
-    print(table)
-    print(f'wrote {args.out}/results.json, results.md, success_vs_round.png, '
-          'success_length.png')
+              f'{" ".join(sys.argv[2:])}`\n\nSuccess on {profile.eval_episodes} {states} per '
+              f'checkpoint at the last evaluated round ({profile.rounds}: {profile.stage1_rounds}'
+              f' + {profile.stage2_rounds} rounds of {profile.rollouts_per_round} rollouts); '
+              f'pooled over {profile.seeds} seed(s) with its Wilson 95% interval, then the '
+              't-interval over seed means, successes per seed and the mean length of '
+              f'successful episodes. Wall time {time.time() - start:.0f} s.\n\n')
+    effort = effort_table(context.results, methods)
+    timing = '\n'.join(f'| {k} | {v:.0f} |' for k, v in sorted(context.timing.items()))
+    (args.out / 'results.md').write_text(
+        header + table + effort + '\nTime per phase (s; worker_* are summed over worker '
+        'processes)\n\n| phase | seconds |\n|---|---|\n' + timing + '\n')
+    plot_results(context.results, args.out / 'success_vs_round.png', profile.stage1_rounds)
+    plot_lengths(context.results, methods, args.out / 'success_length.png')
+    plots = 'success_vs_round.png, success_length.png'
+    if plot_gates(context.gate_histograms, args.out / 'gate_histograms.png'):
+        plots += ', gate_histograms.png'
+    print(table + effort)
+    print(f'wrote {args.out}/results.json, results.md, {plots}')
     return 0

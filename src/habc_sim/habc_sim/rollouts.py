@@ -27,19 +27,48 @@ def worker_env(config) -> Any:
     return _ENV
 
 
+class WorkerPool:
+    """Worker processes kept for a whole run: each keeps its simulator and loaded policy.
+
+    Starting a spawned interpreter, importing torch and MuJoCo and building the scene costs
+    seconds; a benchmark that runs hundreds of batches of episodes pays it once. Results
+    come back in job order, whichever worker ran them.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool = None
+        if workers > 1:
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context('spawn'))
+
+    def map(self, function: Callable[[Any], dict], jobs: Iterable[Any], description: str,
+            progress: bool = True) -> Iterator[dict]:
+        """Yield function(job) for every job (in job order), with a progress bar."""
+        jobs = list(jobs)
+        bar = tqdm(total=len(jobs), desc=description, disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        results = (map(function, jobs) if self._pool is None
+                   else self._pool.map(function, jobs))
+        for result in results:
+            yield result
+            bar.update()
+        bar.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> 'WorkerPool':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_parallel(function: Callable[[Any], dict], jobs: Iterable[Any], workers: int,
                  description: str, progress: bool = True) -> Iterator[dict]:
     """Yield function(job) for every job, computed by `workers` processes (in job order)."""
-    jobs = list(jobs)
-    bar = tqdm(total=len(jobs), desc=description, disable=not progress, dynamic_ncols=True)
-    if workers <= 1:
-        for job in jobs:
-            yield function(job)
-            bar.update()
-    else:
-        context = multiprocessing.get_context('spawn')
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for result in pool.map(function, jobs):
-                yield result
-                bar.update()
-    bar.close()
+    with WorkerPool(workers) as pool:
+        yield from pool.map(function, jobs, description, progress)

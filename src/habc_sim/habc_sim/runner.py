@@ -9,6 +9,7 @@ the controller that produced it, which is what credit assignment needs.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+import time
 
 import numpy as np
 
@@ -41,6 +42,8 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                        config: RunnerConfig = RunnerConfig(),
                        expert_config: ExpertConfig | None = None) -> tuple[Episode, dict]:
     """Roll out `policy` from `seed`; return the recorded Episode and a summary."""
+    render_before = env.render_seconds
+    inference_s = sim_s = 0.0
     observation = env.reset(seed)
     expert = ScriptedExpert(env, expert_config or ExpertConfig(), seed)
     expert.reset()
@@ -61,7 +64,9 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
             queue = []  # the policy restarts from the state the human leaves behind
         else:
             if not queue:
+                start = time.perf_counter()
                 chunk = np.asarray(policy(seen), dtype=np.float64)
+                inference_s += time.perf_counter() - start
                 if chunk.ndim != 2 or chunk.shape[1] != 14:
                     raise ValueError(f'policy returned a chunk of shape {chunk.shape}; '
                                      'expected (H, 14)')
@@ -72,7 +77,9 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                 observations.setdefault(key, []).append(np.asarray(value))
         actions.append(np.asarray(action, dtype=np.float32))
         controllers.append(controller)
+        start = time.perf_counter()
         result = env.step(action)
+        sim_s += time.perf_counter() - start
         observation = result.observation
         if result.success or result.truncated:
             break
@@ -87,6 +94,10 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                'physics_error': result.physics_error,
                'interventions': episode.num_interventions,
                'human_steps': int(np.sum(episode.controllers == Controller.HUMAN)),
-               'detections': list(operator.fired) if operator is not None else []}
+               'detections': list(operator.fired) if operator is not None else [],
+               # seconds: policy inference; simulator steps (physics and rendering); the
+               # rendering alone (reset included)
+               'inference_s': inference_s, 'sim_s': sim_s,
+               'render_s': env.render_seconds - render_before}
     return episode, summary
 

@@ -1,4 +1,8 @@
-"""`habc bench --quick` runs the whole protocol end to end (structure and sanity only)."""
+"""`habc bench`: statistics by hand, the schedule, method specs, and `--quick` end to end.
+
+The end-to-end runs check structure, not success: a quick run's budgets are far too small
+for a policy to learn. Two runs of one command must give the same numbers.
+"""
 
 import json
 import math
@@ -7,7 +11,15 @@ import sys
 
 import pytest
 
-from habc_sim.bench import EVAL_SEED_BASE, PROFILES, summary_table, wilson_interval
+from habc_sim.bench import (
+    BenchProfile,
+    EVAL_SEED_BASE,
+    parse_method,
+    PROFILES,
+    seed_interval,
+    summary_table,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_by_hand():
@@ -17,11 +29,45 @@ def test_wilson_interval_by_hand():
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
 
 
+def test_seed_interval_by_hand():
+    # Seeds 0.4, 0.6, 0.8: mean 0.6, sd 0.2, t(0.975, 2) = 4.3027 -> half 0.4968
+    mean, low, high = seed_interval([0.4, 0.6, 0.8])
+    assert math.isclose(mean, 0.6) and math.isclose(low, 0.6 - 0.4968, abs_tol=1e-3)
+    assert high == 1.0  # clipped
+    assert seed_interval([0.3]) == (0.3, 0.0, 1.0)
+
+
+def test_schedule_evaluates_sft_and_each_stage_end():
+    p = BenchProfile(name='x', stage1_rounds=5, stage2_rounds=2)
+    assert p.rounds == 7 and p.eval_rounds() == [0, 5, 7]
+    assert BenchProfile(name='x', stage1_rounds=4, stage2_rounds=2,
+                        eval_every=2).eval_rounds() == [0, 2, 4, 6]
+    full = PROFILES['full']
+    assert full.stage1_rounds >= 5 and full.rollouts_per_round >= 40
+    assert full.stage2_rounds >= 2 and full.warmup_steps == 500
+
+
+def test_method_specs_carry_ablation_overrides():
+    p = PROFILES['full']
+    name, q = parse_method('habc@advantage_network=mixed,advantage_stride=10', p)
+    assert name == 'habc' and q.advantage_network == 'mixed' and q.advantage_stride == 10
+    _, clean = parse_method('habc@operator=clean', p)
+    assert clean.operator_noise == 0.0 and clean.operator_slowdown == 1.0
+    assert 0.0 < p.operator_noise_for('insertion') <= p.noise_for('insertion')
+    assert p.operator_slowdown > 1.0  # slower than the policy
+    with pytest.raises(ValueError, match='unknown method'):
+        parse_method('habc2', p)
+    with pytest.raises(ValueError, match='expected key=value'):
+        parse_method('habc@horizon=3', p)
+    with pytest.raises(ValueError, match='bad value'):
+        parse_method('habc@advantage_stride=two', p)
+
+
 def test_evaluation_seeds_never_overlap_training_seeds():
     from habc_sim import bench
     p = PROFILES['full']
     demo = range(bench.DEMO_SEED_BASE, bench.DEMO_SEED_BASE + 10_000 * p.seeds)
-    rollout_end = bench.ROLLOUT_SEED_BASE + 10_000 * p.seeds + 1000 * (p.rounds + 1)
+    rollout_end = bench.ROLLOUT_SEED_BASE + 10_000 * p.seeds + 1000 * (bench.MAX_ROUNDS + 1)
     assert demo.stop <= bench.ROLLOUT_SEED_BASE
     assert rollout_end <= bench.TUNE_SEED_BASE
     # Budgets were tuned on the tuning range; evaluation states lie beyond it.
@@ -35,30 +81,69 @@ def test_profiles_give_each_task_its_demo_noise():
     assert PROFILES['pixels'].tracks == ('pixels',) and PROFILES['pixels'].seeds >= 2
 
 
-@pytest.mark.timeout(900)  # ~90 s on an idle 2-core machine; minutes when it is loaded
-def test_quick_bench_end_to_end(tmp_path):
-    out = tmp_path / 'bench'
+def _quick_bench(out, *extra):
     result = subprocess.run([sys.executable, '-m', 'habc.cli', 'bench', '--quick',
-                             '--out', str(out), '--no-progress'],
+                             '--out', str(out), '--no-progress', *extra],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    payload = json.loads((out / 'results.json').read_text())
+    return json.loads((out / 'results.json').read_text())
+
+
+@pytest.mark.timeout(900)  # ~20 s on an idle 2-core machine; minutes when it is loaded
+def test_quick_bench_end_to_end(tmp_path):
+    out = tmp_path / 'bench'
+    payload = _quick_bench(out)
+    quick = PROFILES['quick']
     assert payload['eval_seed_base'] == EVAL_SEED_BASE  # held-out states unless --tuning
-    methods = set(PROFILES['quick'].methods)
+    assert payload['schedule']['eval_rounds'] == [0, 1, 2]
     rows = payload['results']
-    assert {r['method'] for r in rows} == methods
+    assert {r['method'] for r in rows} == set(quick.methods)
     for row in rows:
-        assert 0.0 <= row['ci_low'] <= row['success_rate'] <= row['ci_high'] <= 1.0
-        assert row['episodes'] == PROFILES['quick'].eval_episodes
-    assert {r['round'] for r in rows if r['method'] == 'habc'} == {0, 1}
-    rollouts = [r for r in rows if r['round'] == 1]
-    assert all(r['rollouts'] == PROFILES['quick'].rollouts_per_round for r in rollouts)
+        if 'success_rate' in row:
+            assert 0.0 <= row['ci_low'] <= row['success_rate'] <= row['ci_high'] <= 1.0
+            assert row['episodes'] == quick.eval_episodes
+    rounds = {m: sorted(r['round'] for r in rows if r['method'] == m) for m in quick.methods}
+    # HABC+IR has no stage 1 of its own: it branches from HABC after round 1.
+    assert rounds == {'sft': [0], 'imit_dagger': [0, 1, 2], 'habc': [0, 1, 2],
+                      'habc_ir': [0, 2]}
+    online = [r for r in rows if r['round'] > 0]
+    assert all(r['rollouts'] == quick.rollouts_per_round for r in online)
+    # Round 1 comes from the shared SFT checkpoint: the same rollouts for every method.
+    first = [(r['interventions'], r['human_steps']) for r in online if r['round'] == 1]
+    assert len(set(first)) == 1
+    # HABC and HABC+IR start round 2 from the same checkpoint: the same rollouts too.
+    second = {r['method']: (r['interventions'], r['human_steps']) for r in online
+              if r['round'] == 2}
+    assert second['habc'] == second['habc_ir']
+    habc = [r for r in online if r['method'] == 'habc']
+    assert all(r['g_mean_demo'] is not None for r in habc)
+    assert {h['source'] for h in payload['gate_histograms']} >= {'demo'}
+    for phase in ('demos_and_sft_s', 'rollouts_s', 'train_s', 'eval_s', 'total_s'):
+        assert payload['timing_s'][phase] > 0
     assert (out / 'results.md').read_text().count('|') > 10
-    assert (out / 'success_vs_round.png').stat().st_size > 1000
-    assert (out / 'success_length.png').stat().st_size > 1000
-    assert all(r['round_seconds'] > 0 for r in rollouts)
-    for method in methods - {'sft'}:
+    for plot in ('success_vs_round.png', 'success_length.png', 'gate_histograms.png'):
+        assert (out / plot).stat().st_size > 1000
+    for method in ('imit_dagger', 'habc'):
         assert (out / 'transfer_cube-state-seed0' / method / 'round1' /
                 'model.safetensors').is_file()
-    table = summary_table(rows, sorted(methods))
-    assert all(m in table for m in methods)
+    assert (out / 'transfer_cube-state-seed0' / 'habc_ir' / 'round2' /
+            'model.safetensors').is_file()
+    table = summary_table(rows, list(quick.methods))
+    assert all(m in table for m in quick.methods)
+
+
+@pytest.mark.timeout(900)
+def test_the_same_command_gives_the_same_numbers(tmp_path):
+    # Episode seeds, operator streams, policy sampling and training are seeded from the
+    # command alone; methods in another order and another worker count change nothing.
+    extra = ['--methods', 'habc', 'sft', '--rollouts', '2', '--eval-episodes', '2']
+    first = _quick_bench(tmp_path / 'a', *extra)
+    again = _quick_bench(tmp_path / 'b', *extra[:1], 'sft', 'habc', *extra[3:],
+                         '--workers', '1')
+
+    def numbers(payload):
+        rows = [{k: v for k, v in r.items() if k != 'round_seconds'}
+                for r in payload['results']]
+        return sorted(rows, key=lambda r: (r['method'], r['round'])), payload['gate_histograms']
+
+    assert numbers(first) == numbers(again)
