@@ -66,7 +66,7 @@ class BenchProfile:
     stage2_rounds: int = 2        # R2: HABC+IR's rounds, and everyone else's extra rounds
     rollouts_per_round: int = 40  # E
     steps_per_round: int = 500    # K
-    eval_episodes: int = 50
+    eval_episodes: int = 100       # held-out initial states per evaluated checkpoint
     eval_every: int = 0           # also evaluate every this many rounds (0: stage ends only)
     batch_size: int = 256
     actor_lr: float = 1e-3        # 3e-4 left the low-dim SFT policy underfit (loss 0.65 vs 0.24)
