@@ -23,7 +23,8 @@ from typing import Any
 from habc_episodes.dataset import Labeller, load_bags, LoadResult
 from habc_episodes.episode_bags import TopicMapping
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
-from habc_learner.methods import Method, MethodConfig
+from habc_learner.data import HumanWindowTargets
+from habc_learner.methods import AdvantageNetwork, Method, MethodConfig
 from habc_learner.policies import fit_problems, new_policy
 
 CHECKPOINT_DIR = 'checkpoint'
@@ -99,8 +100,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help='new policy: images are resized to this square size (96)')
     training.add_argument('--actor-lr', type=float, default=1e-3)
     training.add_argument('--critic-lr', type=float, default=1e-3)
-    training.add_argument('--warmup-steps', type=int, default=300,
-                          help='gradient steps with gate g_t = 1 (300)')
+    training.add_argument('--warmup-steps', type=int, default=500,
+                          help="N_wu: gradient steps with gate g_t = 1 (500, the paper's)")
+    training.add_argument('--advantage-network', default=AdvantageNetwork.TARGET.value,
+                          choices=[n.value for n in AdvantageNetwork],
+                          help='critic that gives both terms of each advantage: the target '
+                          'copy (default), the online critic, or mixed (online at s_t, '
+                          'target at s_t+1: biased, for ablations)')
+    training.add_argument('--human-window-targets', default=HumanWindowTargets.HUMAN_STEPS.value,
+                          choices=[t.value for t in HumanWindowTargets],
+                          help="a human window's chunk targets: only the human's steps "
+                          '(default) or the full chunk (for ablations)')
+    training.add_argument('--advantage-stride', type=int, default=1,
+                          help='k of s_t+k in the advantages: 1 = the next control step '
+                          '(default); an executed chunk is the alternative')
     training.add_argument('--seed', type=int, default=0)
     training.add_argument('--device', default='auto',
                           help='torch device: auto (cuda if available), cpu, cuda, ...')
@@ -199,7 +212,10 @@ def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMa
     from habc_learner.trainer import TrainConfig, Trainer
 
     method = MethodConfig(method=args.method, horizon=policy.horizon,
-                          warmup_steps=args.warmup_steps)
+                          warmup_steps=args.warmup_steps,
+                          advantage_network=args.advantage_network,
+                          human_window_targets=args.human_window_targets,
+                          next_stride=args.advantage_stride)
     buffer = method.make_buffer()
     for episode in result.episodes:
         buffer.add(episode)
