@@ -18,5 +18,10 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 # vs 9 s with 1, measured with two busy loops alone).
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
+# Nodes started without a checkpoint look for the one `habc demo` trained (runs/demo/sft):
+# a user's own runs must not leak into the tests, so by default they find none. A test that
+# wants a search folder sets the variable itself (monkeypatch.setenv).
+os.environ['HABC_CHECKPOINT_SEARCH'] = os.devnull
+
 # Fixtures shared by the packages' tests (tests/ is on pythonpath, see pytest.ini).
 pytest_plugins = ['bag_fixtures', 'ros_fixtures']

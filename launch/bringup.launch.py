@@ -11,10 +11,16 @@ from pathlib import Path
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable, Shutdown
+from launch.actions import (
+    DeclareLaunchArgument,
+    LogInfo,
+    OpaqueFunction,
+    SetEnvironmentVariable,
+    Shutdown,
+)
 from launch_ros.actions import Node
 
-from habc.bringup import argument_values, load_description, resolve
+from habc.bringup import argument_values, checkpoint_notice, load_description, resolve
 from habc_common.ros_env import DEFAULT_DISCOVERY_RANGE, DISCOVERY_RANGE_VAR
 
 DEFAULT_DESCRIPTION = Path(get_package_share_directory('habc')) / 'config' / 'bringup.yaml'
@@ -24,11 +30,17 @@ def _nodes(context, *_args, **_kwargs):
     description = load_description(Path(context.launch_configurations['description']))
     overrides = {a.name: context.launch_configurations[a.name] for a in description.arguments
                  if a.name in context.launch_configurations}
+    nodes = resolve(description, overrides)
     actions = []
-    for node in resolve(description, overrides):
+    notice = checkpoint_notice(nodes)
+    if notice:  # the same line `habc launch` prints
+        actions.append(LogInfo(msg=notice))
+    for node in nodes:
+        # Parameters set by launch arguments (checkpoint:=DIR) come after the files.
+        values = [dict(node.parameter_values)] if node.parameter_values else []
         actions.append(Node(
             package=node.package, executable=node.executable, name=node.name,
-            namespace=node.namespace, parameters=[str(p) for p in node.parameters],
+            namespace=node.namespace, parameters=[str(p) for p in node.parameters] + values,
             remappings=list(node.remappings), output='screen', emulate_tty=True,
             on_exit=Shutdown(reason=f'required node {node.name} exited') if node.required
             else None))

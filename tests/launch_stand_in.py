@@ -40,6 +40,10 @@ class Shutdown(_Recorder):
     pass
 
 
+class LogInfo(_Recorder):
+    pass
+
+
 class Node(_Recorder):
     pass
 
@@ -54,7 +58,8 @@ def install(monkeypatch) -> None:
     launch = types.ModuleType('launch')
     launch.LaunchDescription = LaunchDescription
     actions = types.ModuleType('launch.actions')
-    for cls in (DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable, Shutdown):
+    for cls in (DeclareLaunchArgument, LogInfo, OpaqueFunction, SetEnvironmentVariable,
+                Shutdown):
         setattr(actions, cls.__name__, cls)
     launch.actions = actions
     launch_ros = types.ModuleType('launch_ros')

@@ -1,6 +1,7 @@
 """The pip launcher starts and stops the bringup; the launch file uses the same description."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 import re
@@ -13,9 +14,12 @@ import pytest
 from ros_fixtures import wait_for
 from ros_helpers import Child, ROOT, ros_env
 from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+import yaml
 
 from habc.bringup import description_path, load_description, resolve, ros_arguments
-from habc_common.qos import JOINT_STATES
+from habc_common.checkpoints import NO_CHECKPOINT_HINT, SEARCH_VAR
+from habc_common.qos import JOINT_STATES, LATCHED
 
 pytestmark = pytest.mark.ros
 
@@ -141,7 +145,8 @@ def _load_launch_file(monkeypatch):
 
 
 @pytest.mark.parametrize('overrides', [{}, {'namespace': 'robot1', 'use_learner': 'false',
-                                            'use_scripted_operator': 'false'}])
+                                            'use_scripted_operator': 'false',
+                                            'checkpoint': '/runs/x/sft'}])
 def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, overrides):
     launch_file = _load_launch_file(monkeypatch)
     entities = launch_file.generate_launch_description().entities
@@ -153,7 +158,11 @@ def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, over
         'ROS_AUTOMATIC_DISCOVERY_RANGE'))
     (opaque,) = [e for e in entities if isinstance(e, launch_stand_in.OpaqueFunction)]
     context = launch_stand_in.LaunchContext({**declared, **overrides})
-    launch_nodes = opaque.kwargs['function'](context)
+    actions = opaque.kwargs['function'](context)
+    launch_nodes = [a for a in actions if isinstance(a, launch_stand_in.Node)]
+    # The checkpoint line `habc launch` prints (none here when checkpoint:= is given).
+    logs = [a.kwargs['msg'] for a in actions if isinstance(a, launch_stand_in.LogInfo)]
+    assert len(logs) == (0 if 'checkpoint' in overrides else 1), logs
     from_launch_file = [
         (n.kwargs['name'], n.kwargs['package'], n.kwargs['executable'], n.kwargs['namespace'],
          tuple(n.kwargs['parameters']), tuple(n.kwargs['remappings']),
@@ -164,7 +173,9 @@ def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, over
     description = load_description(description_path('bringup'))
     assert Path(declared['description']).samefile(description.path)
     from_pip_launcher = [
-        (n.name, n.package, n.executable, n.namespace, tuple(str(p) for p in n.parameters),
+        (n.name, n.package, n.executable, n.namespace,
+         tuple(str(p) for p in n.parameters)
+         + ((dict(n.parameter_values),) if n.parameter_values else ()),
          n.remappings, n.required)
         for n in resolve(description, overrides)]
     assert from_launch_file == from_pip_launcher
@@ -180,3 +191,82 @@ def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, over
         exe, *args = line.split(' ')
         assert exe.endswith(f'/lib/{node.package}/{node.executable}')
         assert args == ros_arguments(node)
+
+
+def tiny_sft_checkpoint(path: Path) -> Path:
+    """Save a small VLA (version 1) that fits the simulated robot at 32 px, one camera."""
+    import torch
+
+    from habc_policy.models.vla import SmallVLA, SmallVLAConfig
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
+                                     image_size=32, hidden_dim=32, num_layers=1,
+                                     cnn_channels=[8, 16], action_head='l2'))
+    policy.version = '1'
+    policy.save(path)
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_bringup_without_a_checkpoint_runs_holds_and_starts_once_one_appears(
+        ros, tmp_path, monkeypatch):
+    # The card's own command with nothing trained yet: no checkpoint anywhere it looks.
+    search = tmp_path / 'runs' / 'demo'
+    search.mkdir(parents=True)
+    monkeypatch.setenv(SEARCH_VAR, str(search))
+    storage = tmp_path / 'episodes'
+    params = tmp_path / 'params.yaml'  # storage in tmp_path; nothing names a checkpoint
+    params.write_text(yaml.safe_dump({k: {'ros__parameters': v} for k, v in {
+        '/**/sim_robot': {'image_size': 32},
+        '/**/episode_recorder': {'storage_dir': str(storage)},
+        # No round during the test: it checks how the learner starts, not how it trains.
+        '/**/learner': {'index_path': str(storage / 'episodes.sqlite'),
+                        'work_dir': str(tmp_path / 'learner'), 'episodes_per_round': 1000,
+                        'poll_period_s': 0.2},
+        '/**/policy': {'torch_threads': 1},
+    }.items()}))
+    node = ros.create_node('no_checkpoint_test')
+    learner: list[dict] = []
+    policy: list[dict] = []
+    node.create_subscription(String, 'learner/status',
+                             lambda m: learner.append(json.loads(m.data)), LATCHED)
+    node.create_subscription(String, 'policy/status',
+                             lambda m: policy.append(json.loads(m.data)), LATCHED)
+    launcher = start_launcher('bringup', '--grace', '60', f'params_file:={params}')
+    try:
+        ros.wait_for(lambda: learner and learner[-1]['state'] == 'waiting',
+                     'learner/status waiting', 180, children=[launcher])
+        assert 'no `habc demo` checkpoint is in' in learner[-1]['waiting']
+        assert learner[-1]['search'] == [str(search)]
+        ros.wait_for(lambda: policy and policy[-1]['waiting'], 'policy/status holding',
+                     children=[launcher])
+        assert policy[-1]['active_version'] is None
+        assert 'no policy checkpoint' in policy[-1]['waiting']
+        launcher.wait_for('[learner]')  # its log line (only once: checked below)
+
+        # `habc demo` finishes its SFT checkpoint: the waiting nodes start from it.
+        tiny_sft_checkpoint(tmp_path / 'scratch')
+        os.replace(tmp_path / 'scratch', search / 'sft')
+        ros.wait_for(lambda: learner[-1]['state'] == 'idle' and learner[-1]['version'] == '1',
+                     'learner/status idle at version 1', 120, children=[launcher])
+        assert learner[-1]['checkpoint'] == str(search / 'sft')
+        ros.wait_for(lambda: policy[-1]['active_version'] == '1',
+                     'the policy acting with version 1', 120, children=[launcher])
+        assert policy[-1]['waiting'] is None
+        launcher.process.send_signal(signal.SIGINT)
+        code = launcher.finish(timeout=300)
+    finally:
+        launcher.kill()
+    text = launcher.output
+    assert code == 0, text[-6000:]
+    # The launcher said what to do, in exactly one line, before the nodes started.
+    hints = [line for line in text.splitlines() if NO_CHECKPOINT_HINT in line]
+    assert len(hints) == 1 and hints[0].startswith('[launch] '), hints
+    assert text.index(hints[0]) < text.index('[launch] started')
+    # Nothing died; the learner said why it waited once, not on every poll.
+    assert 'died' not in text
+    assert text.count('waiting for a checkpoint') == 1, text[-6000:]
+    for name in ('sim_robot', 'sync', 'policy', 'teleop_arbiter', 'episode_recorder',
+                 'learner'):
+        assert f'{name} stopped (exit code 0)' in text, text[-6000:]

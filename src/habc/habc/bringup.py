@@ -6,16 +6,20 @@ parameter files, remaps and namespaces.
 """
 
 from dataclasses import dataclass
+import json
 import os
 from pathlib import Path
+import re
 from typing import Any
 
 import yaml
 
+from habc_common import checkpoints
+
 TRUE_WORDS = {'true', '1', 'yes', 'on'}
 FALSE_WORDS = {'false', '0', 'no', 'off'}
 _NODE_KEYS = {'name', 'package', 'executable', 'parameters', 'remappings', 'namespace',
-              'required', 'enabled_if'}
+              'required', 'enabled_if', 'argument_parameters'}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class NodeSpec:
     namespace: str = ''
     required: bool = False
     enabled_if: str | None = None
+    # (parameter, launch argument): the argument's value, when not empty, sets the parameter
+    # after every parameter file.
+    argument_parameters: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,14 @@ class ResolvedNode:
     remappings: tuple[tuple[str, str], ...]
     namespace: str
     required: bool
+    argument_parameters: tuple[tuple[str, str], ...] = ()
+    # Parameters set by launch arguments (`-p name:=value`, after the parameter files).
+    parameter_values: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def full_name(self) -> str:
+        """The node's fully qualified name, e.g. /robot1/policy."""
+        return join_namespace(self.namespace, self.name)
 
 
 class DescriptionError(ValueError):
@@ -120,11 +135,20 @@ def load_description(path: Path) -> BringupDescription:
         enabled_if = entry.get('enabled_if')
         if enabled_if is not None and enabled_if not in argument_names:
             _fail(path, f'{where}: enabled_if names undeclared argument {enabled_if!r}')
+        mapping = entry.get('argument_parameters') or {}
+        if not isinstance(mapping, dict):
+            _fail(path, f'{where}: argument_parameters maps parameter names to launch '
+                  f'arguments, got {mapping!r}')
+        for parameter, argument in mapping.items():
+            if argument not in argument_names:
+                _fail(path, f'{where}: argument_parameters names undeclared argument '
+                      f'{argument!r} (for parameter {parameter!r})')
         nodes.append(NodeSpec(
             name=str(entry['name']), package=str(entry['package']),
             executable=str(entry['executable']), parameters=tuple(parameters),
             remappings=tuple(remappings), namespace=str(entry.get('namespace') or ''),
-            required=bool(entry.get('required', False)), enabled_if=enabled_if))
+            required=bool(entry.get('required', False)), enabled_if=enabled_if,
+            argument_parameters=tuple((str(k), str(v)) for k, v in mapping.items())))
 
     names = [n.name for n in nodes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -166,6 +190,9 @@ def argument_values(description: BringupDescription,
 # A description that declares this argument lets the user layer one more parameter file on
 # every node (after the node's own files, so it wins): storage paths, a checkpoint, budgets.
 PARAMS_FILE_ARGUMENT = 'params_file'
+# The argument that names the policy checkpoint; the parameters it feeds (argument_parameters)
+# are the ones `checkpoint_notice` checks.
+CHECKPOINT_ARGUMENT = 'checkpoint'
 
 
 def resolve(description: BringupDescription,
@@ -188,7 +215,10 @@ def resolve(description: BringupDescription,
             name=spec.name, package=spec.package, executable=spec.executable,
             parameters=spec.parameters + extra, remappings=spec.remappings,
             namespace=join_namespace(robot_namespace, spec.namespace),
-            required=spec.required))
+            required=spec.required, argument_parameters=spec.argument_parameters,
+            parameter_values=tuple((parameter, values[argument])
+                                   for parameter, argument in spec.argument_parameters
+                                   if values[argument])))
     return resolved
 
 
@@ -197,9 +227,73 @@ def ros_arguments(node: ResolvedNode) -> list[str]:
     args = ['--ros-args', '-r', f'__node:={node.name}', '-r', f'__ns:={node.namespace}']
     for param_file in node.parameters:
         args += ['--params-file', str(param_file)]
+    for name, value in node.parameter_values:
+        # A YAML double-quoted string: the value stays a string ('true', '1', '~' too).
+        args += ['-p', f'{name}:={json.dumps(value)}']
     for source, target in node.remappings:
         args += ['-r', f'{source}:={target}']
     return args
+
+
+def _node_key_pattern(key: str) -> re.Pattern:
+    # A node key of a parameter file as rcl matches it: '/**' any namespaces, '*' one token.
+    key = key if key.startswith('/') else '/' + key
+    pattern = re.escape(key).replace(re.escape('/**'), '(?:/[^/]+)*')
+    return re.compile(pattern.replace(re.escape('*'), '[^/]*'))
+
+
+def file_parameter(node: ResolvedNode, name: str) -> Any:
+    """Return the value the node's parameter files give `name` (None: none sets it).
+
+    Files apply in order, and within a file its node keys (`/**`, `/**/learner`, `learner`)
+    that match the node's full name; the last value wins. Unreadable files are skipped:
+    the node reports those itself.
+    """
+    value = None
+    for path in node.parameters:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        for key, body in data.items():
+            if not (isinstance(body, dict) and isinstance(body.get('ros__parameters'), dict)):
+                continue
+            if name in body['ros__parameters'] and \
+                    _node_key_pattern(str(key)).fullmatch(node.full_name):
+                value = body['ros__parameters'][name]
+    return value
+
+
+def checkpoint_notice(nodes: list[ResolvedNode],
+                      folders: list[Path] | None = None) -> str | None:
+    """Return one line on the checkpoint the nodes will start from; None: all are set.
+
+    The parameters that the `checkpoint` launch argument feeds (the policy's `checkpoint`,
+    the learner's `init_checkpoint`) take the argument's value, else their parameter files'.
+    Empty ones make the nodes search for the newest `habc demo` SFT checkpoint
+    (habc_common.checkpoints): this says which one they will find, or what to do.
+    """
+    empty = []
+    for node in nodes:
+        explicit = dict(node.parameter_values)
+        for parameter, argument in node.argument_parameters:
+            if argument != CHECKPOINT_ARGUMENT:
+                continue
+            value = explicit.get(parameter) or file_parameter(node, parameter)
+            if not value:
+                empty.append(f'{node.name}.{parameter}')
+    if not empty:
+        return None
+    folders = checkpoints.search_folders() if folders is None else folders
+    found = checkpoints.find_checkpoint(folders)
+    searched = checkpoints.describe_search(folders)
+    if found is None:
+        return f'{checkpoints.NO_CHECKPOINT_HINT} (searched {searched})'
+    return (f'checkpoint: {", ".join(empty)} left empty, so the nodes start from {found}, '
+            f'the newest `habc demo` checkpoint in {searched} (pass checkpoint:=DIR to '
+            'choose another)')
 
 
 def find_executable(package: str, executable: str,

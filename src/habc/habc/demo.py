@@ -22,6 +22,7 @@ import time
 
 import yaml
 
+from habc_common.checkpoints import DEMO_OUT, SFT_NAME
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 
 HELP = __doc__
@@ -267,7 +268,8 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `habc demo` options."""
-    d = DemoConfig(out=Path('runs/demo'))
+    # runs/demo: where a plain `habc launch bringup` looks for the SFT checkpoint.
+    d = DemoConfig(out=DEMO_OUT)
     parser.add_argument('--out', type=Path, default=d.out,
                         help='run folder: SFT checkpoint, episodes, learner (default runs/demo)')
     parser.add_argument('--rounds', type=int, default=d.rounds,
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
                         method=args.method, timeout_s=args.timeout)
     config.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    checkpoint = config.out / 'sft'
+    checkpoint = config.out / SFT_NAME
     if not (checkpoint / 'model.safetensors').is_file():
         from habc_sim import bench
 

@@ -3,7 +3,9 @@
 Starts the executables of a bringup description with the same parameters, remaps and
 namespaces as launch/bringup.launch.py, prefixes each line of their output with the node
 name, forwards Ctrl-C / SIGTERM to every node (SIGINT, then SIGTERM, then SIGKILL after a
-grace period each), and exits non-zero when a required node dies.
+grace period each), and exits non-zero when a required node dies. When the policy's
+checkpoint is left empty it prints one line first: the `habc demo` checkpoint the nodes will
+start from, or, with none, what to do (habc.bringup.checkpoint_notice).
 """
 
 import argparse
@@ -18,6 +20,7 @@ import time
 from typing import TextIO
 
 from habc.bringup import (
+    checkpoint_notice,
     description_path,
     DescriptionError,
     find_executable,
@@ -70,6 +73,10 @@ class Launcher:
         with self._write_lock:
             self.out.write(f'{tag} {line}\n')
             self.out.flush()
+
+    def announce(self, line: str) -> None:
+        """Print one line of the launcher's own, prefixed [launch]."""
+        self._say('launch', line)
 
     def _pump(self, name: str, color: str, stream: TextIO) -> None:
         for line in stream:
@@ -216,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
         launcher = Launcher(nodes, grace_s=args.grace)
         signal.signal(signal.SIGINT, launcher.request_stop)
         signal.signal(signal.SIGTERM, launcher.request_stop)
+        notice = checkpoint_notice(nodes)
+        if notice:  # one line: which checkpoint the nodes will find, or what to do
+            launcher.announce(notice)
         launcher.start()
     except (DescriptionError, FileNotFoundError) as exc:
         print(f'habc launch: {exc}', file=sys.stderr)

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from habc.bringup import (
+    checkpoint_notice,
     DescriptionError,
+    file_parameter,
     join_namespace,
     load_description,
     parse_bool,
@@ -13,6 +15,7 @@ from habc.bringup import (
     ros_arguments,
 )
 from habc.launcher import parse_launch_arguments
+from habc_common.checkpoints import NO_CHECKPOINT_HINT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -63,6 +66,8 @@ def test_load_and_resolve(tmp_path):
     ('nodes:\n  - {name: a, package: p, executable: e}\n  - {name: a, package: p, executable: f}',
      "repeated: \\['a'\\]"),
     ('nodes: [', 'not valid YAML'),
+    ('nodes:\n  - {name: a, package: p, executable: e, argument_parameters: {x: nope}}',
+     "argument_parameters names undeclared argument 'nope'"),
 ])
 def test_invalid_descriptions_name_the_problem(tmp_path, text, message):
     with pytest.raises(DescriptionError, match=message):
@@ -97,6 +102,82 @@ def test_shipped_descriptions_are_valid():
         'episode_recorder_node', 'scripted_operator_node', 'learner_node'}
     # Every node can be switched off by a launch argument (the real-robot variant).
     assert all(n.enabled_if for n in bringup.nodes)
+    # checkpoint:=DIR sets the policy's checkpoint and the learner's init_checkpoint.
+    assert {n.name: n.argument_parameters for n in bringup.nodes
+            if n.argument_parameters} == {'policy': (('checkpoint', 'checkpoint'),),
+                                          'learner': (('init_checkpoint', 'checkpoint'),)}
+
+
+CHECKPOINT_BRINGUP = """
+arguments:
+  namespace: {default: ''}
+  params_file: {default: ''}
+  checkpoint: {default: ''}
+nodes:
+  - {name: robot, package: p, executable: r, parameters: [robot.yaml]}
+  - {name: policy, package: p, executable: e, parameters: [policy.yaml],
+     argument_parameters: {checkpoint: checkpoint}}
+  - {name: learner, package: p, executable: l, parameters: [learner.yaml],
+     argument_parameters: {init_checkpoint: checkpoint}}
+"""
+
+
+def checkpoint_bringup(tmp_path: Path):
+    for name, text in (('robot', '{}'), ('policy', "{checkpoint: ''}"),
+                       ('learner', '{work_dir: /tmp/w}')):
+        (tmp_path / f'{name}.yaml').write_text(f'/**:\n  ros__parameters: {text}\n')
+    path = tmp_path / 'd.yaml'
+    path.write_text(CHECKPOINT_BRINGUP)
+    return load_description(path)
+
+
+def test_checkpoint_argument_sets_its_parameters_after_the_files(tmp_path):
+    description = checkpoint_bringup(tmp_path)
+    assert all(not n.parameter_values for n in resolve(description))
+    robot, policy, learner = resolve(description, {'checkpoint': 'runs/x y/sft'})
+    assert robot.parameter_values == ()
+    assert policy.parameter_values == (('checkpoint', 'runs/x y/sft'),)
+    assert learner.parameter_values == (('init_checkpoint', 'runs/x y/sft'),)
+    # After the parameter files, as a YAML string (rcl parses -p values as YAML).
+    assert ros_arguments(policy)[-2:] == ['-p', 'checkpoint:="runs/x y/sft"']
+
+
+def test_file_parameter_follows_node_keys_and_file_order(tmp_path):
+    description = checkpoint_bringup(tmp_path)
+    extra = tmp_path / 'extra.yaml'
+    extra.write_text('/**/learner:\n  ros__parameters: {init_checkpoint: /a}\n'
+                     '/robot1/policy:\n  ros__parameters: {checkpoint: /b}\n'
+                     '/*/learner:\n  ros__parameters: {init_checkpoint: /c}\n')
+    _, policy, learner = resolve(description, {'params_file': str(extra)})
+    assert file_parameter(policy, 'checkpoint') == ''  # policy.yaml's; /robot1 is not its ns
+    assert file_parameter(learner, 'init_checkpoint') == '/a'  # /*/ needs one namespace
+    assert file_parameter(learner, 'work_dir') == '/tmp/w'
+    assert file_parameter(learner, 'nothing') is None
+    _, policy, learner = resolve(description, {'params_file': str(extra),
+                                               'namespace': 'robot1'})
+    assert file_parameter(policy, 'checkpoint') == '/b'
+    assert file_parameter(learner, 'init_checkpoint') == '/c'  # the last match wins
+
+
+def test_checkpoint_notice_says_what_the_nodes_start_from_or_what_to_do(tmp_path):
+    description = checkpoint_bringup(tmp_path)
+    search = [tmp_path / 'runs' / 'demo']
+    notice = checkpoint_notice(resolve(description), search)
+    assert notice == f'{NO_CHECKPOINT_HINT} (searched {search[0]})'
+    assert '\n' not in notice
+    # Named by the argument or by the parameter files: nothing to say.
+    assert checkpoint_notice(resolve(description, {'checkpoint': '/ckpt'}), search) is None
+    both = tmp_path / 'both.yaml'
+    both.write_text('/**:\n  ros__parameters: {checkpoint: /p, init_checkpoint: /l}\n')
+    assert checkpoint_notice(resolve(description, {'params_file': str(both)}), search) is None
+    # A trained one: the nodes will find it, and the line names it.
+    sft = search[0] / 'sft'
+    sft.mkdir(parents=True)
+    (sft / 'model.safetensors').write_bytes(b'w')
+    (sft / 'config.json').write_text('{}')
+    notice = checkpoint_notice(resolve(description), search)
+    assert notice.startswith('checkpoint: policy.checkpoint, learner.init_checkpoint left '
+                             f'empty, so the nodes start from {sft}')
 
 
 def test_params_file_argument_layers_one_more_file_on_every_node(tmp_path):

@@ -64,7 +64,9 @@ class LearnerParams:
                           '(~ and $VARIABLES are expanded).')
     init_checkpoint: str = param('', 'Checkpoint folder of the SFT policy (its version, '
                                  'STARTUP_VERSION, is the one the learner counts on from). '
-                                 'Needed on the first start; a restart resumes from work_dir.')
+                                 'Needed on the first start; a restart resumes from work_dir. '
+                                 'Empty: learner_node takes the newest `habc demo` checkpoint '
+                                 '(habc_common.checkpoints) and waits until there is one.')
     method: str = param('habc', 'Training method.', choices=tuple(m.value for m in Method))
     episodes_per_round: int = param(2, 'New labelled episodes that start a training round.',
                                     min=1)
@@ -507,6 +509,11 @@ class Learner:
         return RoundResult(self.version, self.sha256, self.checkpoint, self.metrics,
                            self.round, len(self._episodes) + len(self._to_restore),
                            self.written_at)
+
+
+def has_state(work_dir: str) -> bool:
+    """Return True when `work_dir` holds a learner state: a restart needs no checkpoint."""
+    return (expand_path(work_dir) / STATE_FILE).is_file()
 
 
 def expand_path(path: str) -> Path:

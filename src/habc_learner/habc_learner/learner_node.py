@@ -1,9 +1,17 @@
 """learner_node: trains on newly labelled episodes and publishes versioned policy updates.
 
 Topics: publishes `policy/update` (habc_msgs/PolicyUpdate, latched) after every round and
-`learner/status` (std_msgs/String with JSON, latched: state 'idle' | 'training', version,
-round, episodes, pending, last metrics, and progress while training). It reads the episode
-index (SQLite, `index_path`) and the bags it names; it subscribes to nothing.
+`learner/status` (std_msgs/String with JSON, latched: state 'waiting' | 'idle' | 'training',
+version, round, episodes, pending, last metrics, and progress while training). It reads the
+episode index (SQLite, `index_path`) and the bags it names; it subscribes to nothing.
+
+Starting point. After a restart the node resumes from `work_dir`; on a first start it needs
+the SFT checkpoint: `init_checkpoint`, or, left empty, the newest one `habc demo` trained
+(habc_common.checkpoints: runs/demo/sft in the current folder or in $HABC_ROOT). With none,
+it does not exit: it publishes state 'waiting' with the reason (logged once) and, every
+`poll_period_s`, looks again, so it starts as soon as `habc demo` has written one or
+`ros2 param set /learner init_checkpoint DIR` names one (a folder that holds no checkpoint is
+refused at once).
 
 A timer polls the index every `poll_period_s`; polling (which reads bags) and training run in
 one worker thread, so the executor never blocks and at most one round runs at a time. After a
@@ -11,15 +19,20 @@ restart the node republishes its latest version at once (latched), so a policy n
 restarted meanwhile catches up. The logic lives in habc_learner.learner.Learner.
 """
 
+from dataclasses import replace
 import json
+from pathlib import Path
 import threading
 import time
+from typing import Any
 
 from diagnostic_msgs.msg import KeyValue
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from std_msgs.msg import String
 import torch
 
+from habc_common import checkpoints
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import LATCHED
@@ -27,6 +40,7 @@ from habc_episodes.index import EpisodeIndex
 from habc_learner.learner import (
     CHECKPOINT_FORMAT,
     expand_path,
+    has_state,
     Learner,
     LearnerParams,
     RoundResult,
@@ -64,8 +78,7 @@ class LearnerNode:
         self.params = declare_node_parameters(self.node, LearnerParams)
         # Training shares the machine with the robot-side nodes: cap its CPU threads.
         torch.set_num_threads(self.params.torch_threads)
-        logger = self.node.get_logger()
-        self.learner = Learner(self.params, log=logger.info)
+        self.learner: Learner | None = None
         self.index_path = expand_path(self.params.index_path)
         # Opened read-only once the recorder has created it (the learner never writes it).
         self.index: EpisodeIndex | None = None
@@ -74,18 +87,99 @@ class LearnerNode:
         self.status_publisher = self.node.create_publisher(String, 'learner/status', LATCHED)
         self._worker: threading.Thread | None = None
         self._closing = threading.Event()
-        latest = self.learner.latest()
+        # Until a checkpoint is known: why the node waits, and the search for one.
+        self._waiting = ''
+        self._watch = checkpoints.CheckpointWatch()
+        self._failed_init = ''  # an init_checkpoint set at run time that could not be used
+        self._failed_found: Path | None = None  # a found checkpoint that could not be used
+        # A first start fails here, as before, only on a checkpoint the user named.
+        self._start(at_startup=True)
+        self.node.add_on_set_parameters_callback(self._check_parameters)
+        self.node.create_timer(self.params.poll_period_s, self.poll_callback)
+
+    def _start(self, at_startup: bool = False) -> bool:
+        """Create the Learner once its starting point is known; return True once it runs.
+
+        Raises:
+            ValueError: at start-up only, when the state in work_dir or the init_checkpoint
+                the parameters name cannot be used (the node exits with that line).
+        """
+        logger = self.node.get_logger()
+        init = str(self.node.get_parameter('init_checkpoint').value or '')
+        found = None
+        if not init and not has_state(self.params.work_dir):
+            found = self._watch.poll()
+            if found is None:
+                if self._failed_found is None:  # else its reason stays on the status
+                    self._wait(self._no_checkpoint_reason())
+                return False
+            init = str(found)
+        elif init and init == self._failed_init:
+            return False  # already tried and refused; a new value or a restart tries again
+        try:
+            learner = Learner(replace(self.params, init_checkpoint=init), log=logger.info)
+        except ValueError as exc:
+            if at_startup and found is None:
+                raise
+            self._failed_init = '' if found is not None else init
+            self._failed_found = found
+            self._wait(f'cannot start from {init}: {exc}; waiting for another checkpoint '
+                       f'(set init_checkpoint, or train one with `habc demo`)')
+            return False
+        self.learner, self._waiting = learner, ''
+        latest = learner.latest()
         if latest is not None:
             self.update_publisher.publish(policy_update_message(latest))
             logger.info(f'republished version {latest.version} ({latest.path})')
         self.publish_status('idle')
-        self.node.create_timer(self.params.poll_period_s, self.poll_callback)
-        logger.info(f'ready: version {self.learner.version}, method {self.params.method}, '
+        origin = (f', starting from {found} (init_checkpoint was empty: the newest `habc demo` '
+                  'checkpoint)' if found is not None else '')
+        logger.info(f'ready: version {learner.version}, method {self.params.method}, '
                     f'{self.params.episodes_per_round} episodes per round, index '
-                    f'{self.index_path}, work_dir {self.learner.work_dir}')
+                    f'{self.index_path}, work_dir {learner.work_dir}{origin}')
+        return True
+
+    def _no_checkpoint_reason(self) -> str:
+        work_dir = expand_path(self.params.work_dir)
+        return (f'waiting for a checkpoint: no learner state in {work_dir}, init_checkpoint '
+                'is empty and no `habc demo` checkpoint is in '
+                f'{checkpoints.describe_search(self._watch.folders)}; run `make run` (or '
+                '`habc demo`) once, or `ros2 param set '
+                f'{self.node.get_fully_qualified_name()} init_checkpoint DIR`; the learner '
+                'starts as soon as one is there')
+
+    def _wait(self, reason: str) -> None:
+        """Publish and log why the learner waits, once per reason (never on every poll)."""
+        if reason == self._waiting:
+            return
+        self._waiting = reason
+        self.node.get_logger().warning(reason)
+        self.publish_status('waiting')
+
+    def _check_parameters(self, parameters: list) -> SetParametersResult:
+        for parameter in parameters:
+            if parameter.name != 'init_checkpoint':
+                continue
+            if self.learner is not None:
+                return SetParametersResult(
+                    successful=False, reason='the learner already runs (from '
+                    f'{self.learner.work_dir}); init_checkpoint counts on a first start only')
+            folder = expand_path(str(parameter.value or '')) if parameter.value else None
+            if folder is not None and not checkpoints.is_checkpoint(folder):
+                return SetParametersResult(
+                    successful=False, reason=f'{folder} is not a checkpoint folder '
+                    f'({checkpoints.WEIGHTS_FILE} and {checkpoints.CONFIG_FILE})')
+        return SetParametersResult(successful=True)
 
     def publish_status(self, state: str, **extra: object) -> None:
-        status = self.learner.status(state, **extra)
+        if self.learner is None:
+            status: dict[str, Any] = {
+                'state': 'waiting', 'waiting': self._waiting, 'version': None, 'round': 0,
+                'method': self.params.method, 'episodes_per_round':
+                self.params.episodes_per_round,
+                'search': [str(f) for f in self._watch.folders], **extra}
+        else:
+            status = self.learner.status(state, **extra)
         self.status_publisher.publish(String(data=json.dumps(status, default=str)))
 
     def poll_callback(self) -> None:
@@ -97,6 +191,8 @@ class LearnerNode:
     def _work(self) -> None:
         logger = self.node.get_logger()
         try:
+            if self.learner is None and not self._start():
+                return  # no checkpoint yet: the status says why
             if self.index is None:
                 try:
                     self.index = EpisodeIndex(self.index_path, read_only=True)

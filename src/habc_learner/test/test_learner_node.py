@@ -92,15 +92,53 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         listener.close()
 
 
-def test_a_first_start_without_init_checkpoint_exits_with_one_clear_line(tmp_path):
+def set_parameter(ros, node, name: str, value: str):
+    """Set a string parameter of /learner through its service; return the result."""
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    client = node.create_client(SetParameters, '/learner/set_parameters')
+    request = SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(
+        type=ParameterType.PARAMETER_STRING, string_value=value))])
+    response = ros.call(client, request)
+    assert response is not None
+    return response.results[0]
+
+
+def test_a_first_start_without_a_checkpoint_waits_and_starts_once_one_is_set(
+        ros, tmp_path, init_checkpoint, monkeypatch):
+    # No init_checkpoint and no `habc demo` checkpoint where the node looks.
+    monkeypatch.setenv('HABC_CHECKPOINT_SEARCH', str(tmp_path / 'runs' / 'demo'))
     root = Path(__file__).resolve().parents[3]
     child = Child([sys.executable, '-m', 'habc_learner.learner_node', '--ros-args',
                    '--params-file', str(root / 'config' / 'params' / 'learner.yaml'),
-                   '-p', f'work_dir:={tmp_path / "learner"}',
+                   '-p', f'work_dir:={tmp_path / "learner"}', '-p', 'poll_period_s:=0.2',
                    '-p', f'index_path:={tmp_path / "episodes.sqlite"}'])
+    listener = Listener(ros)
     try:
-        assert child.finish(timeout=60) == 2, child.output
-        assert 'set init_checkpoint to the SFT checkpoint folder' in child.output
-        assert 'Traceback' not in child.output
+        listener.wait(lambda: listener.statuses, 'learner/status', 60.0, child)
+        status = listener.statuses[-1]
+        assert status['state'] == 'waiting' and status['version'] is None
+        assert 'init_checkpoint is empty' in status['waiting']
+        assert 'no `habc demo` checkpoint is in' in status['waiting']
+        assert status['search'] == [str(tmp_path / 'runs' / 'demo')]
+        child.wait_for('waiting for a checkpoint')
+
+        refused = set_parameter(ros, listener.node, 'init_checkpoint', str(tmp_path))
+        assert not refused.successful and 'not a checkpoint folder' in refused.reason
+        accepted = set_parameter(ros, listener.node, 'init_checkpoint', str(init_checkpoint))
+        assert accepted.successful, accepted.reason
+        listener.wait(lambda: listener.statuses[-1]['state'] == 'idle',
+                      'learner/status idle after init_checkpoint was set', 60.0, child)
+        assert listener.statuses[-1]['version'] == '1'
+        assert listener.statuses[-1]['checkpoint'] == str(init_checkpoint)
+        again = set_parameter(ros, listener.node, 'init_checkpoint', str(init_checkpoint))
+        assert not again.successful and 'already runs' in again.reason
+        child.process.send_signal(signal.SIGINT)
+        assert child.finish(timeout=30) == 0, child.output
     finally:
         child.kill()
+        listener.close()
+    # Said once, not on every poll (about 5 a second here); no traceback.
+    assert child.output.count('waiting for a checkpoint') == 1, child.output
+    assert 'Traceback' not in child.output

@@ -17,6 +17,12 @@ group); inference runs on an InferenceWorker thread and weight loading on a load
 so neither ever blocks a control tick. Inference starts when ChunkExecutor.needs_inference
 says so, on the newest observation only.
 
+Start-up weights: the `checkpoint` parameter; left empty (and no weights_uri), the newest SFT
+checkpoint `habc demo` trained (habc_common.checkpoints: runs/demo/sft in the current folder
+or in $HABC_ROOT). With none, the node holds: no commands, `waiting` on policy/status says
+why (logged once), and it looks again every second until one appears there, a PolicyUpdate
+arrives or weights_uri is set, whichever comes first.
+
 Intervention: while a human drives (InterventionState.source == SOURCE_HUMAN) no inference
 runs and no command is published. When control leaves the human, or the robot leaves an
 e-stop hold, the executor is cleared at the switch's stamp, so the policy re-plans from the
@@ -34,10 +40,12 @@ import time
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.context import Context
 from rclpy.node import Node
 from std_msgs.msg import String
 
+from habc_common import checkpoints
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
@@ -63,6 +71,8 @@ from habc_policy.policy_runtime import (
 )
 
 PARAMS = PolicyNodeParams
+# How often a node started without weights looks for a `habc demo` checkpoint (s).
+SEARCH_PERIOD_S = 1.0
 
 
 class PolicyNode:
@@ -91,6 +101,11 @@ class PolicyNode:
         self._command_names: list[str] = []
         self._last_error = ''
         self._closed = False
+        # Started without weights: why it holds, and the search for a `habc demo` checkpoint.
+        self._waiting = ''
+        self._watch: checkpoints.CheckpointWatch | None = None
+        self._search_queued = False
+        self._search_timer = None
 
         self.command_publisher = self.node.create_publisher(PolicyCommand,
                                                             'policy/joint_command', COMMANDS)
@@ -105,6 +120,26 @@ class PolicyNode:
                 raise ValueError(f'parameter checkpoint: {exc}') from exc
             self.log.info(f'checkpoint {loaded.source} loaded as version {loaded.version} '
                           f'(sha256 {loaded.sha256[:12]})')
+        elif not self.params.weights_uri:
+            self._watch = checkpoints.CheckpointWatch()
+            found = self._watch.poll()
+            if found is not None:
+                try:
+                    loaded = self.runtime.load_startup(str(found))
+                except WeightsError as exc:  # not the user's choice: hold, do not exit
+                    self.runtime.record_rejection(str(found), '', str(exc))
+                    self.log.error(f'checkpoint {found} (found) rejected: {exc}')
+                else:
+                    self.log.info(f'checkpoint is empty: loaded {found}, the newest `habc '
+                                  f'demo` checkpoint, as version {loaded.version} (sha256 '
+                                  f'{loaded.sha256[:12]})')
+            if self.runtime.active is None:
+                self._waiting = (
+                    'no policy checkpoint: checkpoint is empty and no usable `habc demo` '
+                    f'checkpoint is in {checkpoints.describe_search(self._watch.folders)}; '
+                    'holding (no commands) until one appears there, a PolicyUpdate arrives '
+                    'or weights_uri is set')
+                self.log.warning(self._waiting)
 
         self.worker = InferenceWorker(self.runtime, self._on_chunk, self._on_inference_error,
                                       self._on_swap)
@@ -123,6 +158,11 @@ class PolicyNode:
                                       LATCHED, callback_group=inputs)
         self.node.create_timer(self.params.control_period_s, self.control_callback,
                                callback_group=control)
+        if self._waiting:
+            # Wall time (steady), also under simulated time: it watches files, not the robot.
+            self._search_timer = self.node.create_timer(
+                SEARCH_PERIOD_S, self._search_callback, callback_group=inputs,
+                clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.node.add_on_set_parameters_callback(self._check_parameters)
         self.node.add_post_set_parameters_callback(self._parameters_set)
 
@@ -237,6 +277,26 @@ class PolicyNode:
         if not self._closed:
             self.publish_status()
 
+    def _search_callback(self) -> None:
+        # Cheap: the search itself runs on the loader thread, in order with other loads.
+        if self._closed or self._search_queued:
+            return
+        if self.runtime.active is not None or self.runtime.pending is not None:
+            self._search_timer.cancel()
+            return
+        self._search_queued = True
+        self._loader.submit(self._search)
+
+    def _search(self) -> None:
+        # Runs on the loader thread: after any update that was offered before it.
+        self._search_queued = False
+        if self._closed or self.runtime.active is not None or self.runtime.pending is not None:
+            return
+        found = self._watch.poll()
+        if found is not None:
+            self._load(f'checkpoint {found} (the newest `habc demo` checkpoint)',
+                       lambda: self.runtime.offer_checkpoint(str(found)))
+
     # Control ----------------------------------------------------------------------------
 
     def _maybe_infer(self, now: float) -> None:
@@ -302,6 +362,8 @@ class PolicyNode:
         status['executing_version'] = None if executing is None else str(executing)
         status['swap_gap_ticks'] = dict(self._swap_gap_ticks)
         status['paused'] = self._paused
+        # Why the node holds without weights (None once it has some).
+        status['waiting'] = (self._waiting or None) if self.runtime.active is None else None
         status['stamp'] = time.time()
         self.status_publisher.publish(String(data=json.dumps(status)))
 

@@ -61,7 +61,8 @@ class PolicyNodeParams:
 
     checkpoint: str = param(
         '', 'Checkpoint folder (model.safetensors + config.json) loaded at start-up; empty: '
-        'act only once a PolicyUpdate or weights_uri provides weights.', read_only=True)
+        'the newest `habc demo` checkpoint (habc_common.checkpoints), taken when it appears, '
+        'or a PolicyUpdate or weights_uri, whichever comes first.', read_only=True)
     weights_uri: str = param(
         '', 'Weights to load (checkpoint folder, its model.safetensors, or a file:// URI). '
         'Setting it at run time (ros2 param set) loads it through the same verified path '
@@ -320,6 +321,19 @@ class PolicyRuntime:
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(uri, '', str(exc))
+            raise
+        return loaded
+
+    def offer_checkpoint(self, checkpoint: str) -> LoadedPolicy:
+        """Verify and load a start-up checkpoint that appeared later; stage it (own version).
+
+        For a node that started without weights and found its checkpoint afterwards.
+        """
+        try:
+            loaded = self._load_checkpoint(checkpoint, '', version=None, require_sha=False)
+            self._stage(loaded)
+        except WeightsError as exc:
+            self.record_rejection(checkpoint, '', str(exc))
             raise
         return loaded
 
