@@ -223,7 +223,7 @@ def test_random_shift_is_a_crop_of_the_edge_padded_image():
     assert torch.equal(random_shift(images, 0), images)
 
 
-def test_small_vla_augments_in_training_only():
+def test_small_vla_augments_images_and_state_in_training_only():
     batch = vla_batch()
     policy = small_vla(action_head='l2', augment_shift_px=3)
     policy.train()
@@ -240,6 +240,10 @@ def test_small_vla_augments_in_training_only():
     assert torch.equal(policy.encode(obs), policy.encode(obs))
     off = small_vla(action_head='l2', augment_shift_px=0).train()
     assert torch.equal(off.features_and_loss(batch)[1], off.features_and_loss(batch)[1])
+    noisy = small_vla(action_head='l2', augment_shift_px=0, state_noise_std=0.5).train()
+    assert not torch.equal(noisy.features_and_loss(batch)[1], noisy.features_and_loss(batch)[1])
+    noisy.eval()
+    assert torch.equal(noisy.features_and_loss(batch)[1], noisy.features_and_loss(batch)[1])
 
 
 def test_spatial_softmax_returns_the_coordinates_of_a_peak():
