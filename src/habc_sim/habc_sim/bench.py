@@ -664,8 +664,7 @@ def plot_results(results: list[dict], path: Path, stage1_rounds: int | None = No
             ax.fill_between(rounds, lows, highs, alpha=0.12)
         if stage1_rounds:
             ax.axvline(stage1_rounds, color='grey', linestyle=':', linewidth=1)
-            ax.text(stage1_rounds, 0.98, ' stage 2 (HABC+IR branches)', fontsize=7,
-                    va='top', color='grey')
+            ax.text(stage1_rounds, 0.98, ' stage 2', fontsize=7, va='top', color='grey')
         ax.set_title(f'{task} ({track})')
         ax.set_xlabel('online round (0 = the shared SFT checkpoint)')
         ax.set_xticks(sorted({r['round'] for r in evaluated}))
