@@ -23,6 +23,7 @@ import time
 import yaml
 
 from habc_common.checkpoints import DEMO_OUT, SFT_NAME
+from habc_episodes.stats import wilson_interval
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 
 HELP = __doc__
@@ -161,12 +162,14 @@ def version_stats(index_path: Path, monitor: Monitor) -> list[VersionRow]:
 def format_row(row: VersionRow) -> str:
     latency = (f'{row.update_latency_s:.2f} s' if row.update_latency_s is not None
                else '- (initial)' if row.version == str(STARTUP_VERSION) else '-')
+    low, high = wilson_interval(row.successes, row.episodes)
+    interval = f'{100 * low:.0f}-{100 * high:.0f}%'
     return (f'| {row.version:>7} | {row.episodes:>8} | {100 * row.success_rate:>8.0f}% | '
-            f'{row.interventions:>13} | {latency:>14} |')
+            f'{interval:>12} | {row.interventions:>13} | {latency:>14} |')
 
 
-TABLE_HEADER = ('| version | episodes |  success | interventions | update latency |\n'
-                '|--------:|---------:|---------:|--------------:|---------------:|')
+TABLE_HEADER = ('| version | episodes |  success |   Wilson 95% | interventions | update latency |'
+                '\n|--------:|---------:|---------:|-------------:|--------------:|---------------:|')
 
 
 def plot(rows: list[VersionRow], path: Path) -> None:
@@ -175,19 +178,31 @@ def plot(rows: list[VersionRow], path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
     versions = [r.version for r in rows]
-    ax.bar(versions, [r.success_rate for r in rows], color='tab:green', alpha=0.7,
-           label='success rate')
-    ax.set_ylim(0, 1)
+    rates = [r.success_rate for r in rows]
+    intervals = [wilson_interval(r.successes, r.episodes) for r in rows]
+    # Points with their interval, not bars: a 0% version stays visible, with how little
+    # its few episodes say.
+    ax.errorbar(versions, rates, yerr=[[rate - low for rate, (low, _) in zip(rates, intervals,
+                                                                              strict=True)],
+                                       [high - rate for rate, (_, high) in zip(rates, intervals,
+                                                                               strict=True)]],
+                fmt='o', color='tab:green', capsize=4, label='success (Wilson 95%)')
+    for version, rate, row in zip(versions, rates, rows, strict=True):
+        ax.annotate(f'{row.successes}/{row.episodes}', (version, rate), fontsize=8,
+                    textcoords='offset points', xytext=(8, -3))
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel('policy version')
-    ax.set_ylabel('success rate')
+    ax.set_ylabel('success rate of its labelled episodes')
     twin = ax.twinx()
-    twin.plot(versions, [r.interventions / max(r.episodes, 1) for r in rows], 'o-',
-              color='tab:red', label='interventions / episode')
+    twin.plot(versions, [r.interventions / max(r.episodes, 1) for r in rows], 's--',
+              color='tab:red', alpha=0.7, label='interventions / episode')
     twin.set_ylabel('interventions per episode')
-    fig.legend(loc='upper left', fontsize=8)
-    fig.tight_layout()
+    twin.set_ylim(0, 1.15 * max([r.interventions / max(r.episodes, 1) for r in rows] + [1]))
+    ax.set_xlim(-0.5, len(versions) - 0.5)  # categorical: room beside the first and last
+    fig.legend(loc='lower center', ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -25,8 +25,9 @@ def test_version_stats_group_labelled_episodes_by_the_version_that_ran_them(tmp_
     assert (first.episodes, first.successes, first.interventions) == (2, 1, 2)
     assert first.success_rate == 0.5 and first.update_latency_s is None
     assert stats['2'].update_latency_s == 0.25
-    assert format_row(stats['2']) == ('|       2 |        1 |      100% |             1 | '
-                                      '        0.25 s |')
+    # 1 of 1: Wilson 95% 21-100%
+    assert format_row(stats['2']) == ('|       2 |        1 |      100% |      21-100% | '
+                                      '            1 |         0.25 s |')
     assert '- (initial)' in format_row(first)
     assert version_stats(tmp_path / 'missing.sqlite', monitor) == []
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+import math
 from typing import Any
 
 from habc_episodes.vocabulary import EpisodeStatus, Outcome, PolicyVersion
@@ -81,3 +82,14 @@ def version_stats(records: Iterable[Any], *, labelled_only: bool = False,
         group['steps'] += record.num_steps
     return [VersionStats(version or no_version, **groups[version])
             for version in sorted(groups, key=_version_order)]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a success rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from habc_episodes.stats import wilson_interval
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 
 # Held-out initial states, used for evaluation only. Budgets were tuned on the separate
@@ -166,17 +167,6 @@ def parse_method(spec: str, profile: BenchProfile) -> tuple[str, BenchProfile]:
         except ValueError:
             raise ValueError(f'{spec!r}: bad value {value!r} for {key}') from None
     return name, replace(profile, **overrides)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of a success rate."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def seed_interval(rates: list[float], confidence: float = 0.95) -> tuple[float, float, float]:

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from habc_episodes.stats import wilson_interval
 from habc_sim.bench import (
     BenchProfile,
     EVAL_SEED_BASE,
@@ -18,7 +19,6 @@ from habc_sim.bench import (
     PROFILES,
     seed_interval,
     summary_table,
-    wilson_interval,
 )
 
 
