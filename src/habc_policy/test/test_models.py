@@ -247,7 +247,7 @@ def test_small_vla_augments_images_and_state_in_training_only():
 
 
 def test_spatial_softmax_returns_the_coordinates_of_a_peak():
-    head = SpatialSoftmax(channels=2, keypoints=2, size=5)
+    head = SpatialSoftmax(channels=2, keypoints=2)
     with torch.no_grad():
         head.keypoint_maps.weight.copy_(torch.eye(2)[:, :, None, None])
         head.keypoint_maps.bias.zero_()

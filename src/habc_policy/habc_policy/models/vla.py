@@ -145,21 +145,28 @@ def random_shift(images: torch.Tensor, pad: int,
 
 
 class SpatialSoftmax(nn.Module):
-    """(N, C, h, w) -> (N, 2K): the expected (x, y) in [-1, 1] of K learned keypoint maps."""
+    """(N, C, h, w) -> (N, 2K): the expected (x, y) in [-1, 1] of K learned keypoint maps.
 
-    def __init__(self, channels: int, keypoints: int, size: int) -> None:
+    The coordinate grid follows the feature map it is given, so images of another size
+    than the config's (a camera resized differently) still work.
+    """
+
+    def __init__(self, channels: int, keypoints: int) -> None:
         super().__init__()
         self.keypoint_maps = nn.Conv2d(channels, keypoints, 1)
         self.log_temperature = nn.Parameter(torch.zeros(1))
-        centres = torch.linspace(-1.0, 1.0, size) if size > 1 else torch.zeros(1)
-        y, x = torch.meshgrid(centres, centres, indexing='ij')
-        self.register_buffer('grid', torch.stack([x.flatten(), y.flatten()], 1),
-                             persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h, w = features.shape[-2:]
         logits = self.keypoint_maps(features).flatten(2) / self.log_temperature.exp()
         attention = torch.softmax(logits, dim=-1)               # (N, K, h * w)
-        return (attention @ self.grid).flatten(1)               # (N, 2K)
+        ys = torch.linspace(-1.0, 1.0, h, device=features.device) if h > 1 else (
+            features.new_zeros(1))
+        xs = torch.linspace(-1.0, 1.0, w, device=features.device) if w > 1 else (
+            features.new_zeros(1))
+        y, x = torch.meshgrid(ys, xs, indexing='ij')
+        grid = torch.stack([x.flatten(), y.flatten()], 1).to(attention.dtype)
+        return (attention @ grid).flatten(1)                    # (N, 2K)
 
 
 class ImageEncoder(nn.Module):
@@ -188,8 +195,7 @@ class ImageEncoder(nn.Module):
             nn.init.normal_(self.position, std=0.02)
         if config.keypoints:
             self.keypoints = SpatialSoftmax(config.cnn_channels[self.keypoint_layer],
-                                            config.keypoints,
-                                            config.map_size(self.keypoint_layer))
+                                            config.keypoints)
             self.keypoint_project = nn.Linear(2 * config.keypoints, hidden_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
