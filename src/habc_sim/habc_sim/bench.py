@@ -55,6 +55,9 @@ class BenchProfile:
     methods: tuple[str, ...] = ('sft', 'imit_dagger', 'imit_recap', 'habc_v', 'habc',
                                 'habc_ir')
     seeds: int = 3
+    first_seed: int = 0           # seeds first_seed .. first_seed + seeds - 1: a run split
+                                  # over several machines or sessions gives, seed for
+                                  # seed, the numbers of one run (runs are deterministic)
     # Tuned on 30 states of the tuning range (TUNE_SEED_BASE) for the paper's SFT
     # regime of 30-50%: 40 noisy demonstrations, the successful ones kept, 3000 SFT steps.
     # TransferCube, waypoint noise 2 cm: 15 kept, SFT 30% (20 clean ones: 80%). Insertion:
@@ -776,6 +779,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         'NAME@operator=clean. habc_ir branches from habc (with the same '
                         'overrides) after stage 1')
     parser.add_argument('--seeds', type=int, help='number of seeds')
+    parser.add_argument('--first-seed', type=int,
+                        help='first seed (default 0): `--first-seed 2 --seeds 1` runs seed 2 '
+                        'alone, with the same numbers as in a run of seeds 0-2')
     parser.add_argument('--stage1-rounds', type=int, help='R1: online rounds of every method')
     parser.add_argument('--stage2-rounds', type=int,
                         help='R2: rounds of HABC+IR after its branch, and extra rounds of '
@@ -805,7 +811,7 @@ def make_profile(args: argparse.Namespace) -> BenchProfile:
     """Return the profile the options select, with overrides (ValueError if invalid)."""
     profile = PROFILES['quick' if args.quick else 'pixels' if args.pixels else 'full']
     overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k in ('tasks', 'tracks', 'methods', 'seeds', 'stage1_rounds',
+                 for k in ('tasks', 'tracks', 'methods', 'seeds', 'first_seed', 'stage1_rounds',
                            'stage2_rounds', 'rollouts_per_round', 'steps_per_round',
                            'eval_episodes', 'eval_every', 'demos', 'sft_steps')
                  if (v := getattr(args, k, None)) is not None}
@@ -817,6 +823,9 @@ def make_profile(args: argparse.Namespace) -> BenchProfile:
     if profile.rounds > MAX_ROUNDS or profile.stage1_rounds < 1 or profile.stage2_rounds < 0:
         raise ValueError(f'stage1_rounds >= 1, stage2_rounds >= 0 and at most {MAX_ROUNDS} '
                          'rounds in all')
+    if profile.first_seed < 0 or profile.seeds < 1 or profile.first_seed + profile.seeds > 10:
+        raise ValueError('seeds 0-9 only (each seed has its own block of demonstration and '
+                         'rollout states): first_seed >= 0, seeds >= 1')
     if profile.rollouts_per_round > 1000:
         raise ValueError('at most 1000 rollouts per round (each round has its own block of '
                          'initial states)')
@@ -842,7 +851,7 @@ def run(args: argparse.Namespace) -> int:
                              eval_seed_base=TUNE_SEED_BASE if args.tuning else EVAL_SEED_BASE)
         for task in profile.tasks:
             for track in profile.tracks:
-                for seed in range(profile.seeds):
+                for seed in range(profile.first_seed, profile.first_seed + profile.seeds):
                     Cell(context, task, track, seed, list(profile.methods)).run()
     context.add_time('total_s', time.time() - start)
     _write(context)

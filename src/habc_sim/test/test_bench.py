@@ -135,15 +135,18 @@ def test_quick_bench_end_to_end(tmp_path):
 @pytest.mark.timeout(900)
 def test_the_same_command_gives_the_same_numbers(tmp_path):
     # Episode seeds, operator streams, policy sampling and training are seeded from the
-    # command alone; methods in another order and another worker count change nothing.
-    extra = ['--methods', 'habc', 'sft', '--rollouts', '2', '--eval-episodes', '2']
-    first = _quick_bench(tmp_path / 'a', *extra)
-    again = _quick_bench(tmp_path / 'b', *extra[:1], 'sft', 'habc', *extra[3:],
-                         '--workers', '1')
+    # command alone: seed 1 run on its own, with the methods in another order and one
+    # worker instead of two, gives the numbers it had in a run of seeds 0 and 1.
+    extra = ['--rollouts', '2', '--eval-episodes', '2']
+    both = _quick_bench(tmp_path / 'a', '--methods', 'habc', 'sft', '--seeds', '2', *extra)
+    alone = _quick_bench(tmp_path / 'b', '--methods', 'sft', 'habc', '--first-seed', '1',
+                         '--seeds', '1', '--workers', '1', *extra)
 
-    def numbers(payload):
+    def numbers(payload, seed):
         rows = [{k: v for k, v in r.items() if k != 'round_seconds'}
-                for r in payload['results']]
-        return sorted(rows, key=lambda r: (r['method'], r['round'])), payload['gate_histograms']
+                for r in payload['results'] if r['seed'] == seed]
+        return (sorted(rows, key=lambda r: (r['method'], r['round'])),
+                [h for h in payload['gate_histograms'] if h['seed'] == seed])
 
-    assert numbers(first) == numbers(again)
+    assert numbers(both, 1) == numbers(alone, 1)
+    assert numbers(both, 0) != numbers(alone, 1)  # the seeds are different experiments
