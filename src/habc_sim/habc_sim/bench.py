@@ -642,6 +642,11 @@ def plot_results(results: list[dict], path: Path, stage1_rounds: int | None = No
         for method in methods:
             rows = [r for r in evaluated if (r['task'], r['track'], r['method'])
                     == (task, track, method)]
+            if method.startswith(IR_METHOD) and stage1_rounds:
+                # HABC+IR starts from HABC's stage-1 checkpoint: draw it from there.
+                rows = [r for r in evaluated if (r['task'], r['track'], r['method'])
+                        == (task, track, _trunk_of(method)) and r['round'] == stage1_rounds
+                        ] + [r for r in rows if r['round'] > stage1_rounds]
             rounds = sorted({r['round'] for r in rows})
             if method == SFT or len(rounds) < 2:
                 continue
