@@ -6,6 +6,7 @@ import signal
 import sys
 
 import pytest
+from ros_fixtures import GUARD_S
 from ros_helpers import Child
 from std_msgs.msg import String
 
@@ -71,7 +72,7 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         assert any(s['state'] == 'training' for s in listener.statuses) or \
             listener.statuses[-1]['round'] == 1  # a late subscriber only sees the last one
         child.process.send_signal(signal.SIGINT)
-        assert child.finish(timeout=30) == 0, child.output
+        assert child.finish(timeout=GUARD_S) == 0, child.output
     finally:
         child.kill()
         listener.close()
@@ -86,7 +87,7 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         assert listener.updates[-1].sha256 == update.sha256
         child.wait_for('republished version 2')
         child.process.send_signal(signal.SIGINT)
-        assert child.finish(timeout=30) == 0, child.output
+        assert child.finish(timeout=GUARD_S) == 0, child.output
     finally:
         child.kill()
         listener.close()
@@ -135,7 +136,7 @@ def test_a_first_start_without_a_checkpoint_waits_and_starts_once_one_is_set(
         again = set_parameter(ros, listener.node, 'init_checkpoint', str(init_checkpoint))
         assert not again.successful and 'already runs' in again.reason
         child.process.send_signal(signal.SIGINT)
-        assert child.finish(timeout=30) == 0, child.output
+        assert child.finish(timeout=GUARD_S) == 0, child.output
     finally:
         child.kill()
         listener.close()
