@@ -89,13 +89,22 @@ class EpisodeRecorderParams:
     topics: list[str] = param(
         DEFAULT_TOPICS, 'Recorded topics, relative to the node namespace: a topic of '
         'docs/ros_interfaces.md, or "name:package/msg/Type" for any other.')
+    required_topics: list[str] = param(
+        [], 'Topics of `topics` that must have delivered a message since the recorder '
+        'started before a START is accepted (the bringup requires observation: an episode '
+        'recorded before the sync node publishes cannot train a policy). Empty accepts a '
+        'START at any time.')
     flush_interval_s: float = param(
         0.5, 'Write buffered messages to the bag file at least this often (s): a recorder '
         'killed mid-episode loses at most about this much.', min=0.05, max=60.0)
 
     def __post_init__(self) -> None:
         validate_params(self)
-        parse_topics(self.topics)
+        names = {name for name, _ in parse_topics(self.topics)}
+        unknown = [name for name in self.required_topics if name not in names]
+        if unknown:
+            raise ValueError(f'parameter required_topics names {", ".join(unknown)}, which '
+                             'parameter topics does not record; add it there or remove it')
 
 
 def parse_topics(entries: Iterable[str]) -> list[tuple[str, str]]:
@@ -214,7 +223,7 @@ class EpisodeRecorder:
 
     def __init__(self, storage_dir: Path, robot: str, topics: Mapping[str, str], *,
                  clock: Callable[[], float], instruction: str = '',
-                 flush_interval_s: float = 0.5,
+                 flush_interval_s: float = 0.5, required_topics: Iterable[str] = (),
                  on_event: Callable[[RecorderEvent, EpisodeRecord], None] | None = None
                  ) -> None:
         """Open (or create) the index in `storage_dir`; nothing is recovered yet.
@@ -226,6 +235,8 @@ class EpisodeRecorder:
             clock: seconds since the epoch, now.
             instruction: default task instruction of an episode.
             flush_interval_s: the bag writers' flush interval.
+            required_topics: bag topic names that must have delivered a message before a
+                START is accepted.
             on_event: called with each event and the episode's record (live counts while
                 it records).
 
@@ -238,6 +249,11 @@ class EpisodeRecorder:
         self.topics = dict(topics)
         self.instruction = instruction
         self.flush_interval_s = flush_interval_s
+        self.required_topics = tuple(required_topics)
+        unknown = set(self.required_topics) - set(self.topics)
+        if unknown:
+            raise ValueError(f'required topics {sorted(unknown)} are not recorded topics')
+        self._heard: set[str] = set()
         self._clock = clock
         self._on_event = on_event or (lambda event, record: None)
         self.typestore = habc_typestore()
@@ -315,6 +331,7 @@ class EpisodeRecorder:
         limited). Versions are tracked between episodes too.
         """
         msgtype = self.topics[topic]
+        self._heard.add(topic)
         message = None
         if msgtype in (EXECUTED_ACTION, INTERVENTION_STATE):
             try:
@@ -356,6 +373,10 @@ class EpisodeRecorder:
             episode_id = self.episode.episode_id
             return Reply(False, episode_id, f'episode {episode_id} is still recording; END or '
                          'ABORT it before starting another (nothing was changed)')
+        silent = [topic for topic in self.required_topics if topic not in self._heard]
+        if silent:
+            return Reply(False, '', f'not ready: no message yet on {", ".join(silent)} (is '
+                         'the node that publishes it running?); no episode was started')
         instruction = instruction or self.instruction
         episode_id = self._new_episode_id()
         path = self.bag_dir / episode_id

@@ -69,6 +69,7 @@ class EpisodeRecorderNode:
             storage_path(p.storage_dir), robot_label(p.robot, self.node.get_namespace()),
             {self.bag_topics[name]: msgtype for name, msgtype in parse_topics(p.topics)},
             clock=time.time, instruction=p.instruction, flush_interval_s=p.flush_interval_s,
+            required_topics=[self.bag_topics[name] for name in p.required_topics],
             on_event=self.publish_event)
         recovered = self.recorder.recover()
         for result in recovered:

@@ -104,6 +104,22 @@ def test_topics_parameter():
     with pytest.raises(ValueError, match='package/msg/Type'):
         EpisodeRecorderParams(topics=['x:Image'])
 
+    with pytest.raises(ValueError, match='required_topics names policy/chunk, which '
+                       'parameter topics does not record'):
+        EpisodeRecorderParams(topics=['observation'], required_topics=['policy/chunk'])
+
+
+def test_start_waits_for_a_message_on_every_required_topic(make, tmp_path):
+    recorder, events = make(required_topics=[EXECUTED, INTERVENTION])
+    recorder.on_message(EXECUTED, executed(), 1)
+    reply = recorder.start()
+    assert not reply.accepted and reply.message.startswith(
+        f'not ready: no message yet on {INTERVENTION} (is the node that publishes it')
+    assert not recorder.recording and not events
+    assert not (tmp_path / 'episodes' / 'bags').exists() or not any(
+        (tmp_path / 'episodes' / 'bags').iterdir())
+    recorder.on_message(INTERVENTION, intervention(Controller.POLICY), 2)
+    assert recorder.start().accepted and recorder.recording
 
 def test_takeovers_count_switches_into_human_ignoring_holds():
     counts = EpisodeCounts()

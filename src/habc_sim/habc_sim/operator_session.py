@@ -55,7 +55,8 @@ class ScriptedOperatorParams:
         'each episode is reproducible on its own.', min=0)
     wait_for_services_s: float = param(
         120.0, "Exit with an error when sim/reset, the recorder's services or the robot's "
-        'topics are still missing after this long (s); 0 waits forever.', min=0.0)
+        'topics are still missing, or the recorder still refuses to start an episode, after '
+        'this long (s); 0 waits forever.', min=0.0)
     confirm_takeover_ticks: int = param(
         25, 'Press engage again when the arbiter has not switched to teleop this many ticks '
         'after a takeover (e.g. it refused an engage that came before the first teleop '
@@ -221,7 +222,8 @@ class OperatorSession:
         self._stale_reset_count = -1             # ticks up to this reset are not ours
         self._pending = False                    # a service call is out
         self._retry_at: float | None = None
-        self._start_failures = 0
+        self._refused_since: float | None = None   # the recorder refused a START since
+        self._refusal_logged = ''
         self._waiting_since: float | None = None
         self._waiting_logged: tuple[float, tuple[str, ...]] | None = None
         self._arbiter_seen = False
@@ -300,15 +302,23 @@ class OperatorSession:
             self.phase = Phase.START
         elif call.service == Service.START:
             if not ok:
-                self._start_failures += 1
-                if self._start_failures >= 3:
-                    self._fail(f'the recorder refused to start an episode 3 times: {message}')
+                # A recorder that is not ready yet (its required topics are silent while the
+                # loop starts up) refuses for a while: retry, up to wait_for_services_s.
+                if self._refused_since is None:
+                    self._refused_since = now
+                limit = self.params.wait_for_services_s
+                if limit and now - self._refused_since > limit:
+                    self._fail(f'the recorder refused to start an episode for {limit:g} s: '
+                               f'{message}')
                     return
-                self._log('warn', f'the recorder did not start an episode ({message}); '
-                          'trying again in 1 s')
+                if self._refusal_logged != message:
+                    self._refusal_logged = message
+                    self._log('warn', f'the recorder did not start an episode ({message}); '
+                              'trying again every 1 s')
                 self._retry_at = now + 1.0
                 return
-            self._start_failures = 0
+            self._refused_since = None
+            self._refusal_logged = ''
             self.record = EpisodeRecord(seed=self.seed, episode_id=episode_id)
             self.operator = None       # set up at the first tick of the episode
             self.phase = Phase.RUNNING

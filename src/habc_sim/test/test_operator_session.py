@@ -148,16 +148,30 @@ def test_engage_is_pressed_again_when_the_arbiter_does_not_switch():
     assert s.on_tick(privileged(step=9, reset_count=1, box=pushed)).engage == (True,)
 
 
-def test_start_refusals_are_retried_then_fatal_and_a_failed_reset_is_fatal():
-    s = session()
+def test_start_refusals_are_retried_for_wait_for_services_s_then_fatal():
+    s = session(wait_for_services_s=5.0)
     s.on_tick(privileged())
     s.wait([], 0.0)
     answer(s, Service.RESET)
-    answer(s, Service.START, ok=False, message='busy', now=10.0)
+    answer(s, Service.START, ok=False, message='not ready', now=10.0)
     assert s.next_call(10.5) is None                 # retried after 1 s
-    answer(s, Service.START, ok=False, message='busy', now=11.0)
-    answer(s, Service.START, ok=False, message='busy', now=12.0)
-    assert s.done and 'refused to start an episode 3 times: busy' in s.fatal
+    for now in (11.0, 12.0, 15.0):
+        answer(s, Service.START, ok=False, message='not ready', now=now)
+        assert not s.done
+    answer(s, Service.START, ok=True, episode_id='ep-0000', now=16.0)
+    assert s.phase == Phase.RUNNING                  # a success resets the refusal clock
+    s = session(wait_for_services_s=5.0)
+    s.on_tick(privileged())
+    s.wait([], 0.0)
+    answer(s, Service.RESET)
+    for now in (10.0, 11.0, 15.0):
+        answer(s, Service.START, ok=False, message='busy', now=now)
+    assert not s.done
+    answer(s, Service.START, ok=False, message='busy', now=16.0)
+    assert s.done and 'refused to start an episode for 5 s: busy' in s.fatal
+
+
+def test_a_failed_reset_is_fatal():
     s = session()
     s.on_tick(privileged())
     s.wait([], 0.0)
