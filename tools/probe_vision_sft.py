@@ -5,6 +5,8 @@ r"""Probe the pixel track's SFT: expert demonstrations -> small VLA -> success o
             chosen cameras, in worker processes (failed ones dropped, as a teleoperator
             would); cached under --cache, so a second probe with the same cameras, image size,
             noise and step limit records only the seeds it lacks
+    locator optional (--locator-steps > 0): an object locator trained on the kept demos'
+            frames, labelled with the cube's true position, frozen inside the policy
     sft     the small VLA trained with habc_learner's Trainer (method sft) on the kept ones
     eval    K episodes of the policy alone (no operator) from TUNING states (seeds from
             habc_sim.bench.TUNE_SEED_BASE; never the held-out evaluation range)
@@ -73,7 +75,7 @@ def run_job(job: Job) -> dict:
 
 def cache_path(args: argparse.Namespace) -> Path:
     name = (f'transfer_cube-{"+".join(args.cameras)}-{args.image_size}px-'
-            f'noise{args.demo_noise:g}-max{args.max_steps}')
+            f'noise{args.demo_noise:g}-max{args.max_steps}-v2')  # v2: with object labels
     return args.cache / name
 
 
@@ -85,7 +87,7 @@ def load_cache(directory: Path) -> dict[int, dict]:
             demo = {'seed': int(data['seed']), 'success': bool(data['success']),
                     'steps': int(data['steps'])}
             if demo['success']:
-                demo.update(actions=data['actions'], observations={
+                demo.update(actions=data['actions'], objects=data['objects'], observations={
                     'state': data['state'], 'images': data['images']})
         demos[demo['seed']] = demo
     return demos
@@ -95,7 +97,8 @@ def save_demo(directory: Path, demo: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {'seed': demo['seed'], 'success': demo['success'], 'steps': demo['steps']}
     if demo['success']:  # a failed demonstration is only remembered, never trained on
-        arrays.update(actions=demo['actions'], state=demo['observations']['state'],
+        arrays.update(actions=demo['actions'], objects=demo['objects'],
+                      state=demo['observations']['state'],
                       images=demo['observations']['images'])
     temporary = directory / f'.{demo["seed"]}.tmp.npz'
     np.savez(temporary, **arrays)
@@ -120,8 +123,28 @@ def record_demos(args: argparse.Namespace) -> list[dict]:
     return [cached[seed] for seed in seeds]
 
 
-def train(args: argparse.Namespace, demos: list[dict], checkpoint: Path) -> dict:
+def train_locator(args: argparse.Namespace, demos: list[dict]):
+    """Train the object locator on every --locator-stride-th frame of the kept demos."""
+    from habc_learner.locator import fit_locator, LocatorTraining
+    from habc_policy.models.vision import LocatorConfig
+
+    stride = args.locator_stride
+    images = np.concatenate([d['observations']['images'][::stride] for d in demos])
+    targets = np.concatenate([d['objects'][::stride] for d in demos])
+    episodes = np.concatenate([np.full(len(d['objects'][::stride]), d['seed'])
+                               for d in demos])
+    config = LocatorConfig(num_views=len(args.cameras), image_size=args.image_size,
+                           outputs=targets.shape[1])
+    return fit_locator(images, targets, episodes, config,
+                       LocatorTraining(steps=args.locator_steps, seed=args.seed),
+                       progress=not args.no_progress)
+
+
+def train(args: argparse.Namespace, demos: list[dict], checkpoint: Path,
+          locator=None) -> dict:
     """SFT of the small VLA on the successful demonstrations; return the last metrics."""
+    from dataclasses import asdict
+
     import torch
 
     from habc_episodes.episode import Episode
@@ -140,8 +163,13 @@ def train(args: argparse.Namespace, demos: list[dict], checkpoint: Path) -> dict
                            outcome=Outcome.SUCCESS, instruction=INSTRUCTIONS['transfer_cube'],
                            kind=EpisodeKind.DEMO, episode_id=f'demo-{demo["seed"]}'))
     seed_everything(args.seed)
+    overrides = dict(args.model)
+    if locator is not None:
+        overrides['locator'] = asdict(locator.config)
     policy = new_policy('vla', 14, 14, (len(args.cameras), args.image_size, args.image_size),
-                        horizon=args.horizon, overrides=args.model)
+                        horizon=args.horizon, overrides=overrides)
+    if locator is not None:
+        policy.locator.load_state_dict(locator.state_dict())
     trainer = Trainer(policy, buffer, method,
                       TrainConfig(steps=args.sft_steps, batch_size=args.batch_size,
                                   actor_lr=args.lr, seed=args.seed),
@@ -207,6 +235,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar='KEY=VALUE',
                         help='SmallVLAConfig values, JSON-parsed (e.g. token_grid=3 '
                         'keypoints=32 augment_shift_px=4 cnn_channels=[16,32,64,64])')
+    parser.add_argument('--locator-steps', type=int, default=0,
+                        help='train an object locator this many steps first and freeze it '
+                        'inside the policy (0: none)')
+    parser.add_argument('--locator-stride', type=int, default=2,
+                        help='every how many frames of a demonstration the locator sees')
     parser.add_argument('--eval-episodes', type=int, default=30,
                         help='tuning states evaluated (default 30)')
     parser.add_argument('--seed', type=int, default=0, help='demonstration and training seed')
@@ -223,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.model = dict(args.model)
     for name in ('demos', 'image_size', 'max_steps', 'sft_steps', 'batch_size', 'horizon',
-                 'execute_steps', 'eval_episodes', 'workers', 'threads'):
+                 'execute_steps', 'eval_episodes', 'workers', 'threads', 'locator_stride'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1')
     return args
@@ -248,9 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     if not kept:
         print('probe: no successful demonstration; lower --demo-noise', file=sys.stderr)
         return 1
+    locator, locator_metrics = None, {}
+    if args.locator_steps:
+        start = time.monotonic()
+        locator, locator_metrics = train_locator(args, kept)
+        times['locator_s'] = time.monotonic() - start
+        print(f'probe: locator on {locator_metrics["frames"]} frames, error train '
+              f'{locator_metrics["train_error_cm"]} cm, held-out '
+              f'{locator_metrics["heldout_error_cm"]} cm', flush=True)
     start = time.monotonic()
     try:
-        metrics = train(args, kept, args.out / 'sft')
+        metrics = train(args, kept, args.out / 'sft', locator)
     except ValueError as exc:
         print(f'probe: {exc}', file=sys.stderr)
         return 2
@@ -264,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
               'demos_kept': len(kept), 'demos': len(demos),
               'actor_loss': metrics.get('losses/actor'),
               'mean_success_steps': float(np.mean(lengths)) if lengths else None,
+              'locator': locator_metrics,
               **{k: round(v, 1) for k, v in times.items()},
               'args': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     (args.out / 'result.json').write_text(json.dumps(result, indent=1) + '\n')

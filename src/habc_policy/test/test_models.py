@@ -14,7 +14,8 @@ from habc_policy.models.lowdim import (
     LowDimFlowPolicy,
 )
 from habc_policy.models.text_encoder import shared_text_encoder
-from habc_policy.models.vla import random_shift, SmallVLA, SmallVLAConfig, SpatialSoftmax
+from habc_policy.models.vision import random_shift, SpatialSoftmax
+from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 
 
 def lowdim_batch(n=8, horizon=4, state_dim=3, action_dim=2):

@@ -79,6 +79,13 @@ class BenchProfile:
     max_steps: int = 400          # as ACT: leaves a takeover time to finish the task
     image_size: int = 96
     cameras: tuple[str, ...] = ('angle',)
+    # The pixel track's policy: SmallVLAConfig values, and an object locator
+    # (habc_policy.models.vision) trained first on every locator_stride-th frame of all
+    # recorded demonstrations, labelled with the objects' true positions, then frozen inside
+    # the policy (locator_steps 0: none).
+    vla: tuple[tuple[str, object], ...] = ()
+    locator_steps: int = 0
+    locator_stride: int = 3
     train_threads: int = 1        # torch threads of the training process: fixed, since
                                   # results depend on the reduction order; 1, since with 2
                                   # on 2 busy cores OpenMP's spin-waiting made a quick run's
@@ -320,14 +327,36 @@ def demo_episodes(demos: list[dict], task: str) -> list:
     return episodes
 
 
+def train_locator(recorded: list[dict], profile: BenchProfile, seed: int,
+                  progress: bool = True):
+    """Fit the pixel track's object locator on recorded demonstrations; return it, errors.
+
+    Failed demonstrations count too: their frames are labelled all the same.
+    """
+    from habc_learner.locator import fit_locator, LocatorTraining
+    from habc_policy.models.vision import LocatorConfig
+
+    stride = profile.locator_stride
+    images = np.concatenate([d['observations']['images'][::stride] for d in recorded])
+    targets = np.concatenate([d['objects'][::stride] for d in recorded])
+    episodes = np.concatenate([np.full(len(d['objects'][::stride]), d['seed'])
+                               for d in recorded])
+    config = LocatorConfig(num_views=len(profile.cameras), image_size=profile.image_size,
+                           outputs=targets.shape[1])
+    return fit_locator(images, targets, episodes, config,
+                       LocatorTraining(steps=profile.locator_steps, seed=seed),
+                       progress=progress)
+
+
 def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoint: Path, *,
               version: PolicyVersion, workers: int = 2, progress: bool = True,
-              pool=None) -> list:
+              pool=None) -> tuple[list, dict]:
     """Record the expert demonstrations of one seed and train the track's policy on them.
 
-    The SFT checkpoint (`version`) is written to `checkpoint`; the demonstrations that
-    succeeded are returned (the online rounds keep them in their buffers). Episodes run in
-    `pool` (a WorkerPool) when given, else in `workers` new processes.
+    The SFT checkpoint (`version`) is written to `checkpoint`. Returns the demonstrations
+    that succeeded (the online rounds keep them in their buffers) and the locator's errors
+    ({} without one). Episodes run in `pool` (a WorkerPool) when given, else in `workers`
+    new processes.
 
     Raises:
         RuntimeError: no demonstration succeeded.
@@ -344,11 +373,13 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
     description = f'demos {task}'
     recorded = (pool.map(run_job, jobs, description, progress) if pool is not None
                 else run_parallel(run_job, jobs, workers, description, progress))
-    demos = demo_episodes(list(recorded), task)
+    recorded = list(recorded)
+    demos = demo_episodes(recorded, task)
     if not demos:
         raise RuntimeError(f'no successful demonstration for {task} with noise '
                            f'{p.noise_for(task)}; lower demo_noise')
     config = MethodConfig(method='sft', horizon=p.horizon)
+    locator_metrics: dict = {}
     buffer = config.make_buffer()
     for episode in demos:
         buffer.add(episode)
@@ -358,15 +389,22 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
         objects = 3 if task == 'transfer_cube' else 6
         policy = new_policy('lowdim', 14 + objects, 14, None, horizon=p.horizon)
     else:
+        overrides = dict(p.vla)
+        if p.locator_steps:
+            locator, locator_metrics = train_locator(recorded, p, seed, progress)
+            overrides['locator'] = asdict(locator.config)
         policy = new_policy('vla', 14, 14, (len(p.cameras), p.image_size, p.image_size),
-                            horizon=p.horizon)
+                            horizon=p.horizon, overrides=overrides)
+        if p.locator_steps:
+            policy.locator.load_state_dict(locator.state_dict())
+    del recorded  # the failed demonstrations' frames (the locator's only use of them)
     trainer = Trainer(policy, buffer, config,
                       TrainConfig(steps=p.sft_steps, batch_size=p.batch_size,
                                   actor_lr=p.actor_lr, seed=seed),
                       progress=progress)
     trainer.fit(description=f'SFT {task}')
     trainer.save_checkpoint(checkpoint, version=version)
-    return demos
+    return demos, locator_metrics
 
 
 @dataclass
@@ -398,12 +436,14 @@ class Cell:
         context, p = self.context, self.context.profile
         sft_checkpoint = self.dir / SFT / 'round0'
         start = time.time()
-        demos = train_sft(self.task, self.track, self.seed, p, sft_checkpoint,
-                          version=STARTUP_VERSION, progress=context.progress,
-                          pool=context.pool)
+        demos, locator = train_sft(self.task, self.track, self.seed, p, sft_checkpoint,
+                                   version=STARTUP_VERSION, progress=context.progress,
+                                   pool=context.pool)
         context.add_time('demos_and_sft_s', time.time() - start)
         self.demos = demos
         self.base['demos'] = len(demos)
+        if locator:
+            self.base['locator_heldout_error_cm'] = locator['heldout_error_cm']
         sft_eval = _evaluate(context, self.task, self.track, sft_checkpoint)
         for spec in self.specs:
             context.results.append({**self.base, 'method': spec, 'round': 0, 'stage': 0,

@@ -346,13 +346,14 @@ def run_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig = ExpertCo
     """Roll out the expert from `seed`; return success and steps.
 
     With `record_track` ('state' or 'pixels') the episode's actions and what a policy on
-    that track would have observed are returned too (demonstrations).
+    that track would have observed are returned too (demonstrations), with the objects'
+    true positions per step ('objects': labels for the pixel track's object locator).
     """
     observation = env.reset(seed)
     expert = ScriptedExpert(env, config, seed)
     expert.reset()
     observations: dict[str, list] = {}
-    actions = []
+    actions, objects = [], []
     while True:
         action = expert.act()
         if record_track:
@@ -360,6 +361,7 @@ def run_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig = ExpertCo
                 if key != 'instruction':
                     observations.setdefault(key, []).append(np.asarray(value))
             actions.append(action.astype(np.float32))
+            objects.append(np.asarray(observation['objects'], dtype=np.float32))
         result = env.step(action)
         observation = result.observation
         if result.success or result.truncated:
@@ -367,6 +369,6 @@ def run_expert_episode(env: AlohaEnv, seed: int, config: ExpertConfig = ExpertCo
     episode = {'success': bool(result.success), 'steps': env.steps,
                'physics_error': result.physics_error, 'seed': seed}
     if record_track:
-        episode.update(actions=np.stack(actions),
+        episode.update(actions=np.stack(actions), objects=np.stack(objects),
                        observations={k: np.stack(v) for k, v in observations.items()})
     return episode

@@ -3,6 +3,7 @@
     images (B, V, H, W, 3) uint8 -> [training: random shift] -> shared CNN -> per view:
         token_grid x token_grid pooled cells (+ learned 2D position embedding) and one
         spatial-softmax keypoint token, all + a view embedding
+    images -> [optional] frozen object locator (models/vision.py) -> positions -> 1 token
     instruction -> frozen MiniLM (cached per string) -> linear -> 1 token
     state (B, S) -> normalise -> linear -> 1 token
     noisy chunk x_tau (B, H, D) -> groups of k steps -> linear + position + flow-time
@@ -44,6 +45,14 @@ from habc_policy.models.flow_matching import (
     sinusoidal_embedding,
 )
 from habc_policy.models.text_encoder import shared_text_encoder
+from habc_policy.models.vision import (
+    LocatorConfig,
+    ObjectLocator,
+    random_shift,
+    SpatialSoftmax,
+    strided_cnn,
+    to_unit_range,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,10 @@ class SmallVLAConfig:
     # 'l2': the same expert regresses the chunk in one pass from the action-position
     # queries (ACT-style, unimodal; fits faster on small CPU budgets).
     action_head: str = 'flow'
+    # A frozen object locator pre-trained in simulation (habc_policy.models.vision): its
+    # LocatorConfig as a dict, {} = none. Its position estimate is one more context token;
+    # with it the image tokens may be switched off (token_grid = keypoints = 0).
+    locator: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.action_head not in ('flow', 'l2'):
@@ -105,8 +118,14 @@ class SmallVLAConfig:
         if not -len(self.cnn_channels) <= self.keypoint_layer < len(self.cnn_channels):
             raise ValueError(f'SmallVLAConfig.keypoint_layer {self.keypoint_layer} is not a '
                              f'layer of cnn_channels ({len(self.cnn_channels)} layers)')
-        if self.token_grid == 0 and self.keypoints == 0:
-            raise ValueError('SmallVLAConfig needs image tokens: token_grid or keypoints > 0')
+        if self.token_grid == 0 and self.keypoints == 0 and not self.locator:
+            raise ValueError('SmallVLAConfig needs image tokens: token_grid or keypoints > 0, '
+                             'or a locator')
+        if self.locator:
+            locator = LocatorConfig(**self.locator)
+            if locator.num_views != self.num_views:
+                raise ValueError(f'the locator reads {locator.num_views} views, the policy '
+                                 f'{self.num_views}')
         if self.token_grid > self.feature_map_size:
             raise ValueError(f'SmallVLAConfig.token_grid {self.token_grid} is larger than the '
                              f"CNN's {self.feature_map_size}x{self.feature_map_size} map "
@@ -128,45 +147,10 @@ class SmallVLAConfig:
     def tokens_per_view(self) -> int:
         return self.token_grid ** 2 + (1 if self.keypoints else 0)
 
-
-def random_shift(images: torch.Tensor, pad: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """DrQ's augmentation: pad each image by `pad` px (edge pixels repeated), crop back.
-
-    images: (N, H, W, C), any dtype; every image gets its own offset in [-pad, pad]^2.
-    """
-    n, h, w, _ = images.shape
-    device = images.device
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(device) - pad
-    rows = (torch.arange(h, device=device) + offsets[0][:, None]).clamp_(0, h - 1)
-    cols = (torch.arange(w, device=device) + offsets[1][:, None]).clamp_(0, w - 1)
-    index = torch.arange(n, device=device)[:, None, None]
-    return images[index, rows[:, :, None], cols[:, None, :]]
-
-
-class SpatialSoftmax(nn.Module):
-    """(N, C, h, w) -> (N, 2K): the expected (x, y) in [-1, 1] of K learned keypoint maps.
-
-    The coordinate grid follows the feature map it is given, so images of another size
-    than the config's (a camera resized differently) still work.
-    """
-
-    def __init__(self, channels: int, keypoints: int) -> None:
-        super().__init__()
-        self.keypoint_maps = nn.Conv2d(channels, keypoints, 1)
-        self.log_temperature = nn.Parameter(torch.zeros(1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h, w = features.shape[-2:]
-        logits = self.keypoint_maps(features).flatten(2) / self.log_temperature.exp()
-        attention = torch.softmax(logits, dim=-1)               # (N, K, h * w)
-        ys = torch.linspace(-1.0, 1.0, h, device=features.device) if h > 1 else (
-            features.new_zeros(1))
-        xs = torch.linspace(-1.0, 1.0, w, device=features.device) if w > 1 else (
-            features.new_zeros(1))
-        y, x = torch.meshgrid(ys, xs, indexing='ij')
-        grid = torch.stack([x.flatten(), y.flatten()], 1).to(attention.dtype)
-        return (attention @ grid).flatten(1)                    # (N, 2K)
+    @property
+    def visual_tokens(self) -> int:
+        """Context tokens that come from the images: every view's, then the locator's."""
+        return self.num_views * self.tokens_per_view + (1 if self.locator else 0)
 
 
 class ImageEncoder(nn.Module):
@@ -178,14 +162,8 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: SmallVLAConfig) -> None:
         super().__init__()
         hidden_dim = config.hidden_dim
-        self.conv = nn.ModuleList()
-        previous = 3
-        for i, width in enumerate(config.cnn_channels):
-            self.conv.append(nn.Sequential(
-                nn.Conv2d(previous, width, 5 if i == 0 else 3, stride=2,
-                          padding=2 if i == 0 else 1),
-                nn.GroupNorm(min(8, width), width), nn.ReLU()))  # GELU: +2 ms/chunk
-            previous = width
+        self.conv = strided_cnn(config.cnn_channels)
+        previous = config.cnn_channels[-1]
         self.keypoint_layer = config.keypoint_layer % len(config.cnn_channels)
         self.token_grid = config.token_grid
         if config.token_grid:
@@ -199,7 +177,7 @@ class ImageEncoder(nn.Module):
             self.keypoint_project = nn.Linear(2 * config.keypoints, hidden_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = images.float() / 127.5 - 1.0
+        features = to_unit_range(images)
         keypoint_features = None
         for i, layer in enumerate(self.conv):
             features = layer(features)                            # (N, C_i, h_i, w_i)
@@ -224,7 +202,11 @@ class SmallVLA(Policy):
     def __init__(self, config: SmallVLAConfig) -> None:
         super().__init__(config)
         c, d = config, config.hidden_dim
-        self.image_encoder = ImageEncoder(c)
+        self.image_encoder = ImageEncoder(c) if c.tokens_per_view else None
+        if c.locator:
+            # Frozen: trained on labelled simulator frames, never by the policy's loss.
+            self.locator = ObjectLocator(LocatorConfig(**c.locator)).requires_grad_(False)
+            self.locator_project = nn.Linear(self.locator.config.outputs, d)
         self.view_embedding = nn.Parameter(torch.zeros(c.num_views, 1, d))
         self.text_project = nn.Linear(c.text_dim, d)
         self.state_project = nn.Linear(c.state_dim, d)
@@ -254,7 +236,7 @@ class SmallVLA(Policy):
         return 3 * self.config.hidden_dim
 
     def context_tokens(self, batch: dict[str, Any], augment: bool = False) -> torch.Tensor:
-        """Tokens of the observation (B, V * tokens_per_view + 2, hidden).
+        """Tokens of the observation (B, visual_tokens + 2, hidden).
 
         `augment` (training only) shifts the images at random (config.augment_shift_px)
         and adds noise to the normalised state (config.state_noise_std).
@@ -265,23 +247,30 @@ class SmallVLA(Policy):
             raise ValueError(f'images must be (B, {c.num_views}, H, W, 3) uint8, got '
                              f'{tuple(images.shape)}')
         b, v, h, w, _ = images.shape
-        pixels = images.reshape(b * v, h, w, 3)
-        if augment and c.augment_shift_px:
-            pixels = random_shift(pixels, c.augment_shift_px)
-        tokens = self.image_encoder(pixels.permute(0, 3, 1, 2))
-        image_tokens = tokens.view(b, v, c.tokens_per_view, -1) + self.view_embedding
-        device = image_tokens.device
+        visual = []
+        if self.image_encoder is not None:
+            pixels = images.reshape(b * v, h, w, 3)
+            if augment and c.augment_shift_px:
+                pixels = random_shift(pixels, c.augment_shift_px)
+            tokens = self.image_encoder(pixels.permute(0, 3, 1, 2))
+            visual.append((tokens.view(b, v, c.tokens_per_view, -1)
+                           + self.view_embedding).flatten(1, 2))
+        if c.locator:
+            # Unshifted images: the estimate is what the frozen locator sees at inference.
+            with torch.no_grad():
+                estimate = self.locator(images)
+            visual.append(self.locator_project(estimate)[:, None])
+        device = visual[0].device
         text = self.text_encoder.embed(list(batch['instruction'])).to(device)
         state = (batch['state'].float() - self.state_mean) / self.state_std
         if augment and c.state_noise_std:
             state = state + c.state_noise_std * torch.randn_like(state)
-        return torch.cat([image_tokens.flatten(1, 2),
-                          self.text_project(text)[:, None],
-                          self.state_project(state)[:, None]], dim=1)
+        return torch.cat(visual + [self.text_project(text)[:, None],
+                                   self.state_project(state)[:, None]], dim=1)
 
     def _features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Fixed-size critic features: mean image token, text token, state token."""
-        v = self.config.num_views * self.config.tokens_per_view
+        """Fixed-size critic features: mean visual token, text token, state token."""
+        v = self.config.visual_tokens
         return torch.cat([tokens[:, :v].mean(1), tokens[:, v], tokens[:, v + 1]], dim=-1)
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
