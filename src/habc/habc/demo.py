@@ -35,14 +35,17 @@ class DemoConfig:
 
     out: Path
     task: str = 'transfer_cube'
-    demos: int = 30
-    demo_noise: float = 0.0
-    sft_steps: int = 2000
-    batch_size: int = 16
+    # The pixel track's SFT recipe at a smaller budget: demonstrations with 1 cm waypoint
+    # noise (variety the policy learns to recover from), two cameras, an object locator.
+    demos: int = 60
+    demo_noise: float = 0.01
+    sft_steps: int = 3000
+    batch_size: int = 32
+    cameras: tuple[str, ...] = ('top', 'angle')
     rounds: int = 2
     episodes_per_round: int = 4
     steps_per_round: int = 60
-    max_steps: int = 300
+    max_steps: int = 400
     method: str = 'habc'
     takeover_probability: float = 0.5
     workers: int = 2
@@ -79,6 +82,27 @@ class Monitor:
         return None
 
 
+def set_aside_if_stale(checkpoint: Path, cameras: tuple[str, ...]) -> None:
+    """Rename an SFT checkpoint of an older recipe (other cameras, no locator) out of the way.
+
+    It is kept (renamed to sft-old-<time>), never deleted; the demo then trains a new one.
+    """
+    config_path = checkpoint / 'config.json'
+    if not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text()).get('config', {})
+    except json.JSONDecodeError:
+        config = {}
+    if config.get('num_views') == len(cameras) and config.get('locator'):
+        return
+    aside = checkpoint.with_name(f'{checkpoint.name}-old-{time.strftime("%Y%m%d-%H%M%S")}')
+    checkpoint.rename(aside)
+    print(f'[demo] {checkpoint} was trained by an older recipe ({config.get("num_views")} '
+          f'camera(s), locator: {"yes" if config.get("locator") else "no"}); kept as {aside}, '
+          f'training a new one for cameras {list(cameras)}', flush=True)
+
+
 def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
     """Write the run's parameter file, layered over config/params/*.yaml (params_file:=)."""
     out = out.resolve()
@@ -86,7 +110,9 @@ def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
     # run its episodes): updates arrive while episodes go on, so no fixed count fits.
     episodes = 0
     params = {
-        '/**/sim_robot': {'task': config.task, 'max_steps': config.max_steps},
+        '/**/sim_robot': {'task': config.task, 'max_steps': config.max_steps,
+                          'cameras': list(config.cameras)},
+        '/**/sync': {'cameras': list(config.cameras)},
         '/**/policy': {'checkpoint': str(checkpoint.resolve()), 'torch_threads': 1},
         '/**/episode_recorder': {'storage_dir': str(out / 'episodes')},
         '/**/scripted_operator': {'episodes': episodes, 'max_steps': config.max_steps,
@@ -317,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     config.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     checkpoint = config.out / SFT_NAME
+    set_aside_if_stale(checkpoint, config.cameras)
     if not (checkpoint / 'model.safetensors').is_file():
         from habc_sim import bench
 
@@ -325,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
         # The pixel track's SFT at the demo's budgets (seed 0).
         profile = replace(bench.PROFILES['pixels'], max_steps=config.max_steps,
                           demos=config.demos, demo_noise=config.demo_noise,
-                          sft_steps=config.sft_steps, batch_size=config.batch_size)
+                          sft_steps=config.sft_steps, batch_size=config.batch_size,
+                          cameras=config.cameras)
         bench.train_sft(config.task, 'pixels', 0, profile, checkpoint, version=STARTUP_VERSION,
                         workers=config.workers)
         print(f'[demo] SFT checkpoint (version 1) written to {checkpoint}', flush=True)

@@ -1,10 +1,18 @@
 """`habc demo`'s bookkeeping: the per-version table and the parameter file it writes."""
 
+import json
 from pathlib import Path
 
 import yaml
 
-from habc.demo import DemoConfig, format_row, Monitor, version_stats, write_params
+from habc.demo import (
+    DemoConfig,
+    format_row,
+    Monitor,
+    set_aside_if_stale,
+    version_stats,
+    write_params,
+)
 from habc_episodes.index import EpisodeIndex
 
 
@@ -46,3 +54,23 @@ def test_params_file_points_every_node_at_the_run_folder(tmp_path):
     assert params['/**/policy']['ros__parameters']['checkpoint'] == str(
         (tmp_path / 'sft').resolve())
     assert Path(learner['init_checkpoint']) == (tmp_path / 'sft').resolve()
+    # The simulator renders, and the synchronizer expects, the cameras the SFT was made for.
+    for node in ('/**/sim_robot', '/**/sync'):
+        assert params[node]['ros__parameters']['cameras'] == list(config.cameras)
+
+
+def test_an_sft_checkpoint_of_an_older_recipe_is_kept_aside_not_reused(tmp_path, capsys):
+    def checkpoint(name, **config):
+        path = tmp_path / name
+        path.mkdir()
+        (path / 'config.json').write_text(json.dumps({'type': 'small_vla', 'config': config}))
+        return path
+    current = checkpoint('sft', num_views=2, locator={'outputs': 3})
+    set_aside_if_stale(current, ('top', 'angle'))
+    assert (current / 'config.json').is_file()            # the recipe matches: kept in place
+    old = checkpoint('sft_one_camera', num_views=1, locator={})
+    set_aside_if_stale(old, ('top', 'angle'))
+    assert not old.exists()
+    (aside,) = tmp_path.glob('sft_one_camera-old-*')
+    assert (aside / 'config.json').is_file()              # renamed, nothing deleted
+    assert 'older recipe (1 camera(s), locator: no)' in capsys.readouterr().out

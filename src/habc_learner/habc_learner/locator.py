@@ -59,7 +59,8 @@ def fit_locator(images: np.ndarray, targets: np.ndarray, episodes: np.ndarray,
 
     Returns:
         The locator and {'frames', 'train_error_cm', 'heldout_error_cm', 'loss'}, errors
-        per object (heldout_error_cm is empty with heldout_fraction 0 or one episode).
+        per object (heldout_error_cm is empty with heldout_fraction 0 or one episode; else
+        at least one episode is held out).
 
     Raises:
         ValueError: shapes that do not agree with each other or with `config`.
@@ -73,8 +74,10 @@ def fit_locator(images: np.ndarray, targets: np.ndarray, episodes: np.ndarray,
                          f'{targets.shape} and {episodes.shape}')
     rng = np.random.default_rng(training.seed)
     names = np.unique(episodes)
-    heldout_names = rng.choice(names, int(len(names) * training.heldout_fraction),
-                               replace=False)
+    # At least one held-out episode whenever there are two (a small run still reports it).
+    count = (max(1, int(len(names) * training.heldout_fraction))
+             if training.heldout_fraction and len(names) > 1 else 0)
+    heldout_names = rng.choice(names, count, replace=False)
     heldout = np.isin(episodes, heldout_names)
     train = np.flatnonzero(~heldout)
     torch.manual_seed(training.seed)

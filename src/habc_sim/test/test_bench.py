@@ -133,6 +133,19 @@ def test_quick_bench_end_to_end(tmp_path):
 
 
 @pytest.mark.timeout(900)
+def test_quick_bench_on_the_pixel_track_fits_a_locator_into_the_policy(tmp_path):
+    from habc_policy.models.base import load_policy
+    out = tmp_path / 'bench'
+    payload = _quick_bench(out, '--tracks', 'pixels', '--methods', 'sft', 'habc',
+                           '--rollouts', '2', '--eval-episodes', '2')
+    rows = payload['results']
+    assert {r['method'] for r in rows} == {'sft', 'habc'}
+    # One error per object (the cube), measured on demonstrations the locator never saw.
+    assert all(len(r['locator_heldout_error_cm']) == 1 for r in rows)
+    policy = load_policy(out / 'transfer_cube-pixels-seed0' / 'habc' / 'round1')
+    assert policy.locator.config.outputs == 3 and policy.config.visual_tokens == 1
+
+@pytest.mark.timeout(900)
 def test_the_same_command_gives_the_same_numbers(tmp_path):
     # Episode seeds, operator streams, policy sampling and training are seeded from the
     # command alone: seed 1 run on its own, with the methods in another order and one
