@@ -125,19 +125,18 @@ def record_demos(args: argparse.Namespace) -> list[dict]:
 
 def train_locator(args: argparse.Namespace, demos: list[dict]):
     """Train the object locator on every --locator-stride-th frame of the kept demos."""
-    from habc_learner.locator import fit_locator, LocatorTraining
-    from habc_policy.models.vision import LocatorConfig
+    from dataclasses import replace
 
-    stride = args.locator_stride
-    images = np.concatenate([d['observations']['images'][::stride] for d in demos])
-    targets = np.concatenate([d['objects'][::stride] for d in demos])
-    episodes = np.concatenate([np.full(len(d['objects'][::stride]), d['seed'])
-                               for d in demos])
-    config = LocatorConfig(num_views=len(args.cameras), image_size=args.image_size,
-                           outputs=targets.shape[1])
-    return fit_locator(images, targets, episodes, config,
-                       LocatorTraining(steps=args.locator_steps, seed=args.seed),
-                       progress=not args.no_progress)
+    import torch
+
+    from habc_sim.bench import PROFILES
+    from habc_sim.bench import train_locator as fit_on_demos
+
+    torch.set_num_threads(args.threads)
+    profile = replace(PROFILES['pixels'], cameras=tuple(args.cameras),
+                      image_size=args.image_size, locator_steps=args.locator_steps,
+                      locator_stride=args.locator_stride)
+    return fit_on_demos(demos, profile, args.seed, progress=not args.no_progress)
 
 
 def train(args: argparse.Namespace, demos: list[dict], checkpoint: Path,
