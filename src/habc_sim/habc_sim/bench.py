@@ -775,7 +775,7 @@ def plot_gates(histograms: list[dict], path: Path) -> bool:
                 mean = float((share * centres).sum())
                 ax.step(centres, share, where='mid', color=colour,
                         label=f'{source} (mean {mean:.2f})')
-        ax.set_title(f'{key[2]}: {key[0]} round {last[key]}', fontsize=9)
+        ax.set_title(f'{key[2]}\n{key[0]} round {last[key]}', fontsize=9)  # long specs wrap
         ax.set_xlabel('g_t (before normalisation)')
         ax.set_ylabel('share of samples')
         ax.legend(fontsize=6)
