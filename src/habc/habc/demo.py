@@ -307,6 +307,12 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
     return code
 
 
+# `--long`: the budgets a visible change needs, where the default's 20 minutes do not give
+# it (SFT from 100 demonstrations, as the pixel track's bench; 10 episodes per version).
+LONG_SCHEDULE = {'demos': 100, 'episodes_per_round': 10, 'rounds': 3, 'timeout': 3600.0}
+LONG_OUT = DEMO_OUT / 'long'   # runs/demo/*/sft: where `habc launch bringup` looks too
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `habc demo` options."""
     # runs/demo: where a plain `habc launch bringup` looks for the SFT checkpoint.
@@ -326,10 +332,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--method', default=d.method, help='learner method (default habc)')
     parser.add_argument('--timeout', type=float, default=d.timeout_s, metavar='S',
                         help='stop the loop after this many seconds')
+    parser.add_argument('--long', action='store_true',
+                        help='the longer schedule (about 40 min on 2 cores): SFT from '
+                        f"{LONG_SCHEDULE['demos']} demonstrations, "
+                        f"{LONG_SCHEDULE['episodes_per_round']} episodes per version, "
+                        f"{LONG_SCHEDULE['rounds']} rounds, in {LONG_OUT}; options given "
+                        'explicitly still win')
+
+
+def apply_long_schedule(args: argparse.Namespace, parser_defaults: dict) -> None:
+    """Replace the options left at their defaults by the --long schedule's values."""
+    for name, value in {**LONG_SCHEDULE, 'out': LONG_OUT}.items():
+        if getattr(args, name) == parser_defaults[name]:
+            setattr(args, name, value)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; return the exit code."""
+    if getattr(args, 'long', False):
+        defaults = argparse.ArgumentParser()
+        add_arguments(defaults)
+        apply_long_schedule(args, vars(defaults.parse_args([])))
     for name in ('rounds', 'episodes_per_round', 'steps_per_round', 'demos', 'sft_steps',
                  'max_steps'):
         if getattr(args, name) < 1:

@@ -74,3 +74,18 @@ def test_an_sft_checkpoint_of_an_older_recipe_is_kept_aside_not_reused(tmp_path,
     (aside,) = tmp_path.glob('sft_one_camera-old-*')
     assert (aside / 'config.json').is_file()              # renamed, nothing deleted
     assert 'older recipe (1 camera(s), locator: no)' in capsys.readouterr().out
+
+
+def test_the_long_schedule_fills_in_only_the_options_left_at_their_defaults():
+    import argparse
+
+    from habc.demo import add_arguments, apply_long_schedule, LONG_OUT, LONG_SCHEDULE
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(['--long', '--rounds', '5'])
+    defaults = vars(parser.parse_args([]))
+    apply_long_schedule(args, defaults)
+    assert args.rounds == 5                                   # given explicitly: kept
+    assert args.demos == LONG_SCHEDULE['demos'] and args.out == LONG_OUT
+    assert args.episodes_per_round == LONG_SCHEDULE['episodes_per_round']
