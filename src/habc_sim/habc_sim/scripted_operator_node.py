@@ -105,8 +105,14 @@ class ScriptedOperatorNode:
 
     # --- logging ---------------------------------------------------------------------------
     def _log(self, level: str, text: str) -> None:
+        # One call site per severity: rclpy refuses a second severity from the same line.
         logger = self.node.get_logger()
-        {'info': logger.info, 'warn': logger.warning, 'error': logger.error}[level](text)
+        if level == 'error':
+            logger.error(text)
+        elif level == 'warn':
+            logger.warning(text)
+        else:
+            logger.info(text)
 
     def _log_once(self, text: str) -> None:
         if text not in self._logged_errors and len(self._logged_errors) < 100:
