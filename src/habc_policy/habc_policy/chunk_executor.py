@@ -21,6 +21,13 @@ Modes:
             steps) contributes its action for the step nearest to `now`; the average uses
             weights w_i = exp(-m * i) with i = 0 for the oldest chunk (ACT's convention, so
             with m > 0 older predictions weigh more), normalised to sum to 1.
+Inference timing: needs_inference(now) is true when fewer than min_remaining_steps actions lie
+ahead, or fewer than the measured delay plus latency_margin_steps (latency_trigger). A policy
+executes each chunk for several steps when the next chunk lands in time, rather than
+replanning on every tick from ever older observations (measured with
+tools/probe_loop_latency.py: a two-camera VLA with 87% success when synchronous fell to 3% at
+an 80 ms delay when each chunk ran 4 actions, and kept 87% when each ran about 10).
+
 When nothing is due the tick returns None; once actions have been executed (since start or
 the last clear) such a tick counts as an underrun, and the arbiter holds.
 
@@ -42,6 +49,7 @@ The node calls add_chunk from its inference thread and next_action from the cont
 an internal lock makes each call atomic. All times are seconds passed in by the caller.
 """
 
+from collections import deque
 from dataclasses import dataclass
 import math
 import threading
@@ -84,6 +92,19 @@ class ChunkExecutorParams:
         5, 'needs_inference() is true when fewer actions than this remain ahead of now: '
         'about the inference latency in ticks, plus one. In ensemble mode use at least the '
         'horizon H to query continuously, as ACT does.', min=1, max=10000)
+    latency_trigger: bool = param(
+        True, 'Receding mode: start the next inference early enough for the measured delay, '
+        'i.e. when fewer than delay + latency_margin_steps actions remain, if that is more than '
+        'min_remaining_steps. The delay of a chunk is how many of its actions were already '
+        'past due when it started executing (the robot consumed them during inference); the '
+        'estimate is the 75th percentile over the last latency_window chunks, leaving out the '
+        'first chunk after a start or clear (cold-start latency).')
+    latency_margin_steps: int = param(
+        2, 'Latency-aware trigger: actions kept in reserve beyond the measured delay.',
+        min=0, max=10000)
+    latency_window: int = param(
+        20, 'Latency-aware trigger: chunks the delay estimate looks back over.',
+        min=1, max=10000)
 
     def __post_init__(self) -> None:
         validate_params(self)
@@ -146,6 +167,9 @@ class ChunkExecutor:
         self._staged_version: PolicyVersion | None = None
         self._not_before: float | None = None
         self._running = False
+        # Delay samples (actions past due when a chunk started executing), newest last.
+        self._delays: deque[int] = deque(maxlen=params.latency_window)
+        self._executing_chunk: int | None = None
 
     @property
     def staged_version(self) -> PolicyVersion | None:
@@ -234,9 +258,29 @@ class ChunkExecutor:
                            if newest.due(i) > now + _EPS)
             return sum(1 for a in self._queue if a.due_time > now + _EPS)
 
+    @property
+    def delay_steps(self) -> int | None:
+        """The delay estimate in control ticks (75th percentile), None before any sample."""
+        with self._lock:
+            return self._delay_estimate()
+
+    def _delay_estimate(self) -> int | None:
+        if not self._delays:
+            return None
+        ordered = sorted(self._delays)
+        return ordered[math.ceil(0.75 * (len(ordered) - 1))]
+
+    def inference_threshold(self) -> int:
+        """How few remaining actions start the next inference (see needs_inference)."""
+        threshold = self.params.min_remaining_steps
+        delay = self.delay_steps
+        if self.params.latency_trigger and self.params.mode == 'receding' and delay is not None:
+            threshold = max(threshold, delay + self.params.latency_margin_steps)
+        return threshold
+
     def needs_inference(self, now: float) -> bool:
-        """Whether the next inference should start: fewer than min_remaining_steps remain."""
-        return self.remaining_actions(now) < self.params.min_remaining_steps
+        """Whether the next inference should start: fewer than inference_threshold() remain."""
+        return self.remaining_actions(now) < self.inference_threshold()
 
     def stage_version(self, version: PolicyVersion) -> None:
         """Accept only chunks of `version` from now on (call it right after a weight swap)."""
@@ -256,6 +300,7 @@ class ChunkExecutor:
             self._queue = []
             self._chunks = []
             self._running = False
+            self._executing_chunk = None
             if now is not None:
                 self._not_before = float(now)
 
@@ -273,6 +318,7 @@ class ChunkExecutor:
                 'current_version': _text(self.current_version),
                 'staged_version': _text(self._staged_version),
                 'underrun_ratio': c['underruns'] / ticks if ticks else 0.0,
+                'delay_steps': self._delay_estimate(),
                 'stale_ratio': c['stale_dropped'] / planned if planned else 0.0,
             }
 
@@ -290,7 +336,12 @@ class ChunkExecutor:
         self.counters['stale_dropped'] += stale
         if not queue or queue[0].due_time > now + tolerance:
             return None
-        return queue.pop(0)
+        action = queue.pop(0)
+        if action.chunk_id != self._executing_chunk:
+            if self._executing_chunk is not None:  # not the first chunk after a start or clear
+                self._delays.append(action.index)
+            self._executing_chunk = action.chunk_id
+        return action
 
     def _next_ensemble(self, now: float) -> ScheduledAction | None:
         tolerance = self.params.stale_after_s + _EPS

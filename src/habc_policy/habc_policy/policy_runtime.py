@@ -89,6 +89,16 @@ class PolicyNodeParams:
         5, 'Start the next inference when fewer actions than this remain queued: the '
         'inference latency in ticks plus one (at least the horizon in ensemble mode).',
         min=1, max=10000, read_only=True)
+    latency_trigger: bool = param(
+        True, 'Receding mode: start inferences earlier when the measured delay (actions past '
+        'due when a chunk starts executing, 75th percentile of the last latency_window '
+        'chunks) plus latency_margin_steps exceeds min_remaining_steps.', read_only=True)
+    latency_margin_steps: int = param(
+        2, 'Latency-aware trigger: actions kept in reserve beyond the measured delay.',
+        min=0, max=10000, read_only=True)
+    latency_window: int = param(
+        20, 'Latency-aware trigger: chunks the delay estimate looks back over.',
+        min=1, max=10000, read_only=True)
     device: str = param('cpu', "Torch device of the policy, e.g. 'cpu' or 'cuda:0'.",
                         read_only=True)
     torch_threads: int = param(
@@ -117,7 +127,8 @@ class PolicyNodeParams:
             control_period_s=period, execute_steps=self.execute_steps, mode=self.mode,
             ensemble_decay=self.ensemble_decay,
             stale_after_s=self.stale_after_s or 0.75 * period,
-            min_remaining_steps=self.min_remaining_steps)
+            min_remaining_steps=self.min_remaining_steps, latency_trigger=self.latency_trigger,
+            latency_margin_steps=self.latency_margin_steps, latency_window=self.latency_window)
 
 
 # Tag of weights an operator loaded through the weights_uri parameter.

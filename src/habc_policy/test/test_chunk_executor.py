@@ -148,6 +148,45 @@ def test_needs_inference_when_few_actions_remain():
     assert executor.needs_inference(1.10)
 
 
+def _late_second_chunk(executor: ChunkExecutor) -> None:
+    """Chunk 0 on time (steps 0-7 run), chunk 1 planned at 1.06 landing at 1.16: 4 late."""
+    executor.add_chunk(_chunk(0.0), 1.00, P, V1, 0)
+    assert [_tick(executor, now) for now in _ticks(1.00, 8)] == list(range(8))
+    assert executor.delay_steps is None  # the first chunk after a start is not a sample
+    executor.add_chunk(_chunk(100.0), 1.08, P, V1, 1)
+    assert _tick(executor, 1.16) == 104.0  # steps 0-3 were due while it was computed
+
+
+def test_latency_trigger_starts_inferences_early_enough_for_the_measured_delay():
+    executor = _executor(execute_steps=20, min_remaining_steps=3, latency_margin_steps=2)
+    _late_second_chunk(executor)
+    assert executor.delay_steps == 4
+    assert executor.inference_threshold() == 6  # 4 + 2 > min_remaining_steps
+    # Chunk 1's steps 15-19 (due 1.38 .. 1.46) lie ahead at 1.36: 5 < 6.
+    assert executor.needs_inference(1.36) and not executor.needs_inference(1.34)
+    assert executor.diagnostics()['delay_steps'] == 4
+    fixed = _executor(execute_steps=20, min_remaining_steps=3, latency_trigger=False)
+    _late_second_chunk(fixed)
+    assert fixed.inference_threshold() == 3 and not fixed.needs_inference(1.36)
+
+
+def test_delay_estimate_is_the_75th_percentile_and_skips_the_chunk_after_a_clear():
+    executor = _executor(execute_steps=20, min_remaining_steps=1)
+    _late_second_chunk(executor)
+    executor.clear(1.20)
+    executor.add_chunk(_chunk(200.0), 1.22, P, V1, 2)  # 3 late, but first after the clear
+    assert _tick(executor, 1.28) == 203.0
+    assert executor.delay_steps == 4  # still the one sample from chunk 1
+    for chunk_id, planned in ((3, 1.30), (4, 1.40), (5, 1.50)):
+        executor.add_chunk(_chunk(100.0 * chunk_id), planned + P, P, V1, chunk_id)
+        _tick(executor, planned + 2 * P)  # one step late: delay 1
+    assert sorted(executor._delays) == [1, 1, 1, 4]
+    assert executor.delay_steps == 4  # ceil(0.75 * 3) = index 3 of [1, 1, 1, 4]
+    executor.add_chunk(_chunk(600.0), 1.62, P, V1, 6)
+    _tick(executor, 1.64)
+    assert executor.delay_steps == 1  # [1, 1, 1, 1, 4]: index 3
+
+
 def test_chunk_shorter_than_k_is_executed_entirely():
     executor = _executor(execute_steps=10)
     executor.add_chunk(_chunk(0.0, horizon=3), 1.00, P, V1, 0)

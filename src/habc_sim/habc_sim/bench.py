@@ -209,6 +209,9 @@ class EpisodeJob:
     demo_noise: float = 0.0
     operator: tuple = ()            # OperatorConfig and takeover ExpertConfig fields, or ()
     execute_steps: int = 10
+    inference_delay_steps: int = 0  # chunks land this many steps late (the loop's latency)
+    min_remaining_steps: int = 5    # with a delay: infer when fewer actions are queued
+    latency_trigger: bool = True    # with a delay: the policy node's latency-aware trigger
 
 
 _POLICIES: dict[str, object] = {}
@@ -269,7 +272,10 @@ def run_job(job: EpisodeJob) -> dict:
     episode, summary = run_policy_episode(
         env, job.seed, policy.predict_action_chunk, operator,
         RunnerConfig(track=job.track, execute_steps=job.execute_steps,
-                     policy_version=Path(job.checkpoint).name), expert)
+                     policy_version=Path(job.checkpoint).name,
+                     inference_delay_steps=job.inference_delay_steps,
+                     min_remaining_steps=job.min_remaining_steps,
+                     latency_trigger=job.latency_trigger), expert)
     summary['episode'] = episode if job.operator else None
     return summary
 

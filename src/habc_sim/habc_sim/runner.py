@@ -5,6 +5,12 @@ each chunk, then asks again (receding horizon). On every step the operator decid
 controls: when it takes over, the scripted expert replans from the current state and drives
 until the operator hands back or the episode ends. Every executed action is recorded with
 the controller that produced it, which is what credit assignment needs.
+
+With `inference_delay_steps` d > 0 the runner plays the ROS loop's timing instead, with the
+policy node's own ChunkExecutor: an inference starts on the current observation when the
+executor asks for one, its chunk arrives d steps later, the actions whose ticks passed
+meanwhile are dropped, and the robot holds its last command while nothing is due. This
+measures what inference latency costs a policy, offline.
 """
 
 from collections.abc import Callable
@@ -14,7 +20,8 @@ import time
 import numpy as np
 
 from habc_episodes.episode import Episode
-from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
+from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome, STARTUP_VERSION
+from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
 from habc_sim.aloha import AlohaEnv, policy_observation
 from habc_sim.expert import ExpertConfig, ScriptedExpert
 from habc_sim.operator import ScriptedOperator
@@ -29,12 +36,68 @@ class RunnerConfig:
     track: str = 'state'          # 'state': joints + object positions; 'pixels': + images
     execute_steps: int = 10       # actions executed per chunk before the next inference
     policy_version: str = ''
+    inference_delay_steps: int = 0  # 0: synchronous; d: chunks land d control steps late
+    min_remaining_steps: int = 5    # with a delay: infer when fewer queued actions lie ahead
+    latency_trigger: bool = True    # with a delay: the node's latency-aware trigger
 
     def __post_init__(self) -> None:
         if self.track not in ('state', 'pixels'):
             raise ValueError(f"track must be 'state' or 'pixels', got {self.track!r}")
         if self.execute_steps < 1:
             raise ValueError('execute_steps must be >= 1')
+        if self.inference_delay_steps < 0 or self.min_remaining_steps < 1:
+            raise ValueError('inference_delay_steps must be >= 0 and min_remaining_steps >= 1')
+
+
+class DelayedChunks:
+    """The policy node's chunk timing, in control steps, over its own ChunkExecutor.
+
+    The observation of step s is stamped s * period; a chunk planned from it lands `delay`
+    steps later, and the action of step s is the one the executor returns at (s + 1) * period
+    (the tick after the observation, as in the node).
+    """
+
+    def __init__(self, execute_steps: int, delay: int, min_remaining: int,
+                 latency_trigger: bool = True, period: float = 0.02) -> None:
+        self.delay, self.period = delay, period
+        self.executor = ChunkExecutor(ChunkExecutorParams(
+            control_period_s=period, execute_steps=execute_steps, stale_after_s=0.75 * period,
+            min_remaining_steps=min_remaining, latency_trigger=latency_trigger))
+        self.pending: tuple[int, int, np.ndarray] | None = None  # (arrival, obs step, chunk)
+        self._chunk_id = 0
+        self.hold_steps = 0
+
+    @property
+    def stale_dropped(self) -> int:
+        return self.executor.counters['stale_dropped']
+
+    def clear(self, step: int) -> None:
+        """Forget queued and in-flight chunks (a human took over at `step`)."""
+        self.pending = None
+        self.executor.clear((step + 1) * self.period)
+
+    def action(self, step: int, infer: Callable[[], np.ndarray]) -> np.ndarray | None:
+        """Return the action of `step` (None: hold), starting inferences as the node does."""
+        self._land(step)
+        # The node checks after its previous tick (at step * period) and infers on the
+        # newest observation, this step's.
+        if self.pending is None and self.executor.needs_inference(step * self.period):
+            self.pending = (step + self.delay, step, infer())
+            self._land(step)
+        scheduled = self.executor.next_action((step + 1) * self.period)
+        if scheduled is None:
+            self.hold_steps += 1
+            return None
+        return scheduled.action
+
+    def _land(self, step: int) -> None:
+        if self.pending is None or self.pending[0] > step:
+            return
+        _, observed, chunk = self.pending
+        self.pending = None
+        self._chunk_id += 1
+        self.executor.add_chunk(chunk, (observed + 1) * self.period, self.period,
+                                STARTUP_VERSION, self._chunk_id)
 
 
 def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
@@ -50,6 +113,18 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
     if operator is not None:
         operator.reset(env.privileged())
     queue: list[np.ndarray] = []
+    delayed = (DelayedChunks(config.execute_steps, config.inference_delay_steps,
+                             config.min_remaining_steps, config.latency_trigger)
+               if config.inference_delay_steps else None)
+    last_action: np.ndarray | None = None
+
+    def timed_policy(seen: dict) -> np.ndarray:
+        nonlocal inference_s
+        start = time.perf_counter()
+        chunk = _checked(policy(seen))
+        inference_s += time.perf_counter() - start
+        return chunk
+
     observations: dict[str, list] = {}
     actions, controllers = [], []
     while True:
@@ -62,19 +137,21 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
         if controller == Controller.HUMAN:
             action = expert.act()
             queue = []  # the policy restarts from the state the human leaves behind
+            if delayed is not None:
+                delayed.clear(env.steps)
+        elif delayed is not None:
+            action = delayed.action(env.steps, lambda seen=seen: timed_policy(seen))
+            if action is None:  # nothing due: the arbiter holds the last command
+                action = last_action if last_action is not None else observation['state']
         else:
             if not queue:
-                start = time.perf_counter()
-                chunk = np.asarray(policy(seen), dtype=np.float64)
-                inference_s += time.perf_counter() - start
-                if chunk.ndim != 2 or chunk.shape[1] != 14:
-                    raise ValueError(f'policy returned a chunk of shape {chunk.shape}; '
-                                     'expected (H, 14)')
+                chunk = timed_policy(seen)
                 queue = list(chunk[:config.execute_steps])
             action = queue.pop(0)
         for key, value in seen.items():
             if key != 'instruction':
                 observations.setdefault(key, []).append(np.asarray(value))
+        last_action = np.asarray(action, dtype=np.float64)
         actions.append(np.asarray(action, dtype=np.float32))
         controllers.append(controller)
         start = time.perf_counter()
@@ -99,5 +176,14 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                # rendering alone (reset included)
                'inference_s': inference_s, 'sim_s': sim_s,
                'render_s': env.render_seconds - render_before}
+    if delayed is not None:
+        summary.update(stale_dropped=delayed.stale_dropped, hold_steps=delayed.hold_steps)
     return episode, summary
+
+
+def _checked(chunk: np.ndarray) -> np.ndarray:
+    chunk = np.asarray(chunk, dtype=np.float64)
+    if chunk.ndim != 2 or chunk.shape[1] != 14:
+        raise ValueError(f'policy returned a chunk of shape {chunk.shape}; expected (H, 14)')
+    return chunk
 

@@ -1,0 +1,90 @@
+"""The offline episode runner: synchronous chunks, and the loop's timing with a chunk delay."""
+
+import numpy as np
+import pytest
+
+from habc_sim.aloha import AlohaConfig, AlohaEnv
+from habc_sim.runner import DelayedChunks, run_policy_episode, RunnerConfig
+
+
+def _chunks():
+    """Return an inference function whose chunk c holds actions 100 * c + i (one value per row)."""
+    calls = []
+
+    def infer() -> np.ndarray:
+        calls.append(len(calls))
+        return 100.0 * (len(calls) - 1) + np.arange(6, dtype=np.float64)[:, None]
+
+    return infer, calls
+
+
+def test_delayed_chunks_follow_the_policy_nodes_timing():
+    # k = 4 executed actions per chunk, chunks land 2 steps after their observation, a new
+    # inference starts when fewer than 2 queued actions lie ahead. Worked by hand:
+    #   step 0: infer C0 (lands at 2), hold   step 1: hold
+    #   step 2: C0 lands, C0[0..1] stale; C0[2]   step 3: infer C1 (lands at 5); C0[3]
+    #   step 4: hold   step 5: C1[0..1] stale; C1[2]   step 6: infer C2; C1[3]   step 7: hold
+    infer, calls = _chunks()
+    chunks = DelayedChunks(execute_steps=4, delay=2, min_remaining=2, latency_trigger=False)
+    got = [chunks.action(step, infer) for step in range(8)]
+    values = [None if a is None else int(a[0]) for a in got]
+    assert values == [None, None, 2, 3, None, 102, 103, None]
+    assert len(calls) == 3
+    assert chunks.stale_dropped == 4 and chunks.hold_steps == 4
+
+
+def test_a_new_chunk_replaces_the_queued_remainder_from_its_first_due_step():
+    # k = 4, delay 1, infer below 3 ahead. step 0: infer C0, hold; 1: C0 lands (C0[0] stale),
+    # C0[1]; 2: 2 ahead, infer C1 (observed 2); C0[2]; 3: C1 lands and replaces C0[3] by C1[1],
+    # its own action for step 3; 4: infer C2; C1[2]; 5: C2 replaces C1[3] by C2[1].
+    infer, _ = _chunks()
+    chunks = DelayedChunks(execute_steps=4, delay=1, min_remaining=3, latency_trigger=False)
+    values = [None if (a := chunks.action(step, infer)) is None else int(a[0])
+              for step in range(6)]
+    assert values == [None, 1, 2, 101, 102, 201]
+    chunks.clear(5)
+    assert chunks.action(6, infer) is None  # cleared: a new inference, nothing due yet
+
+
+def test_clear_forgets_a_chunk_in_flight():
+    infer, calls = _chunks()
+    chunks = DelayedChunks(execute_steps=4, delay=3, min_remaining=2, latency_trigger=False)
+    assert chunks.action(0, infer) is None
+    chunks.clear(0)  # a takeover: the chunk planned at step 0 must never act
+    assert chunks.action(5, infer) is None and len(calls) == 2
+    assert chunks.action(8, infer)[0] == 100 + 3
+
+
+@pytest.fixture(scope='module')
+def env():
+    environment = AlohaEnv(AlohaConfig(task='transfer_cube', cameras=[], max_steps=30))
+    yield environment
+    environment.close()
+
+
+def test_an_episode_with_a_delay_holds_until_the_first_chunk_lands(env):
+    commanded = []
+
+    def policy(seen: dict) -> np.ndarray:
+        # Hold the arms where they are; record the observation each chunk is planned from.
+        commanded.append(seen['state'][:14].copy())
+        return np.repeat(seen['state'][None, :14], 20, axis=0)
+
+    episode, summary = run_policy_episode(
+        env, 3, policy, config=RunnerConfig(track='state', inference_delay_steps=3,
+                                            min_remaining_steps=8))
+    assert summary['steps'] == 30 and len(episode.actions) == 30
+    # Only until the first chunk lands at step 3: with 7 of its actions ahead (< 8) the next
+    # inference starts at once, and each later chunk lands before the queue runs dry.
+    assert summary['hold_steps'] == 3
+    # Every chunk that landed did so 3 steps late: 3 of its 10 queued actions were stale
+    # (the last one may still have been in flight when the episode ended).
+    assert summary['stale_dropped'] in (3 * (len(commanded) - 1), 3 * len(commanded))
+    synchronous, plain = run_policy_episode(env, 3, policy,
+                                            config=RunnerConfig(track='state'))
+    assert 'hold_steps' not in plain and len(synchronous.actions) == 30
+
+
+def test_runner_config_rejects_a_negative_delay():
+    with pytest.raises(ValueError, match='inference_delay_steps'):
+        RunnerConfig(inference_delay_steps=-1)
