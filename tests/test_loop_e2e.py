@@ -58,6 +58,10 @@ def write_params(tmp_path: Path, checkpoint: Path) -> Path:
         '/**/policy': {'checkpoint': str(checkpoint), 'torch_threads': 1,
                        'min_remaining_steps': 9},
         '/**/episode_recorder': {'storage_dir': str(storage)},
+        # The swap check below needs a policy that runs on after the operator's last episode
+        # (the bringup's default pauses it between episodes; test_teleop_arbiter_node.py and
+        # test_arbiter.py test that).
+        '/**/teleop_arbiter': {'hold_between_episodes': False},
         # Takes over whenever a detector fires, so episodes mix policy and human segments.
         '/**/scripted_operator': {'episodes': EPISODES, 'max_steps': MAX_STEPS,
                                   'takeover_probability': 1.0, 'handback_probability': 0.5},

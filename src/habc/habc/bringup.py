@@ -72,7 +72,7 @@ class ResolvedNode:
     required: bool
     argument_parameters: tuple[tuple[str, str], ...] = ()
     # Parameters set by launch arguments (`-p name:=value`, after the parameter files).
-    parameter_values: tuple[tuple[str, str], ...] = ()
+    parameter_values: tuple[tuple[str, str | bool], ...] = ()
 
     @property
     def full_name(self) -> str:
@@ -190,6 +190,9 @@ def argument_values(description: BringupDescription,
 # A description that declares this argument lets the user layer one more parameter file on
 # every node (after the node's own files, so it wins): storage paths, a checkpoint, budgets.
 PARAMS_FILE_ARGUMENT = 'params_file'
+# A description that declares this argument runs every node on the simulated robot's clock
+# (ROS `use_sim_time`; the simulator publishes /clock): 'auto' follows `use_sim`.
+SIM_TIME_ARGUMENT = 'use_sim_time'
 # The argument that names the policy checkpoint; the parameters it feeds (argument_parameters)
 # are the ones `checkpoint_notice` checks.
 CHECKPOINT_ARGUMENT = 'checkpoint'
@@ -207,6 +210,8 @@ def resolve(description: BringupDescription,
             raise DescriptionError(f'{PARAMS_FILE_ARGUMENT}:={values[PARAMS_FILE_ARGUMENT]}: '
                                    f'no such parameter file ({extra_file})')
         extra = (extra_file,)
+    sim_time = _sim_time(values)
+    clock = () if sim_time is None else ((SIM_TIME_ARGUMENT, sim_time),)
     resolved = []
     for spec in description.nodes:
         if spec.enabled_if and not parse_bool(spec.enabled_if, values[spec.enabled_if]):
@@ -216,10 +221,20 @@ def resolve(description: BringupDescription,
             parameters=spec.parameters + extra, remappings=spec.remappings,
             namespace=join_namespace(robot_namespace, spec.namespace),
             required=spec.required, argument_parameters=spec.argument_parameters,
-            parameter_values=tuple((parameter, values[argument])
-                                   for parameter, argument in spec.argument_parameters
-                                   if values[argument])))
+            parameter_values=clock + tuple((parameter, values[argument])
+                                           for parameter, argument in spec.argument_parameters
+                                           if values[argument])))
     return resolved
+
+
+def _sim_time(values: dict[str, str]) -> bool | None:
+    """Return the use_sim_time every node gets (None: the description does not declare it)."""
+    if SIM_TIME_ARGUMENT not in values:
+        return None
+    value = values[SIM_TIME_ARGUMENT]
+    if value.strip().lower() == 'auto':
+        return parse_bool('use_sim', values.get('use_sim', 'false'))
+    return parse_bool(SIM_TIME_ARGUMENT, value)
 
 
 def ros_arguments(node: ResolvedNode) -> list[str]:
@@ -228,7 +243,7 @@ def ros_arguments(node: ResolvedNode) -> list[str]:
     for param_file in node.parameters:
         args += ['--params-file', str(param_file)]
     for name, value in node.parameter_values:
-        # A YAML double-quoted string: the value stays a string ('true', '1', '~' too).
+        # JSON is YAML: a string stays a string ('true', '1', '~' too), a bool a bool.
         args += ['-p', f'{name}:={json.dumps(value)}']
     for source, target in node.remappings:
         args += ['-r', f'{source}:={target}']

@@ -6,6 +6,7 @@ import pytest
 
 from habc.bringup import (
     checkpoint_notice,
+    description_path,
     DescriptionError,
     file_parameter,
     join_namespace,
@@ -197,3 +198,34 @@ nodes:
     assert node.parameters == (tmp_path / 'a.yaml', extra)
     with pytest.raises(DescriptionError, match='no such parameter file'):
         resolve(description, {'params_file': str(tmp_path / 'missing.yaml')})
+
+
+def test_use_sim_time_follows_use_sim_unless_given(tmp_path):
+    (tmp_path / 'n.yaml').write_text('/**:\n  ros__parameters: {}\n')
+    path = tmp_path / 'd.yaml'
+    path.write_text("""
+arguments:
+  use_sim: {default: 'true'}
+  use_sim_time: {default: auto}
+nodes:
+  - {name: robot, package: p, executable: r, parameters: [n.yaml]}
+  - {name: policy, package: p, executable: e, parameters: [n.yaml]}
+""")
+    description = load_description(path)
+    assert {n.parameter_values for n in resolve(description)} == {(('use_sim_time', True),)}
+    # A bool, not the string 'true': rcl would refuse a string for use_sim_time.
+    assert ros_arguments(resolve(description)[0])[-2:] == ['-p', 'use_sim_time:=true']
+    assert resolve(description, {'use_sim': 'false'})[1].parameter_values == (
+        ('use_sim_time', False),)
+    assert resolve(description, {'use_sim': 'false', 'use_sim_time': 'true'})[1]\
+        .parameter_values == (('use_sim_time', True),)
+    with pytest.raises(DescriptionError, match='use_sim_time'):
+        resolve(description, {'use_sim_time': 'sometimes'})
+
+
+def test_the_bringup_runs_the_simulated_robot_on_simulated_time():
+    bringup = load_description(description_path('bringup'))
+    nodes = resolve(bringup)
+    assert all(dict(n.parameter_values)['use_sim_time'] is True for n in nodes)
+    real = resolve(bringup, {'use_sim': 'false', 'use_scripted_operator': 'false'})
+    assert all(dict(n.parameter_values)['use_sim_time'] is False for n in real)

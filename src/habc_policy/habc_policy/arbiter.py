@@ -59,6 +59,13 @@ class ArbiterParams:
     engage_requires_teleop: bool = param(
         False, 'Refuse an engage request while the teleop command is missing or stale '
         '(otherwise the engage takes control and the watchdog holds until teleop is fresh).')
+    hold_between_episodes: bool = param(
+        False, 'The policy drives only during recorded episodes. Before the first episode and '
+        "between two, its commands are not forwarded and nothing is sent (reason 'idle'; the "
+        'robot keeps the pose it was reset to and the policy node pauses). When an episode '
+        'starts, the policy re-plans from the state the reset left, and nothing is sent '
+        "until its first new command (not the last episode's last command). A human may "
+        'drive at any time. Needs the episode recorder.')
 
     def __post_init__(self) -> None:
         validate_params(self)
@@ -87,7 +94,8 @@ class ArbiterOutput:
     segment_id: starts at 0 and increments at every switch of `source`.
     reason: why `source` is executed: 'start' (the policy drives from the start), 'engage',
         'deviation' (automatic takeover), 'handback', 'watchdog' (the controlling source's
-        command or the joint state is missing or stale), 'estop'.
+        command or the joint state is missing or stale), 'estop', 'idle' (the policy has
+        control but no episode runs, with hold_between_episodes; no command is sent).
     switched: True when `source` differs from the previous tick's.
     reseed_policy: True on the first tick after a handback to the policy (and after an
         e-stop reset while the policy is in control): the policy node should drop its queued
@@ -150,6 +158,8 @@ class TeleopArbiter:
         self._reseed_pending = False
         self._estopped = False
         self._estop_target: np.ndarray | None = None
+        self._idle = params.hold_between_episodes  # until the first episode starts
+        self._silent_hold = False
         self._source = Controller.HOLD
         self._segment_id = 0
 
@@ -272,6 +282,23 @@ class TeleopArbiter:
         """Restart segment_id at 0 (at the start of an episode); control is unchanged."""
         self._segment_id = 0
 
+    def on_episode(self, running: bool) -> None:
+        """Note an episode's start (True) or end (False); see hold_between_episodes."""
+        if not self.params.hold_between_episodes:
+            return
+        if running and self._idle:
+            # A fresh start: neither the policy's last command (planned before the reset)
+            # nor the last episode's last command may move the robot now.
+            self._policy = self._policy_time = None
+            self._last_command = None
+            self._ramp_start_time = self._ramp_from = None
+            # Until the policy's first command, send nothing: the robot keeps the pose it was
+            # reset to (a hold at the measured pose could still be at the pose before it).
+            self._silent_hold = True
+            if self._controller == Controller.POLICY:
+                self._reseed_pending = True
+        self._idle = not running
+
     # Tick ---------------------------------------------------------------------------------
 
     def tick(self, now: float) -> ArbiterOutput:
@@ -289,18 +316,22 @@ class TeleopArbiter:
             # so jumping the command back to it stops the arm instead of letting it run on
             # toward the last command at the velocity limit.
             command = self._clip(self._estop_target)
+        elif self._idle and self._controller == Controller.POLICY:
+            source, reason, command = Controller.HOLD, 'idle', None
         else:
             self._check_deviation(now)
             target = self._fresh_target(now)
             if target is None:
                 source, reason = Controller.HOLD, 'watchdog'
-                target = (self._last_command if self._last_command is not None
-                          else self._measured)
+                if not self._silent_hold:
+                    target = (self._last_command if self._last_command is not None
+                              else self._measured)
             else:
+                self._silent_hold = False
                 source, reason = self._controller, self._control_reason
                 if source == Controller.POLICY:
                     target, ramping = self._ramp(target, now)
-            command = self._limit(target)
+            command = None if target is None else self._limit(target)
         if command is not None:
             self._last_command = command
         switched = source != self._source

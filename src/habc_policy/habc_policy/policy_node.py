@@ -23,10 +23,11 @@ or in $HABC_ROOT). With none, the node holds: no commands, `waiting` on policy/s
 why (logged once), and it looks again every second until one appears there, a PolicyUpdate
 arrives or weights_uri is set, whichever comes first.
 
-Intervention: while a human drives (InterventionState.source == SOURCE_HUMAN) no inference
-runs and no command is published. When control leaves the human, or the robot leaves an
-e-stop hold, the executor is cleared at the switch's stamp, so the policy re-plans from the
-state the human (or the stop) left. A HOLD for any other reason does not pause the policy:
+Intervention: while a human drives (InterventionState.source == SOURCE_HUMAN), and while the
+arbiter holds because no episode runs (SOURCE_HOLD, reason 'idle'), no inference runs and no
+command is published. When control leaves the human, the robot leaves an e-stop hold or an
+episode starts, the executor is cleared at the switch's stamp, so the policy re-plans from the
+state the human, the stop or the reset left. A HOLD for any other reason does not pause the policy:
 the arbiter holds while the policy's command is stale (at start-up, say), and it is this
 node's commands that end such a hold.
 """
@@ -206,9 +207,11 @@ class PolicyNode:
     def intervention_callback(self, msg: InterventionState) -> None:
         source, reason = msg.source, msg.reason
         previous, self._last_source = self._last_source, (source, reason)
-        if source == InterventionState.SOURCE_HUMAN:
+        if source == InterventionState.SOURCE_HUMAN or (
+                source == InterventionState.SOURCE_HOLD and reason == 'idle'):
             if not self._paused:
-                self.log.info('human in control: inference paused')
+                self.log.info('human in control: inference paused' if reason != 'idle'
+                              else 'no episode running: inference paused')
             self._paused = True
             return
         estop_ended = (previous is not None and previous[0] == InterventionState.SOURCE_HOLD
@@ -220,8 +223,10 @@ class PolicyNode:
             # Bumpless handback: drop the queue and every chunk planned before the switch.
             self.executor.clear(switch)
             self._not_before = switch
-            self.log.info(f'{"handback" if self._paused else "e-stop released"}: queue '
-                          'cleared, re-planning from the current state')
+            what = ('e-stop released' if not self._paused
+                    else 'episode started' if previous is not None and previous[1] == 'idle'
+                    else 'handback')
+            self.log.info(f'{what}: queue cleared, re-planning from the current state')
         self._paused = False
 
     def update_callback(self, msg: PolicyUpdate) -> None:

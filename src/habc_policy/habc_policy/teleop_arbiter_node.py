@@ -304,21 +304,26 @@ class TeleopArbiterNode:
         node.create_subscription(EpisodeEvent, 'recorder/events', self.event_callback,
                                  EVENTS_QOS)
         node.create_service(Trigger, 'arbiter/reset_estop', self.reset_estop_callback)
-        # The control tick runs on the steady clock: wall-clock steps (NTP) or simulated
-        # time must not change the control rate; message stamps use the node's ROS clock.
-        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self.timer = node.create_timer(p.control_period_s, self.tick, clock=self._steady)
+        # The control tick runs on the steady clock: wall-clock steps (NTP) must not change
+        # the control rate; message stamps use the node's ROS clock. With use_sim_time the
+        # robot is a simulator that publishes its time: the tick follows that clock, one
+        # command per simulated period, however fast the simulation runs.
+        self._sim_time = bool(node.get_parameter('use_sim_time').value)
+        self._control_clock = (node.get_clock() if self._sim_time
+                               else Clock(clock_type=ClockType.STEADY_TIME))
+        self.timer = node.create_timer(p.control_period_s, self.tick, clock=self._control_clock)
         if p.diagnostics_period_s > 0.0:
             node.create_timer(p.diagnostics_period_s, self.publish_diagnostics,
-                              clock=self._steady)
+                              clock=self._control_clock)
         order = ', '.join(p.joint_names) if p.joint_names else 'from the first joint_states'
         node.get_logger().info(
             f'ready: arbitrating at {1.0 / p.control_period_s:g} Hz, command to {interface}, '
             f'joint order {order}')
 
-    @staticmethod
-    def _now() -> float:
-        # The same monotonic clock as the steady timer; arrival times and ticks compare.
+    def _now(self) -> float:
+        # The control timer's clock: arrival times and ticks compare.
+        if self._sim_time:
+            return self.node.get_clock().now().nanoseconds * 1e-9
         return time.monotonic()
 
     # Inputs -------------------------------------------------------------------------------
@@ -387,17 +392,20 @@ class TeleopArbiterNode:
             if msg.episode_id != self.episode_id:  # the latched START may come again
                 self.episode_id = msg.episode_id
                 self.arbiter.reset_segment_id()
+                self.arbiter.on_episode(True)
                 self.node.get_logger().info(f'episode {msg.episode_id} started')
         elif (msg.event in (EpisodeEvent.EVENT_END, EpisodeEvent.EVENT_DISCARDED)
               and msg.episode_id == self.episode_id):
             # DISCARDED too: an abort publishes END then DISCARDED, and a latched depth-1
             # topic may deliver only the last of two events sent back to back.
             self.episode_id = ''
+            self.arbiter.on_episode(False)
 
     # Tick ---------------------------------------------------------------------------------
 
     def tick(self) -> ArbiterOutput:
         """Arbitrate once and publish the command, the intervention state and the action."""
+        started = time.monotonic()  # the tick's own cost, on the steady clock
         start = self._now()
         self.stats.tick(start)
         out = self.arbiter.tick(start)
@@ -427,7 +435,7 @@ class TeleopArbiterNode:
                                   reason=out.reason)
         state.header.stamp = stamp
         self._intervention.publish(state)
-        self.stats.record_busy(self._now() - start)
+        self.stats.record_busy(time.monotonic() - started)
         return out
 
     def publish_diagnostics(self) -> None:

@@ -383,3 +383,46 @@ def test_commands_of_the_wrong_length_or_not_finite_are_rejected():
     with pytest.raises(ValueError, match='NaN'):
         arbiter.on_teleop_command([0.0, float('nan')], now=0.0)
     assert arbiter.tick(0.0).source == Controller.HOLD
+
+
+def test_hold_between_episodes_forwards_the_policy_only_during_an_episode():
+    arbiter = make(hold_between_episodes=True, takeover_deviation_rad=0.0)
+    feed(arbiter, 0.0, policy=[0.5, 0.5])
+    out = arbiter.tick(0.0)  # before the first episode: nothing is sent
+    assert (out.source, out.reason, out.command) == (Controller.HOLD, 'idle', None)
+    # The episode starts after a reset: the policy's last command (planned before it) is
+    # dropped, nothing is sent until the re-planned one arrives, and the policy re-plans.
+    feed(arbiter, 0.02, state=[0.3, 0.3])  # the pose the reset left
+    arbiter.on_episode(True)
+    out = arbiter.tick(0.04)
+    assert (out.source, out.reason, out.command, out.reseed_policy) == (
+        Controller.HOLD, 'watchdog', None, True)
+    feed(arbiter, 0.06, state=[0.3, 0.3], policy=[0.31, 0.3])
+    out = arbiter.tick(0.06)
+    assert out.source == Controller.POLICY and not out.reseed_policy
+    np.testing.assert_array_equal(out.command, [0.31, 0.3])
+    # Stale policy inside an episode: the usual hold at the last command.
+    feed(arbiter, 0.4, state=[0.3, 0.3])
+    np.testing.assert_array_equal(arbiter.tick(0.4).command, [0.31, 0.3])
+    arbiter.on_episode(False)
+    feed(arbiter, 0.42, policy=[0.9, 0.9])
+    assert arbiter.tick(0.42).reason == 'idle'
+
+
+def test_a_human_may_drive_between_episodes():
+    arbiter = make(hold_between_episodes=True, takeover_deviation_rad=0.0)
+    feed(arbiter, 0.0, teleop=[0.2, 0.1])
+    assert arbiter.on_engage(True, 0.0)
+    out = arbiter.tick(0.0)
+    assert out.source == Controller.HUMAN
+    np.testing.assert_array_equal(out.command, [0.2, 0.1])
+
+
+def test_episodes_change_nothing_without_hold_between_episodes():
+    arbiter = make()
+    arbiter.on_episode(False)
+    feed(arbiter, 0.0, policy=[0.5, 0.5])
+    out = arbiter.tick(0.0)
+    assert out.source == Controller.POLICY
+    arbiter.on_episode(True)
+    np.testing.assert_array_equal(arbiter.tick(0.02).command, [0.5, 0.5])

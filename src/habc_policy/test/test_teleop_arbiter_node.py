@@ -263,3 +263,21 @@ def test_estop_latches_until_the_reset_service(harness):
     h.wait_for(lambda: list(h.forward[-1].data) == [0.25, 0.25, 0.25],
                'the policy command after the reset')
     assert 'not latched' in h.ros.call(client, Trigger.Request()).message
+
+
+@pytest.mark.ros
+def test_hold_between_episodes_sends_nothing_outside_an_episode(harness):
+    h = harness(hold_between_episodes=True)
+    h.policy = (['a', 'b', 'c'], [0.1, 0.1, 0.1])
+    h.wait_source(Controller.HOLD, 'idle')
+    h.ros.spin_for(0.2)
+    assert not h.forward and not h.executed  # nothing reaches the robot
+    h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_START))
+    h.wait_source(Controller.POLICY)
+    h.wait_for(lambda: h.forward and list(h.forward[-1].data) == [0.1, 0.1, 0.1]
+               and h.executed and h.executed[-1].episode_id == 'ep-1', 'the policy command')
+    h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_END))
+    h.wait_source(Controller.HOLD, 'idle')
+    sent = len(h.forward)
+    h.ros.spin_for(0.2)
+    assert len(h.forward) <= sent + 1  # at most a tick in flight when the END arrived

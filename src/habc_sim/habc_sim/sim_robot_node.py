@@ -8,6 +8,14 @@ strict_success, failure, physics_error, truncated, objects {name: [x, y, z]}, qu
 Subscribes `forward_position_controller/commands` (std_msgs/Float64MultiArray, 14 targets)
 and `joint_trajectory_controller/joint_trajectory` (trajectory_msgs/JointTrajectory, first
 point, joints by name). Serves `sim/reset` (habc_msgs/srv/ResetSim).
+
+Simulated time: with `use_sim_time:=true` (the bringup's default with use_sim) the node is the
+clock of the loop, as a simulator is: every tick advances the simulated time by one control
+period, publishes it on /clock (rosgraph_msgs/Clock) and stamps the tick's messages with it;
+the other nodes run their timers on it. When a busy machine cannot step the physics and
+render the cameras in real time, the whole loop then slows down with it instead of sending
+commands faster than the robot moves. The simulated time starts at the wall time of start-up
+(stamps and bag times stay readable dates). The tick itself runs on the steady clock.
 """
 
 from collections.abc import Callable
@@ -16,7 +24,10 @@ import json
 import time
 from typing import Any, TypeVar
 
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
+from rclpy.time import Time
+from rosgraph_msgs.msg import Clock as ClockMessage
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
@@ -62,12 +73,27 @@ class SimRobotNode:
                                       'joint_trajectory_controller/joint_trajectory',
                                       self.trajectory_callback, COMMANDS)
         self.node.create_service(ResetSim, 'sim/reset', self.reset_callback)
+        self._period_ns = round(1e9 / self.params.rate_hz)
+        self._clock_publisher = None
+        self._sim_time_ns = time.time_ns()
+        if self.node.get_parameter('use_sim_time').value:
+            self._clock_publisher = self.node.create_publisher(ClockMessage, '/clock', 10)
+            self._publish_clock()  # the others' clocks start before the first tick
         # Subscriptions, the service and the timer share the node's default (mutually
-        # exclusive) callback group, so the MuJoCo state is never touched concurrently.
-        self.node.create_timer(1.0 / self.params.rate_hz, self.timer_callback)
+        # exclusive) callback group, so the MuJoCo state is never touched concurrently. The
+        # steady clock: with use_sim_time the node's own clock follows the time it publishes.
+        self.node.create_timer(1.0 / self.params.rate_hz, self.timer_callback,
+                               clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.node.get_logger().info(
             f'ready: {self.params.task} at {self.params.rate_hz:g} Hz, cameras '
-            f'{self.robot.cameras} at {self.params.image_size} px, seed {self.params.seed}')
+            f'{self.robot.cameras} at {self.params.image_size} px, seed {self.params.seed}, '
+            + ('publishing the simulated time on /clock' if self._clock_publisher
+               else 'stamped with the wall clock'))
+
+    def _publish_clock(self) -> None:
+        message = ClockMessage()
+        message.clock = Time(nanoseconds=self._sim_time_ns).to_msg()
+        self._clock_publisher.publish(message)
 
     def _on_gl_thread(self, function: Callable[..., T], *args: Any) -> T:
         return self._gl_thread.submit(function, *args).result()
@@ -110,7 +136,12 @@ class SimRobotNode:
     def timer_callback(self) -> None:
         self.overruns.started(time.monotonic())
         tick = self._on_gl_thread(self.robot.step)
-        stamp = self.node.get_clock().now()
+        if self._clock_publisher is not None:
+            self._sim_time_ns += self._period_ns
+            self._publish_clock()
+            stamp = Time(nanoseconds=self._sim_time_ns)
+        else:
+            stamp = self.node.get_clock().now()
         header_stamp = stamp.to_msg()
         joints = JointState()
         joints.header.stamp = header_stamp

@@ -198,3 +198,31 @@ def test_reset_restarts_from_the_seed_and_holds(sim, probe):
     np.testing.assert_allclose(arms, START_POSE, atol=0.05)
     refused = probe.call_reset(-3)
     assert not refused.success and 'non-negative' in refused.message
+
+
+def test_with_use_sim_time_it_publishes_the_clock_one_period_per_tick(ros_module):
+    from rosgraph_msgs.msg import Clock as ClockMessage
+
+    child = Child([sys.executable, '-m', 'habc_sim.sim_robot_node', '--ros-args',
+                   '-p', 'use_sim_time:=true', '-p', 'cameras:=[]', '-r', '__ns:=/simclock'])
+    try:
+        child.wait_for('ready:', timeout=60.0)
+        assert 'publishing the simulated time on /clock' in child.output
+        ros = ros_module
+        node = ros.create_node('sim_clock_probe')
+        clock, stamps = set(), []
+        node.create_subscription(ClockMessage, '/clock', lambda m: clock.add(
+            m.clock.sec * 10**9 + m.clock.nanosec), 100)
+        node.create_subscription(JointState, '/simclock/joint_states', lambda m: stamps.append(
+            m.header.stamp.sec * 10**9 + m.header.stamp.nanosec), JOINT_STATES)
+        ros.wait_for(lambda: len(stamps) >= 20 and set(stamps[:20]) <= clock,
+                     '20 joint states, each stamped with a published /clock time',
+                     children=[child], detail=lambda: child.output[-4000:])
+        # Exactly one control period (50 Hz) per tick, however late the wall-clock timer ran
+        # (best-effort delivery may drop one: then a multiple of it).
+        gaps = np.diff(stamps[:20])
+        assert np.all(gaps % 20_000_000 == 0) and np.all(gaps > 0), gaps
+        child.process.send_signal(signal.SIGINT)
+        assert child.finish(timeout=20) == 0, child.output
+    finally:
+        child.kill()
