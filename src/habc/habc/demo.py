@@ -47,6 +47,9 @@ class DemoConfig:
     steps_per_round: int = 60
     max_steps: int = 400
     method: str = 'habc'
+    # The learner's actor learning rate: the pixel track's online rate (habc_sim.bench,
+    # profile 'pixels'; at SFT's 1e-3 a few hundred steps undo the SFT policy).
+    actor_lr: float = 1e-4
     takeover_probability: float = 0.5
     workers: int = 2
     timeout_s: float = 1500.0
@@ -123,7 +126,8 @@ def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
                         'method': config.method,
                         'episodes_per_round': config.episodes_per_round,
                         'steps_per_round': config.steps_per_round,
-                        'batch_size': config.batch_size, 'torch_threads': 1},
+                        'batch_size': config.batch_size, 'actor_lr': config.actor_lr,
+                        'torch_threads': 1},
     }
     path = out / 'params.yaml'
     path.write_text(yaml.safe_dump({k: {'ros__parameters': v} for k, v in params.items()},

@@ -61,6 +61,9 @@ def test_method_specs_carry_ablation_overrides():
         parse_method('habc@horizon=3', p)
     with pytest.raises(ValueError, match='bad value'):
         parse_method('habc@advantage_stride=two', p)
+    assert PROFILES['pixels'].online_actor_lr == 1e-4
+    assert parse_method('habc@online_actor_lr=1e-3', PROFILES['pixels'])[1].online_actor_lr \
+        == 1e-3
 
 
 def test_evaluation_seeds_never_overlap_training_seeds():
@@ -123,9 +126,14 @@ def test_quick_bench_end_to_end(tmp_path):
     assert (out / 'results.md').read_text().count('|') > 10
     for plot in ('success_vs_round.png', 'success_length.png', 'gate_histograms.png'):
         assert (out / plot).stat().st_size > 1000
+    cell = out / 'transfer_cube-state-seed0'
     for method in ('imit_dagger', 'habc'):
-        assert (out / 'transfer_cube-state-seed0' / method / 'round1' /
-                'model.safetensors').is_file()
+        assert (cell / method / 'round1' / 'model.safetensors').is_file()
+        # SFT at actor_lr, the online rounds at online_actor_lr.
+        train = json.loads((cell / method / 'round1' / 'metrics.json').read_text())['train']
+        assert train['actor_lr'] == quick.online_actor_lr != quick.actor_lr
+    sft_train = json.loads((cell / 'sft' / 'round0' / 'metrics.json').read_text())['train']
+    assert sft_train['actor_lr'] == quick.actor_lr
     assert (out / 'transfer_cube-state-seed0' / 'habc_ir' / 'round2' /
             'model.safetensors').is_file()
     table = summary_table(rows, list(quick.methods))
