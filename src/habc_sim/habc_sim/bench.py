@@ -804,7 +804,8 @@ PROFILES = {
                           sft_steps=60, stage1_rounds=1, stage2_rounds=1,
                           rollouts_per_round=3, steps_per_round=30, eval_episodes=3,
                           batch_size=64, online_actor_lr=1e-4, max_steps=200,
-                          warmup_steps=10, locator_steps=20, vla=(('token_grid', 0), ('keypoints', 0))),
+                          warmup_steps=10, locator_steps=20,
+                          vla=(('token_grid', 0), ('keypoints', 0))),
     # The state track: both tasks, the paper's methods, 3 seeds. The naive-credit and AWR
     # baselines run separately (`--methods habc_naive awr`), so that each run fits ~90 min.
     'full': BenchProfile(name='full'),

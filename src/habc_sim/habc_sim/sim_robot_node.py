@@ -168,8 +168,9 @@ class SimRobotNode:
             self.node.get_logger().warning(
                 f'tick took longer than its {1e3 / self.params.rate_hz:.0f} ms period '
                 f'({self.overruns.overruns} overruns, {self.overruns.skipped} ticks skipped '
-                'so far): the simulation runs slower than real time; use fewer or smaller '
-                'cameras or a lower rate_hz')
+                'so far): the simulation runs slower than real time; '
+                + ('the nodes on its /clock slow down with it' if self._clock_publisher
+                   else 'use fewer or smaller cameras, a lower rate_hz or use_sim_time'))
 
     def close(self) -> None:
         self._on_gl_thread(self.robot.close)
