@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the policy node's min_remaining_steps (bringup default 10)")
     parser.add_argument('--fixed-trigger', action='store_true',
                         help="turn the node's latency_trigger off")
+    parser.add_argument('--actuation-delay', type=int, default=0,
+                        help='steps each action takes to reach the robot (the arbiter and '
+                        "driver's delay; the policy node's command_lead_s makes up for it)")
     parser.add_argument('--max-steps', type=int, default=400)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--out', type=Path, help='result.json folder (default: checkpoint)')
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                      execute_steps=args.execute_steps,
                                      inference_delay_steps=delay,
                                      min_remaining_steps=args.min_remaining,
-                                     latency_trigger=not args.fixed_trigger)
+                                     latency_trigger=not args.fixed_trigger,
+                                     actuation_delay_steps=args.actuation_delay)
                     for i in range(args.episodes)]
             results = list(pool.map(bench.run_job, jobs, f'delay {delay}'))
             successes = sum(r['success'] for r in results)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          for r in results]))})
     print(f'\n{args.checkpoint}: {args.task}, {args.episodes} tuning states per delay, '
           f'execute_steps {args.execute_steps}, min_remaining {args.min_remaining}, '
-          f'latency trigger {"off" if args.fixed_trigger else "on"}')
+          f'latency trigger {"off" if args.fixed_trigger else "on"}, actuation delay '
+          f'{args.actuation_delay} steps')
     print('| delay (steps) | delay (ms) | success | Wilson 95% | hold steps/ep | stale/ep |')
     print('|---:|---:|---:|---:|---:|---:|')
     for row in rows:

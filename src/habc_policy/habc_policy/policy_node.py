@@ -202,7 +202,7 @@ class PolicyNode:
             self._error_once('observation ignored', exc)
             return
         self.worker.offer(observation)
-        self._maybe_infer(self._now())
+        self._maybe_infer(self._now() + self.params.command_lead_s)
 
     def intervention_callback(self, msg: InterventionState) -> None:
         source, reason = msg.source, msg.reason
@@ -313,7 +313,8 @@ class PolicyNode:
     def control_callback(self) -> None:
         if self._paused:
             return
-        now = self._now()
+        # The executor's clock is the time the command reaches the robot (command_lead_s).
+        now = self._now() + self.params.command_lead_s
         action = self.executor.next_action(now)
         if action is None:
             self._empty_ticks += 1

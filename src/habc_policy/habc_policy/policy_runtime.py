@@ -89,6 +89,11 @@ class PolicyNodeParams:
         5, 'Start the next inference when fewer actions than this remain queued: the '
         'inference latency in ticks plus one (at least the horizon in ensemble mode).',
         min=1, max=10000, read_only=True)
+    command_lead_s: float = param(
+        0.0, 'Publish each action this long before its due time, so that it reaches the robot '
+        'on time through the arbiter and the robot driver (their delay; 0: none). Actions '
+        'that can no longer arrive on time are dropped as stale.', min=0.0, max=1.0,
+        read_only=True)
     latency_trigger: bool = param(
         True, 'Receding mode: start inferences earlier when the measured delay (actions past '
         'due when a chunk starts executing, 75th percentile of the last latency_window '

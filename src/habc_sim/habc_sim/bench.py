@@ -214,6 +214,7 @@ class EpisodeJob:
     inference_delay_steps: int = 0  # chunks land this many steps late (the loop's latency)
     min_remaining_steps: int = 5    # with a delay: infer when fewer actions are queued
     latency_trigger: bool = True    # with a delay: the policy node's latency-aware trigger
+    actuation_delay_steps: int = 0  # each action reaches the robot this many steps late
 
 
 _POLICIES: dict[str, object] = {}
@@ -277,7 +278,8 @@ def run_job(job: EpisodeJob) -> dict:
                      policy_version=Path(job.checkpoint).name,
                      inference_delay_steps=job.inference_delay_steps,
                      min_remaining_steps=job.min_remaining_steps,
-                     latency_trigger=job.latency_trigger), expert)
+                     latency_trigger=job.latency_trigger,
+                     actuation_delay_steps=job.actuation_delay_steps), expert)
     summary['episode'] = episode if job.operator else None
     return summary
 

@@ -39,14 +39,17 @@ class RunnerConfig:
     inference_delay_steps: int = 0  # 0: synchronous; d: chunks land d control steps late
     min_remaining_steps: int = 5    # with a delay: infer when fewer queued actions lie ahead
     latency_trigger: bool = True    # with a delay: the node's latency-aware trigger
+    actuation_delay_steps: int = 0  # each action reaches the robot this many steps late
 
     def __post_init__(self) -> None:
         if self.track not in ('state', 'pixels'):
             raise ValueError(f"track must be 'state' or 'pixels', got {self.track!r}")
         if self.execute_steps < 1:
             raise ValueError('execute_steps must be >= 1')
-        if self.inference_delay_steps < 0 or self.min_remaining_steps < 1:
-            raise ValueError('inference_delay_steps must be >= 0 and min_remaining_steps >= 1')
+        if (self.inference_delay_steps < 0 or self.min_remaining_steps < 1
+                or self.actuation_delay_steps < 0):
+            raise ValueError('inference_delay_steps and actuation_delay_steps must be >= 0, '
+                             'min_remaining_steps >= 1')
 
 
 class DelayedChunks:
@@ -117,6 +120,8 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                              config.min_remaining_steps, config.latency_trigger)
                if config.inference_delay_steps else None)
     last_action: np.ndarray | None = None
+    # Commands on their way to the robot (actuation delay): it holds its reset pose first.
+    in_flight = [np.asarray(observation['state'], dtype=np.float64)] * config.actuation_delay_steps
 
     def timed_policy(seen: dict) -> np.ndarray:
         nonlocal inference_s
@@ -154,6 +159,9 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
         last_action = np.asarray(action, dtype=np.float64)
         actions.append(np.asarray(action, dtype=np.float32))
         controllers.append(controller)
+        if in_flight:
+            in_flight.append(np.asarray(action, dtype=np.float64))
+            action = in_flight.pop(0)
         start = time.perf_counter()
         result = env.step(action)
         sim_s += time.perf_counter() - start

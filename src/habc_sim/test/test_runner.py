@@ -88,3 +88,24 @@ def test_an_episode_with_a_delay_holds_until_the_first_chunk_lands(env):
 def test_runner_config_rejects_a_negative_delay():
     with pytest.raises(ValueError, match='inference_delay_steps'):
         RunnerConfig(inference_delay_steps=-1)
+
+
+def test_an_actuation_delay_holds_the_reset_pose_until_the_first_command_arrives(env):
+    def policy(seen: dict) -> np.ndarray:
+        target = seen['state'][:14].copy()
+        target[0] += 0.3  # left waist
+        return np.repeat(target[None], 20, axis=0)
+
+    def waist_after_each_step(delay: int) -> np.ndarray:
+        episode, _ = run_policy_episode(
+            env, 3, policy, config=RunnerConfig(track='state', actuation_delay_steps=delay))
+        # observations[k] is the state before step k: step k's effect shows at k + 1.
+        return episode.observations['state'][1:, 0]
+
+    prompt, delayed = waist_after_each_step(0), waist_after_each_step(3)
+    assert prompt[0] > 0.01                      # moving after the first step
+    assert np.allclose(delayed[:3], 0.0, atol=1e-3)  # the reset pose for 3 steps
+    assert delayed[3] > 0.01
+    # The commands are recorded as the policy gave them, not as the robot got them.
+    with pytest.raises(ValueError, match='actuation_delay_steps'):
+        RunnerConfig(actuation_delay_steps=-1)
