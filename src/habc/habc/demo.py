@@ -301,6 +301,12 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
     for row in rows:
         if row.version not in printed:
             print(format_row(row), flush=True)
+    # A row is printed once a newer version is live, but episodes that the older version
+    # had started were still running then: they count for it too. The final counts:
+    print('[demo] final counts (with the episodes still running when a row was printed):\n'
+          + TABLE_HEADER, flush=True)
+    for row in rows:
+        print(format_row(row), flush=True)
     summary = {'config': {k: str(v) if isinstance(v, Path) else v
                           for k, v in vars(config).items()},
                'versions': [{**vars(r), 'success_rate': r.success_rate} for r in rows]}
