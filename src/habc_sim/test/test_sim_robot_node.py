@@ -1,5 +1,7 @@
 """sim_robot_node as a real process: state, images, commands, reset (loopback DDS)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 import json
 import signal
 import sys
@@ -73,11 +75,16 @@ def test_parameter_files_match_the_declarations():
 
 
 # --- the node, as its own process -----------------------------------------------------------
-@pytest.fixture(scope='module')
-def sim():
+@contextmanager
+def sim_process(namespace: str, *parameters: str) -> Iterator[Child]:
+    """Run sim_robot_node until it logs 'ready:'; stop it with SIGINT, expecting exit 0.
+
+    The waits are hang guards on those two events (a line in its output, its exit).
+    """
+    overrides = [arg for value in parameters for arg in ('-p', value)]
     child = Child([sys.executable, '-m', 'habc_sim.sim_robot_node', '--ros-args',
                    '--params-file', str(ROOT / 'config' / 'params' / 'sim_robot.yaml'),
-                   '-p', 'image_size:=48', '-p', 'seed:=2', '-r', f'__ns:={NS}'])
+                   *overrides, '-r', f'__ns:={namespace}'])
     try:
         child.wait_for('ready:', timeout=60.0)
         yield child
@@ -85,6 +92,12 @@ def sim():
         assert child.finish(timeout=20) == 0, child.output
     finally:
         child.kill()
+
+
+@pytest.fixture(scope='module')
+def sim():
+    with sim_process(NS, 'image_size:=48', 'seed:=2') as child:
+        yield child
 
 
 class Probe:
@@ -203,26 +216,18 @@ def test_reset_restarts_from_the_seed_and_holds(sim, probe):
 def test_with_use_sim_time_it_publishes_the_clock_one_period_per_tick(ros_module):
     from rosgraph_msgs.msg import Clock as ClockMessage
 
-    child = Child([sys.executable, '-m', 'habc_sim.sim_robot_node', '--ros-args',
-                   '-p', 'use_sim_time:=true', '-p', 'cameras:=[]', '-r', '__ns:=/simclock'])
-    try:
-        child.wait_for('ready:', timeout=60.0)
+    with sim_process('/simclock', 'use_sim_time:=true', 'cameras:=[]') as child:
         assert 'publishing the simulated time on /clock' in child.output
-        ros = ros_module
-        node = ros.create_node('sim_clock_probe')
+        node = ros_module.create_node('sim_clock_probe')
         clock, stamps = set(), []
         node.create_subscription(ClockMessage, '/clock', lambda m: clock.add(
             m.clock.sec * 10**9 + m.clock.nanosec), 100)
         node.create_subscription(JointState, '/simclock/joint_states', lambda m: stamps.append(
             m.header.stamp.sec * 10**9 + m.header.stamp.nanosec), JOINT_STATES)
-        ros.wait_for(lambda: len(stamps) >= 20 and set(stamps[:20]) <= clock,
-                     '20 joint states, each stamped with a published /clock time',
-                     children=[child], detail=lambda: child.output[-4000:])
+        ros_module.wait_for(lambda: len(stamps) >= 20 and set(stamps[:20]) <= clock,
+                            '20 joint states, each stamped with a published /clock time',
+                            children=[child], detail=lambda: child.output[-4000:])
         # Exactly one control period (50 Hz) per tick, however late the wall-clock timer ran
         # (best-effort delivery may drop one: then a multiple of it).
         gaps = np.diff(stamps[:20])
         assert np.all(gaps % 20_000_000 == 0) and np.all(gaps > 0), gaps
-        child.process.send_signal(signal.SIGINT)
-        assert child.finish(timeout=20) == 0, child.output
-    finally:
-        child.kill()
