@@ -450,7 +450,9 @@ class PolicyRuntime:
         try:
             state = load_safetensors(data)
             policy = type(active.policy)(active.policy.config)
-            policy.load_state_dict(state, strict=True)
+            missing, unexpected = policy.load_checkpoint_state(state)
+            if missing or unexpected:
+                raise ValueError(f'missing {missing}, unexpected {unexpected}')
         except Exception as exc:  # any parse or shape error is a rejection
             raise WeightsError(f'inline weights: cannot load: {type(exc).__name__}: '
                                f'{exc}') from exc

@@ -16,6 +16,7 @@ Batches are dicts of tensors with a leading batch dimension:
 from abc import ABC, abstractmethod
 from dataclasses import asdict, fields
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +29,8 @@ from torch import nn
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 _REGISTRY: dict[str, type['Policy']] = {}
+# Policy types whose module is imported only when a checkpoint names them.
+_LAZY_MODULES = {'transformers_vla': 'habc_policy.models.transformers_vla'}
 
 
 def register_policy(cls: type['Policy']) -> type['Policy']:
@@ -106,11 +109,25 @@ class Policy(nn.Module, ABC):
             buffer = getattr(self, key)
             buffer.copy_(torch.as_tensor(value, dtype=buffer.dtype))
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Return the tensors a checkpoint stores: the whole state_dict unless overridden.
+
+        A policy on a frozen pretrained backbone returns only what training changes, so that
+        checkpoints do not each copy the backbone (it is reloaded from its own folder).
+        """
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]
+                              ) -> tuple[list[str], list[str]]:
+        """Load `checkpoint_state`'s tensors; return the (missing, unexpected) keys."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        return list(missing), list(unexpected)
+
     def save(self, directory: Path) -> str:
         """Write model.safetensors + config.json; return the SHA-256 of the weights file."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.checkpoint_state().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={'version': self.version})
         meta = {'type': self.type_name, 'version': self.version, 'config': asdict(self.config)}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + '\n')
@@ -145,8 +162,11 @@ def load_policy(directory: Path, map_location: str = 'cpu') -> Policy:
             raise FileNotFoundError(f'{path} not found: a checkpoint folder holds '
                                     f'{CONFIG_FILE} and {WEIGHTS_FILE}')
     meta = json.loads(config_path.read_text())
-    # The built-in models register themselves on import.
+    # The built-in models register themselves on import; the ones in _LAZY_MODULES only when
+    # a checkpoint names them (the transformers VLA pulls in transformers' VLM code).
     from habc_policy.models import lowdim, vla  # noqa: F401
+    if meta.get('type') in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[meta['type']])
     cls = _REGISTRY.get(meta.get('type'))
     if cls is None:
         raise ValueError(f'{config_path}: unknown policy type {meta.get("type")!r}; known: '
@@ -156,7 +176,7 @@ def load_policy(directory: Path, map_location: str = 'cpu') -> Policy:
     config = config_cls(**{k: v for k, v in meta['config'].items() if k in known})
     policy = cls(config)
     state = load_file(str(weights_path), device=map_location)
-    missing, unexpected = policy.load_state_dict(state, strict=False)
+    missing, unexpected = policy.load_checkpoint_state(state)
     if missing or unexpected:
         raise ValueError(f'{weights_path} does not match {config_path}: missing {missing}, '
                          f'unexpected {unexpected}')
