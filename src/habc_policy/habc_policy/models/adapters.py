@@ -26,11 +26,11 @@ truncate to the model's chunk length). Joint order and units must match the ones
 checkpoint was trained with; an adapter should check action_dim and state_dim on load and
 fail with a message that names both.
 
-Why none is built here yet: an adapter is only worth shipping with a test that runs it,
-and the LeRobot and OpenVLA code bases are not part of requirements.lock (their model
-classes would have to be installed to build even a randomly initialised model from a
-config). The interface below is what such an adapter implements; `SmallVLA` is the
-in-tree model that exercises the same path end to end.
+Built adapters (each tested against the real on-disk format, docs/pretrained_vla.md):
+`habc_policy.models.lerobot_act.LeRobotACT` reads a LeRobot ACT folder (weights mapped 1:1,
+checked against LeRobot's own output) and `habc_policy.models.transformers_vla` puts a flow-
+matching expert on a local transformers VLM. LeRobot itself is not installed: its declared
+bounds conflict with the lock, so its formats are read in-tree.
 """
 
 from abc import abstractmethod

@@ -30,7 +30,8 @@ WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 _REGISTRY: dict[str, type['Policy']] = {}
 # Policy types whose module is imported only when a checkpoint names them.
-_LAZY_MODULES = {'transformers_vla': 'habc_policy.models.transformers_vla'}
+_LAZY_MODULES = {'transformers_vla': 'habc_policy.models.transformers_vla',
+                 'lerobot_act': 'habc_policy.models.lerobot_act'}
 
 
 def register_policy(cls: type['Policy']) -> type['Policy']:
@@ -43,6 +44,9 @@ class Policy(nn.Module, ABC):
     """A chunking policy: observation -> (H, D) actions, with a per-sample training loss."""
 
     type_name: ClassVar[str]
+    # True when the model takes images only at config.image_size: the learner then resizes
+    # recorded images to it instead of keeping their size (a CNN takes any size).
+    exact_image_size: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
