@@ -24,4 +24,4 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ['HABC_CHECKPOINT_SEARCH'] = os.devnull
 
 # Fixtures shared by the packages' tests (tests/ is on pythonpath, see pytest.ini).
-pytest_plugins = ['bag_fixtures', 'ros_fixtures']
+pytest_plugins = ['bag_fixtures', 'ros_fixtures', 'vla_fixtures']

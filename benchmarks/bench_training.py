@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
 """Training throughput of every method against plain BC, and the VLA's inference latency.
 
-For each model (the low-dimensional flow policy and the small VLA) and each method, runs
-gradient steps on the same synthetic buffer (rollouts with interventions, failures and
-demonstrations; 14-D state and actions, chunks of 50, two 96x96 views for the VLA) and
-reports samples/s and the overhead ratio against plain unweighted behaviour cloning (the
-policy loss alone, no critic, no weights). Then times `predict_action_chunk` of the VLA for
-1-3 views. Writes JSON, a Markdown table and a PNG plot; prints the table.
+For each model and each method, runs gradient steps on the same synthetic buffer (rollouts
+with interventions, failures and demonstrations; 14-D state and actions, chunks of 50, two
+96x96 views for the VLAs) and reports samples/s and the overhead ratio against plain
+unweighted behaviour cloning (the policy loss alone, no critic, no weights). Then times
+`predict_action_chunk` of the small VLA for 1-3 views. Writes JSON, a Markdown table and a
+PNG plot; prints the table.
+
+Models: `lowdim` (the low-dimensional flow policy), `vla` (SmallVLA), and TransformersVLA on
+a randomly initialised SmolVLM written to a temporary folder (nothing is downloaded) at three
+sizes: `tvla_s` and `tvla_m` (CPU-sized) and `tvla_l` (SmolVLM-256M-like: a 12-layer 768-wide
+vision tower at 512 px, a 576-wide language model of which 16 layers form the prefix; a GPU
+size). `--finetune` picks the backbone mode (frozen, lora, full).
 
     python benchmarks/bench_training.py [--steps 15] [--out benchmarks/results]
+    python benchmarks/bench_training.py --models tvla_s tvla_m --methods habc \
+        --out benchmarks/results/transformers_vla
+    python benchmarks/bench_training.py --device cuda --models vla tvla_l --methods habc
 """
 
 import argparse
@@ -16,6 +25,7 @@ import json
 import os
 from pathlib import Path
 import platform
+import tempfile
 import time
 
 import numpy as np
@@ -55,68 +65,123 @@ def synthetic_episodes(rng: np.random.Generator, images: bool, views: int = 2,
     return episodes
 
 
-def make_policy(model: str):
+# TransformersVLA sizes: the backbone writer's keyword arguments, then the policy's.
+TVLA_SIZES = {
+    'tvla_s': ({'vision_hidden': 64, 'vision_layers': 2, 'vision_heads': 2, 'image_size': 64,
+                'patch_size': 16, 'text_hidden': 128, 'text_layers': 4, 'text_heads': 4,
+                'text_kv_heads': 2},
+               {'prefix_layers': 4, 'expert_hidden_dim': 128, 'expert_layers': 2}),
+    'tvla_m': ({'vision_hidden': 192, 'vision_layers': 4, 'vision_heads': 4, 'image_size': 128,
+                'patch_size': 16, 'text_hidden': 384, 'text_layers': 8, 'text_heads': 6,
+                'text_kv_heads': 2},
+               {'prefix_layers': 8, 'expert_hidden_dim': 256, 'expert_layers': 4}),
+    'tvla_l': ({'vision_hidden': 768, 'vision_layers': 12, 'vision_heads': 12,
+                'image_size': 512, 'patch_size': 16, 'scale_factor': 4, 'text_hidden': 576,
+                'text_layers': 30, 'text_heads': 9, 'text_kv_heads': 3},
+               {'prefix_layers': 16, 'expert_hidden_dim': 432, 'expert_layers': 8,
+                'expert_heads': 6}),
+}
+VLA_MODELS = ('vla', *TVLA_SIZES)
+_BACKBONES: dict[str, Path] = {}
+
+
+def backbone_folder(model: str, root: Path) -> Path:
+    """Write (once per run) the random SmolVLM folder of a TransformersVLA size."""
+    from habc_policy.models.tiny_backbones import write_tiny_smolvlm
+
+    if model not in _BACKBONES:
+        _BACKBONES[model] = write_tiny_smolvlm(root / model, **TVLA_SIZES[model][0])
+    return _BACKBONES[model]
+
+
+def make_policy(model: str, root: Path, finetune: str = 'frozen'):
     if model == 'lowdim':
         return LowDimFlowPolicy(LowDimFlowConfig(state_dim=STATE_DIM, action_dim=ACTION_DIM,
                                                  horizon=HORIZON))
-    return SmallVLA(SmallVLAConfig(state_dim=STATE_DIM, action_dim=ACTION_DIM,
-                                   horizon=HORIZON, num_views=2, image_size=96))
+    if model == 'vla':
+        return SmallVLA(SmallVLAConfig(state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                                       horizon=HORIZON, num_views=2, image_size=96))
+    from habc_policy.models.transformers_vla import TransformersVLA, TransformersVLAConfig
+    return TransformersVLA(TransformersVLAConfig(
+        backbone_dir=str(backbone_folder(model, root)), state_dim=STATE_DIM,
+        action_dim=ACTION_DIM, horizon=HORIZON, num_views=2, image_size=96,
+        finetune=finetune, **TVLA_SIZES[model][1]))
 
 
-def time_steps(step_fn, steps: int, warmup: int) -> float:
-    """Seconds per step of step_fn after `warmup` untimed steps."""
+def parameter_counts(policy) -> dict:
+    """Parameters of the policy in millions: all of them, and those that train."""
+    total = sum(p.numel() for p in policy.parameters())
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    return {'params_m': total / 1e6, 'trained_params_m': trained / 1e6}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per step of step_fn after `warmup` untimed steps (GPU work included)."""
     for _ in range(warmup):
         step_fn()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step_fn()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
-def method_stepper(algorithm: Algorithm, buffer, batch_size: int, rng: np.random.Generator):
+def method_stepper(algorithm: Algorithm, buffer, batch_size: int, rng: np.random.Generator,
+                   device: torch.device):
     """Return a function that runs one training step of `algorithm`, as the Trainer does."""
     table = buffer.table
     actor_mask, critic_mask = algorithm.actor_mask(table), algorithm.critic_mask(table)
     counter = {'step': 0}
 
     def step() -> None:
-        algorithm.refresh(buffer, counter['step'])
+        algorithm.refresh(buffer, counter['step'], device)
         indices = algorithm.sample_indices(table, batch_size, rng)
-        batch = buffer.batch(indices)
-        batch['masks'] = {'actor': torch.as_tensor(actor_mask[indices]),
-                          'critic': torch.as_tensor(critic_mask[indices])}
+        batch = buffer.batch(indices, device)
+        batch['masks'] = {'actor': torch.as_tensor(actor_mask[indices], device=device),
+                          'critic': torch.as_tensor(critic_mask[indices], device=device)}
         algorithm.update(batch, counter['step'])
         counter['step'] += 1
     return step
 
 
 def bench_model(model: str, batch_size: int, steps: int, warmup: int, methods: list[str],
-                bar) -> list[dict]:
+                bar, *, device: torch.device, root: Path, finetune: str) -> list[dict]:
     rng = seed_everything(0)
-    episodes = synthetic_episodes(rng, images=model == 'vla')
+    episodes = synthetic_episodes(rng, images=model in VLA_MODELS)
     rows = []
+    mode = finetune if model in TVLA_SIZES else '-'
 
     # Plain unweighted BC: the policy's loss alone, every sample weight 1, no critic.
     config = MethodConfig(method='sft', horizon=HORIZON)
     buffer = config.make_buffer()
     for e in episodes:
         buffer.add(e)
-    policy = make_policy(model)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-4)
+    peak_memory_mb(device)  # reset the peak: each row reports its own model's
+    policy = make_policy(model, root, finetune).to(device)
+    sizes = parameter_counts(policy)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=3e-4)
     every = np.arange(len(buffer))
 
     def bc_step():
-        batch = buffer.batch(rng.choice(every, batch_size))
+        batch = buffer.batch(rng.choice(every, batch_size), device)
         loss = policy.per_sample_loss(batch['obs']).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    bc_seconds = time_steps(bc_step, steps, warmup)
-    rows.append({'model': model, 'method': 'plain_bc', 'batch_size': batch_size,
-                 'step_ms': bc_seconds * 1e3, 'samples_per_s': batch_size / bc_seconds,
-                 'overhead_vs_bc': 1.0})
+    bc_seconds = time_steps(bc_step, steps, warmup, device)
+    rows.append({'model': model, 'finetune': mode, **sizes, 'method': 'plain_bc',
+                 'batch_size': batch_size, 'step_ms': bc_seconds * 1e3,
+                 'samples_per_s': batch_size / bc_seconds, 'overhead_vs_bc': 1.0,
+                 'peak_memory_mb': peak_memory_mb(device)})
     bar.update()
+    bc_step = optimizer = policy = None  # free the model before the next one is measured
 
     for method in methods:
         config = MethodConfig(method=method, horizon=HORIZON, warmup_steps=0)
@@ -124,26 +189,41 @@ def bench_model(model: str, batch_size: int, steps: int, warmup: int, methods: l
         for e in episodes:
             buffer.add(e)
         seed_everything(0)
-        policy = make_policy(model)
+        peak_memory_mb(device)
+        policy = make_policy(model, root, finetune).to(device)
         algorithm = Algorithm(policy, config)
+        algorithm.to(device)
         algorithm.prepare(buffer, rng)
-        seconds = time_steps(method_stepper(algorithm, buffer, batch_size, rng), steps,
-                             warmup)
-        rows.append({'model': model, 'method': method, 'batch_size': batch_size,
-                     'step_ms': seconds * 1e3, 'samples_per_s': batch_size / seconds,
-                     'overhead_vs_bc': seconds / bc_seconds})
+        seconds = time_steps(method_stepper(algorithm, buffer, batch_size, rng, device), steps,
+                             warmup, device)
+        rows.append({'model': model, 'finetune': mode, **sizes, 'method': method,
+                     'batch_size': batch_size, 'step_ms': seconds * 1e3,
+                     'samples_per_s': batch_size / seconds,
+                     'overhead_vs_bc': seconds / bc_seconds,
+                     'peak_memory_mb': peak_memory_mb(device)})
         bar.update()
+        algorithm = policy = None
     return rows
 
 
-def bench_latency(calls: int) -> list[dict]:
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak GPU memory since the last call (None on CPU), then reset the counter."""
+    if device.type != 'cuda':
+        return None
+    torch.cuda.empty_cache()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def bench_latency(calls: int, device: torch.device) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for views in (1, 2, 3):
         seed_everything(0)
         policy = SmallVLA(SmallVLAConfig(state_dim=STATE_DIM, action_dim=ACTION_DIM,
                                          horizon=HORIZON, num_views=views, image_size=96))
-        policy.eval()
+        policy.to(device).eval()
         obs = {'images': rng.integers(0, 255, (views, 96, 96, 3), dtype=np.uint8),
                'state': rng.normal(size=STATE_DIM).astype(np.float32),
                'instruction': INSTRUCTION}
@@ -152,7 +232,7 @@ def bench_latency(calls: int) -> list[dict]:
         times = []
         for _ in range(calls):
             start = time.perf_counter()
-            policy.predict_action_chunk(obs)
+            policy.predict_action_chunk(obs)  # returns numpy: the GPU work has finished
             times.append((time.perf_counter() - start) * 1e3)
         rows.append({'views': views, 'image_size': 96, 'horizon': HORIZON,
                      'euler_steps': policy.config.num_inference_steps, 'calls': calls,
@@ -163,14 +243,20 @@ def bench_latency(calls: int) -> list[dict]:
 
 
 def markdown(training: list[dict], latency: list[dict], meta: dict) -> str:
-    lines = [f"Training throughput ({meta['threads']} torch threads, {meta['cpu']}, "
-             f"{meta['steps']} timed steps after {meta['warmup']} warm-up)", '',
-             '| model | method | batch | ms/step | samples/s | overhead vs plain BC |',
-             '|---|---|---:|---:|---:|---:|']
+    lines = [f"Training throughput on {meta['device']} ({meta['threads']} torch threads, "
+             f"{meta['cpu']}, {meta['steps']} timed steps after {meta['warmup']} warm-up)", '',
+             '| model | backbone | params (trained), M | method | batch | ms/step | samples/s '
+             '| overhead vs plain BC | peak GPU MB |',
+             '|---|---|---:|---|---:|---:|---:|---:|---:|']
     for r in training:
-        lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']} | "
+        peak = '-' if r['peak_memory_mb'] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['model']} | {r['finetune']} | {r['params_m']:.1f} "
+                     f"({r['trained_params_m']:.1f}) | {r['method']} | {r['batch_size']} | "
                      f"{r['step_ms']:.1f} | {r['samples_per_s']:.0f} | "
-                     f"{r['overhead_vs_bc']:.2f}x |")
+                     f"{r['overhead_vs_bc']:.2f}x | {peak} |")
+    if not latency:
+        return '\n'.join(lines) + '\n'
+
     lines += ['', 'SmallVLA inference latency per chunk (predict_action_chunk, one observation)',
               '', '| views | image | horizon | Euler steps | p50 ms | p99 ms |',
               '|---:|---:|---:|---:|---:|---:|']
@@ -206,22 +292,34 @@ def main() -> None:
     parser.add_argument('--vla-batch', type=int, default=32)
     parser.add_argument('--latency-calls', type=int, default=100)
     parser.add_argument('--models', nargs='+', default=['lowdim', 'vla'],
-                        choices=['lowdim', 'vla'])
+                        choices=['lowdim', *VLA_MODELS],
+                        help='lowdim, vla (SmallVLA) and TransformersVLA sizes tvla_s, tvla_m '
+                        '(CPU) and tvla_l (SmolVLM-256M-like, for a GPU)')
+    parser.add_argument('--finetune', default='frozen', choices=['frozen', 'lora', 'full'],
+                        help="TransformersVLA's backbone mode (frozen)")
     parser.add_argument('--methods', nargs='+', default=[m.value for m in Method],
                         choices=[m.value for m in Method])
+    parser.add_argument('--device', default='auto',
+                        help='torch device: auto (cuda if available), cpu, cuda, cuda:1, ...')
     parser.add_argument('--out', type=Path, default=Path('benchmarks/results'))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
+                          if args.device == 'auto' else args.device)
 
     meta = {'threads': torch.get_num_threads(), 'cpu': platform.processor() or platform.machine(),
             'cores': os.cpu_count(), 'torch': torch.__version__, 'steps': args.steps,
-            'warmup': args.warmup}
+            'warmup': args.warmup, 'device': str(device),
+            'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+            'finetune': args.finetune}
     training = []
-    with tqdm(total=len(args.models) * (len(args.methods) + 1), desc='training') as bar:
+    with tempfile.TemporaryDirectory(prefix='habc_bench_backbones_') as root, \
+            tqdm(total=len(args.models) * (len(args.methods) + 1), desc='training') as bar:
         for model in args.models:
             batch = args.lowdim_batch if model == 'lowdim' else args.vla_batch
-            training += bench_model(model, batch, args.steps, args.warmup, args.methods, bar)
-    latency = bench_latency(args.latency_calls) if 'vla' in args.models else []
+            training += bench_model(model, batch, args.steps, args.warmup, args.methods, bar,
+                                    device=device, root=Path(root), finetune=args.finetune)
+    latency = bench_latency(args.latency_calls, device) if 'vla' in args.models else []
     report = markdown(training, latency, meta)
     (args.out / 'training_throughput.json').write_text(json.dumps(
         {'meta': meta, 'training': training, 'latency': latency}, indent=2) + '\n')

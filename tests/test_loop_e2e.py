@@ -5,7 +5,9 @@ learner) over Fast DDS; this test process listens like any other node. It checks
 issue asks: episodes exist as MCAP bags that rosbags reads back, the intervention segments
 in each bag match the arbiter's live flags, the labels are in the index, the learner
 published version 2, and the policy's chunks switch to version 2 without a missed control
-tick.
+tick. A second test runs a TransformersVLA on a tiny local VLM folder through the same loop:
+a pretrained-backbone policy acts, is trained on what it did and is hot-swapped, as the
+small VLA is.
 """
 
 import json
@@ -17,14 +19,17 @@ import numpy as np
 import pytest
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from ros_helpers import Child
+from safetensors.torch import load_file
 from std_msgs.msg import String
 import torch
+from vla_fixtures import tiny_transformers_vla
 import yaml
 
 from habc_common.qos import LATCHED
 from habc_episodes.bag_format import read_episode_messages
 from habc_episodes.index import EpisodeIndex
 from habc_msgs.msg import ActionChunk, ExecutedAction, InterventionState, PolicyUpdate
+from habc_policy.models.base import sha256_file
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 from habc_sim.aloha import START_ARM_POSE
 
@@ -36,12 +41,8 @@ EPISODES = 3
 MAX_STEPS = 120
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    """Save a small VLA whose chunks stay near the start pose (version 1)."""
-    torch.manual_seed(0)
-    policy = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
-                                     image_size=32, hidden_dim=32, num_layers=1,
-                                     cnn_channels=[8, 16], action_head='l2'))
+def save_near_home(policy, path: Path) -> Path:
+    """Save `policy` as version 1, its chunks kept near the start pose by its normalisation."""
     home = np.concatenate([START_ARM_POSE[:6], [0.5], START_ARM_POSE[8:14], [0.5]])
     policy.set_normalization({'actions_mean': home, 'actions_std': np.full(14, 0.01)})
     policy.version = '1'
@@ -49,7 +50,17 @@ def tiny_checkpoint(path: Path) -> Path:
     return path
 
 
-def write_params(tmp_path: Path, checkpoint: Path) -> Path:
+def tiny_checkpoint(path: Path) -> Path:
+    """Save a small VLA whose chunks stay near the start pose (version 1)."""
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
+                                     image_size=32, hidden_dim=32, num_layers=1,
+                                     cnn_channels=[8, 16], action_head='l2'))
+    return save_near_home(policy, path)
+
+
+def write_params(tmp_path: Path, checkpoint: Path, episodes: int = EPISODES) -> Path:
+    """Write the run's parameter file; the operator runs `episodes` (0: until stopped)."""
     storage = tmp_path / 'episodes'
     params = {
         '/**/sim_robot': {'image_size': 32, 'max_steps': MAX_STEPS},
@@ -63,7 +74,7 @@ def write_params(tmp_path: Path, checkpoint: Path) -> Path:
         # test_arbiter.py test that).
         '/**/teleop_arbiter': {'hold_between_episodes': False},
         # Takes over whenever a detector fires, so episodes mix policy and human segments.
-        '/**/scripted_operator': {'episodes': EPISODES, 'max_steps': MAX_STEPS,
+        '/**/scripted_operator': {'episodes': episodes, 'max_steps': MAX_STEPS,
                                   'takeover_probability': 1.0, 'handback_probability': 0.5},
         '/**/learner': {'index_path': str(storage / 'episodes.sqlite'),
                         'work_dir': str(tmp_path / 'learner'),
@@ -98,13 +109,24 @@ class Listener:
             String, 'policy/status', lambda m: self.statuses.append(json.loads(m.data)),
             LATCHED)
 
-    def wait_for(self, predicate, timeout: float, what: str, launcher: Child,
+    def wait_for(self, predicate, timeout: float, what: str, launcher: Child | list[Child],
                  log: Path, every: float = 0.02) -> None:
+        launchers = launcher if isinstance(launcher, list) else [launcher]
+
         def full_log() -> str:
-            log.write_text(launcher.output)
-            return f'full log: {log}; its end:\n{launcher.output[-6000:]}'
-        self.ros.wait_for(predicate, what, timeout, children=[launcher], detail=full_log,
+            output = '\n'.join(child.output for child in launchers)
+            log.write_text(output)
+            return f'full log: {log}; its end:\n{output[-6000:]}'
+        self.ros.wait_for(predicate, what, timeout, children=launchers, detail=full_log,
                           every=every)
+
+
+def launch(params: Path, *arguments: str) -> Child:
+    """Start `habc launch bringup` with the run's parameter file and launch arguments."""
+    # The tests check that every node stops cleanly on SIGINT, not how fast: a grace period
+    # long enough for a loaded machine before the launcher escalates to SIGTERM.
+    return Child([sys.executable, '-m', 'habc.cli', 'launch', 'bringup', '--grace', '120',
+                  f'params_file:={params}', *arguments])
 
 
 def labelled(index_path: Path) -> list:
@@ -134,10 +156,7 @@ def test_closed_loop_on_the_simulated_robot(ros, tmp_path):
     params = write_params(tmp_path, checkpoint)
     index_path = tmp_path / 'episodes' / 'episodes.sqlite'
     log = tmp_path / 'launch.log'
-    # The test checks that every node stops cleanly on SIGINT, not how fast: a grace period
-    # long enough for a loaded machine before the launcher escalates to SIGTERM.
-    launcher = Child([sys.executable, '-m', 'habc.cli', 'launch', 'bringup', '--grace', '120',
-                      f'params_file:={params}'])
+    launcher = launch(params)
     try:
         listener = Listener(ros)
         listener.wait_for(lambda: len(labelled(index_path)) >= EPISODES, 600,
@@ -209,3 +228,78 @@ def test_closed_loop_on_the_simulated_robot(ros, tmp_path):
     # (hundreds of ms) would leave 10+ ticks empty. On a loaded 2-core CI machine a late
     # inference can leave a tick or two empty at any time, swap or not (a CI run saw 1).
     assert gap <= 2, f'{gap} control tick(s) without an action at the swap to version 2'
+
+
+# Every node of the bringup but the learner, and the learner alone.
+WITHOUT_LEARNER = ('use_learner:=false',)
+LEARNER_ONLY = tuple(f'use_{name}:=false' for name in (
+    'sim', 'sync', 'policy', 'arbiter', 'recorder', 'scripted_operator'))
+
+
+@pytest.mark.timeout(900)
+def test_a_transformers_vla_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_path,
+                                                                       tiny_backbone):
+    checkpoint = save_near_home(tiny_transformers_vla(tiny_backbone), tmp_path / 'sft')
+    params = write_params(tmp_path, checkpoint, episodes=0)
+    index_path = tmp_path / 'episodes' / 'episodes.sqlite'
+    log = tmp_path / 'launch.log'
+
+    def acted(records: list) -> bool:
+        # The index names the version whose steps the robot executed ('' for none).
+        return len(records) >= 2 and any(r.policy_version == '1' for r in records)
+
+    # The learner starts once the VLA has acted in a labelled episode: started with the
+    # robot, it could publish version 2 before the policy node has loaded version 1 (which
+    # takes longer with transformers), and there would be no swap from 1 to 2 to check.
+    robot = launch(params, *WITHOUT_LEARNER)
+    learner = None
+    try:
+        listener = Listener(ros)
+        listener.wait_for(lambda: acted(labelled(index_path)), 600,
+                          'a labelled episode in which version 1 acted', robot, log,
+                          every=0.5)  # it opens the index
+        learner = launch(params, *LEARNER_ONLY)
+        listener.wait_for(lambda: any(u.version == 2 for u in listener.updates), 300,
+                          'PolicyUpdate version 2', [robot, learner], log)
+        listener.wait_for(
+            lambda: any(c.policy_version == '2' for c in listener.chunks)
+            and any('2' in s.get('swap_gap_ticks', {}) for s in listener.statuses), 300,
+            'chunks of version 2', [robot, learner], log)
+        for child in (learner, robot):
+            child.process.send_signal(signal.SIGINT)
+        codes = [child.finish(timeout=90) for child in (learner, robot)]
+    finally:
+        for child in (learner, robot):
+            if child is not None:
+                child.kill()
+    assert codes == [0, 0], learner.output[-3000:] + robot.output[-3000:]
+
+    # The policy node ran the VLA on the robot: its steps are in the recorded episodes.
+    records = labelled(index_path)
+    assert all(r.status == 'complete' for r in records)
+    policy_steps = [m for r in records if r.policy_version == '1'
+                    for t, _, m in read_episode_messages(Path(r.bag_path))
+                    if t.endswith('executed_action') and m.source == ExecutedAction.SOURCE_POLICY]
+    assert policy_steps and {m.policy_version for m in policy_steps} == {'1'}
+
+    # The learner's HABC round trained on those episodes and wrote a transformers_vla
+    # checkpoint on the same backbone, with only the weights trained on top of it.
+    update = next(u for u in listener.updates if u.version == 2)
+    version_2 = Path(update.uri.removeprefix('file://'))
+    assert update.sha256 == sha256_file(version_2 / 'model.safetensors')
+    assert float({kv.key: kv.value for kv in update.metrics}['round/episodes']) >= 2
+    meta = json.loads((version_2 / 'config.json').read_text())
+    assert meta['type'] == 'transformers_vla'
+    assert meta['config']['backbone_dir'] == str(tiny_backbone.resolve())
+    trained = json.loads((version_2 / 'metrics.json').read_text())
+    assert trained['method']['method'] == 'habc' and trained['step'] == 3
+    assert not [k for k in load_file(str(version_2 / 'model.safetensors'))
+                if k.startswith('backbone.')]
+
+    # The policy node swapped to it at a chunk boundary and never went back.
+    versions = [c.policy_version for c in listener.chunks]
+    first = versions.index('2')
+    assert set(versions[:first]) <= {'1'} and '1' in versions[:first]
+    # The operator runs on until the loop stops, so a later round may follow.
+    assert all(int(v) >= 2 for v in versions[first:]), 'an old version came back after the swap'
+    assert any(s.get('active_version') == '2' for s in listener.statuses)

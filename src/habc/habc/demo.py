@@ -1,7 +1,9 @@
 """`habc demo`: the user's main job on the simulated robot, end to end, from a fresh clone.
 
 1. If no SFT checkpoint exists in the output folder, record demonstrations with the scripted
-   expert (images + joints + instruction) and train the small VLA on them (version 1).
+   expert (images + joints + instruction) and train the small VLA on them (version 1); with
+   --backbone, a TransformersVLA on that local VLM folder instead (its frozen prefix and a
+   flow-matching action expert; slow on CPU with a real VLM: lower --sft-steps or use a GPU).
 2. Start the closed loop with `habc launch bringup` (sim robot, sync, policy, arbiter,
    recorder, scripted operator, learner) on a parameter file written for this run.
 3. Watch it: each time the learner's new weights go live in the policy node, print a table
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import yaml
 
@@ -53,6 +56,8 @@ class DemoConfig:
     takeover_probability: float = 0.5
     workers: int = 2
     timeout_s: float = 1500.0
+    # A local VLM folder: the SFT policy is a TransformersVLA on it (None: the small VLA).
+    backbone: Path | None = None
 
 
 @dataclass
@@ -85,25 +90,69 @@ class Monitor:
         return None
 
 
-def set_aside_if_stale(checkpoint: Path, cameras: tuple[str, ...]) -> None:
-    """Rename an SFT checkpoint of an older recipe (other cameras, no locator) out of the way.
+def set_aside_if_stale(checkpoint: Path, cameras: tuple[str, ...],
+                       backbone: Path | None = None) -> None:
+    """Rename an SFT checkpoint of another recipe out of the way.
 
-    It is kept (renamed to sft-old-<time>), never deleted; the demo then trains a new one.
+    Without `backbone` the recipe is the small VLA with a locator on `cameras`; with it, a
+    transformers_vla policy on that folder and those cameras. A checkpoint of the other kind
+    is not reused: the user asked for this one. It is kept (renamed to sft-old-<time>), never
+    deleted; the demo then trains a new one.
     """
     config_path = checkpoint / 'config.json'
     if not config_path.is_file():
         return
     try:
-        config = json.loads(config_path.read_text()).get('config', {})
+        meta = json.loads(config_path.read_text())
     except json.JSONDecodeError:
-        config = {}
-    if config.get('num_views') == len(cameras) and config.get('locator'):
-        return
+        meta = {}
+    config = meta.get('config', {})
+    views = config.get('num_views')
+    if backbone is None:
+        if views == len(cameras) and config.get('locator'):
+            return
+        recipe = f'locator: {"yes" if config.get("locator") else "no"}'
+    else:
+        trained_on = config.get('backbone_dir') or ''
+        if (meta.get('type') == 'transformers_vla' and views == len(cameras)
+                and trained_on and Path(trained_on) == backbone.expanduser().resolve()):
+            return
+        recipe = f'backbone: {trained_on or "none"}'
     aside = checkpoint.with_name(f'{checkpoint.name}-old-{time.strftime("%Y%m%d-%H%M%S")}')
     checkpoint.rename(aside)
-    print(f'[demo] {checkpoint} was trained by an older recipe ({config.get("num_views")} '
-          f'camera(s), locator: {"yes" if config.get("locator") else "no"}); kept as {aside}, '
-          f'training a new one for cameras {list(cameras)}', flush=True)
+    target = f' on {backbone}' if backbone is not None else ''
+    print(f'[demo] {checkpoint} was trained by an older recipe ({views} camera(s), {recipe}); '
+          f'kept as {aside}, training a new one for cameras {list(cameras)}{target}',
+          flush=True)
+
+
+def sft_profile(config: DemoConfig) -> Any:
+    """Return the pixel track's SFT profile (habc_sim.bench) at the demo's budgets."""
+    from habc_sim import bench
+
+    return replace(bench.PROFILES['pixels'], max_steps=config.max_steps, demos=config.demos,
+                   demo_noise=config.demo_noise, sft_steps=config.sft_steps,
+                   batch_size=config.batch_size, cameras=config.cameras)
+
+
+def train_backbone_sft(config: DemoConfig, profile: Any, checkpoint: Path) -> None:
+    """Record the expert demonstrations and train a TransformersVLA on `config.backbone`.
+
+    The same recording (demonstration seeds and noise) and SFT budget as the small VLA's,
+    with the policy on the backbone, on the GPU when there is one (a pretrained VLM's prefix
+    is the cost of every step). Writes version 1 to `checkpoint`.
+
+    Raises:
+        RuntimeError: no demonstration succeeded.
+    """
+    import torch
+
+    from habc_sim import bench
+
+    bench.train_sft(config.task, 'pixels', 0, profile, checkpoint, version=STARTUP_VERSION,
+                    workers=config.workers, policy_kind='transformers_vla',
+                    policy_overrides={'backbone_dir': str(config.backbone)},
+                    device='cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def write_params(config: DemoConfig, checkpoint: Path, out: Path) -> Path:
@@ -342,6 +391,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--method', default=d.method, help='learner method (default habc)')
     parser.add_argument('--timeout', type=float, default=d.timeout_s, metavar='S',
                         help='stop the loop after this many seconds')
+    parser.add_argument('--backbone', type=Path, metavar='VLM_FOLDER',
+                        help='SFT policy on a pretrained vision-language model instead of the '
+                        'small VLA: a local SmolVLM/SmolVLM2 or PaliGemma folder (config.json, '
+                        '*.safetensors, tokenizer), never downloaded; a TransformersVLA with '
+                        'the backbone frozen. An SFT checkpoint of another recipe in --out is '
+                        'set aside (kept), and the learner trains on from the new one')
     parser.add_argument('--long', action='store_true',
                         help='the longer schedule (about 40 min on 2 cores): SFT from '
                         f"{LONG_SCHEDULE['demos']} demonstrations, "
@@ -373,22 +428,34 @@ def run(args: argparse.Namespace) -> int:
                         steps_per_round=args.steps_per_round, demos=args.demos,
                         sft_steps=args.sft_steps, max_steps=args.max_steps,
                         method=args.method, timeout_s=args.timeout)
+    backbone = getattr(args, 'backbone', None)
+    if backbone is not None:
+        from habc_policy.models.transformers_vla import check_backbone_dir
+
+        config.backbone = backbone.expanduser().resolve()
+        try:  # before minutes of demonstrations, not after them
+            check_backbone_dir(config.backbone)
+        except (OSError, ValueError) as exc:
+            print(f'habc demo: --backbone: {exc}', file=sys.stderr)
+            return 2
     config.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     checkpoint = config.out / SFT_NAME
-    set_aside_if_stale(checkpoint, config.cameras)
+    set_aside_if_stale(checkpoint, config.cameras, config.backbone)
     if not (checkpoint / 'model.safetensors').is_file():
         from habc_sim import bench
 
+        policy_name = (f'a TransformersVLA on {config.backbone}' if config.backbone
+                       else 'the small VLA')
         print(f'[demo] no SFT checkpoint at {checkpoint}: recording {config.demos} expert '
-              'demonstrations and training the small VLA on them', flush=True)
+              f'demonstrations and training {policy_name} on them', flush=True)
         # The pixel track's SFT at the demo's budgets (seed 0).
-        profile = replace(bench.PROFILES['pixels'], max_steps=config.max_steps,
-                          demos=config.demos, demo_noise=config.demo_noise,
-                          sft_steps=config.sft_steps, batch_size=config.batch_size,
-                          cameras=config.cameras)
-        bench.train_sft(config.task, 'pixels', 0, profile, checkpoint, version=STARTUP_VERSION,
-                        workers=config.workers)
+        profile = sft_profile(config)
+        if config.backbone is not None:
+            train_backbone_sft(config, profile, checkpoint)
+        else:
+            bench.train_sft(config.task, 'pixels', 0, profile, checkpoint,
+                            version=STARTUP_VERSION, workers=config.workers)
         print(f'[demo] SFT checkpoint (version 1) written to {checkpoint}', flush=True)
     # Each run gets its own episodes and learner (the SFT checkpoint is shared): versions
     # and tables start from 1 again.

@@ -89,3 +89,70 @@ def test_the_long_schedule_fills_in_only_the_options_left_at_their_defaults():
     assert args.rounds == 5                                   # given explicitly: kept
     assert args.demos == LONG_SCHEDULE['demos'] and args.out == LONG_OUT
     assert args.episodes_per_round == LONG_SCHEDULE['episodes_per_round']
+
+
+def test_with_a_backbone_only_a_transformers_vla_on_that_folder_is_reused(tmp_path, capsys):
+    backbone = tmp_path / 'vlm'
+    backbone.mkdir()
+
+    def checkpoint(name, kind, **config):
+        path = tmp_path / name
+        path.mkdir()
+        (path / 'config.json').write_text(json.dumps({'type': kind, 'config': config}))
+        return path
+    current = checkpoint('sft', 'transformers_vla', num_views=2, backbone_dir=str(backbone))
+    set_aside_if_stale(current, ('top', 'angle'), backbone)
+    assert (current / 'config.json').is_file()
+    small = checkpoint('sft_small', 'small_vla', num_views=2, locator={'outputs': 3})
+    set_aside_if_stale(small, ('top', 'angle'), backbone)
+    assert not small.exists() and list(tmp_path.glob('sft_small-old-*'))
+    assert 'older recipe (2 camera(s), backbone: none)' in capsys.readouterr().out
+    other = checkpoint('sft_other', 'transformers_vla', num_views=2,
+                       backbone_dir=str(tmp_path / 'another_vlm'))
+    set_aside_if_stale(other, ('top', 'angle'), backbone)
+    assert not other.exists()
+    # Without --backbone the demo's recipe is the small VLA again.
+    vla = checkpoint('sft_vla', 'transformers_vla', num_views=2, backbone_dir=str(backbone))
+    set_aside_if_stale(vla, ('top', 'angle'))
+    assert not vla.exists()
+
+
+def test_a_backbone_that_is_not_a_vlm_folder_stops_the_demo_before_any_work(tmp_path,
+                                                                           capsys):
+    import argparse
+
+    from habc.demo import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert 'SFT policy on a pretrained vision-language model' in ' '.join(
+        parser.format_help().split())
+    out = tmp_path / 'demo'
+    args = parser.parse_args(['--out', str(out), '--backbone', str(tmp_path / 'missing')])
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert 'habc demo: --backbone' in err and 'not found' in err and 'nothing is downloaded' in err
+    assert not out.exists()
+
+
+def test_the_sft_on_a_backbone_records_demonstrations_and_writes_a_transformers_vla(
+        tmp_path, tiny_backbone):
+    from safetensors.torch import load_file
+
+    from habc.demo import sft_profile, train_backbone_sft
+    from habc_policy.models.base import load_policy
+
+    # Two real expert demonstrations in MuJoCo (both succeed at these seeds), two steps.
+    config = DemoConfig(out=tmp_path, demos=2, sft_steps=2, batch_size=4, workers=1,
+                        backbone=tiny_backbone.resolve())
+    checkpoint = tmp_path / 'sft'
+    train_backbone_sft(config, sft_profile(config), checkpoint)
+
+    policy = load_policy(checkpoint)
+    assert type(policy).__name__ == 'TransformersVLA' and policy.version == '1:sft'
+    assert (policy.config.num_views, policy.config.image_size) == (2, 96)
+    assert policy.config.backbone_dir == str(tiny_backbone.resolve())
+    assert not [k for k in load_file(str(checkpoint / 'model.safetensors'))
+                if k.startswith('backbone.')]
+    set_aside_if_stale(checkpoint, config.cameras, config.backbone)
+    assert (checkpoint / 'model.safetensors').is_file()  # the next run reuses it

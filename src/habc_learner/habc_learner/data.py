@@ -201,12 +201,14 @@ class SampleBuffer:
         table = self.table
         observations = self._frozen_obs
 
+        device = torch.device(device)
+
         def gather(rows: np.ndarray) -> dict:
-            obs = {k: torch.as_tensor(v[rows]).to(device) for k, v in observations.items()}
+            obs = {k: _to_device(v[rows], device) for k, v in observations.items()}
             obs['instruction'] = [self._instructions[i] for i in rows]
             return obs
 
-        batch = {key: torch.as_tensor(value[indices]).to(device)
+        batch = {key: _to_device(value[indices], device)
                  for key, value in table.items()
                  if key not in ('episode', 'step', 'index', 'next_index', 'adv_index')}
         batch['obs'] = gather(table['index'][indices])
@@ -216,6 +218,18 @@ class SampleBuffer:
         batch['obs']['actions'] = batch['actions']
         batch['obs']['action_mask'] = batch['action_mask']
         return batch
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Return a gathered array as a tensor on `device`, to a GPU through pinned memory.
+
+    Pinned (page-locked) host memory lets the copy run asynchronously (non_blocking): the
+    host goes on gathering the rest of the batch while the earlier arrays are copied.
+    """
+    tensor = torch.as_tensor(array)
+    if device.type != 'cuda':
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def chunk_targets(actions: np.ndarray, t: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:

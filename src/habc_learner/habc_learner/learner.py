@@ -82,7 +82,9 @@ class LearnerParams:
                                min=1)
     cameras: list[int] = param([], 'Indices into Observation.images of the views to train '
                                'on, in order; empty = all.')
-    image_size: int = param(0, 'Resize images to this square size (px); 0 keeps them.',
+    image_size: int = param(0, 'Resize images to this square size (px); 0 keeps them (a '
+                            'policy that takes only its own size, transformers_vla, gets '
+                            'its image_size).',
                             min=0)
     demos_dir: str = param('', 'Folder of demonstration bags (one rosbag2 folder each), '
                            'added to every round as D_SFT; empty = none.')
@@ -386,12 +388,17 @@ class Learner:
     def _load(self, bag_path: Path, outcome: str | Outcome, episode_id: str, instruction: str,
               kind: EpisodeKind = EpisodeKind.ROLLOUT) -> Episode:
         p = self.params
+        image_size = p.image_size or None
+        if image_size is None and self.policy.exact_image_size:
+            # A policy that takes only its own size (a pretrained vision tower's policy) gets
+            # the recorded images resized to it, as the policy node does at run time.
+            image_size = self.policy.config.image_size
         episode = episode_from_bag(bag_path, outcome, cameras=p.cameras or None,
-                                   image_size=p.image_size or None, episode_id=episode_id,
-                                   kind=kind)
+                                   image_size=image_size, episode_id=episode_id, kind=kind)
         if not episode.instruction:
             episode.instruction = instruction
-        # Not the image size: with image_size 0 the learner keeps the recorded size on purpose.
+        # Not the image size: with image_size 0 the learner keeps the recorded size on purpose
+        # (fit_problems still checks it for a policy that takes only its own size).
         problems = fit_problems(episode, self.policy, cameras='the cameras parameter',
                                 check_image_size=False)
         if problems:

@@ -161,11 +161,22 @@ class Algorithm:
         self.target_critic = copy.deepcopy(self.critic) if self.critic is not None else None
         if self.target_critic is not None:
             self.target_critic.requires_grad_(False)
-        self.actor_optimizer = torch.optim.AdamW(policy.parameters(), lr=actor_lr)
+        # Only the parameters that train: a frozen pretrained backbone (TransformersVLA) has
+        # hundreds of tensors that the optimizer and gradient clipping would walk every step
+        # for nothing, and it must never get optimizer state.
+        self.actor_parameters = [p for p in policy.parameters() if p.requires_grad]
+        self.actor_optimizer = torch.optim.AdamW(self.actor_parameters, lr=actor_lr)
         self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=critic_lr)
                                  if self.critic is not None else None)
         self.recap_threshold = -math.inf
         self._holdout_episodes: set[int] = set()
+
+    def to(self, device: torch.device | str) -> 'Algorithm':
+        """Move the critic and its target copy to `device` (the policy's owner moves it)."""
+        for critic in (self.critic, self.target_critic):
+            if critic is not None:
+                critic.to(device)
+        return self
 
     def branch_with_intervention_reweighting(self, start_step: int) -> 'Algorithm':
         """Return a copy of this HABC algorithm (actor, critic, optimisers) with IR on.
@@ -262,7 +273,7 @@ class Algorithm:
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         stats['losses/actor_grad_norm'] = float(torch.nn.utils.clip_grad_norm_(
-            self.policy.parameters(), self.grad_clip))
+            self.actor_parameters, self.grad_clip))
         self.actor_optimizer.step()
         if critic_loss is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)

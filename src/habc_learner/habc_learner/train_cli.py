@@ -55,8 +55,16 @@ Unlabelled, discarded, damaged and unfitting bags are reported and skipped.
 Output in --out: checkpoint/ (model.safetensors, config.json, critic, metrics.json),
 tensorboard/, report.md with plots/*.png, report.json.
 
+A new policy (no --init) is the small VLA, the low-dim regressor, or with --backbone a
+pretrained VLM's policy (TransformersVLA: the VLM's first layers as a prefix, a
+flow-matching action expert on top; SmolVLM or PaliGemma folders, loaded from disk only,
+never downloaded). Its checkpoint stores the trained weights and the backbone folder's path
+and fingerprint, not the backbone: keep that folder where it is.
+
 examples:
   habc train --bags ~/.habc/episodes --init sft/checkpoint --method habc --out runs/offline1
+  habc train --bags ~/.habc/episodes --demos /data/demos --backbone ~/models/SmolVLM2-500M \\
+      --method sft --out runs/vla_sft --policy-config '{"prefix_layers": 16}'
   habc train --bags /data/teleop --demos /data/demos --mapping robot.yaml \\
       --labels labels.csv --method habc --out runs/offline2 --steps 2000
 """
@@ -88,12 +96,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument('--batch-size', type=int, default=64, help='minibatch size (64)')
     training.add_argument('--init', type=Path, metavar='CHECKPOINT',
                           help='start from this checkpoint folder (e.g. the SFT policy)')
-    training.add_argument('--policy', choices=('auto', 'vla', 'lowdim'), default='auto',
-                          help='new policy without --init: the small VLA (images) or the '
-                          'low-dim chunk regressor (joint state only); auto: vla when the '
-                          'bags have images')
+    training.add_argument('--policy', choices=('auto', 'vla', 'lowdim', 'transformers_vla'),
+                          default='auto',
+                          help='new policy without --init: the small VLA (images), the '
+                          'low-dim chunk regressor (joint state only) or transformers_vla '
+                          '(needs --backbone); auto: vla when the bags have images, '
+                          'transformers_vla with --backbone')
+    training.add_argument('--backbone', type=Path, metavar='VLM_FOLDER',
+                          help='new policy on a pretrained vision-language model: a local '
+                          'folder as save_pretrained or `hf download` writes it (config.json, '
+                          '*.safetensors, tokenizer; SmolVLM/SmolVLM2 or PaliGemma). Implies '
+                          '--policy transformers_vla; its backbone is frozen unless '
+                          '--policy-config sets finetune (lora or full); nothing is '
+                          'downloaded')
     training.add_argument('--policy-config', type=_json_object, default={}, metavar='JSON',
-                          help='new policy: config overrides, e.g. \'{"hidden_dim": 64}\'')
+                          help='new policy: config overrides, e.g. \'{"hidden_dim": 64}\'; '
+                          'for --backbone e.g. \'{"prefix_layers": 16, "finetune": "lora"}\'')
     training.add_argument('--horizon', type=int, default=20,
                           help='new policy: action chunk length H (20)')
     training.add_argument('--image-size', type=int, default=96,
@@ -131,11 +149,36 @@ def _error(message: str) -> int:
     return 2
 
 
+def _backbone_problem(args: argparse.Namespace) -> str:
+    """Settle --backbone against --policy and --init; return what is wrong ('' = nothing).
+
+    --backbone makes a new policy, so it implies --policy transformers_vla and cannot go
+    with --init (a checkpoint names the backbone it was trained on).
+    """
+    if args.backbone is None:
+        return ''
+    if args.init is not None:
+        return ('--backbone builds a new policy and --init starts from a checkpoint, which '
+                'names its own backbone: pass one of them')
+    if args.policy not in ('auto', 'transformers_vla'):
+        return (f'--backbone builds a transformers_vla policy, not --policy {args.policy}: '
+                'drop one of them')
+    given = args.policy_config.get('backbone_dir')
+    if given and Path(given).expanduser().resolve() != args.backbone.expanduser().resolve():
+        return (f'--backbone {args.backbone} and --policy-config backbone_dir {given} differ: '
+                'pass the folder once')
+    args.policy = 'transformers_vla'
+    return ''
+
+
 def run(args: argparse.Namespace) -> int:
     """Train and write checkpoint, logs and report; 0 on success, 2 on unusable input."""
     for name in ('steps', 'batch_size', 'horizon', 'image_size'):
         if getattr(args, name) < 1:
             return _error(f'--{name.replace("_", "-")} must be >= 1')
+    problem = _backbone_problem(args)
+    if problem:
+        return _error(problem)
     try:
         topics = TopicMapping.from_yaml(args.mapping) if args.mapping else TopicMapping()
         labeller = Labeller(args.labels, args.index)
@@ -156,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         from habc_policy.models.base import load_policy
         try:
             policy = load_policy(args.init.expanduser(), map_location=device)
-        except (FileNotFoundError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:
             return _error(f'--init {args.init}: {exc}')
     views = getattr(policy.config, 'num_views', None) if policy is not None else None
     with_images = (views is not None) if policy is not None else args.policy != 'lowdim'
@@ -175,10 +218,15 @@ def run(args: argparse.Namespace) -> int:
     if policy is None:
         spec = _majority_spec(result)
         if spec is not None:
+            overrides = dict(args.policy_config)
+            if args.backbone is not None:
+                overrides['backbone_dir'] = str(args.backbone.expanduser().resolve())
             try:
                 policy = new_policy(args.policy, *spec, horizon=args.horizon,
-                                    overrides=args.policy_config)
-            except (TypeError, ValueError) as exc:
+                                    overrides=overrides)
+            except (TypeError, ValueError, OSError, ImportError) as exc:
+                # OSError: a backbone folder without its files; ImportError: finetune lora
+                # without peft.
                 return _error(f'cannot build the policy: {exc}')
     if policy is not None:
         for item in list(result.loaded):

@@ -64,8 +64,7 @@ class Trainer:
             self._normalize_from(buffer)
         self.algorithm = algorithm or Algorithm(policy, method, train.actor_lr, train.critic_lr,
                                                 train.grad_clip)
-        if self.algorithm.critic is not None:
-            self.algorithm.critic.to(train.device)
+        self.algorithm.to(train.device)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.writer = None

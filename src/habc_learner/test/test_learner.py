@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from habc_common.params import check_parameter_file
 from habc_episodes.vocabulary import PolicyVersion
@@ -201,6 +202,39 @@ def test_demonstrations_join_every_round(tmp_path, init_checkpoint, episode_bag,
     assert learner.status()['demos'] == 1 and learner.episode_ids == ['ep-1']
     assert learner.buffer.table['is_sft'].sum() == STEPS
     assert learner.train_round().version == PolicyVersion(2)
+
+
+def test_a_transformers_vla_trains_rounds_and_resumes_after_a_restart(
+        tmp_path, transformers_vla_checkpoint, episode_bag, index, labelled):
+    import torch
+
+    params = make_params(tmp_path, transformers_vla_checkpoint)
+    add_episode(episode_bag, labelled, 'ep-1', 'success')  # 8 px: resized to the policy's 32
+    add_episode(episode_bag, labelled, 'ep-2', 'failure')
+    first = Learner(params)
+    assert first.poll(index) == ['ep-1', 'ep-2'] and not first.rejected
+    assert first.buffer.episodes[0].observations['images'].shape[2:4] == (32, 32)
+    result = first.train_round()
+    assert result.version == PolicyVersion(2)
+    weights = load_file(str(result.path / 'model.safetensors'))
+    assert not [key for key in weights if key.startswith('backbone.')]
+    trained = first.policy.checkpoint_state()
+    del first
+
+    # Restarted: the policy comes back from its own v2 checkpoint on the same backbone.
+    second = Learner(params)
+    assert second.resumed and second.version == PolicyVersion(2)
+    assert type(second.policy).__name__ == 'TransformersVLA'
+    restored = second.policy.checkpoint_state()
+    assert set(restored) == set(trained)
+    assert all(torch.equal(restored[k], trained[k]) for k in trained)
+    assert second.poll(index) == []
+    add_episode(episode_bag, labelled, 'ep-3', 'success')
+    add_episode(episode_bag, labelled, 'ep-4', 'failure')
+    assert second.poll(index) == ['ep-3', 'ep-4']
+    assert second.train_round().version == PolicyVersion(3)
+    assert second.trainer.step == 6
+    assert load_policy(tmp_path / 'learner' / 'checkpoints' / 'v3').version == '3'
 
 
 def test_the_parameter_file_matches_the_declaration():

@@ -253,3 +253,12 @@ def test_gate_report_covers_each_data_source():
     assert report['rollout_success'] == pytest.approx([1.5, 1.0, 1.0])
     assert Algorithm(StatePolicy(), MethodConfig(method='awr', horizon=1)).gate_report(
         buffer, np.random.default_rng(0)) == {}
+
+
+def test_to_moves_the_critic_and_its_target_copy():
+    # A learner on a GPU evaluates s_t+1 with the target copy: left on the CPU, every
+    # advantage would fail with a device mismatch. 'meta' stands in for another device.
+    algorithm = Algorithm(StatePolicy(), MethodConfig(method='habc', horizon=1))
+    assert algorithm.to('meta') is algorithm
+    for critic in (algorithm.critic, algorithm.target_critic):
+        assert {p.device.type for p in critic.parameters()} == {'meta'}

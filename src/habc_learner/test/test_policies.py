@@ -44,3 +44,44 @@ def test_fit_problems_name_every_mismatch():
     with_images = episode()
     assert fit_problems(with_images, lowdim, cameras='x') == []
     assert 'images' not in with_images.observations  # freed: the policy never sees them
+
+
+def test_a_transformers_vla_needs_images_and_a_backbone_and_takes_only_its_image_size(
+        tiny_backbone):
+    sizes = {'prefix_layers': 1, 'expert_hidden_dim': 32, 'expert_layers': 1,
+             'expert_heads': 2}
+    with pytest.raises(ValueError, match='transformers_vla policy needs images'):
+        new_policy('transformers_vla', 14, 14, None, horizon=5,
+                   overrides={'backbone_dir': str(tiny_backbone)})
+    with pytest.raises(ValueError, match=r'needs a backbone: a local VLM folder.*--backbone'):
+        new_policy('transformers_vla', 14, 14, (1, 32, 32), horizon=5, overrides=sizes)
+    with pytest.raises(ValueError, match=r"keys \['hidden_dim'\] are not in "
+                       'TransformersVLAConfig'):
+        new_policy('transformers_vla', 14, 14, (1, 32, 32), horizon=5,
+                   overrides={'backbone_dir': str(tiny_backbone), 'hidden_dim': 8})
+    vla = new_policy('transformers_vla', 14, 14, (2, 32, 32), horizon=5,
+                     overrides={'backbone_dir': str(tiny_backbone), **sizes})
+    assert type(vla).__name__ == 'TransformersVLA'
+    assert (vla.config.num_views, vla.config.image_size, vla.horizon) == (2, 32, 5)
+    assert vla.config.backbone_dir == str(tiny_backbone.resolve())
+    assert fit_problems(episode(images=(2, 32, 32)), vla, cameras='x') == []
+    assert fit_problems(episode(state_dim=7, images=(1, 32, 32)), vla, cameras='x') == [
+        'the joint state has 7 values, the policy expects 14',
+        '1 camera view(s), the policy needs 2 (choose them with x)']
+    # It takes only its own size, so even a caller that keeps recorded sizes hears of it.
+    assert fit_problems(episode(images=(2, 48, 64)), vla, cameras='x',
+                        check_image_size=False) == ['images are 64x48, the policy needs 32x32']
+
+
+def test_the_actor_optimizer_holds_only_the_trained_parameters(tiny_backbone):
+    from habc_learner.methods import Algorithm, MethodConfig
+
+    vla = new_policy('transformers_vla', 14, 14, (1, 32, 32), horizon=5,
+                     overrides={'backbone_dir': str(tiny_backbone), 'prefix_layers': 1})
+    algorithm = Algorithm(vla, MethodConfig(method='habc', horizon=5))
+    optimized = {id(p) for group in algorithm.actor_optimizer.param_groups
+                 for p in group['params']}
+    names = {name for name, p in vla.named_parameters() if id(p) in optimized}
+    assert names == {name for name, p in vla.named_parameters() if p.requires_grad}
+    assert names and not any(name.startswith('backbone.') for name in names)
+    assert any(name.startswith('backbone.') for name, _ in vla.named_parameters())

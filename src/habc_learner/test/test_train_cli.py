@@ -508,3 +508,92 @@ def test_trajectory_commands_compressed_images_and_intervention_states(tmp_path)
     assert episode.controllers.tolist() == [0, 0, 0, 1, 0, 0]
     assert episode.observations['images'].shape == (6, 1, 8, 8, 3)
     assert episode.observations['images'][:, 0, 0, 0, 1].tolist() == [0, 2, 4, 6, 8, 10]
+
+
+# (4) a new policy on a pretrained VLM backbone ---------------------------------------------
+
+# TransformersVLA sizes of a quick test (the backbone fixture is tests/vla_fixtures.py's).
+VLA_CONFIG = {'prefix_layers': 1, 'expert_hidden_dim': 32, 'expert_layers': 1,
+              'expert_heads': 2, 'num_inference_steps': 2}
+
+
+def test_backbone_trains_a_transformers_vla_and_init_continues_it_with_habc(
+        tmp_path, episode_bag, tiny_backbone, capsys):
+    from safetensors.torch import load_file
+    import torch
+
+    from habc_policy.models.base import load_policy
+
+    policy, human = 0, 1
+    demo = episode_bag('demo-1', [human] * 12)
+    rollouts = []
+    for name, outcome in (('ep-1', 'success'), ('ep-2', 'failure')):
+        bag = episode_bag(name, [policy] * 4 + [human] * 4 + [policy] * 4)
+        (bag / 'outcome.yaml').write_text(f'outcome: {outcome}\n')
+        rollouts.append(str(bag))
+    common = ['--bags', *rollouts, '--steps', '2', '--batch-size', '4', '--quiet']
+    sft = tmp_path / 'sft'
+
+    code = train([*common, '--demos', str(demo), '--backbone', str(tiny_backbone),
+                  '--method', 'sft', '--out', str(sft), '--horizon', '5', '--image-size', '32',
+                  '--policy-config', json.dumps(VLA_CONFIG)])
+
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((sft / 'checkpoint' / 'config.json').read_text())
+    assert meta['type'] == 'transformers_vla'
+    config = meta['config']
+    assert config['backbone_dir'] == str(tiny_backbone.resolve())
+    assert len(config['backbone_fingerprint']) == 64
+    # --policy-config still sets the config; the bags and flags set the robot's sizes.
+    assert (config['prefix_layers'], config['finetune'], config['expert_layers']) == (
+        1, 'frozen', 1)
+    assert (config['num_views'], config['image_size'], config['horizon']) == (1, 32, 5)
+    weights = load_file(str(sft / 'checkpoint' / 'model.safetensors'))
+    assert weights and not [k for k in weights if k.startswith('backbone.')]
+    assert 'action_out.weight' in weights
+    first = load_policy(sft / 'checkpoint')
+    assert first.version == '1:offline' and type(first).__name__ == 'TransformersVLA'
+    report = json.loads((sft / 'report.json').read_text())
+    assert report['training']['policy'] == 'transformers_vla'
+
+    habc = tmp_path / 'habc'
+    code = train([*common, '--init', str(sft / 'checkpoint'), '--method', 'habc', '--out',
+                  str(habc), '--warmup-steps', '1', '--version', '2'])
+
+    assert code == 0, capsys.readouterr().err
+    second = load_policy(habc / 'checkpoint')
+    assert second.version == '2' and second.config == first.config
+    assert (habc / 'checkpoint' / 'critic.safetensors').is_file()
+    before, after = first.checkpoint_state(), second.checkpoint_state()
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before), 'HABC changed nothing'
+
+
+def test_backbone_flags_that_do_not_fit_are_named(tmp_path, episode_bag, tiny_backbone,
+                                                  capsys):
+    bag = episode_bag('ep-1', [0] * 12)
+    (bag / 'outcome.yaml').write_text('outcome: success\n')
+    base = ['--bags', str(bag), '--method', 'habc', '--steps', '1', '--quiet']
+    cases = [
+        (['--backbone', str(tiny_backbone), '--init', str(tmp_path / 'ckpt')],
+         '--backbone builds a new policy and --init starts from a checkpoint'),
+        (['--backbone', str(tiny_backbone), '--policy', 'lowdim'],
+         'builds a transformers_vla policy, not --policy lowdim'),
+        (['--policy', 'transformers_vla'], 'needs a backbone: a local VLM folder'),
+        (['--backbone', str(tmp_path / 'no_such_vlm')], "backbone folder '"),
+    ]
+    for n, (flags, message) in enumerate(cases):
+        out = tmp_path / f'out{n}'
+        assert train([*base, '--out', str(out), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not (out / 'checkpoint').exists()
+    import argparse
+
+    from habc_learner.train_cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = ' '.join(parser.format_help().split())
+    assert '--backbone VLM_FOLDER new policy on a pretrained vision-language model' in help_text
+    assert 'Implies --policy transformers_vla' in help_text

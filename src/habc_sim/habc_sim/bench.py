@@ -362,13 +362,16 @@ def train_locator(recorded: list[dict], profile: BenchProfile, seed: int,
 
 def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoint: Path, *,
               version: PolicyVersion, workers: int = 2, progress: bool = True,
-              pool=None) -> tuple[list, dict]:
+              pool=None, policy_kind: str = 'vla', policy_overrides: dict | None = None,
+              device: str = 'cpu') -> tuple[list, dict]:
     """Record the expert demonstrations of one seed and train the track's policy on them.
 
     The SFT checkpoint (`version`) is written to `checkpoint`. Returns the demonstrations
     that succeeded (the online rounds keep them in their buffers) and the locator's errors
     ({} without one). Episodes run in `pool` (a WorkerPool) when given, else in `workers`
-    new processes.
+    new processes. On the pixel track `policy_kind` 'vla' is the small VLA with the
+    profile's locator; another kind (e.g. 'transformers_vla', with its backbone_dir in
+    `policy_overrides`) is built by habc_learner.policies.new_policy without a locator.
 
     Raises:
         RuntimeError: no demonstration succeeded.
@@ -400,8 +403,11 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
         # The state track's state: 14 joints, then each object's position (cube; peg, socket).
         objects = 3 if task == 'transfer_cube' else 6
         policy = new_policy('lowdim', 14 + objects, 14, None, horizon=p.horizon)
+    elif policy_kind != 'vla':
+        policy = new_policy(policy_kind, 14, 14, (len(p.cameras), p.image_size, p.image_size),
+                            horizon=p.horizon, overrides=policy_overrides)
     else:
-        overrides = dict(p.vla)
+        overrides = {**dict(p.vla), **(policy_overrides or {})}
         if p.locator_steps:
             locator, locator_metrics = train_locator(recorded, p, seed, progress)
             overrides['locator'] = asdict(locator.config)
@@ -412,7 +418,7 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
     del recorded  # the failed demonstrations' frames (the locator's only use of them)
     trainer = Trainer(policy, buffer, config,
                       TrainConfig(steps=p.sft_steps, batch_size=p.batch_size,
-                                  actor_lr=p.actor_lr, seed=seed),
+                                  actor_lr=p.actor_lr, seed=seed, device=device),
                       progress=progress)
     trainer.fit(description=f'SFT {task}')
     trainer.save_checkpoint(checkpoint, version=version)

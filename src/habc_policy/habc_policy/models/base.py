@@ -93,7 +93,8 @@ class Policy(nn.Module, ABC):
         was_training = self.training
         if was_training:
             self.eval()
-        batch = {key: _add_batch_dim(value) for key, value in observation.items()}
+        device = next(self.parameters()).device
+        batch = {key: _add_batch_dim(value, device) for key, value in observation.items()}
         with torch.inference_mode():
             chunk = self.sample_chunks(batch)[0].cpu().numpy()
         if was_training:
@@ -142,10 +143,10 @@ class Policy(nn.Module, ABC):
         return cls(config)
 
 
-def _add_batch_dim(value: Any) -> Any:
+def _add_batch_dim(value: Any, device: torch.device) -> Any:
     if isinstance(value, str):
         return [value]
-    return torch.as_tensor(np.asarray(value))[None]
+    return torch.as_tensor(np.asarray(value), device=device)[None]
 
 
 def sha256_file(path: Path) -> str:

@@ -47,7 +47,7 @@ def _write_preprocessor(folder: Path, image_size: int) -> None:
 def write_tiny_smolvlm(folder: Path, *, vision_hidden: int = 32, vision_layers: int = 1,
                        image_size: int = 32, patch_size: int = 8, scale_factor: int = 2,
                        text_hidden: int = 48, text_layers: int = 3, text_heads: int = 4,
-                       text_kv_heads: int = 2, seed: int = 0) -> Path:
+                       text_kv_heads: int = 2, vision_heads: int = 2, seed: int = 0) -> Path:
     """Write a random SmolVLM (SigLIP-style vision tower + Llama text model) folder.
 
     Each image becomes ((image_size / patch_size) / scale_factor)^2 prefix tokens (4 with
@@ -60,7 +60,8 @@ def write_tiny_smolvlm(folder: Path, *, vision_hidden: int = 32, vision_layers: 
     vocab_size = _write_tokenizer(folder)
     config = SmolVLMConfig(
         vision_config={'hidden_size': vision_hidden, 'intermediate_size': 2 * vision_hidden,
-                       'num_hidden_layers': vision_layers, 'num_attention_heads': 2,
+                       'num_hidden_layers': vision_layers,
+                       'num_attention_heads': vision_heads,
                        'image_size': image_size, 'patch_size': patch_size},
         text_config={'model_type': 'llama', 'hidden_size': text_hidden,
                      'intermediate_size': 2 * text_hidden, 'num_hidden_layers': text_layers,

@@ -287,6 +287,7 @@ class TransformersVLA(Policy):
 
     type_name = 'transformers_vla'
     config_class = TransformersVLAConfig
+    exact_image_size = True
 
     def __init__(self, config: TransformersVLAConfig) -> None:
         vlm_config = check_backbone_dir(config.backbone_dir)
