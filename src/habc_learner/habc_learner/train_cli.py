@@ -95,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument('--steps', type=int, default=1000, help='gradient steps (1000)')
     training.add_argument('--batch-size', type=int, default=64, help='minibatch size (64)')
     training.add_argument('--init', type=Path, metavar='CHECKPOINT',
-                          help='start from this checkpoint folder (e.g. the SFT policy)')
+                          help='start from this checkpoint folder: a habc checkpoint (e.g. the '
+                          'SFT policy) or a LeRobot policy folder (ACT; recognised by its '
+                          'config.json, or named as lerobot:PATH)')
     training.add_argument('--policy', choices=('auto', 'vla', 'lowdim', 'transformers_vla'),
                           default='auto',
                           help='new policy without --init: the small VLA (images), the '

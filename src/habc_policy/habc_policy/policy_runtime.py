@@ -210,14 +210,17 @@ def sha256_bytes(data: bytes) -> str:
 def resolve_checkpoint_dir(uri: str) -> Path:
     """Return the checkpoint folder that a URI or path names; raise WeightsError if none.
 
-    Accepts a folder, its model.safetensors, and both as `file://` URIs. Other schemes are
-    rejected: the policy node reads checkpoints from local or mounted storage only.
+    Accepts a folder, its model.safetensors, and both as `file://` URIs; `lerobot:PATH` for a
+    LeRobot policy folder (load_policy also recognises one without the prefix). Other
+    schemes are rejected: the policy node reads checkpoints from local or mounted storage.
     """
     # Here, not at module level: torch loads with it, and a bad path should fail fast.
-    from habc_policy.models.base import CONFIG_FILE, WEIGHTS_FILE
+    from habc_policy.models.base import CONFIG_FILE, LEROBOT_PREFIX, WEIGHTS_FILE
 
     if not uri:
         raise WeightsError('no checkpoint: the URI is empty')
+    if uri.startswith(LEROBOT_PREFIX):
+        uri = uri[len(LEROBOT_PREFIX):]
     parsed = urlparse(uri)
     if parsed.scheme == 'file':
         if parsed.netloc not in ('', 'localhost'):

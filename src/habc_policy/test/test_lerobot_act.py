@@ -301,3 +301,25 @@ def test_min_max_statistics_become_the_same_affine_map():
     assert torch.allclose((x - mean) / std, lerobot, rtol=1e-6)
     with pytest.raises(LeRobotFormatError, match=r"needs the statistics \['min', 'max'\]"):
         _mean_std('action', 'MIN_MAX', {'mean': x, 'std': x}, 1e-8)
+
+
+def test_load_policy_reads_a_lerobot_folder_with_or_without_the_prefix(lerobot_folder, policy,
+                                                                        expected, tmp_path):
+    # What `habc train --init`, the learner and the policy node's checkpoint parameter call.
+    batch = {'images': torch.from_numpy(expected['images']),
+             'state': torch.from_numpy(expected['state'])}
+    for spec in (lerobot_folder, f'lerobot:{lerobot_folder}'):
+        loaded = load_policy(spec)
+        assert isinstance(loaded, LeRobotACT)
+        assert torch.equal(loaded.sample_chunks(batch), policy.sample_chunks(batch))
+    folder = _copy(lerobot_folder, tmp_path)
+    raw = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps({**raw, 'type': 'diffusion'}))
+    with pytest.raises(ValueError, match=r"type 'diffusion'; habc reads LeRobot types \['act'\]"):
+        load_policy(folder)
+
+
+def test_the_policy_runtime_resolves_a_lerobot_uri(lerobot_folder):
+    from habc_policy.policy_runtime import resolve_checkpoint_dir
+
+    assert resolve_checkpoint_dir(f'lerobot:{lerobot_folder}') == lerobot_folder

@@ -29,6 +29,11 @@ from torch import nn
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 _REGISTRY: dict[str, type['Policy']] = {}
+# `lerobot:PATH` names a LeRobot policy folder explicitly; load_policy also recognises one by
+# its config.json (a LeRobot "type" and no habc "config").
+LEROBOT_PREFIX = 'lerobot:'
+# LeRobot policy types habc reads, and the class whose from_lerobot reads each.
+_LEROBOT_LOADERS = {'act': ('habc_policy.models.lerobot_act', 'LeRobotACT')}
 # Policy types whose module is imported only when a checkpoint names them.
 _LAZY_MODULES = {'transformers_vla': 'habc_policy.models.transformers_vla',
                  'lerobot_act': 'habc_policy.models.lerobot_act'}
@@ -158,15 +163,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_policy(directory: Path, map_location: str = 'cpu') -> Policy:
-    """Load a policy saved with Policy.save; the error names what is missing or wrong."""
-    directory = Path(directory)
+def load_policy(directory: Path | str, map_location: str = 'cpu') -> Policy:
+    """Load a policy saved with Policy.save, or a LeRobot policy folder.
+
+    A LeRobot folder (as LeRobot's save_pretrained writes it) is recognised by its
+    config.json, or named explicitly as `lerobot:PATH`; its weights are mapped into habc's
+    in-tree equivalent (docs/pretrained_vla.md). Errors name what is missing or wrong.
+    """
+    text = str(directory)
+    explicit_lerobot = text.startswith(LEROBOT_PREFIX)
+    directory = Path(text[len(LEROBOT_PREFIX):] if explicit_lerobot else text).expanduser()
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f'{path} not found: a checkpoint folder holds '
                                     f'{CONFIG_FILE} and {WEIGHTS_FILE}')
     meta = json.loads(config_path.read_text())
+    if explicit_lerobot or not isinstance(meta.get('config'), dict):
+        return _load_lerobot(directory, meta, map_location)
     # The built-in models register themselves on import; the ones in _LAZY_MODULES only when
     # a checkpoint names them (the transformers VLA pulls in transformers' VLM code).
     from habc_policy.models import lowdim, vla  # noqa: F401
@@ -187,3 +201,16 @@ def load_policy(directory: Path, map_location: str = 'cpu') -> Policy:
                          f'unexpected {unexpected}')
     policy.version = meta.get('version', 'unknown')
     return policy
+
+
+def _load_lerobot(directory: Path, meta: Any, map_location: str) -> Policy:
+    """Load a LeRobot policy folder through the in-tree class of its type."""
+    kind = meta.get('type') if isinstance(meta, dict) else None
+    if kind not in _LEROBOT_LOADERS:
+        raise ValueError(
+            f'{directory / CONFIG_FILE}: neither a habc checkpoint (it has no "config") nor a '
+            f'LeRobot policy folder habc reads (type {kind!r}; habc reads LeRobot types '
+            f'{sorted(_LEROBOT_LOADERS)}, see docs/pretrained_vla.md)')
+    module, name = _LEROBOT_LOADERS[kind]
+    cls = getattr(importlib.import_module(module), name)
+    return cls.from_lerobot(directory, map_location=map_location)
