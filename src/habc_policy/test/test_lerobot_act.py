@@ -315,7 +315,8 @@ def test_load_policy_reads_a_lerobot_folder_with_or_without_the_prefix(lerobot_f
     folder = _copy(lerobot_folder, tmp_path)
     raw = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps({**raw, 'type': 'diffusion'}))
-    with pytest.raises(ValueError, match=r"type 'diffusion'; habc reads LeRobot types \['act'\]"):
+    with pytest.raises(ValueError,
+                       match=r"type 'diffusion'; habc reads LeRobot types \['act', 'smolvla'\]"):
         load_policy(folder)
 
 

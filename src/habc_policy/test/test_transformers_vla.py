@@ -195,6 +195,35 @@ def test_frozen_backbone_gets_no_gradients_and_is_not_saved(smolvlm_dir, tmp_pat
     assert sum(v.numel() for v in saved.values()) < sum(v.numel() for v in backbone.values())
 
 
+def test_frozen_prefix_features_are_cacheable_and_the_state_token_is_not(smolvlm_dir):
+    # The learner caches encode's first cacheable_feature_dim columns per frame; this is the
+    # policy's half of that contract: the columns are the pooled prefix alone, and the rest
+    # is recomputed from the state (which differs between frames with the same images).
+    policy = make_policy(smolvlm_dir).train()
+    assert policy.cacheable_feature_dim == TEXT_HIDDEN
+    batch = make_batch()
+    passes = count_prefix_passes(policy)
+    features, _ = policy.features_and_loss(batch)
+    cached = policy.encode_cacheable(batch)
+    assert passes[0] == 2
+    # The same code on the same batch: bit for bit.
+    assert torch.equal(cached, features[:, :TEXT_HIDDEN].detach())
+    assert torch.equal(policy.encode_with_cached(batch, cached), policy.encode(batch))
+    assert passes[0] == 3  # encode_with_cached ran no prefix
+    other_state = {**batch, 'state': batch['state'] + 1.0}
+    moved = policy.encode_with_cached(other_state, cached)
+    assert torch.equal(moved[:, :TEXT_HIDDEN], cached)
+    assert not torch.equal(moved[:, TEXT_HIDDEN:], features[:, TEXT_HIDDEN:])
+
+
+@pytest.mark.parametrize('finetune', ['lora', 'full'])
+def test_a_trained_backbone_has_no_cacheable_features(smolvlm_dir, finetune):
+    policy = make_policy(smolvlm_dir, finetune=finetune)
+    assert policy.cacheable_feature_dim == 0
+    with pytest.raises(ValueError, match='not cacheable'):
+        policy.encode_cacheable(make_batch())
+
+
 def train_a_little(policy: TransformersVLA, steps: int = 3) -> None:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     for _ in range(steps):

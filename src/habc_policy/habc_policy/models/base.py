@@ -33,10 +33,14 @@ _REGISTRY: dict[str, type['Policy']] = {}
 # its config.json (a LeRobot "type" and no habc "config").
 LEROBOT_PREFIX = 'lerobot:'
 # LeRobot policy types habc reads, and the class whose from_lerobot reads each.
-_LEROBOT_LOADERS = {'act': ('habc_policy.models.lerobot_act', 'LeRobotACT')}
+_LEROBOT_LOADERS = {'act': ('habc_policy.models.lerobot_act', 'LeRobotACT'),
+                    # Its VLM's config and tokenizer: the folder's vlm/ subfolder, or
+                    # vlm_model_name as a local path (LeRobotSmolVLA.from_lerobot).
+                    'smolvla': ('habc_policy.models.lerobot_smolvla', 'LeRobotSmolVLA')}
 # Policy types whose module is imported only when a checkpoint names them.
 _LAZY_MODULES = {'transformers_vla': 'habc_policy.models.transformers_vla',
-                 'lerobot_act': 'habc_policy.models.lerobot_act'}
+                 'lerobot_act': 'habc_policy.models.lerobot_act',
+                 'lerobot_smolvla': 'habc_policy.models.lerobot_smolvla'}
 
 
 def register_policy(cls: type['Policy']) -> type['Policy']:
@@ -87,6 +91,32 @@ class Policy(nn.Module, ABC):
         """Return `encode(batch)` and `per_sample_loss(batch)` sharing one forward pass."""
         features = self.encode(batch)
         return features, self.per_sample_loss(batch, features=features)
+
+    # --- cacheable features ----------------------------------------------------------------
+    # A policy whose features start with columns that are a fixed function of the recorded
+    # frame (images and instruction through a frozen backbone, no augmentation, no dropout)
+    # says how many: the learner then computes them once per buffer row and reuses them
+    # instead of running the backbone again for s_{t+1} at every step.
+    @property
+    def cacheable_feature_dim(self) -> int:
+        """Leading columns of `encode` that never change for one frame (0: none, no cache).
+
+        A policy that returns d > 0 promises that `encode(batch)[:, :d]` (and the same
+        columns of `features_and_loss`) depend only on the batch's images and instruction,
+        not on trained weights, train/eval mode or random numbers, and implements
+        `encode_cacheable` and `encode_with_cached`.
+        """
+        return 0
+
+    def encode_cacheable(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Return the first `cacheable_feature_dim` columns of `encode(batch)`, only those."""
+        raise NotImplementedError(f'{type(self).__name__} has no cacheable features '
+                                  '(cacheable_feature_dim is 0)')
+
+    def encode_with_cached(self, batch: dict[str, Any], cached: torch.Tensor) -> torch.Tensor:
+        """`encode(batch)` given its cacheable columns (B, cacheable_feature_dim) from before."""
+        raise NotImplementedError(f'{type(self).__name__} has no cacheable features '
+                                  '(cacheable_feature_dim is 0)')
 
     @abstractmethod
     def sample_chunks(self, batch: dict[str, Any],

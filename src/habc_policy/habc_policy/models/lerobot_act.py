@@ -672,25 +672,7 @@ class LeRobotACT(Policy):
         mean = (min + max) / 2, std = (max - min) / 2, and the quantile modes alike. A
         feature without statistics stays unnormalised, as LeRobot leaves it.
         """
-        c = self.config
-        slots = {STATE_KEY: ('STATE', self.state_mean, self.state_std),
-                 ACTION_KEY: ('ACTION', self.actions_mean, self.actions_std)}
-        for i, name in enumerate(c.camera_names):
-            slots[name] = ('VISUAL', self.image_mean[i], self.image_std[i])
-        for key, (kind, mean_buffer, std_buffer) in slots.items():
-            mode = c.normalization_mapping.get(kind, 'IDENTITY')
-            if key not in stats or mode == 'IDENTITY':
-                mean_buffer.fill_(0.0)
-                std_buffer.fill_(1.0)
-                continue
-            mean, std = _mean_std(key, mode, stats[key], c.norm_eps)
-            try:
-                mean_buffer.copy_(mean.reshape(mean_buffer.shape))
-                std_buffer.copy_(std.reshape(std_buffer.shape))
-            except RuntimeError as exc:
-                raise LeRobotFormatError(f'statistics of {key!r} have shape '
-                                         f'{tuple(mean.shape)}, the feature needs '
-                                         f'{tuple(mean_buffer.shape)}') from exc
+        apply_lerobot_stats(self, stats)
 
     def lerobot_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Return the statistics as LeRobot stores them (MEAN_STD and MIN_MAX modes)."""
@@ -771,6 +753,36 @@ def _mean_std(key: str, mode: str, stats: dict[str, torch.Tensor],
     # LeRobot replaces a zero range by eps; half of it is the std of the same map.
     span = torch.where(high - low == 0, torch.full_like(low, eps), high - low)
     return low + span / 2, span / 2
+
+
+def apply_lerobot_stats(policy: Policy, stats: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Set a LeRobot-derived policy's normalisation buffers from LeRobot's statistics.
+
+    Every mode becomes (x - mean) / std: MIN_MAX's 2 (x - min) / (max - min) - 1 is
+    mean = (min + max) / 2, std = (max - min) / 2, and the quantile modes alike. A feature
+    without statistics stays unnormalised, as LeRobot leaves it. The policy has
+    state_mean/std, actions_mean/std, image_mean/std (V, ...) buffers and a config with
+    camera_names, normalization_mapping and norm_eps.
+    """
+    c = policy.config
+    slots = {STATE_KEY: ('STATE', policy.state_mean, policy.state_std),
+             ACTION_KEY: ('ACTION', policy.actions_mean, policy.actions_std)}
+    for i, name in enumerate(c.camera_names):
+        slots[name] = ('VISUAL', policy.image_mean[i], policy.image_std[i])
+    for key, (kind, mean_buffer, std_buffer) in slots.items():
+        mode = c.normalization_mapping.get(kind, 'IDENTITY')
+        if key not in stats or mode == 'IDENTITY':
+            mean_buffer.fill_(0.0)
+            std_buffer.fill_(1.0)
+            continue
+        mean, std = _mean_std(key, mode, stats[key], c.norm_eps)
+        try:
+            mean_buffer.copy_(mean.reshape(mean_buffer.shape))
+            std_buffer.copy_(std.reshape(std_buffer.shape))
+        except RuntimeError as exc:
+            raise LeRobotFormatError(f'statistics of {key!r} have shape '
+                                     f'{tuple(mean.shape)}, the feature needs '
+                                     f'{tuple(mean_buffer.shape)}') from exc
 
 
 def read_lerobot_config(path: Path) -> LeRobotACTConfig:

@@ -26,7 +26,9 @@ num_inference_steps is.
 Only layers 0..prefix_layers-1 of the language model are kept after loading (the rest and the
 LM head are dropped). The critic reads `encode`: the masked mean of the prefix hidden states
 and the state token, so HABC's critic costs one small MLP over features the actor already
-computed.
+computed. With a frozen backbone the pooled prefix is `cacheable_feature_dim` wide: it is a
+fixed function of the frame, so the learner computes it once per buffer row
+(habc_learner.feature_cache) instead of a second prefix pass for s_{t+1} at every step.
 
 Fine-tuning modes: 'frozen' (the backbone is never trained: no gradients, prefix under
 no_grad, kept in eval mode), 'lora' (peft LoRA adapters on the decoder layers' q/k/v/o
@@ -517,7 +519,28 @@ class TransformersVLA(Policy):
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
         """Critic features (B, vlm_hidden + expert_hidden): pooled prefix and state token."""
         hidden, mask = self.prefix(batch)
-        return torch.cat([self._pool(hidden, mask), self._state_token(batch)], dim=-1)
+        return self.encode_with_cached(batch, self._pool(hidden, mask))
+
+    @property
+    def cacheable_feature_dim(self) -> int:
+        """The pooled prefix when the backbone is frozen, else 0 (LoRA and full train it).
+
+        A frozen backbone stays in eval mode and sees the images without augmentation, so
+        the pooled prefix of a frame never changes; the state token behind it trains.
+        """
+        return self.vlm_hidden_dim if self.config.finetune == 'frozen' else 0
+
+    def encode_cacheable(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Return the pooled prefix (B, vlm_hidden) alone: the first columns of `encode`."""
+        if not self.cacheable_feature_dim:
+            raise ValueError(f'finetune={self.config.finetune!r} trains the backbone: its '
+                             'prefix features change with every step and are not cacheable')
+        hidden, mask = self.prefix(batch)
+        return self._pool(hidden, mask)
+
+    def encode_with_cached(self, batch: dict[str, Any], cached: torch.Tensor) -> torch.Tensor:
+        """`encode` from a pooled prefix computed before: only the state token is computed."""
+        return torch.cat([cached, self._state_token(batch)], dim=-1)
 
     def _velocity_fn(self, hidden: torch.Tensor, mask: torch.Tensor, state: torch.Tensor):
         """Return the expert's velocity field over a prefix computed once (its KV cache)."""
