@@ -717,15 +717,24 @@ def plot_results(results: list[dict], path: Path, stage1_rounds: int | None = No
                 rates.append(s / n)
                 lows.append(low)
                 highs.append(high)
-            ax.plot(rounds, rates, marker='o', label=method)
+            line, = ax.plot(rounds, rates, marker='o', label=method)
             ax.fill_between(rounds, lows, highs, alpha=0.12)
+            # Each seed thin and dashed: a pooled rate can hide seeds far apart (one at
+            # 92%, one at 4%), which is what the t-interval over seeds reports.
+            seeds = sorted({r['seed'] for r in rows})
+            for seed in seeds if len(seeds) > 1 else ():
+                points = sorted((r['round'], r['success_rate']) for r in rows
+                                if r['seed'] == seed)
+                ax.plot(*zip(*points, strict=True), color=line.get_color(), linewidth=0.8,
+                        linestyle='--', alpha=0.6)
         if stage1_rounds:
             ax.axvline(stage1_rounds, color='grey', linestyle=':', linewidth=1)
             ax.text(stage1_rounds, 0.98, ' stage 2', fontsize=7, va='top', color='grey')
         ax.set_title(f'{task} ({track})')
         ax.set_xlabel('online round (0 = the shared SFT checkpoint)')
         ax.set_xticks(sorted({r['round'] for r in evaluated}))
-        ax.set_ylabel('success rate, pooled over seeds (Wilson 95%)')
+        ax.set_ylabel('success rate, pooled over seeds (Wilson 95%);\ndashed: each seed',
+                      fontsize=9)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
