@@ -5,9 +5,10 @@ learner) over Fast DDS; this test process listens like any other node. It checks
 issue asks: episodes exist as MCAP bags that rosbags reads back, the intervention segments
 in each bag match the arbiter's live flags, the labels are in the index, the learner
 published version 2, and the policy's chunks switch to version 2 without a missed control
-tick. A second test runs a TransformersVLA on a tiny local VLM folder through the same loop:
-a pretrained-backbone policy acts, is trained on what it did and is hot-swapped, as the
-small VLA is.
+tick. Further tests run policies a team brings through the same loop: a TransformersVLA on
+a tiny local VLM folder, and LeRobot ACT and SmolVLA checkpoint folders (LeRobot's own file
+layout) that fit the simulated robot: each acts, is trained on what it did and is
+hot-swapped, as the small VLA is.
 """
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import signal
 import sys
 
+from lerobot_fixtures import CHUNK_SIZE, WRITERS
 import numpy as np
 import pytest
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -28,6 +30,7 @@ import yaml
 from habc_common.qos import LATCHED
 from habc_episodes.bag_format import read_episode_messages
 from habc_episodes.index import EpisodeIndex
+from habc_episodes.vocabulary import PolicyVersion
 from habc_msgs.msg import ActionChunk, ExecutedAction, InterventionState, PolicyUpdate
 from habc_policy.models.base import sha256_file
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
@@ -39,6 +42,8 @@ STREAM = QoSProfile(depth=10_000, reliability=ReliabilityPolicy.RELIABLE)
 
 EPISODES = 3
 MAX_STEPS = 120
+# The sim's camera images (px) in these runs, and so the policies' image size.
+IMAGE_SIZE = 32
 
 
 def save_near_home(policy, path: Path) -> Path:
@@ -59,11 +64,14 @@ def tiny_checkpoint(path: Path) -> Path:
     return save_near_home(policy, path)
 
 
-def write_params(tmp_path: Path, checkpoint: Path, episodes: int = EPISODES) -> Path:
-    """Write the run's parameter file; the operator runs `episodes` (0: until stopped)."""
+def write_params(tmp_path: Path, checkpoint: Path | str, episodes: int = EPISODES) -> Path:
+    """Write the run's parameter file; the operator runs `episodes` (0: until stopped).
+
+    `checkpoint` is the policy node's start-up checkpoint and the learner's init_checkpoint.
+    """
     storage = tmp_path / 'episodes'
     params = {
-        '/**/sim_robot': {'image_size': 32, 'max_steps': MAX_STEPS},
+        '/**/sim_robot': {'image_size': IMAGE_SIZE, 'max_steps': MAX_STEPS},
         # Ask for the next chunk as soon as one arrives: the most slack a loaded CI machine
         # can give, so an empty tick at the swap would be the swap's fault.
         '/**/policy': {'checkpoint': str(checkpoint), 'torch_threads': 1,
@@ -236,28 +244,30 @@ LEARNER_ONLY = tuple(f'use_{name}:=false' for name in (
     'sim', 'sync', 'policy', 'arbiter', 'recorder', 'scripted_operator'))
 
 
-@pytest.mark.timeout(900)
-def test_a_transformers_vla_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_path,
-                                                                       tiny_backbone):
-    checkpoint = save_near_home(tiny_transformers_vla(tiny_backbone), tmp_path / 'sft')
-    params = write_params(tmp_path, checkpoint, episodes=0)
+def act_learn_and_swap(ros, tmp_path: Path, params: Path, startup_version: str) -> Listener:
+    """Run the loop until the policy node acts with version 2; return what it published.
+
+    The robot runs alone until `startup_version` acted in a labelled episode, then the
+    learner joins until the policy node's chunks are of version 2; both stop cleanly. The
+    learner starts once the policy has acted in a labelled episode: started with the
+    robot, it could publish version 2 before the policy node has loaded version 1 (which
+    takes longer with a transformers model), and there would be no swap from 1 to 2 to check.
+    """
     index_path = tmp_path / 'episodes' / 'episodes.sqlite'
     log = tmp_path / 'launch.log'
 
     def acted(records: list) -> bool:
         # The index names the version whose steps the robot executed ('' for none).
-        return len(records) >= 2 and any(r.policy_version == '1' for r in records)
+        return len(records) >= 2 and any(r.policy_version == startup_version
+                                         for r in records)
 
-    # The learner starts once the VLA has acted in a labelled episode: started with the
-    # robot, it could publish version 2 before the policy node has loaded version 1 (which
-    # takes longer with transformers), and there would be no swap from 1 to 2 to check.
     robot = launch(params, *WITHOUT_LEARNER)
     learner = None
     try:
         listener = Listener(ros)
         listener.wait_for(lambda: acted(labelled(index_path)), 600,
-                          'a labelled episode in which version 1 acted', robot, log,
-                          every=0.5)  # it opens the index
+                          f'a labelled episode in which version {startup_version} acted',
+                          robot, log, every=0.5)  # it opens the index
         learner = launch(params, *LEARNER_ONLY)
         listener.wait_for(lambda: any(u.version == 2 for u in listener.updates), 300,
                           'PolicyUpdate version 2', [robot, learner], log)
@@ -273,13 +283,38 @@ def test_a_transformers_vla_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_
             if child is not None:
                 child.kill()
     assert codes == [0, 0], learner.output[-3000:] + robot.output[-3000:]
+    return listener
 
-    # The policy node ran the VLA on the robot: its steps are in the recorded episodes.
+
+def policy_steps_of(index_path: Path, version: str) -> list:
+    """Return the executed policy steps of the labelled episodes that `version` acted in."""
     records = labelled(index_path)
     assert all(r.status == 'complete' for r in records)
-    policy_steps = [m for r in records if r.policy_version == '1'
-                    for t, _, m in read_episode_messages(Path(r.bag_path))
-                    if t.endswith('executed_action') and m.source == ExecutedAction.SOURCE_POLICY]
+    return [m for r in records if r.policy_version == version
+            for t, _, m in read_episode_messages(Path(r.bag_path))
+            if t.endswith('executed_action') and m.source == ExecutedAction.SOURCE_POLICY]
+
+
+def check_swap_never_goes_back(listener: Listener, startup_version: str) -> None:
+    """Check that the policy node swapped to version 2 and never went back."""
+    versions = [c.policy_version for c in listener.chunks]
+    first = versions.index('2')
+    assert set(versions[:first]) <= {startup_version} and startup_version in versions[:first]
+    # The operator runs on until the loop stops, so a later round may follow.
+    assert all(PolicyVersion.parse(v).number >= 2 for v in versions[first:]), \
+        'an old version came back after the swap'
+    assert any(s.get('active_version') == '2' for s in listener.statuses)
+
+
+@pytest.mark.timeout(900)
+def test_a_transformers_vla_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_path,
+                                                                       tiny_backbone):
+    checkpoint = save_near_home(tiny_transformers_vla(tiny_backbone), tmp_path / 'sft')
+    params = write_params(tmp_path, checkpoint, episodes=0)
+    listener = act_learn_and_swap(ros, tmp_path, params, '1')
+
+    # The policy node ran the VLA on the robot: its steps are in the recorded episodes.
+    policy_steps = policy_steps_of(tmp_path / 'episodes' / 'episodes.sqlite', '1')
     assert policy_steps and {m.policy_version for m in policy_steps} == {'1'}
 
     # The learner's HABC round trained on those episodes and wrote a transformers_vla
@@ -296,10 +331,43 @@ def test_a_transformers_vla_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_
     assert not [k for k in load_file(str(version_2 / 'model.safetensors'))
                 if k.startswith('backbone.')]
 
-    # The policy node swapped to it at a chunk boundary and never went back.
-    versions = [c.policy_version for c in listener.chunks]
-    first = versions.index('2')
-    assert set(versions[:first]) <= {'1'} and '1' in versions[:first]
-    # The operator runs on until the loop stops, so a later round may follow.
-    assert all(int(v) >= 2 for v in versions[first:]), 'an old version came back after the swap'
-    assert any(s.get('active_version') == '2' for s in listener.statuses)
+    check_swap_never_goes_back(listener, '1')
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize('kind, prefixed', [('act', True), ('smolvla', False)])
+def test_a_lerobot_checkpoint_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_path, kind,
+                                                                         prefixed):
+    # A LeRobot policy folder as a team brings it, named `lerobot:PATH` (ACT) or by its path
+    # alone (SmolVLA, recognised by its config.json), to the policy node and the learner.
+    folder = WRITERS[kind](tmp_path / kind, image_size=IMAGE_SIZE)
+    params = write_params(tmp_path, f'lerobot:{folder}' if prefixed else folder, episodes=0)
+    # A LeRobot folder starts as version 1, tagged with its folder's name.
+    startup = str(PolicyVersion.parse(f'lerobot:{folder.name}'))
+    assert startup == f'1:lerobot-{kind}'
+    listener = act_learn_and_swap(ros, tmp_path, params, startup)
+
+    # The policy node ran the LeRobot policy on the robot, in whole chunks of the
+    # checkpoint's size: its steps are in the recorded, labelled episodes.
+    policy_steps = policy_steps_of(tmp_path / 'episodes' / 'episodes.sqlite', startup)
+    assert policy_steps and {m.policy_version for m in policy_steps} == {startup}
+    first_chunks = [c for c in listener.chunks if c.policy_version == startup]
+    assert first_chunks and {(c.horizon, c.action_dim) for c in first_chunks} == {
+        (CHUNK_SIZE, 14)}
+
+    # The learner's HABC round started from the same folder, trained on those episodes and
+    # wrote version 2 in habc's own format, as the in-tree LeRobot class.
+    update = next(u for u in listener.updates if u.version == 2)
+    version_2 = Path(update.uri.removeprefix('file://'))
+    assert update.sha256 == sha256_file(version_2 / 'model.safetensors')
+    assert float({kv.key: kv.value for kv in update.metrics}['round/episodes']) >= 2
+    meta = json.loads((version_2 / 'config.json').read_text())
+    assert meta['type'] == f'lerobot_{kind}' and meta['version'] == '2'
+    assert meta['config']['state_dim'] == meta['config']['action_dim'] == 14
+    if kind == 'smolvla':
+        # The VLM's config and tokenizer still come from the folder's vlm/ subfolder.
+        assert meta['config']['vlm_dir'] == str((folder / 'vlm').absolute())
+    trained = json.loads((version_2 / 'metrics.json').read_text())
+    assert trained['method']['method'] == 'habc' and trained['step'] == 3
+
+    check_swap_never_goes_back(listener, startup)

@@ -44,7 +44,7 @@ from habc_episodes.episode_bags import episode_from_bag
 from habc_episodes.vocabulary import EpisodeKind, EpisodeStatus, Outcome, PolicyVersion
 from habc_learner.methods import Method, MethodConfig
 from habc_learner.policies import fit_problems
-from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
+from habc_policy.models.base import LEROBOT_PREFIX, load_policy, sha256_file, WEIGHTS_FILE
 
 STATE_FILE = 'learner_state.json'
 STATE_FORMAT = 1
@@ -160,17 +160,22 @@ class Learner:
             if not params.init_checkpoint:
                 raise ValueError(f'no learner state in {self.work_dir} and no init_checkpoint: '
                                  'set init_checkpoint to the SFT checkpoint folder')
-            checkpoint = expand_path(params.init_checkpoint)
+            # `lerobot:PATH` names a LeRobot policy folder, as for the policy node and `habc
+            # train --init`: the folder is PATH, the prefix only tells load_policy its format.
+            explicit = params.init_checkpoint.startswith(LEROBOT_PREFIX)
+            checkpoint = expand_path(params.init_checkpoint.removeprefix(LEROBOT_PREFIX))
             state = _State(checkpoint=str(checkpoint), method=params.method)
             self._resumed = False
         else:
+            explicit = False
             checkpoint = self.work_dir / state.checkpoint
             self._resumed = True
             if state.method != params.method:
                 self._log(f'method changed from {state.method!r} to {params.method!r}: the '
                           'critic starts afresh')
         try:
-            self.policy = load_policy(checkpoint, map_location=params.device)
+            self.policy = load_policy(f'{LEROBOT_PREFIX}{checkpoint}' if explicit else checkpoint,
+                                      map_location=params.device)
         except FileNotFoundError as exc:
             raise ValueError(f'cannot start from checkpoint {checkpoint}: {exc}') from exc
         if not state.sha256:

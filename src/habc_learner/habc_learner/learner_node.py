@@ -46,6 +46,7 @@ from habc_learner.learner import (
     RoundResult,
 )
 from habc_msgs.msg import PolicyUpdate
+from habc_policy.models.base import LEROBOT_PREFIX
 
 PARAMS = LearnerParams
 
@@ -164,7 +165,9 @@ class LearnerNode:
                 return SetParametersResult(
                     successful=False, reason='the learner already runs (from '
                     f'{self.learner.work_dir}); init_checkpoint counts on a first start only')
-            folder = expand_path(str(parameter.value or '')) if parameter.value else None
+            # A LeRobot folder may be named `lerobot:PATH` (Learner strips the prefix).
+            value = str(parameter.value or '').removeprefix(LEROBOT_PREFIX)
+            folder = expand_path(value) if value else None
             if folder is not None and not checkpoints.is_checkpoint(folder):
                 return SetParametersResult(
                     successful=False, reason=f'{folder} is not a checkpoint folder '

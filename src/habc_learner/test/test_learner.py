@@ -237,6 +237,35 @@ def test_a_transformers_vla_trains_rounds_and_resumes_after_a_restart(
     assert load_policy(tmp_path / 'learner' / 'checkpoints' / 'v3').version == '3'
 
 
+def test_a_lerobot_folder_named_as_lerobot_path_starts_the_learner(
+        tmp_path, episode_bag, index, labelled):
+    # `lerobot:PATH`, as the policy node's checkpoint parameter takes it: the learner starts
+    # from the folder at PATH (it hashed the path with the prefix before, and stopped).
+    from habc_policy.models.lerobot_act import (
+        LeRobotACT,
+        LeRobotACTConfig,
+        reproducible_weights,
+        write_lerobot_act,
+    )
+
+    config = LeRobotACTConfig(
+        state_dim=14, action_dim=14, image_size=8, chunk_size=10, n_action_steps=10,
+        dim_model=16, n_heads=2, dim_feedforward=32, n_encoder_layers=1, n_decoder_layers=1,
+        latent_dim=4, n_vae_encoder_layers=1)
+    folder = tmp_path / 'lerobot_act'
+    write_lerobot_act(folder, config, reproducible_weights(LeRobotACT(config).model), {})
+    add_episode(episode_bag, labelled, 'ep-1', 'success')
+    add_episode(episode_bag, labelled, 'ep-2', 'failure')
+    learner = Learner(make_params(tmp_path, f'lerobot:{folder}'))
+    assert learner.version == PolicyVersion(1, 'lerobot-lerobot_act')
+    assert learner.sha256 == sha256_file(folder / 'model.safetensors')
+    assert learner.poll(index) == ['ep-1', 'ep-2'] and not learner.rejected
+    result = learner.train_round()
+    assert result.version == PolicyVersion(2)
+    assert json.loads((result.path / 'config.json').read_text())['type'] == 'lerobot_act'
+    assert type(load_policy(result.path)).__name__ == 'LeRobotACT'
+
+
 def test_the_parameter_file_matches_the_declaration():
     root = Path(__file__).resolve().parents[3]
     (params,) = check_parameter_file(LearnerParams, root / 'config' / 'params' / 'learner.yaml')

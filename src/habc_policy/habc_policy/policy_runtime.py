@@ -23,9 +23,11 @@ Verification, in this order; any failure raises WeightsError with the reason and
 the active policy untouched: the version is newer; the URI resolves to a local checkpoint
 folder (model.safetensors + config.json; `file://` URIs or plain paths, to the folder or to
 the weights file); the SHA-256 of the weights file matches (required for PolicyUpdate,
-optional for the parameters); the checkpoint loads; its action_dim, state_dim and camera
-count match the active policy's; the file did not change while it was hashed and loaded;
-and one warm-up inference runs (the first call is slow: the text encoder loads then).
+optional for the parameters); the checkpoint loads; the file did not change while it was
+hashed and loaded; its state_dim, action_dim and camera count fit the robot as far as the
+runtime knows it (the joint_names parameter from the start; the joints and images of the
+last observation once one came); they match the active policy's; and one warm-up inference
+runs (the first call is slow: the text encoder loads then).
 
 Inline weights (PolicyUpdate.data): the bytes are a safetensors state dict for the SAME
 architecture as the active policy (an update of a small model without a config file); they
@@ -282,6 +284,8 @@ class PolicyRuntime:
         self._lock = threading.Lock()
         self._next_chunk_id = 0
         self._instruction = ''
+        # (joints, camera images) of the last observation inferred on: what the robot sends.
+        self._observed: tuple[int, int] | None = None
 
     # Loading --------------------------------------------------------------------------
 
@@ -464,6 +468,7 @@ class PolicyRuntime:
 
     def _finish_load(self, policy: Any, version: PolicyVersion, digest: str,
                      source: str) -> LoadedPolicy:
+        self.check_fits_robot(policy, source)
         active = self.active
         if active is not None:
             self._check_compatible(active.policy, policy)
@@ -474,6 +479,38 @@ class PolicyRuntime:
             raise WeightsError(f'{source}: warm-up inference failed: '
                                f'{type(exc).__name__}: {exc}') from exc
         return LoadedPolicy(policy, version, digest, source)
+
+    def check_fits_robot(self, policy: Any, source: str = 'the checkpoint') -> None:
+        """Raise WeightsError naming both sides when `policy` does not fit the robot.
+
+        A policy that does not fit would load, then fail on every observation while the
+        robot holds; refused here, the reason goes to policy/status and the active version
+        keeps acting (at start-up the node stops with it). What the robot is: joint_names
+        (its length is the state and the action size), else the joints of the last
+        observation; the camera count from that observation. Before the first observation
+        without joint_names nothing is known, and model_input checks on the first one.
+        """
+        config = policy.config
+        observed = self._observed
+        robot: dict[str, tuple[int, str]] = {}
+        if self.joint_names:
+            joints = (len(self.joint_names), 'joints in parameter joint_names')
+            robot['state_dim'] = robot['action_dim'] = joints
+        elif observed is not None:
+            joints = (observed[0], 'joints in its observations')
+            robot['state_dim'] = robot['action_dim'] = joints
+        if observed is not None and hasattr(config, 'num_views'):
+            robot['num_views'] = (observed[1], 'camera images in its observations')
+        problems = []
+        for name, (count, what) in robot.items():
+            own = getattr(config, name, None)
+            if own is not None and own != count:
+                problems.append(f'{name}: the checkpoint has {own}, the robot {count} {what}')
+        if problems:
+            cameras = getattr(config, 'camera_names', None)
+            hint = f' (its cameras, in order: {list(cameras)})' if cameras else ''
+            raise WeightsError(f'{source} does not fit the robot{hint}: '
+                               + '; '.join(problems))
 
     @staticmethod
     def _check_compatible(old: Any, new: Any) -> None:
@@ -488,8 +525,7 @@ class PolicyRuntime:
         config = policy.config
         inputs: dict[str, Any] = {'state': np.zeros(config.state_dim, np.float32)}
         if hasattr(config, 'num_views'):
-            size = config.image_size
-            inputs['images'] = np.zeros((config.num_views, size, size, 3), np.uint8)
+            inputs['images'] = np.zeros((config.num_views, *_image_shape(config), 3), np.uint8)
             # The instruction the robot runs, so its embedding is cached before the swap.
             inputs['instruction'] = self._instruction or 'warm up'
         return inputs
@@ -504,8 +540,9 @@ class PolicyRuntime:
         """Return the policy's input dict for one observation (ValueError on a mismatch).
 
         State: the joint positions, reordered to joint_names when that is set. Images (VLA
-        policies): one per view, resized (nearest neighbour) to the policy's image_size when
-        the camera sends another size.
+        policies): one per view, resized (nearest neighbour) to the policy's image size (its
+        image_shape where the config has one, else image_size square) when the camera sends
+        another size.
         """
         config = policy.config
         positions = np.asarray(observation.positions, dtype=np.float32)
@@ -525,8 +562,8 @@ class PolicyRuntime:
                 raise ValueError(f'the policy takes {config.num_views} camera image(s), the '
                                  f'observation has {len(observation.images)}; set the '
                                  "sync node's cameras to the policy's views, in order")
-            size = config.image_size
-            inputs['images'] = np.stack([_resize_nearest(image, size)
+            shape = _image_shape(config)
+            inputs['images'] = np.stack([_resize_nearest(image, shape)
                                          for image in observation.images])
             inputs['instruction'] = observation.instruction
             self._instruction = observation.instruction
@@ -540,6 +577,7 @@ class PolicyRuntime:
         when no policy is active; raises ValueError when the observation does not fit the
         policy. Call swap_if_pending before, on the same thread, never during.
         """
+        self._observed = (len(observation.joint_names), len(observation.images))
         active = self.active
         if active is None:
             return None
@@ -573,16 +611,23 @@ class PolicyRuntime:
         return chunk.float().cpu().numpy()
 
 
-def _resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
+def _image_shape(config: Any) -> tuple[int, int]:
+    # (H, W) the policy was trained on: LeRobot configs name both (a 480 x 640 camera stays
+    # 4:3); habc's own policies take square images of image_size.
+    shape = getattr(config, 'image_shape', None)
+    return tuple(shape) if shape else (config.image_size, config.image_size)
+
+
+def _resize_nearest(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f'camera images must be (H, W, 3) uint8, got {image.shape} '
                          f'{image.dtype}')
     height, width = image.shape[:2]
-    if (height, width) == (size, size):
+    if (height, width) == tuple(shape):
         return image
-    rows = (np.arange(size) * height) // size
-    cols = (np.arange(size) * width) // size
+    rows = (np.arange(shape[0]) * height) // shape[0]
+    cols = (np.arange(shape[1]) * width) // shape[1]
     return image[rows][:, cols]
 
 

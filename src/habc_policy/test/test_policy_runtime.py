@@ -351,3 +351,77 @@ def test_without_a_startup_checkpoint_the_first_update_starts_acting(checkpoints
     runtime.offer_update(2, shas['v2'], str(root / 'v2'))
     assert runtime.swap_if_pending().version == PolicyVersion(2)
     assert runtime.infer(observation(2.0)).version == PolicyVersion(2)
+
+
+def write_lerobot_act_folder(folder: Path, state_dim: int = 14, action_dim: int = 14,
+                             cameras: int = 1) -> Path:
+    """Write a small LeRobot ACT folder (LeRobot's file layout) of the given robot interface."""
+    from habc_policy.models.lerobot_act import (
+        LeRobotACT,
+        LeRobotACTConfig,
+        reproducible_weights,
+        write_lerobot_act,
+    )
+
+    config = LeRobotACTConfig(
+        state_dim=state_dim, action_dim=action_dim, image_size=32, chunk_size=10,
+        n_action_steps=10, camera_names=[f'observation.images.cam{i}' for i in range(cameras)],
+        dim_model=16, n_heads=2, dim_feedforward=32, n_encoder_layers=1, n_decoder_layers=1,
+        latent_dim=4, n_vae_encoder_layers=1)
+    write_lerobot_act(folder, config, reproducible_weights(LeRobotACT(config).model), {})
+    return folder
+
+
+def test_a_lerobot_checkpoint_that_does_not_fit_the_robot_is_refused(checkpoints, tmp_path):
+    root, _ = checkpoints
+    six_joints = write_lerobot_act_folder(tmp_path / 'six_joints', state_dim=6, action_dim=6)
+    two_cameras = write_lerobot_act_folder(tmp_path / 'two_cameras', cameras=2)
+    fits = write_lerobot_act_folder(tmp_path / 'fits')
+    # At start-up the joint_names parameter is what the robot is: the node stops with this.
+    strict = PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD,
+                           joint_names=JOINTS)
+    with pytest.raises(WeightsError) as refused:
+        strict.load_startup(f'lerobot:{six_joints}')
+    assert 'does not fit the robot' in str(refused.value)
+    assert ('state_dim: the checkpoint has 6, the robot 14 joints in parameter joint_names'
+            in str(refused.value))
+    assert 'action_dim: the checkpoint has 6, the robot 14' in str(refused.value)
+    assert strict.active is None
+    assert strict.load_startup(f'lerobot:{fits}').policy.config.state_dim == 14
+
+    # Without joint_names, the observations say what the robot is; a hot swap that does not
+    # fit them is refused with both sides on the status, and the old version goes on acting.
+    runtime = runtime_with(root / 'sft')
+    assert runtime.infer(observation(1.0)).version == STARTUP_VERSION
+    for folder, expected in [
+            (two_cameras, 'num_views: the checkpoint has 2, the robot 1 camera images in its '
+                          'observations'),
+            (six_joints, 'state_dim: the checkpoint has 6, the robot 14 joints in its '
+                         'observations')]:
+        with pytest.raises(WeightsError, match='does not fit the robot'):
+            runtime.offer_weights_uri(f'lerobot:{folder}')
+        status = runtime.status()
+        assert status['last_update']['result'] == 'rejected'
+        assert expected in status['last_update']['reason'], status['last_update']['reason']
+        assert status['staged_version'] is None
+        assert runtime.infer(observation(2.0)).version == STARTUP_VERSION
+    # A LeRobot folder that fits is taken, under its own version text.
+    loaded = runtime.offer_weights_uri(str(fits))
+    assert runtime.swap_if_pending() is loaded
+    assert runtime.infer(observation(3.0)).actions.shape == (10, 14)
+
+
+def test_images_are_resized_to_the_checkpoints_height_and_width(tmp_path):
+    from habc_policy.models.lerobot_act import read_lerobot_config
+
+    folder = write_lerobot_act_folder(tmp_path / 'wide')
+    config = json.loads((folder / 'config.json').read_text())
+    config['input_features']['observation.images.cam0']['shape'] = [3, 30, 40]
+    (folder / 'config.json').write_text(json.dumps(config))
+    assert read_lerobot_config(folder).image_shape == (30, 40)
+    runtime = runtime_with(folder)
+    inputs = runtime.model_input(runtime.active.policy, observation(1.0, size=48))
+    # The checkpoint saw 4:3 images (30 x 40): a camera image is resized to that, not
+    # squeezed into a 30 x 30 square.
+    assert inputs['images'].shape == (1, 30, 40, 3)
+    assert runtime.infer(observation(2.0, size=48)).actions.shape == (10, 14)
