@@ -14,13 +14,26 @@ sizes: `tvla_s` and `tvla_m` (CPU-sized) and `tvla_l` (SmolVLM-256M-like: a 12-l
 vision tower at 512 px, a 576-wide language model of which 16 layers form the prefix; a GPU
 size). `--finetune` picks the backbone mode (frozen, lora, full).
 
+Feature cache (habc_learner.feature_cache): with a frozen backbone the learner computes a
+frame's pooled prefix once and reuses it for s_{t+1}. A method with a critic on such a
+policy gets one row per `--cache` state: 'cold' starts with an empty cache (the learner's
+first steps ever; the cache fills as the steps go), 'warm' fills it for every frame first,
+untimed (the steady state of later rounds, once each frame has been seen), 'off' is
+without the cache. The 's_{t+1} hits' column is the share of timed lookups that hit.
+`--threads N` sets torch's CPU threads and `--interleave` makes the rows take turns step by
+step: on a machine shared with other jobs, both keep the ratios steady.
+
     python benchmarks/bench_training.py [--steps 15] [--out benchmarks/results]
     python benchmarks/bench_training.py --models tvla_s tvla_m --methods habc \
         --out benchmarks/results/transformers_vla
+    python benchmarks/bench_training.py --models tvla_s tvla_m --methods habc --threads 1 \
+        --interleave --cache off cold warm
     python benchmarks/bench_training.py --device cuda --models vla tvla_l --methods habc
 """
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
 import json
 import os
 from pathlib import Path
@@ -34,6 +47,7 @@ from tqdm.auto import tqdm
 
 from habc_episodes.episode import Episode
 from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
+from habc_learner.feature_cache import CacheCounters, DEFAULT_MAX_ROWS
 from habc_learner.methods import Algorithm, Method, MethodConfig
 from habc_learner.trainer import seed_everything
 from habc_policy.models.lowdim import LowDimFlowConfig, LowDimFlowPolicy
@@ -120,16 +134,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step of step_fn after `warmup` untimed steps (GPU work included)."""
-    for _ in range(warmup):
-        step_fn()
+def timed_step(step_fn, device: torch.device) -> float:
+    """Seconds of one call of step_fn, its GPU work included."""
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
+    step_fn()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return time.perf_counter() - start
 
 
 def method_stepper(algorithm: Algorithm, buffer, batch_size: int, rng: np.random.Generator,
@@ -150,59 +161,106 @@ def method_stepper(algorithm: Algorithm, buffer, batch_size: int, rng: np.random
     return step
 
 
-def bench_model(model: str, batch_size: int, steps: int, warmup: int, methods: list[str],
-                bar, *, device: torch.device, root: Path, finetune: str) -> list[dict]:
-    rng = seed_everything(0)
-    episodes = synthetic_episodes(rng, images=model in VLA_MODELS)
-    rows = []
-    mode = finetune if model in TVLA_SIZES else '-'
+@dataclass
+class Case:
+    """One row of the table: a model trained one way, stepped and timed step by step."""
 
-    # Plain unweighted BC: the policy's loss alone, every sample weight 1, no critic.
-    config = MethodConfig(method='sft', horizon=HORIZON)
+    row: dict
+    step: Callable[[], None] | None
+    counters: CacheCounters | None = None  # the feature cache's, where one is used
+    times: list[float] = field(default_factory=list)
+    before: tuple[int, int] = (0, 0)  # the counters' (looked_up, hits) when timing began
+
+
+def build_case(model: str, method: str, cache: str, episodes: list[Episode], batch_size: int,
+               *, device: torch.device, root: Path, finetune: str) -> Case:
+    """Build the policy (and algorithm) of one row, and its step function."""
+    rng = np.random.default_rng(0)  # every row draws the same minibatch indices
+    seed_everything(0)
+    config = MethodConfig(method='sft' if method == 'plain_bc' else method, horizon=HORIZON,
+                          warmup_steps=0)
     buffer = config.make_buffer()
     for e in episodes:
         buffer.add(e)
-    peak_memory_mb(device)  # reset the peak: each row reports its own model's
     policy = make_policy(model, root, finetune).to(device)
-    sizes = parameter_counts(policy)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=3e-4)
-    every = np.arange(len(buffer))
+    row = {'model': model, 'finetune': finetune if model in TVLA_SIZES else '-',
+           **parameter_counts(policy), 'method': method, 'cache': '-', 'batch_size': batch_size}
+    if method == 'plain_bc':
+        # Plain unweighted BC: the policy's loss alone, every sample weight 1, no critic.
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                      lr=3e-4)
+        every = np.arange(len(buffer))
 
-    def bc_step():
-        batch = buffer.batch(rng.choice(every, batch_size), device)
-        loss = policy.per_sample_loss(batch['obs']).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        def bc_step() -> None:
+            batch = buffer.batch(rng.choice(every, batch_size), device)
+            loss = policy.per_sample_loss(batch['obs']).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return Case(row, bc_step)
 
-    bc_seconds = time_steps(bc_step, steps, warmup, device)
-    rows.append({'model': model, 'finetune': mode, **sizes, 'method': 'plain_bc',
-                 'batch_size': batch_size, 'step_ms': bc_seconds * 1e3,
-                 'samples_per_s': batch_size / bc_seconds, 'overhead_vs_bc': 1.0,
-                 'peak_memory_mb': peak_memory_mb(device)})
-    bar.update()
-    bc_step = optimizer = policy = None  # free the model before the next one is measured
+    algorithm = Algorithm(policy, config,
+                          feature_cache_rows=0 if cache == 'off' else DEFAULT_MAX_ROWS)
+    algorithm.to(device)
+    algorithm.prepare(buffer, rng)
+    step = method_stepper(algorithm, buffer, batch_size, rng, device)
+    if policy.cacheable_feature_dim == 0 or algorithm.critic is None:
+        return Case(row, step)  # nothing to cache: the cache state changes nothing
+    if cache == 'warm':
+        algorithm.warm_feature_cache(buffer, device)  # untimed: every frame cached
+    row['cache'] = cache
+    return Case(row, step, algorithm.feature_cache.counters)
 
-    for method in methods:
-        config = MethodConfig(method=method, horizon=HORIZON, warmup_steps=0)
-        buffer = config.make_buffer()
-        for e in episodes:
-            buffer.add(e)
-        seed_everything(0)
-        peak_memory_mb(device)
-        policy = make_policy(model, root, finetune).to(device)
-        algorithm = Algorithm(policy, config)
-        algorithm.to(device)
-        algorithm.prepare(buffer, rng)
-        seconds = time_steps(method_stepper(algorithm, buffer, batch_size, rng, device), steps,
-                             warmup, device)
-        rows.append({'model': model, 'finetune': mode, **sizes, 'method': method,
-                     'batch_size': batch_size, 'step_ms': seconds * 1e3,
-                     'samples_per_s': batch_size / seconds,
-                     'overhead_vs_bc': seconds / bc_seconds,
-                     'peak_memory_mb': peak_memory_mb(device)})
-        bar.update()
-        algorithm = policy = None
+
+def bench_model(model: str, batch_size: int, steps: int, warmup: int, methods: list[str],
+                bar, *, device: torch.device, root: Path, finetune: str,
+                cache_states: list[str], interleave: bool) -> list[dict]:
+    """Time plain BC and each method (per feature cache state); one row each.
+
+    ms/step is the median over the timed steps. Sequential: each row's steps run in one
+    block and its model is freed before the next is built (peak GPU memory per row).
+    Interleaved: all rows' models are built, then their timed steps take turns, so that a
+    load that changes over minutes (another job on the machine) slows every row alike.
+    """
+    rng = seed_everything(0)
+    episodes = synthetic_episodes(rng, images=model in VLA_MODELS)
+    cases: list[Case] = []
+    for method, cache in [('plain_bc', '-')] + [(m, c) for m in methods for c in cache_states]:
+        peak_memory_mb(device)  # reset the peak: each row reports its own model's
+        case = build_case(model, method, cache, episodes, batch_size, device=device,
+                          root=root, finetune=finetune)
+        if case.row['cache'] == '-' and any(c.row['method'] == method for c in cases):
+            bar.update()  # a method that caches nothing gets one row, not one per state
+            continue
+        for _ in range(warmup):
+            case.step()
+        if case.counters is not None:  # the hit share counts the timed steps only
+            case.before = (case.counters.looked_up, case.counters.hits)
+        cases.append(case)
+        if not interleave:
+            case.times = [timed_step(case.step, device) for _ in range(steps)]
+            case.row['peak_memory_mb'] = peak_memory_mb(device)
+            case.step = None  # free the model before the next one is measured
+            bar.update()
+    if interleave:
+        for _ in range(steps):
+            for case in cases:
+                case.times.append(timed_step(case.step, device))
+        peak = peak_memory_mb(device)  # of all rows' models together
+        for case in cases:
+            case.row['peak_memory_mb'] = peak
+            bar.update()
+    rows = []
+    for case in cases:
+        row = case.row
+        row['step_ms'] = float(np.median(case.times)) * 1e3
+        row['step_ms_mean'] = float(np.mean(case.times)) * 1e3
+        row['samples_per_s'] = batch_size / (row['step_ms'] / 1e3)
+        row['overhead_vs_bc'] = row['step_ms'] / cases[0].row['step_ms']
+        looked_up = 0 if case.counters is None else case.counters.looked_up - case.before[0]
+        row['next_hit_share'] = ((case.counters.hits - case.before[1]) / looked_up
+                                 if looked_up else None)
+        rows.append(row)
     return rows
 
 
@@ -243,15 +301,20 @@ def bench_latency(calls: int, device: torch.device) -> list[dict]:
 
 
 def markdown(training: list[dict], latency: list[dict], meta: dict) -> str:
+    order = 'interleaved across rows' if meta.get('interleave') else 'row after row'
     lines = [f"Training throughput on {meta['device']} ({meta['threads']} torch threads, "
-             f"{meta['cpu']}, {meta['steps']} timed steps after {meta['warmup']} warm-up)", '',
-             '| model | backbone | params (trained), M | method | batch | ms/step | samples/s '
-             '| overhead vs plain BC | peak GPU MB |',
-             '|---|---|---:|---|---:|---:|---:|---:|---:|']
+             f"{meta['cpu']}; ms/step: median of {meta['steps']} timed steps after "
+             f"{meta['warmup']} warm-up, {order})", '',
+             '| model | backbone | params (trained), M | method | feature cache '
+             '| s_{t+1} hits | batch | ms/step | samples/s | overhead vs plain BC '
+             '| peak GPU MB |',
+             '|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
     for r in training:
         peak = '-' if r['peak_memory_mb'] is None else f"{r['peak_memory_mb']:.0f}"
+        hits = '-' if r['next_hit_share'] is None else f"{100 * r['next_hit_share']:.0f}%"
         lines.append(f"| {r['model']} | {r['finetune']} | {r['params_m']:.1f} "
-                     f"({r['trained_params_m']:.1f}) | {r['method']} | {r['batch_size']} | "
+                     f"({r['trained_params_m']:.1f}) | {r['method']} | {r['cache']} | {hits} "
+                     f"| {r['batch_size']} | "
                      f"{r['step_ms']:.1f} | {r['samples_per_s']:.0f} | "
                      f"{r['overhead_vs_bc']:.2f}x | {peak} |")
     if not latency:
@@ -275,7 +338,9 @@ def plot(training: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         rows = [r for r in training if r['model'] == model]
-        ax.barh([r['method'] for r in rows], [r['overhead_vs_bc'] for r in rows],
+        labels = [r['method'] if r['cache'] == '-' else f"{r['method']} ({r['cache']} cache)"
+                  for r in rows]
+        ax.barh(labels, [r['overhead_vs_bc'] for r in rows],
                 color=['0.6' if r['method'] == 'plain_bc' else 'tab:blue' for r in rows])
         ax.axvline(1.0, color='k', lw=0.8)
         ax.set_title(f'{model}: step time / plain BC step time')
@@ -301,9 +366,20 @@ def main() -> None:
                         choices=[m.value for m in Method])
     parser.add_argument('--device', default='auto',
                         help='torch device: auto (cuda if available), cpu, cuda, cuda:1, ...')
+    parser.add_argument('--cache', nargs='+', default=['cold', 'warm'],
+                        choices=['off', 'cold', 'warm'],
+                        help='feature cache states timed for a frozen-backbone policy with a '
+                        'critic: off, cold (empty at the start), warm (every frame cached)')
+    parser.add_argument('--threads', type=int, default=0,
+                        help="torch CPU threads (0: torch's default)")
+    parser.add_argument('--interleave', action='store_true',
+                        help="build every row's model first, then take turns step by step "
+                        '(fair ratios on a loaded machine; peak GPU memory of all together)')
     parser.add_argument('--out', type=Path, default=Path('benchmarks/results'))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
                           if args.device == 'auto' else args.device)
 
@@ -311,14 +387,16 @@ def main() -> None:
             'cores': os.cpu_count(), 'torch': torch.__version__, 'steps': args.steps,
             'warmup': args.warmup, 'device': str(device),
             'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
-            'finetune': args.finetune}
+            'finetune': args.finetune, 'cache': args.cache, 'interleave': args.interleave}
     training = []
     with tempfile.TemporaryDirectory(prefix='habc_bench_backbones_') as root, \
-            tqdm(total=len(args.models) * (len(args.methods) + 1), desc='training') as bar:
+            tqdm(total=len(args.models) * (len(args.methods) * len(args.cache) + 1),
+                 desc='training') as bar:
         for model in args.models:
             batch = args.lowdim_batch if model == 'lowdim' else args.vla_batch
             training += bench_model(model, batch, args.steps, args.warmup, args.methods, bar,
-                                    device=device, root=Path(root), finetune=args.finetune)
+                                    device=device, root=Path(root), finetune=args.finetune,
+                                    cache_states=args.cache, interleave=args.interleave)
     latency = bench_latency(args.latency_calls, device) if 'vla' in args.models else []
     report = markdown(training, latency, meta)
     (args.out / 'training_throughput.json').write_text(json.dumps(

@@ -5,10 +5,18 @@ the table holds where it comes from, its credit (spec/habc.md) and the numbers t
 baselines need (rewards, Monte-Carlo returns). `batch(indices)` gathers observations at t
 and at the next states, the chunk targets a_{t:t+H} with their masks, and the credit fields
 as tensors.
+
+Frame rows: every observation (one control step of one episode) has a row id, its place in
+the concatenated observation arrays. Episodes are only ever appended, so a row keeps its id
+and its frame for the buffer's life; `frame_token` names that numbering (a new buffer or a
+copy that may grow apart gets a new one). Each gathered observation dict carries its
+'frame_rows' and 'frame_token', so the learner can reuse per-frame features
+(habc_learner.feature_cache) without comparing images.
 """
 
 from dataclasses import dataclass
 import enum
+import itertools
 
 import numpy as np
 import torch
@@ -29,6 +37,8 @@ class WeightCode(enum.IntEnum):
 
 _WEIGHT_CODES = {ActorWeight.EXCLUDED: WeightCode.EXCLUDED, ActorWeight.GATE: WeightCode.GATE,
                  ActorWeight.ZERO: WeightCode.ZERO, ActorWeight.ONE: WeightCode.ONE}
+# Frame tokens are unique within the process (caches keyed by them live in it too).
+_FRAME_TOKENS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,17 @@ class SampleBuffer:
         self._instructions: list[str] = []
         self._frozen: dict[str, np.ndarray] | None = None
         self._frozen_obs: dict[str, np.ndarray] | None = None
+        self._frame_token = next(_FRAME_TOKENS)
+
+    @property
+    def frame_token(self) -> int:
+        """Names the meaning of frame row ids: the same token, the same frame at each row.
+
+        add() appends rows and keeps it (old rows keep their ids and frames); it differs
+        between buffers, and a copy() gets its own, since two copies append different frames
+        at the same new row ids.
+        """
+        return self._frame_token
 
     def __len__(self) -> int:
         return int(sum(len(e) for e in self.episodes))
@@ -163,6 +184,7 @@ class SampleBuffer:
         other._observations = {k: list(v) for k, v in self._observations.items()}
         other._instructions = list(self._instructions)
         other._frozen, other._frozen_obs = self._frozen, self._frozen_obs
+        # other._frame_token is its own: rows appended to either buffer from now on differ.
         return other
 
     def _rewards(self, episode: Episode) -> tuple[np.ndarray, np.ndarray]:
@@ -196,25 +218,31 @@ class SampleBuffer:
         actions = np.concatenate([e.actions for e in self.episodes]).astype(np.float64)
         return actions.mean(axis=0), np.maximum(actions.std(axis=0), 1e-3)
 
+    def frames(self, rows: np.ndarray, device: torch.device | str = 'cpu') -> dict:
+        """Observations of frame rows: the model's keys, 'instruction', and the row identity.
+
+        'frame_rows' (B,) int64 are the rows and 'frame_token' the buffer's `frame_token`.
+        """
+        _ = self.table
+        device = torch.device(device)
+        rows = np.asarray(rows, dtype=np.int64)
+        obs = {k: _to_device(v[rows], device) for k, v in self._frozen_obs.items()}
+        obs['instruction'] = [self._instructions[i] for i in rows]
+        obs['frame_rows'] = _to_device(rows, device)
+        obs['frame_token'] = self._frame_token
+        return obs
+
     def batch(self, indices: np.ndarray, device: torch.device | str = 'cpu') -> dict:
         """Gather samples: observations at t ('obs'), t+1 ('next_obs'), t+stride ('adv_obs')."""
         table = self.table
-        observations = self._frozen_obs
-
         device = torch.device(device)
-
-        def gather(rows: np.ndarray) -> dict:
-            obs = {k: _to_device(v[rows], device) for k, v in observations.items()}
-            obs['instruction'] = [self._instructions[i] for i in rows]
-            return obs
-
         batch = {key: _to_device(value[indices], device)
                  for key, value in table.items()
                  if key not in ('episode', 'step', 'index', 'next_index', 'adv_index')}
-        batch['obs'] = gather(table['index'][indices])
-        batch['next_obs'] = gather(table['next_index'][indices])
+        batch['obs'] = self.frames(table['index'][indices], device)
+        batch['next_obs'] = self.frames(table['next_index'][indices], device)
         batch['adv_obs'] = (batch['next_obs'] if self.next_stride == 1
-                            else gather(table['adv_index'][indices]))
+                            else self.frames(table['adv_index'][indices], device))
         batch['obs']['actions'] = batch['actions']
         batch['obs']['action_mask'] = batch['action_mask']
         return batch

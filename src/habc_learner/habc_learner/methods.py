@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from habc_learner.credit import CreditConfig
 from habc_learner.critics import DistributionalValue, DualHeadCritic, ScalarValue
 from habc_learner.data import HumanWindowTargets, RewardConfig, SampleBuffer, WeightCode
+from habc_learner.feature_cache import DEFAULT_MAX_ROWS, FeatureCache
 from habc_learner.habc import (
     efficiency_advantage,
     efficiency_loss,
@@ -150,7 +151,7 @@ class Algorithm:
 
     def __init__(self, policy: torch.nn.Module, config: MethodConfig,
                  actor_lr: float = 3e-4, critic_lr: float = 1e-3,
-                 grad_clip: float = 1.0) -> None:
+                 grad_clip: float = 1.0, feature_cache_rows: int = DEFAULT_MAX_ROWS) -> None:
         self.policy = policy
         self.config = config
         self.method = Method(config.method)
@@ -170,6 +171,9 @@ class Algorithm:
                                  if self.critic is not None else None)
         self.recap_threshold = -math.inf
         self._holdout_episodes: set[int] = set()
+        # Features of s_{t+1} reuse what a frozen backbone computed for the same frame
+        # before (inert for a policy with no cacheable features; rows x width floats).
+        self.feature_cache = FeatureCache(feature_cache_rows)
 
     def to(self, device: torch.device | str) -> 'Algorithm':
         """Move the critic and its target copy to `device` (the policy's owner moves it)."""
@@ -261,10 +265,26 @@ class Algorithm:
                 self._holdout_episodes = {int(e) for e in rng.choice(rollouts, n_holdout,
                                                                       replace=False)}
 
+    # --- features -----------------------------------------------------------------------
+    def encode(self, obs: dict) -> torch.Tensor:
+        """Return the policy's features of `obs`, through the feature cache (same values)."""
+        return self.feature_cache.encode(self.policy, obs)
+
+    def warm_feature_cache(self, buffer: SampleBuffer, device: torch.device | str = 'cpu',
+                           chunk: int = 256) -> int:
+        """Cache the features of every frame of `buffer` now; return how many were computed.
+
+        Not needed for correctness or for the cache to fill (the steps fill it); it reaches
+        the steady state of later rounds at once.
+        """
+        return self.feature_cache.warm(self.policy, buffer, device, chunk)
+
     # --- one gradient step --------------------------------------------------------------
     def update(self, batch: dict, step: int) -> dict[str, float]:
         """One gradient step of actor (and critic); return metrics."""
         features, per_sample = self.policy.features_and_loss(batch['obs'])
+        # The actor's pass computed s_t's frame features anyway: s_{t+1} lookups reuse them.
+        self.feature_cache.store(self.policy, batch['obs'], features)
         stats: dict[str, float] = {}
         w, critic_loss = self.compute_weights(batch, features.detach(), step, stats)
         actor_valid = batch['masks']['actor']
@@ -313,9 +333,9 @@ class Algorithm:
             w = actor_valid.float()
         else:
             with torch.no_grad():
-                next_features = self.policy.encode(batch['next_obs'])
+                next_features = self.encode(batch['next_obs'])
                 adv_features = (next_features if batch['adv_obs'] is batch['next_obs']
-                                else self.policy.encode(batch['adv_obs']))
+                                else self.encode(batch['adv_obs']))
             if self.method in HABC_FAMILY:
                 w, critic_loss = self._habc_weights(batch, features, next_features,
                                                     adv_features, step, stats)
@@ -468,8 +488,8 @@ class Algorithm:
             values = []
             for start in range(0, len(indices), chunk):
                 batch = buffer.batch(indices[start:start + chunk], device)
-                f_t = self.policy.encode(batch['obs'])
-                f_adv = self.policy.encode(batch['adv_obs'])
+                f_t = self.encode(batch['obs'])
+                f_adv = self.encode(batch['adv_obs'])
                 values.append(self._gate(batch, f_t, f_adv, self.critic(f_t))[0].cpu().numpy())
             report[name] = np.concatenate(values) if values else np.zeros(0, np.float32)
         return report
@@ -507,7 +527,7 @@ class Algorithm:
         if len(held_out) > max_samples:
             held_out = held_out[np.linspace(0, len(held_out) - 1, max_samples).astype(int)]
         batch = buffer.batch(held_out, device)
-        f_t, f_next = self.policy.encode(batch['obs']), self.policy.encode(batch['next_obs'])
+        f_t, f_next = self.encode(batch['obs']), self.encode(batch['next_obs'])
         residual = self._residual(batch, f_t, f_next, self._state_value(self.critic, f_t),
                                   self._state_value(self.target_critic, f_next))
         keep = self.config.recap_keep_fraction

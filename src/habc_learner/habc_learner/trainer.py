@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from habc_episodes.vocabulary import PolicyVersion
 from habc_learner.data import SampleBuffer
+from habc_learner.feature_cache import DEFAULT_MAX_ROWS
 from habc_learner.methods import Algorithm, MethodConfig
 
 
@@ -30,11 +31,18 @@ class TrainConfig:
     log_every: int = 50
     device: str = 'cpu'
     normalize_from_data: bool = True
+    # Frames whose frozen-backbone features are kept for reuse (habc_learner.feature_cache):
+    # on the training device, rows x the policy's cacheable width x 4 bytes (100k x 576 =
+    # 230 MB); 0 = off. Policies without a frozen backbone cache nothing.
+    feature_cache_rows: int = DEFAULT_MAX_ROWS
 
     def __post_init__(self) -> None:
         for name in ('steps', 'batch_size', 'log_every'):
             if getattr(self, name) < 1:
                 raise ValueError(f'TrainConfig.{name} must be >= 1, got {getattr(self, name)}')
+        if self.feature_cache_rows < 0:
+            raise ValueError('TrainConfig.feature_cache_rows must be >= 0 (0 = off), got '
+                             f'{self.feature_cache_rows}')
         for name in ('actor_lr', 'critic_lr', 'grad_clip'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'TrainConfig.{name} must be > 0, got {getattr(self, name)}')
@@ -63,7 +71,7 @@ class Trainer:
         if train.normalize_from_data and policy.version == 'untrained':
             self._normalize_from(buffer)
         self.algorithm = algorithm or Algorithm(policy, method, train.actor_lr, train.critic_lr,
-                                                train.grad_clip)
+                                                train.grad_clip, train.feature_cache_rows)
         self.algorithm.to(train.device)
         self.step = 0
         self.history: list[dict[str, float]] = []
