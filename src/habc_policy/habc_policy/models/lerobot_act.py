@@ -50,6 +50,9 @@ POSTPROCESSOR = 'policy_postprocessor'
 STATE_KEY = 'observation.state'
 ACTION_KEY = 'action'
 SUPPORTED_TYPES = ('act',)
+LEROBOT_FOLDER_EXPECTED = (f'a LeRobot policy folder holds {LEROBOT_CONFIG} (with "type"), '
+                           f'{LEROBOT_WEIGHTS}, {PREPROCESSOR}.json and {POSTPROCESSOR}.json, '
+                           "as LeRobot's save_pretrained writes them")
 # Types LeRobot 0.4.4 registers: named in the error so that a user knows it is a LeRobot
 # checkpoint this adapter cannot read yet, not a broken folder.
 LEROBOT_TYPES = ('act', 'diffusion', 'groot', 'pi0', 'pi0_fast', 'pi05', 'sac', 'smolvla',
@@ -785,12 +788,15 @@ def apply_lerobot_stats(policy: Policy, stats: dict[str, dict[str, torch.Tensor]
                                      f'{tuple(mean_buffer.shape)}') from exc
 
 
-def read_lerobot_config(path: Path) -> LeRobotACTConfig:
-    """LeRobotACTConfig from a LeRobot folder's config.json; a clear error otherwise."""
+def read_lerobot_json(path: Path) -> tuple[Any, str | None, Path]:
+    """Read a LeRobot folder's config.json: (its content, its "type", its path).
+
+    Raises:
+        FileNotFoundError: `path` is not a folder.
+        LeRobotFormatError: no config.json, not JSON, or a habc checkpoint given by mistake.
+    """
     path = Path(path)
-    expected = (f'a LeRobot policy folder holds {LEROBOT_CONFIG} (with "type"), '
-                f'{LEROBOT_WEIGHTS}, {PREPROCESSOR}.json and {POSTPROCESSOR}.json, as '
-                "LeRobot's save_pretrained writes them")
+    expected = LEROBOT_FOLDER_EXPECTED
     if not path.is_dir():
         raise FileNotFoundError(f'{path} is not a folder: {expected}')
     config_path = path / LEROBOT_CONFIG
@@ -804,13 +810,21 @@ def read_lerobot_config(path: Path) -> LeRobotACTConfig:
     if isinstance(raw, dict) and isinstance(raw.get('config'), dict) and 'version' in raw:
         raise LeRobotFormatError(f'{path} is a habc checkpoint (type {kind!r}), not a LeRobot '
                                  'folder: load it with habc_policy.models.base.load_policy')
+    return raw, kind, config_path
+
+
+def read_lerobot_config(path: Path) -> LeRobotACTConfig:
+    """LeRobotACTConfig from a LeRobot folder's config.json; a clear error otherwise."""
+    path = Path(path)
+    raw, kind, config_path = read_lerobot_json(path)
     if kind not in SUPPORTED_TYPES:
         known = f'LeRobot policy type {kind!r}' if kind in LEROBOT_TYPES else \
             f'{config_path} has type {kind!r}, which is no LeRobot policy type'
         raise LeRobotFormatError(f'{known}; habc reads LeRobot types {list(SUPPORTED_TYPES)} '
                                  f'(docs/pretrained_vla.md says what the others need)')
     if not (path / LEROBOT_WEIGHTS).is_file():
-        raise LeRobotFormatError(f'{path / LEROBOT_WEIGHTS} not found: {expected}')
+        raise LeRobotFormatError(f'{path / LEROBOT_WEIGHTS} not found: '
+                                 f'{LEROBOT_FOLDER_EXPECTED}')
     inputs, outputs = raw.get('input_features') or {}, raw.get('output_features') or {}
     cameras = [k for k, f in inputs.items() if f.get('type') == 'VISUAL']
     unsupported = [k for k, f in inputs.items() if f.get('type') not in ('VISUAL', 'STATE')

@@ -60,12 +60,13 @@ from habc_policy.models.lerobot_act import (
     ACTION_KEY,
     apply_lerobot_stats,
     LEROBOT_CONFIG,
+    LEROBOT_FOLDER_EXPECTED,
     LEROBOT_TYPES,
     LEROBOT_WEIGHTS,
     LeRobotFormatError,
     NORM_MODES,
-    POSTPROCESSOR,
     PREPROCESSOR,
+    read_lerobot_json,
     read_lerobot_stats,
     STATE_KEY,
 )
@@ -938,29 +939,15 @@ def read_lerobot_smolvla_config(path: Path,
                                 vlm_dir: str | Path | None = None) -> LeRobotSmolVLAConfig:
     """LeRobotSmolVLAConfig from a LeRobot folder's config.json; a clear error otherwise."""
     path = Path(path)
-    expected = (f'a LeRobot policy folder holds {LEROBOT_CONFIG} (with "type"), '
-                f'{LEROBOT_WEIGHTS}, {PREPROCESSOR}.json and {POSTPROCESSOR}.json, as '
-                "LeRobot's save_pretrained writes them")
-    if not path.is_dir():
-        raise FileNotFoundError(f'{path} is not a folder: {expected}')
-    config_path = path / LEROBOT_CONFIG
-    if not config_path.is_file():
-        raise LeRobotFormatError(f'{config_path} not found: {expected}')
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LeRobotFormatError(f'{config_path} is not JSON ({exc}): {expected}') from exc
-    kind = raw.get('type') if isinstance(raw, dict) else None
-    if isinstance(raw, dict) and isinstance(raw.get('config'), dict) and 'version' in raw:
-        raise LeRobotFormatError(f'{path} is a habc checkpoint (type {kind!r}), not a LeRobot '
-                                 'folder: load it with habc_policy.models.base.load_policy')
+    raw, kind, config_path = read_lerobot_json(path)
     if kind != 'smolvla':
         known = f'LeRobot policy type {kind!r}' if kind in LEROBOT_TYPES else \
             f'{config_path} has type {kind!r}, which is no LeRobot policy type'
         raise LeRobotFormatError(f"{known}; LeRobotSmolVLA reads LeRobot type 'smolvla' "
                                  '(LeRobotACT reads act; docs/pretrained_vla.md)')
     if not (path / LEROBOT_WEIGHTS).is_file():
-        raise LeRobotFormatError(f'{path / LEROBOT_WEIGHTS} not found: {expected}')
+        raise LeRobotFormatError(f'{path / LEROBOT_WEIGHTS} not found: '
+                                 f'{LEROBOT_FOLDER_EXPECTED}')
     arch = {name: raw.get(name, LEROBOT_SMOLVLA_DEFAULTS[name]) for name in _ARCH_FIELDS}
     arch['resize_imgs_with_padding'] = list(arch['resize_imgs_with_padding'])
     inputs, outputs = raw.get('input_features') or {}, raw.get('output_features') or {}
