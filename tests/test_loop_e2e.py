@@ -257,9 +257,11 @@ def act_learn_and_swap(ros, tmp_path: Path, params: Path, startup_version: str) 
     log = tmp_path / 'launch.log'
 
     def acted(records: list) -> bool:
-        # The index names the version whose steps the robot executed ('' for none).
-        return len(records) >= 2 and any(r.policy_version == startup_version
-                                         for r in records)
+        # The index names the newest policy version when the episode ran, which every step
+        # carries, the operator's too: that the policy itself drove a step shows only in the
+        # bag (a slow policy under load can leave whole episodes to the operator).
+        return (len(records) >= 2 and any(r.policy_version == startup_version for r in records)
+                and bool(policy_steps_of(index_path, startup_version)))
 
     robot = launch(params, *WITHOUT_LEARNER)
     learner = None
