@@ -27,6 +27,18 @@ def worker_env(config) -> Any:
     return _ENV
 
 
+def close_worker_env() -> None:
+    """Close this process's cached environment (its renderer's GL context) now.
+
+    Left to interpreter exit, MuJoCo's EGL renderer is freed after EGL itself is gone and
+    prints an ignored EGLError; an in-process pool closes it when the pool closes.
+    """
+    global _ENV, _ENV_KEY
+    if _ENV is not None:
+        _ENV.close()
+    _ENV, _ENV_KEY = None, None
+
+
 class WorkerPool:
     """Worker processes kept for a whole run: each keeps its simulator and loaded policy.
 
@@ -59,6 +71,8 @@ class WorkerPool:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        else:  # the jobs ran in this process, with its cached environment
+            close_worker_env()
 
     def __enter__(self) -> 'WorkerPool':
         return self
