@@ -114,8 +114,35 @@ class LeRobotFormatError(ValueError):
     """A folder is not a LeRobot checkpoint this adapter can read; the message says why."""
 
 
+class LeRobotConfigView:
+    """What habc reads off every LeRobot policy config (ACT, SmolVLA): chunk, cameras, size.
+
+    A base of the frozen config dataclasses; they hold chunk_size, camera_names,
+    image_size, image_width and normalization_mapping.
+    """
+
+    @property
+    def horizon(self) -> int:
+        return self.chunk_size
+
+    @property
+    def num_views(self) -> int:
+        return len(self.camera_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.image_size, self.image_width or self.image_size
+
+    def check_normalization_mapping(self) -> None:
+        """Raise ValueError for a normalisation mode that habc cannot apply."""
+        for kind, mode in self.normalization_mapping.items():
+            if mode not in NORM_MODES:
+                raise ValueError(f'normalization_mapping[{kind!r}] = {mode!r} is not one of '
+                                 f'{NORM_MODES}')
+
+
 @dataclass(frozen=True)
-class LeRobotACTConfig:
+class LeRobotACTConfig(LeRobotConfigView):
     """LeRobot's ACTConfig architecture fields, plus the robot interface they imply.
 
     state_dim / action_dim / camera_names / image size come from the LeRobot features
@@ -179,22 +206,8 @@ class LeRobotACTConfig:
         if self.n_action_steps > self.chunk_size:
             raise ValueError(f'n_action_steps {self.n_action_steps} > chunk_size '
                              f'{self.chunk_size}')
-        for kind, mode in self.normalization_mapping.items():
-            if mode not in NORM_MODES:
-                raise ValueError(f'normalization_mapping[{kind!r}] = {mode!r} is not one of '
-                                 f'{NORM_MODES}')
+        self.check_normalization_mapping()
 
-    @property
-    def horizon(self) -> int:
-        return self.chunk_size
-
-    @property
-    def num_views(self) -> int:
-        return len(self.camera_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        return self.image_size, self.image_width or self.image_size
 
 
 # ---------------------------------------------------------------------------------------

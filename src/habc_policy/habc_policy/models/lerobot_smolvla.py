@@ -63,8 +63,8 @@ from habc_policy.models.lerobot_act import (
     LEROBOT_FOLDER_EXPECTED,
     LEROBOT_TYPES,
     LEROBOT_WEIGHTS,
+    LeRobotConfigView,
     LeRobotFormatError,
-    NORM_MODES,
     PREPROCESSOR,
     read_lerobot_json,
     read_lerobot_stats,
@@ -97,7 +97,7 @@ _ARCH_FIELDS = tuple(LEROBOT_SMOLVLA_DEFAULTS)
 
 
 @dataclass(frozen=True)
-class LeRobotSmolVLAConfig:
+class LeRobotSmolVLAConfig(LeRobotConfigView):
     """LeRobot's SmolVLAConfig fields, the robot interface they imply, and the VLM folder.
 
     state_dim / action_dim / camera_names / image size come from the LeRobot features
@@ -175,22 +175,8 @@ class LeRobotSmolVLAConfig:
             raise ValueError(f'{name}.adapt_to_pi_aloha is not supported: it converts ALOHA '
                              "gripper units inside the policy; convert them in the robot's "
                              'driver instead and set it to false')
-        for kind, mode in self.normalization_mapping.items():
-            if mode not in NORM_MODES:
-                raise ValueError(f'normalization_mapping[{kind!r}] = {mode!r} is not one of '
-                                 f'{NORM_MODES}')
+        self.check_normalization_mapping()
 
-    @property
-    def horizon(self) -> int:
-        return self.chunk_size
-
-    @property
-    def num_views(self) -> int:
-        return len(self.camera_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        return self.image_size, self.image_width or self.image_size
 
 
 # ---------------------------------------------------------------------------------------
