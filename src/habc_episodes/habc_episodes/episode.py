@@ -46,6 +46,9 @@ class Episode:
         policy_versions: policy version active per step (empty strings for demos).
         timestamps: seconds per step (T,).
         episode_id: identifier (the recorder's id, or anything unique).
+        camera_shapes: (H, W) of each view's images as the cameras recorded them, before
+            any resize for training (empty when not known); a policy trained on them
+            records them (robot_fit).
     """
 
     observations: dict[str, np.ndarray]
@@ -57,6 +60,7 @@ class Episode:
     policy_versions: list[str] = field(default_factory=list)
     timestamps: np.ndarray | None = None
     episode_id: str = ''
+    camera_shapes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         self.actions = np.asarray(self.actions, dtype=np.float32)

@@ -314,7 +314,8 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
                    instruction=instruction, kind=kind,
                    policy_versions=[str(a.policy_version) for a in kept],
                    timestamps=np.array(stamps, dtype=np.float64) * 1e-9,
-                   episode_id=episode_id)
+                   episode_id=episode_id,
+                   camera_shapes=used[0].camera_shapes if images is not None else ())
 
 
 def bag_source(bag_path: str | Path) -> Path:
@@ -486,9 +487,11 @@ def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outco
     # them all takes the bag's size in memory); compressed ones are small until decoded, and
     # only the frames that ticks use are decoded.
     raw_cameras = {topic for topic in camera_topics if types[topic] == IMAGE_TYPES[0]}
+    recorded_shapes: dict[str, tuple[int, int]] = {}  # (H, W) of each camera, before resize
     for topic, log_time, message in _read_messages(path, source, sorted(wanted)):
         stamp = log_time if receive else _message_stamp(message, log_time)
         if topic in raw_cameras:
+            recorded_shapes.setdefault(topic, (int(message.height), int(message.width)))
             message = _owned(_resize(_image_array(message, f'{where}: {topic}'), image_size),
                              message.data)
         streams[topic].append((stamp, message))
@@ -523,7 +526,12 @@ def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outco
 
     state_index = np.searchsorted(state_stamps, ticks, side='right') - 1
     observations: dict[str, np.ndarray] = {'state': states[state_index]}
+    camera_shapes = ()
     if camera_topics:
+        for topic in set(camera_topics) - set(recorded_shapes):  # compressed: decode one
+            first = _decode_compressed(streams[topic][0][1], f'{where}: {topic}')
+            recorded_shapes[topic] = (int(first.shape[0]), int(first.shape[1]))
+        camera_shapes = tuple(recorded_shapes[topic] for topic in camera_topics)
         # Decode each frame in use once (one may serve several ticks), then pack per tick.
         views = []
         for topic, stamps in zip(camera_topics, camera_stamps, strict=True):
@@ -548,7 +556,7 @@ def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outco
                    controllers=controllers, outcome=Outcome.parse(outcome),
                    instruction=instruction, kind=kind, policy_versions=[''] * len(ticks),
                    timestamps=ticks.astype(np.float64) * 1e-9,
-                   episode_id=episode_id or bag_name(path))
+                   episode_id=episode_id or bag_name(path), camera_shapes=camera_shapes)
 
 
 def _message_stamp(message: object, log_time: int) -> int:
@@ -683,6 +691,8 @@ class _Observation:
     position: np.ndarray
     instruction: str
     image_count: int
+    # (H, W) of the chosen views as recorded, before the resize.
+    camera_shapes: tuple[tuple[int, int], ...]
     # The chosen views, decoded and resized (owning their memory, so that the message can
     # be freed); None when the chosen camera indices do not fit; the error of a bad image.
     frames: list[np.ndarray] | None | ValueError
@@ -693,7 +703,10 @@ class _Observation:
         count = len(message.images)
         frames: list[np.ndarray] | None | ValueError = None
         views = list(range(count)) if cameras is None else [int(c) for c in cameras]
+        shapes: tuple[tuple[int, int], ...] = ()
         if with_images and views and all(0 <= v < count for v in views):
+            shapes = tuple((int(message.images[v].height), int(message.images[v].width))
+                           for v in views)
             try:
                 frames = [_owned(_resize(_image_array(message.images[v], where), image_size),
                                  message.images[v].data) for v in views]
@@ -701,7 +714,7 @@ class _Observation:
                 frames = exc  # raised only if this observation is used
         joints = message.joint_state
         return cls(stamp, list(joints.name), np.asarray(joints.position, dtype=np.float32),
-                   str(message.instruction), count, frames)
+                   str(message.instruction), count, shapes, frames)
 
 
 def _owned(frame: np.ndarray, data: np.ndarray) -> np.ndarray:

@@ -87,6 +87,8 @@ def test_views_are_chosen_and_resized(tmp_path, bags):
     assert second.observations['images'].shape == (5, 1, 4, 4, 3)
     assert second.observations['images'][:, 0, 0, 0, 0].tolist() == [10, 10, 11, 11, 12]
     assert second.episode_id == 'x' and second.outcome == Outcome.FAILURE
+    # What the cameras recorded, before the resize: a policy trained on them records it.
+    assert both.camera_shapes == ((8, 8), (8, 8)) and second.camera_shapes == ((8, 8),)
     odd = episode_from_bag(bag, 'failure', image_size=3)  # not a whole factor: nearest pixel
     assert odd.observations['images'].shape == (5, 2, 3, 3, 3)
     with pytest.raises(ValueError, match=r'camera indices \[2\] do not fit the 2 images'):

@@ -221,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
         spec = _majority_spec(result)
         if spec is not None:
             overrides = dict(args.policy_config)
+            camera_shape = _recorded_camera_shape(result)
+            if spec[2] is not None and camera_shape is not None:
+                # The policy node refuses a robot camera of another aspect ratio (robot_fit).
+                overrides.setdefault('camera_shape', camera_shape)
             if args.backbone is not None:
                 overrides['backbone_dir'] = str(args.backbone.expanduser().resolve())
             try:
@@ -366,6 +370,13 @@ def _majority_spec(result: LoadResult) -> tuple | None:
         return None
     counts = Counter(_spec(item.episode) for item in result.loaded)
     return counts.most_common(1)[0][0]
+
+
+def _recorded_camera_shape(result: LoadResult) -> list[int] | None:
+    """Return [H, W] of the cameras as recorded, when every view of every episode has it."""
+    shapes = {shape for item in result.loaded for shape in item.episode.camera_shapes}
+    complete = all(item.episode.camera_shapes for item in result.loaded)
+    return list(shapes.pop()) if complete and len(shapes) == 1 else None
 
 
 def command_line(args: argparse.Namespace) -> str:

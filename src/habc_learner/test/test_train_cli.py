@@ -508,6 +508,9 @@ def test_trajectory_commands_compressed_images_and_intervention_states(tmp_path)
     assert episode.controllers.tolist() == [0, 0, 0, 1, 0, 0]
     assert episode.observations['images'].shape == (6, 1, 8, 8, 3)
     assert episode.observations['images'][:, 0, 0, 0, 1].tolist() == [0, 2, 4, 6, 8, 10]
+    resized = episode_from_bag(bag, 'failure', topics=mapping, image_size=4)
+    assert resized.observations['images'].shape == (6, 1, 4, 4, 3)
+    assert resized.camera_shapes == ((8, 8),)  # as recorded (decoded), before the resize
 
 
 # (4) a new policy on a pretrained VLM backbone ---------------------------------------------
@@ -548,6 +551,8 @@ def test_backbone_trains_a_transformers_vla_and_init_continues_it_with_habc(
     assert (config['prefix_layers'], config['finetune'], config['expert_layers']) == (
         1, 'frozen', 1)
     assert (config['num_views'], config['image_size'], config['horizon']) == (1, 32, 5)
+    # The bags' 8 x 8 cameras, which the policy node checks a robot's cameras against.
+    assert config['camera_shape'] == [8, 8]
     weights = load_file(str(sft / 'checkpoint' / 'model.safetensors'))
     assert weights and not [k for k in weights if k.startswith('backbone.')]
     assert 'action_out.weight' in weights

@@ -20,13 +20,13 @@ import torch
 from habc_policy.models.base import load_policy
 from habc_policy.models.lerobot_act import (
     _mean_std,
-    check_fit,
     LeRobotACT,
     LeRobotACTConfig,
     LeRobotFormatError,
     read_lerobot_config,
     reproducible_weights,
 )
+from habc_policy.robot_fit import check_fit, RobotInterface
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'lerobot_act_tiny'
 LEROBOT_FILES = ['config.json', 'model.safetensors', 'policy_postprocessor.json',
@@ -229,15 +229,17 @@ def test_habc_format_round_trip(policy, expected, tmp_path):
 
 
 def test_check_fit_names_both_sides(policy):
-    check_fit(policy, state_dim=6, action_dim=5, num_views=2, image_size=(64, 64))
+    # The fixture's cameras are 64 x 64: a 128 x 128 camera scales to them, 96 x 128 does not.
+    check_fit(policy.config, RobotInterface(6, 5, '', ((64, 64), (128, 128))))
     with pytest.raises(ValueError) as error:
-        check_fit(policy, state_dim=14, action_dim=14, num_views=3, image_size=(96, 96),
+        check_fit(policy.config, RobotInterface(14, 14, '', ((96, 128),) * 3),
                   source='lerobot:act_tiny')
     message = str(error.value)
-    for part in ('state_dim: lerobot:act_tiny has 6, the robot 14',
-                 'action_dim: lerobot:act_tiny has 5, the robot 14',
-                 'num_views: lerobot:act_tiny has 2, the robot 3',
-                 '(64, 64)', '(96, 96)', 'observation.images.wrist'):
+    for part in ('state_dim: the checkpoint has 6, the robot 14',
+                 'action_dim: the checkpoint has 5, the robot 14',
+                 'num_views: the checkpoint has 2, the robot 3',
+                 'trained on 64 x 64 (H/W 1.00), the robot sends 96 x 128 (H/W 0.75)',
+                 'lerobot:act_tiny does not fit', 'observation.images.wrist'):
         assert part in message
 
 

@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 import torch
 
 from habc_policy.models.base import load_policy
-from habc_policy.models.lerobot_act import check_fit, LeRobotFormatError, reproducible_weights
+from habc_policy.models.lerobot_act import LeRobotFormatError, reproducible_weights
 from habc_policy.models.lerobot_smolvla import (
     LeRobotSmolVLA,
     patch_positions_457,
     UNUSED_LEROBOT_KEYS,
 )
+from habc_policy.robot_fit import check_fit, RobotInterface
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'lerobot_smolvla_tiny'
 VARIANTS = ('cross_attn', 'self_attn', 'sparse_expert')
@@ -266,15 +267,17 @@ def test_missing_vlm_folder_fails_fast_without_network(folders, tmp_path, no_net
 
 def test_check_fit_names_both_sides(policies):
     policy = policies['cross_attn']
-    check_fit(policy, state_dim=5, action_dim=4, num_views=2, image_size=(24, 40))
+    # Trained on 24 x 40 cameras: 48 x 80 scales to them, 96 x 96 would be stretched.
+    check_fit(policy.config, RobotInterface(5, 4, '', ((24, 40), (48, 80))))
     with pytest.raises(ValueError) as error:
-        check_fit(policy, state_dim=14, action_dim=14, num_views=3, image_size=(96, 96),
+        check_fit(policy.config, RobotInterface(14, 14, '', ((96, 96),) * 3),
                   source='lerobot:smolvla_tiny')
     message = str(error.value)
-    for part in ('state_dim: lerobot:smolvla_tiny has 5, the robot 14',
-                 'action_dim: lerobot:smolvla_tiny has 4, the robot 14',
-                 'num_views: lerobot:smolvla_tiny has 2, the robot 3',
-                 '(24, 40)', '(96, 96)', 'observation.images.wrist'):
+    for part in ('state_dim: the checkpoint has 5, the robot 14',
+                 'action_dim: the checkpoint has 4, the robot 14',
+                 'num_views: the checkpoint has 2, the robot 3',
+                 'trained on 24 x 40 (H/W 0.60), the robot sends 96 x 96 (H/W 1.00)',
+                 'lerobot:smolvla_tiny does not fit', 'observation.images.wrist'):
         assert part in message
 
 

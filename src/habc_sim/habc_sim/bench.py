@@ -399,15 +399,18 @@ def train_sft(task: str, track: str, seed: int, profile: BenchProfile, checkpoin
     for episode in demos:
         buffer.add(episode)
     seed_everything(seed)
+    # The simulated cameras' images, recorded with the checkpoint (robot_fit).
+    camera_shape = [p.image_size, p.image_size]
     if track == 'state':
         # The state track's state: 14 joints, then each object's position (cube; peg, socket).
         objects = 3 if task == 'transfer_cube' else 6
         policy = new_policy('lowdim', 14 + objects, 14, None, horizon=p.horizon)
     elif policy_kind != 'vla':
         policy = new_policy(policy_kind, 14, 14, (len(p.cameras), p.image_size, p.image_size),
-                            horizon=p.horizon, overrides=policy_overrides)
+                            horizon=p.horizon,
+                            overrides={'camera_shape': camera_shape, **(policy_overrides or {})})
     else:
-        overrides = {**dict(p.vla), **(policy_overrides or {})}
+        overrides = {**dict(p.vla), 'camera_shape': camera_shape, **(policy_overrides or {})}
         if p.locator_steps:
             locator, locator_metrics = train_locator(recorded, p, seed, progress)
             overrides['locator'] = asdict(locator.config)

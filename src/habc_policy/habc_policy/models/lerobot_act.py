@@ -961,29 +961,6 @@ def write_lerobot_act(directory: Path, config: LeRobotACTConfig,
             json.dumps({'name': name, 'steps': steps}, indent=2))
 
 
-def check_fit(policy: Policy, state_dim: int, action_dim: int, num_views: int,
-              image_size: tuple[int, int] | None = None, source: str = 'the checkpoint') -> None:
-    """Raise ValueError naming both sides when a policy does not fit the robot.
-
-    Checks every field at once, so that one message lists all that must change.
-    """
-    c = policy.config
-    problems = []
-    for name, robot in (('state_dim', state_dim), ('action_dim', action_dim),
-                        ('num_views', num_views)):
-        own = getattr(c, name)
-        if own != robot:
-            problems.append(f'{name}: {source} has {own}, the robot {robot}')
-    if image_size is not None and hasattr(c, 'image_shape'):
-        if tuple(image_size) != tuple(c.image_shape):
-            problems.append(f'image size (H, W): {source} was trained on {c.image_shape}, the '
-                            f'robot sends {tuple(image_size)}')
-    if problems:
-        cameras = getattr(c, 'camera_names', None)
-        hint = f' (its cameras, in order: {cameras})' if cameras else ''
-        raise ValueError(f'{source} does not fit the robot{hint}: ' + '; '.join(problems))
-
-
 def reproducible_weights(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """Weights for test fixtures that come out bit-identical on every machine and build.
 

@@ -951,7 +951,7 @@ def read_lerobot_smolvla_config(path: Path,
         raise LeRobotFormatError(f'{config_path}: n_obs_steps {raw["n_obs_steps"]}; SmolVLA '
                                  'takes one observation step')
     # habc stacks the views in one tensor, so they share a size; the first camera's is the
-    # one check_fit compares (resize_with_pad takes any size).
+    # one robot_fit compares with the robot's cameras (scaled, never stretched).
     _, height, width = inputs[cameras[0]]['shape']
     folder = find_vlm_dir(path, arch['vlm_model_name'], vlm_dir)
     extra = {k: v for k, v in raw.items()

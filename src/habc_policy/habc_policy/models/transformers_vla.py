@@ -45,7 +45,7 @@ flattened patches with a grid (image_grid_thw) and multimodal rotary positions.
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 import hashlib
 import json
 from pathlib import Path
@@ -61,6 +61,7 @@ from habc_policy.models.flow_matching import (
     flow_matching_loss,
     sinusoidal_embedding,
 )
+from habc_policy.robot_fit import check_camera_shape
 
 FINETUNE_MODES = ('frozen', 'lora', 'full')
 AUTOCAST_MODES = ('auto', 'off')
@@ -107,9 +108,12 @@ class TransformersVLAConfig:
     # Filled in when the policy is built: the backbone folder's fingerprint, which loading a
     # checkpoint checks ('' = do not check, e.g. a new policy).
     backbone_fingerprint: str = ''
+    # [H, W] of the robot camera images it was trained on ([] = not recorded), as SmallVLA's.
+    camera_shape: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_camera_shape(self.camera_shape, name)
         if not self.backbone_dir:
             raise ValueError(f'{name}.backbone_dir must name a local VLM folder')
         if self.finetune not in FINETUNE_MODES:

@@ -53,6 +53,7 @@ from habc_policy.models.vision import (
     strided_cnn,
     to_unit_range,
 )
+from habc_policy.robot_fit import check_camera_shape
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,13 @@ class SmallVLAConfig:
     # LocatorConfig as a dict, {} = none. Its position estimate is one more context token;
     # with it the image tokens may be switched off (token_grid = keypoints = 0).
     locator: dict = field(default_factory=dict)
+    # [H, W] of the robot camera images it was trained on, before their resize to image_size
+    # ([] = not recorded: any camera is taken); robot_fit refuses a camera of another
+    # aspect ratio.
+    camera_shape: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_camera_shape(self.camera_shape, type(self).__name__)
         if self.action_head not in ('flow', 'l2'):
             raise ValueError(f"SmallVLAConfig.action_head must be 'flow' or 'l2', got "
                              f'{self.action_head!r}')
