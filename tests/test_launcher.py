@@ -223,7 +223,8 @@ def test_bringup_without_a_checkpoint_runs_holds_and_starts_once_one_appears(
         # No round during the test: it checks how the learner starts, not how it trains.
         '/**/learner': {'index_path': str(storage / 'episodes.sqlite'),
                         'work_dir': str(tmp_path / 'learner'), 'episodes_per_round': 1000,
-                        'poll_period_s': 0.2},
+                        'poll_period_s': 0.2,
+                        'signing_key': str(tmp_path / 'keys' / 'learner.key')},
         '/**/policy': {'torch_threads': 1},
     }.items()}))
     node = ros.create_node('no_checkpoint_test')

@@ -64,7 +64,8 @@ def tiny_checkpoint(path: Path) -> Path:
     return save_near_home(policy, path)
 
 
-def write_params(tmp_path: Path, checkpoint: Path | str, episodes: int = EPISODES) -> Path:
+def write_params(tmp_path: Path, checkpoint: Path | str, episodes: int = EPISODES,
+                 learner_apart: bool = False) -> Path:
     """Write the run's parameter file; the operator runs `episodes` (0: until stopped).
 
     `checkpoint` is the policy node's start-up checkpoint and the learner's init_checkpoint.
@@ -87,8 +88,16 @@ def write_params(tmp_path: Path, checkpoint: Path | str, episodes: int = EPISODE
         '/**/learner': {'index_path': str(storage / 'episodes.sqlite'),
                         'work_dir': str(tmp_path / 'learner'),
                         'init_checkpoint': str(checkpoint), 'episodes_per_round': 2,
-                        'steps_per_round': 3, 'batch_size': 4, 'warmup_steps': 1},
+                        'steps_per_round': 3, 'batch_size': 4, 'warmup_steps': 1,
+                        # The bringup makes the policy trust this key and work_dir.
+                        'signing_key': str(tmp_path / 'keys' / 'learner.key')},
     }
+    if learner_apart:
+        # The robot's bringup runs without the learner (act_learn_and_swap), so it cannot add
+        # the learner's folders itself: a split set-up names whom the policy trusts, as a
+        # robot on its own machine does (docs/security.md).
+        params['/**/policy'].update({'trusted_keys': [str(tmp_path / 'keys')],
+                                     'checkpoint_roots': [str(tmp_path / 'learner')]})
     path = tmp_path / 'params.yaml'
     path.write_text(yaml.safe_dump({k: {'ros__parameters': v} for k, v in params.items()}))
     return path
@@ -312,7 +321,7 @@ def check_swap_never_goes_back(listener: Listener, startup_version: str) -> None
 def test_a_transformers_vla_acts_learns_and_is_hot_swapped_in_the_loop(ros, tmp_path,
                                                                        tiny_backbone):
     checkpoint = save_near_home(tiny_transformers_vla(tiny_backbone), tmp_path / 'sft')
-    params = write_params(tmp_path, checkpoint, episodes=0)
+    params = write_params(tmp_path, checkpoint, episodes=0, learner_apart=True)
     listener = act_learn_and_swap(ros, tmp_path, params, '1')
 
     # The policy node ran the VLA on the robot: its steps are in the recorded episodes.
@@ -343,7 +352,8 @@ def test_a_lerobot_checkpoint_acts_learns_and_is_hot_swapped_in_the_loop(ros, tm
     # A LeRobot policy folder as a team brings it, named `lerobot:PATH` (ACT) or by its path
     # alone (SmolVLA, recognised by its config.json), to the policy node and the learner.
     folder = WRITERS[kind](tmp_path / kind, image_size=IMAGE_SIZE)
-    params = write_params(tmp_path, f'lerobot:{folder}' if prefixed else folder, episodes=0)
+    params = write_params(tmp_path, f'lerobot:{folder}' if prefixed else folder, episodes=0,
+                          learner_apart=True)
     # A LeRobot folder starts as version 1, tagged with its folder's name.
     startup = str(PolicyVersion.parse(f'lerobot:{folder.name}'))
     assert startup == f'1:lerobot-{kind}'

@@ -5,7 +5,7 @@ launch/bringup.launch.py (full ROS 2) and `habc launch` (pip environment) both c
 parameter files, remaps and namespaces.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import json
 import os
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from habc_common import checkpoints
+from habc_common import checkpoints, update_trust
 
 TRUE_WORDS = {'true', '1', 'yes', 'on'}
 FALSE_WORDS = {'false', '0', 'no', 'off'}
@@ -72,7 +72,7 @@ class ResolvedNode:
     required: bool
     argument_parameters: tuple[tuple[str, str], ...] = ()
     # Parameters set by launch arguments (`-p name:=value`, after the parameter files).
-    parameter_values: tuple[tuple[str, str | bool], ...] = ()
+    parameter_values: tuple[tuple[str, Any], ...] = ()
 
     @property
     def full_name(self) -> str:
@@ -224,7 +224,60 @@ def resolve(description: BringupDescription,
             parameter_values=clock + tuple((parameter, values[argument])
                                            for parameter, argument in spec.argument_parameters
                                            if values[argument])))
-    return resolved
+    return trust_own_learner(resolved)
+
+
+# (package, executable) of the nodes whose trust trust_own_learner wires.
+POLICY_NODE = ('habc_policy', 'policy_node')
+LEARNER_NODE = ('habc_learner', 'learner_node')
+
+
+def trust_own_learner(nodes: list[ResolvedNode]) -> list[ResolvedNode]:
+    """Make each policy node trust the updates of the learner started beside it.
+
+    The policy node applies only updates signed by its trusted_keys from its
+    checkpoint_roots (habc_common.update_trust). With the defaults both sides agree
+    (~/.habc/keys, ~/.habc/learner); when a parameter file moves the learner's work_dir or
+    signing_key, the policy node's lists get the learner's folders added here (after what its
+    own files say, which stays), so the bringup is secure and working without extra steps.
+    """
+    learners = [node for node in nodes if (node.package, node.executable) == LEARNER_NODE]
+    if not learners:
+        return nodes
+    roots, keys = [], []
+    for learner in learners:
+        roots.append(str(_node_value(learner, 'work_dir', checkpoints.LEARNER_WORK_DIR)))
+        signing_key = _node_value(learner, 'signing_key', update_trust.DEFAULT_SIGNING_KEY)
+        keys.append(str(Path(signing_key).with_suffix(update_trust.PUBLIC_KEY_SUFFIX)))
+    wired = []
+    for node in nodes:
+        if (node.package, node.executable) == POLICY_NODE:
+            extra = []
+            for name, default, needed in (
+                    ('checkpoint_roots', checkpoints.LEARNER_WORK_DIR, roots),
+                    ('trusted_keys', update_trust.DEFAULT_KEY_DIR, keys)):
+                own = [str(item) for item in _node_value(node, name, [default])]
+                missing = [item for item in needed if not _covered(item, own)]
+                if missing:
+                    extra.append((name, list(dict.fromkeys(own + missing))))
+            node = replace(node, parameter_values=node.parameter_values + tuple(extra))
+        wired.append(node)
+    return wired
+
+
+def _covered(path: str, folders: list[str]) -> bool:
+    # Whether `path` is one of `folders` or inside one (~ and $VARIABLES expanded).
+    target = update_trust.expand(path).resolve()
+    return any(target.is_relative_to(update_trust.expand(folder).resolve())
+               for folder in folders)
+
+
+def _node_value(node: ResolvedNode, name: str, default: Any) -> Any:
+    explicit = dict(node.parameter_values)
+    if name in explicit:
+        return explicit[name]
+    value = file_parameter(node, name)
+    return default if value is None else value
 
 
 def _sim_time(values: dict[str, str]) -> bool | None:
@@ -243,8 +296,9 @@ def ros_arguments(node: ResolvedNode) -> list[str]:
     for param_file in node.parameters:
         args += ['--params-file', str(param_file)]
     for name, value in node.parameter_values:
-        # JSON is YAML: a string stays a string ('true', '1', '~' too), a bool a bool.
-        args += ['-p', f'{name}:={json.dumps(value)}']
+        # JSON is YAML: a string stays a string ('true', '1', '~' too), a bool a bool, a
+        # list a list (compact: one command-line word).
+        args += ['-p', f'{name}:={json.dumps(value, separators=(",", ":"))}']
     for source, target in node.remappings:
         args += ['-r', f'{source}:={target}']
     return args

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     'play': ('habc.play', 'replay bags on ROS topics like ros2 bag play, or as a new episode'),
     'episodes': ('habc.episodes', 'list, show, label and export (LeRobot) recorded episodes'),
     'dashboard': ('rqt_habc.standalone', 'label episodes, watch interventions and the learner'),
+    'keys': ('habc.keys', 'the key pair that signs policy updates; sign a checkpoint by hand'),
 }
 
 EPILOG = """\

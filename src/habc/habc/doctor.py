@@ -67,6 +67,31 @@ def check_dds_profile() -> tuple[str, str]:
     return OK, detail
 
 
+def check_update_signing() -> tuple[str, str]:
+    import yaml
+
+    from habc.bringup import description_path
+    from habc_common import update_trust
+
+    policy_file = description_path('bringup').parent / 'params' / 'policy.yaml'
+    params = ((yaml.safe_load(policy_file.read_text()) or {}).get('/**') or {}).get(
+        'ros__parameters') or {}
+    if params.get('require_signed_updates') is False:
+        return WARN, (f'require_signed_updates is false in {policy_file}: any process on the '
+                      'DDS domain can change the policy that drives the robot')
+    path = update_trust.expand(update_trust.DEFAULT_SIGNING_KEY)
+    if not path.exists():
+        return OK, (f'updates must be signed; no key at {path} yet: the learner creates it on '
+                    'its first start (or run `habc keys init`)')
+    try:
+        key = update_trust.load_signing_key(path)
+    except update_trust.UntrustedUpdateError as exc:
+        return FAIL, str(exc)
+    trusted = params.get('trusted_keys') or [update_trust.DEFAULT_KEY_DIR]
+    return OK, (f'updates must be signed; learner key {key.key_id} ({path}); policy nodes '
+                f'trust {", ".join(trusted)}')
+
+
 def check_gl() -> tuple[str, str]:
     backend = os.environ.get('MUJOCO_GL')
     if not backend:
@@ -117,6 +142,7 @@ CHECKS: dict[str, Callable[[], tuple[str, str]]] = {
     'habc interfaces': check_interfaces,
     'discovery range': check_discovery_range,
     'DDS profile': check_dds_profile,
+    'policy updates': check_update_signing,
     'GL backend': check_gl,
     'torch': check_torch,
     'text encoder': check_text_encoder,

@@ -143,6 +143,29 @@ def test_checkpoint_argument_sets_its_parameters_after_the_files(tmp_path):
     assert ros_arguments(policy)[-2:] == ['-p', 'checkpoint:="runs/x y/sft"']
 
 
+def test_the_policy_trusts_the_learner_started_beside_it(tmp_path):
+    # The real bringup: with the defaults both sides agree, and nothing is added.
+    nodes = {n.name: n for n in resolve(load_description(description_path('bringup')))}
+    assert nodes['policy'].parameter_values == (('use_sim_time', True),)
+    # A params file moves the learner's work_dir and key: the policy gets both added after
+    # what its own files say (kept), and one command-line word per list.
+    extra = tmp_path / 'extra.yaml'
+    extra.write_text('/**/learner:\n  ros__parameters: {work_dir: /data/learner, '
+                     'signing_key: /data/keys/robot.key}\n'
+                     '/**/policy:\n  ros__parameters: {checkpoint_roots: [/data/sft]}\n')
+    nodes = {n.name: n for n in resolve(load_description(description_path('bringup')),
+                                        {'params_file': str(extra)})}
+    values = dict(nodes['policy'].parameter_values)
+    assert values['checkpoint_roots'] == ['/data/sft', '/data/learner']
+    assert values['trusted_keys'] == ['~/.habc/keys', '/data/keys/robot.pub']
+    assert '-p' in ros_arguments(nodes['policy'])
+    assert 'checkpoint_roots:=["/data/sft","/data/learner"]' in ros_arguments(nodes['policy'])
+    # Without a learner in the bringup there is nothing to trust.
+    nodes = resolve(load_description(description_path('bringup')),
+                    {'use_learner': 'false'})
+    assert all('trusted_keys' not in dict(n.parameter_values) for n in nodes)
+
+
 def test_file_parameter_follows_node_keys_and_file_order(tmp_path):
     description = checkpoint_bringup(tmp_path)
     extra = tmp_path / 'extra.yaml'

@@ -185,7 +185,8 @@ def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(ros,
                       '--ros-args', '-r', f'__ns:=/{ns}', '-p', f'storage_dir:={storage}'])
     params = {'index_path': storage / 'episodes.sqlite', 'work_dir': tmp_path / 'learner',
               'init_checkpoint': tmp_path / 'sft', 'episodes_per_round': 1,
-              'steps_per_round': 3, 'batch_size': 4, 'poll_period_s': 0.2}
+              'steps_per_round': 3, 'batch_size': 4, 'poll_period_s': 0.2,
+              'signing_key': tmp_path / 'keys' / 'learner.key'}
     learner = Child([str(_console_script('habc_learner', 'learner_node')), '--ros-args',
                      '-r', f'__ns:=/{ns}',
                      *[a for k, v in params.items() for a in ('-p', f'{k}:={v}')]])

@@ -24,6 +24,9 @@ SEARCH_VAR = 'HABC_CHECKPOINT_SEARCH'
 # `habc demo --out`'s default and the folder name of the SFT checkpoint it trains there.
 DEMO_OUT = Path('runs') / 'demo'
 SFT_NAME = 'sft'
+# The learner's default work_dir: its checkpoints are written there, and policy nodes load
+# updates from there by default (their checkpoint_roots).
+LEARNER_WORK_DIR = '~/.habc/learner'
 # A checkpoint folder holds both (habc_policy.models.base.WEIGHTS_FILE and CONFIG_FILE).
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'

@@ -38,7 +38,9 @@ import shutil
 import time
 from typing import Any
 
+from habc_common import checkpoints
 from habc_common.params import param, validate_params
+from habc_common.update_trust import DEFAULT_POLICY_NAME, DEFAULT_SIGNING_KEY
 from habc_episodes.episode import Episode
 from habc_episodes.episode_bags import episode_from_bag
 from habc_episodes.vocabulary import EpisodeKind, EpisodeStatus, Outcome, PolicyVersion
@@ -60,7 +62,8 @@ class LearnerParams:
     index_path: str = param('~/.habc/episodes/episodes.sqlite',
                             'Episode index (SQLite) the recorder writes: <storage_dir>/'
                             'episodes.sqlite. ~ and $VARIABLES are expanded.')
-    work_dir: str = param('~/.habc/learner', 'Learner state, checkpoints and TensorBoard logs '
+    work_dir: str = param(checkpoints.LEARNER_WORK_DIR, 'Learner state, checkpoints and '
+                          'TensorBoard logs '
                           '(~ and $VARIABLES are expanded).')
     init_checkpoint: str = param('', 'Checkpoint folder of the SFT policy (its version, '
                                  'STARTUP_VERSION, is the one the learner counts on from). '
@@ -90,6 +93,11 @@ class LearnerParams:
                            'added to every round as D_SFT; empty = none.')
     seed: int = param(0, 'Seed of the minibatch sampling.', min=0)
     device: str = param('cpu', "Torch device for training, e.g. 'cpu' or 'cuda'.")
+    signing_key: str = param(DEFAULT_SIGNING_KEY, 'Ed25519 private key that signs every '
+                             'PolicyUpdate (policy nodes apply only signed ones). Created with '
+                             'its .pub beside it on the first start when missing.')
+    policy_name: str = param(DEFAULT_POLICY_NAME, 'Name of the policy the updates are for '
+                             "(the policy nodes' policy_name).")
 
     def __post_init__(self) -> None:
         if self.cameras is None:

@@ -36,6 +36,14 @@ from habc_common import checkpoints
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import LATCHED
+from habc_common.update_trust import (
+    ensure_key_pair,
+    load_signing_key,
+    public_path,
+    SigningKey,
+    UntrustedUpdateError,
+    UpdateClaim,
+)
 from habc_episodes.index import EpisodeIndex
 from habc_learner.learner import (
     CHECKPOINT_FORMAT,
@@ -55,8 +63,9 @@ class RoundAbortedError(Exception):
     """Raised from the progress callback to end a round when the node shuts down."""
 
 
-def policy_update_message(result: RoundResult) -> PolicyUpdate:
-    """Return the PolicyUpdate announcing a checkpoint folder written by the learner."""
+def policy_update_message(result: RoundResult, key: SigningKey,
+                          policy_name: str) -> PolicyUpdate:
+    """Return the signed PolicyUpdate announcing a checkpoint folder the learner wrote."""
     msg = PolicyUpdate()
     seconds = int(result.written_at)
     msg.header.stamp.sec = seconds
@@ -65,10 +74,25 @@ def policy_update_message(result: RoundResult) -> PolicyUpdate:
     msg.sha256 = result.sha256
     msg.format = CHECKPOINT_FORMAT
     msg.uri = result.path.resolve().as_uri()  # file:///abs/dir, percent-encoded
+    msg.policy_name = policy_name
+    msg.key_id = key.key_id
+    msg.signature = list(key.sign(UpdateClaim(msg.version, msg.sha256, msg.uri, policy_name)))
     msg.metrics = [KeyValue(key=key, value=f'{value:.6g}' if isinstance(value, float)
                             else str(value))
                    for key, value in sorted(result.metrics.items())]
     return msg
+
+
+def _signing_key(path: str, logger: Any) -> SigningKey:
+    """Load the signing key, creating the pair on a first start (ValueError: unusable)."""
+    if ensure_key_pair(path):
+        logger.info(f'created the signing key pair {path} and {public_path(path)}: policy '
+                    'nodes on this machine trust it by default; copy the .pub to a robot '
+                    "on another machine (its policy node's trusted_keys)")
+    try:
+        return load_signing_key(path)
+    except UntrustedUpdateError as exc:
+        raise ValueError(f'parameter signing_key: {exc}') from None
 
 
 class LearnerNode:
@@ -77,6 +101,7 @@ class LearnerNode:
     def __init__(self) -> None:
         self.node = Node('learner')
         self.params = declare_node_parameters(self.node, LearnerParams)
+        self.signing_key = _signing_key(self.params.signing_key, self.node.get_logger())
         # Training shares the machine with the robot-side nodes: cap its CPU threads.
         torch.set_num_threads(self.params.torch_threads)
         self.learner: Learner | None = None
@@ -97,6 +122,9 @@ class LearnerNode:
         self._start(at_startup=True)
         self.node.add_on_set_parameters_callback(self._check_parameters)
         self.node.create_timer(self.params.poll_period_s, self.poll_callback)
+
+    def _update_message(self, result: RoundResult) -> PolicyUpdate:
+        return policy_update_message(result, self.signing_key, self.params.policy_name)
 
     def _start(self, at_startup: bool = False) -> bool:
         """Create the Learner once its starting point is known; return True once it runs.
@@ -130,7 +158,7 @@ class LearnerNode:
         self.learner, self._waiting = learner, ''
         latest = learner.latest()
         if latest is not None:
-            self.update_publisher.publish(policy_update_message(latest))
+            self.update_publisher.publish(self._update_message(latest))
             logger.info(f'republished version {latest.version} ({latest.path})')
         self.publish_status('idle')
         origin = (f', starting from {found} (init_checkpoint was empty: the newest `habc demo` '
@@ -219,7 +247,7 @@ class LearnerNode:
                     'losses/actor': metrics.get('losses/actor')})
 
             result = self.learner.train_round(on_progress=progress)
-            self.update_publisher.publish(policy_update_message(result))
+            self.update_publisher.publish(self._update_message(result))
             logger.info(f'published policy/update version {result.version}')
             self.publish_status('idle')
         except Exception as exc:  # noqa: BLE001 - keep the node alive; the log says why

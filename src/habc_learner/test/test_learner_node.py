@@ -1,5 +1,6 @@
 """learner_node as its own process: a round from labelled bags, latched updates, restarts."""
 
+from dataclasses import replace
 import json
 from pathlib import Path
 import signal
@@ -11,6 +12,7 @@ from ros_helpers import Child
 from std_msgs.msg import String
 
 from habc_common.qos import LATCHED
+from habc_common.update_trust import TrustList, UntrustedUpdateError, UpdateClaim
 from habc_msgs.msg import PolicyUpdate
 from habc_policy.models.base import sha256_file
 
@@ -22,7 +24,7 @@ def start_learner(tmp_path, init_checkpoint) -> Child:
     params = {'index_path': str(tmp_path / 'index' / 'episodes.sqlite'),
               'work_dir': str(tmp_path / 'learner'), 'init_checkpoint': str(init_checkpoint),
               'episodes_per_round': '2', 'steps_per_round': '3', 'batch_size': '4',
-              'poll_period_s': '0.2'}
+              'poll_period_s': '0.2', 'signing_key': str(tmp_path / 'keys' / 'learner.key')}
     args = [arg for key, value in params.items() for arg in ('-p', f'{key}:={value}')]
     return Child([sys.executable, '-m', 'habc_learner.learner_node', '--ros-args', *args])
 
@@ -64,6 +66,16 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         assert update.format == 'safetensors'
         assert update.uri == f'file://{checkpoint}'
         assert len(update.data) == 0
+        # Signed with the key pair it created on its first start (mode 600), for its policy.
+        key_file = tmp_path / 'keys' / 'learner.key'
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        child.wait_for('created the signing key pair')
+        trust = TrustList([str(tmp_path / 'keys')])
+        assert update.policy_name == 'habc'
+        claim = UpdateClaim(update.version, update.sha256, update.uri, update.policy_name)
+        assert trust.verify(claim, update.key_id, bytes(update.signature)) == update.key_id
+        with pytest.raises(UntrustedUpdateError, match='does not match'):
+            trust.verify(replace(claim, version=3), update.key_id, bytes(update.signature))
         metrics = {kv.key: kv.value for kv in update.metrics}
         assert 'losses/actor' in metrics and float(metrics['round/episodes']) == 2.0
         listener.wait(lambda: listener.statuses and listener.statuses[-1]['version'] == '2'
@@ -85,6 +97,7 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
                       child)
         assert listener.updates[-1].version == 2
         assert listener.updates[-1].sha256 == update.sha256
+        assert listener.updates[-1].key_id == update.key_id  # the same key, not a new one
         child.wait_for('republished version 2')
         child.process.send_signal(signal.SIGINT)
         assert child.finish(timeout=GUARD_S) == 0, child.output
@@ -114,7 +127,8 @@ def test_a_first_start_without_a_checkpoint_waits_and_starts_once_one_is_set(
     child = Child([sys.executable, '-m', 'habc_learner.learner_node', '--ros-args',
                    '--params-file', str(root / 'config' / 'params' / 'learner.yaml'),
                    '-p', f'work_dir:={tmp_path / "learner"}', '-p', 'poll_period_s:=0.2',
-                   '-p', f'index_path:={tmp_path / "episodes.sqlite"}'])
+                   '-p', f'index_path:={tmp_path / "episodes.sqlite"}',
+                   '-p', f'signing_key:={tmp_path / "keys" / "learner.key"}'])
     listener = Listener(ros)
     try:
         listener.wait(lambda: listener.statuses, 'learner/status', 60.0, child)

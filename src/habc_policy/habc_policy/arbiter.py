@@ -53,6 +53,10 @@ class ArbiterParams:
         [], 'Lower joint position limits, one per joint; empty means unlimited.')
     position_upper: list[float] = param(
         [], 'Upper joint position limits, one per joint; empty means unlimited.')
+    limit_margin_rad: float = param(
+        0.1, 'A command beyond a position limit by more than this is rejected, not clipped: '
+        'a model or teleop mapping that far off is broken, and the arbiter holds instead of '
+        'driving the arm to its limit. Within the margin it is clipped.', min=0.0, max=10.0)
     max_velocity_rad_s: list[float] = param(
         [], 'Joint velocity limits (rad/s, or units/s): one value for every joint or one per '
         'joint; empty means unlimited.')
@@ -94,8 +98,10 @@ class ArbiterOutput:
     segment_id: starts at 0 and increments at every switch of `source`.
     reason: why `source` is executed: 'start' (the policy drives from the start), 'engage',
         'deviation' (automatic takeover), 'handback', 'watchdog' (the controlling source's
-        command or the joint state is missing or stale), 'estop', 'idle' (the policy has
-        control but no episode runs, with hold_between_episodes; no command is sent).
+        command or the joint state is missing or stale), 'rejected' (the controlling
+        source's last command was refused: NaN, length, limits, joints), 'estop', 'idle'
+        (the policy has control but no episode runs, with hold_between_episodes; no command
+        is sent).
     switched: True when `source` differs from the previous tick's.
     reseed_policy: True on the first tick after a handback to the policy (and after an
         e-stop reset while the policy is in control): the policy node should drop its queued
@@ -162,6 +168,8 @@ class TeleopArbiter:
         self._silent_hold = False
         self._source = Controller.HOLD
         self._segment_id = 0
+        # Sources whose last command was refused (held until a good one arrives).
+        self._rejected: set[Controller] = set()
 
     # Inputs -------------------------------------------------------------------------------
 
@@ -199,16 +207,46 @@ class TeleopArbiter:
         """Record the policy's per-tick joint command received at time `now` (s).
 
         `policy_version` names the weights that produced it (PolicyVersion text); every
-        executed step carries it on (ArbiterOutput.policy_version).
+        executed step carries it on (ArbiterOutput.policy_version). A bad command (see
+        _checked) raises ValueError and is never executed: the policy's previous one is
+        dropped too, so while the policy drives the arbiter holds (reason 'rejected') until
+        a good command comes.
         """
-        self._policy = self._as_vector(positions, 'policy command')
-        self._policy_time = now
+        try:
+            vector = self._checked(positions, 'policy command')
+        except ValueError:
+            self._policy = self._policy_time = None
+            self._rejected.add(Controller.POLICY)
+            raise
+        self._rejected.discard(Controller.POLICY)
+        self._policy, self._policy_time = vector, now
         self._policy_version = policy_version
 
     def on_teleop_command(self, positions: Sequence[float], now: float) -> None:
-        """Record the teleop (leader arm) joint positions received at time `now` (s)."""
-        self._teleop = self._as_vector(positions, 'teleop command')
-        self._teleop_time = now
+        """Record the teleop (leader arm) joint positions received at time `now` (s).
+
+        A bad command raises ValueError and holds the human's side as on_policy_command does.
+        """
+        try:
+            vector = self._checked(positions, 'teleop command')
+        except ValueError:
+            self._teleop = self._teleop_time = None
+            self._rejected.add(Controller.HUMAN)
+            raise
+        self._rejected.discard(Controller.HUMAN)
+        self._teleop, self._teleop_time = vector, now
+
+    def reject(self, source: Controller) -> None:
+        """Hold `source`'s side: its command was refused before it reached the core.
+
+        For checks only the adapter can make (wrong or unknown joint names): the same as a
+        command the core refused itself.
+        """
+        if source == Controller.POLICY:
+            self._policy = self._policy_time = None
+        else:
+            self._teleop = self._teleop_time = None
+        self._rejected.add(source)
 
     def on_engage(self, engaged: bool, now: float) -> bool:
         """Handle the engage pedal/button: True takes over, False hands back.
@@ -322,7 +360,8 @@ class TeleopArbiter:
             self._check_deviation(now)
             target = self._fresh_target(now)
             if target is None:
-                source, reason = Controller.HOLD, 'watchdog'
+                rejected = self._controller in self._rejected
+                source, reason = Controller.HOLD, 'rejected' if rejected else 'watchdog'
                 if not self._silent_hold:
                     target = (self._last_command if self._last_command is not None
                               else self._measured)
@@ -353,6 +392,26 @@ class TeleopArbiter:
                              f'{self._measured.size}; ignored')
         if not np.all(np.isfinite(vector)):
             raise ValueError(f'{what} contains NaN or infinite values; ignored')
+        return vector
+
+    def _checked(self, positions: Sequence[float], what: str) -> np.ndarray:
+        """Return a command as a vector; ValueError when it must never reach the robot.
+
+        Refused: another length than the joint state, NaN or infinite values, and a
+        position beyond a limit by more than limit_margin_rad.
+        """
+        vector = self._as_vector(positions, what)
+        margin = self.params.limit_margin_rad
+        for bound, side in ((self._lower, 'below'), (self._upper, 'above')):
+            if bound is None:
+                continue
+            beyond = vector < bound - margin if side == 'below' else vector > bound + margin
+            if np.any(beyond):
+                joints = np.flatnonzero(beyond).tolist()
+                raise ValueError(
+                    f'{what} is {side} the position limits by more than limit_margin_rad '
+                    f'({margin}) at joint(s) {joints}: {vector[joints].round(3).tolist()} vs '
+                    f'{bound[joints].round(3).tolist()}; ignored, holding')
         return vector
 
     def _configure_limits(self, n: int) -> None:

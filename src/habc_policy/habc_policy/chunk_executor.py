@@ -185,12 +185,15 @@ class ChunkExecutor:
         chunk (equal to control_period_s); chunk_id increases with every inference. Returns
         False when the chunk is rejected and counted (an id not above the previous one, a
         version other than the staged one, an observation from before the last clear).
-        Raises ValueError for a malformed chunk.
+        Raises ValueError for a malformed chunk (shape, dt, NaN or infinite actions).
         """
         actions = np.array(chunk, dtype=np.float64)  # a copy: the caller may reuse its buffer
         if actions.ndim != 2 or actions.shape[0] == 0 or actions.shape[1] == 0:
             raise ValueError(f'chunk {chunk_id}: expected an (H, D) array of actions, got '
                              f'shape {actions.shape}')
+        if not np.all(np.isfinite(actions)):
+            raise ValueError(f'chunk {chunk_id}: NaN or infinite actions; a broken model must '
+                             'not reach the robot')
         if self._action_dim is not None and actions.shape[1] != self._action_dim:
             raise ValueError(f'chunk {chunk_id}: actions have {actions.shape[1]} dimensions, '
                              f'earlier chunks had {self._action_dim}; check the policy output')

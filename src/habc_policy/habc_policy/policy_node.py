@@ -50,6 +50,7 @@ from habc_common import checkpoints
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
+from habc_common.update_trust import UpdateGate
 from habc_episodes.vocabulary import PolicyVersion
 from habc_msgs.msg import (
     ActionChunk,
@@ -90,8 +91,13 @@ class PolicyNode:
             import torch
             torch.set_num_threads(self.params.torch_threads)
         self.executor = ChunkExecutor(self.params.executor_params())
-        self.runtime = PolicyRuntime(self.executor, self.params.control_period_s,
+        gate = UpdateGate.of(self.params.trusted_keys, self.params.checkpoint_roots,
+                             self.params.policy_name, self.params.require_signed_updates)
+        self.runtime = PolicyRuntime(self.executor, self.params.control_period_s, gate,
                                      self.params.device, self.params.joint_names)
+        if not gate.require_signature:
+            self.log.warning('require_signed_updates is false: any process on the DDS domain '
+                             'can change the policy that drives the robot')
         self._paused = False
         # Seamless swaps: control ticks without an action before each version's first one.
         self._empty_ticks = 0
@@ -168,7 +174,8 @@ class PolicyNode:
         self.node.add_post_set_parameters_callback(self._parameters_set)
 
         if self.params.weights_uri:
-            self._submit_weights_uri(self.params.weights_uri, self.params.expected_sha256)
+            self._submit_weights_uri(self.params.weights_uri, self.params.expected_sha256,
+                                     self.params.weights_signature)
         self.publish_status()
         active = self.runtime.active
         self.log.info(
@@ -231,11 +238,13 @@ class PolicyNode:
 
     def update_callback(self, msg: PolicyUpdate) -> None:
         version, sha256, uri, fmt = msg.version, msg.sha256, msg.uri, msg.format
-        data = bytes(msg.data)
+        data, signature = bytes(msg.data), bytes(msg.signature)
+        name, signer = msg.policy_name, msg.key_id
         self.log.info(f'policy update {version} received ({uri or f"{len(data)} bytes inline"})'
                       ': verifying')
         self._loader.submit(self._load, f'policy update {version}',
-                            lambda: self.runtime.offer_update(version, sha256, uri, data, fmt))
+                            lambda: self.runtime.offer_update(version, sha256, uri, data, fmt,
+                                                              name, signer, signature))
 
     def _check_parameters(self, parameters: list) -> SetParametersResult:
         # Cheap checks answer `ros2 param set` at once; hashing and loading run afterwards.
@@ -254,14 +263,15 @@ class PolicyNode:
     def _parameters_set(self, parameters: list) -> None:
         values = {parameter.name: parameter.value for parameter in parameters}
         if values.get('weights_uri'):
-            sha256 = values.get('expected_sha256',
-                                self.node.get_parameter('expected_sha256').value)
-            self._submit_weights_uri(values['weights_uri'], sha256)
+            current = {name: values.get(name, self.node.get_parameter(name).value)
+                       for name in ('expected_sha256', 'weights_signature')}
+            self._submit_weights_uri(values['weights_uri'], current['expected_sha256'],
+                                     current['weights_signature'])
 
-    def _submit_weights_uri(self, uri: str, sha256: str) -> None:
+    def _submit_weights_uri(self, uri: str, sha256: str, signature: str) -> None:
         self.log.info(f'weights_uri {uri}: verifying')
         self._loader.submit(self._load, f'weights_uri {uri}',
-                            lambda: self.runtime.offer_weights_uri(uri, sha256))
+                            lambda: self.runtime.offer_weights_uri(uri, sha256, signature))
 
     def _load(self, what: str, load: Callable[[], LoadedPolicy]) -> None:
         # Runs on the loader thread: hashing and loading never touch the control thread.
@@ -354,6 +364,15 @@ class PolicyNode:
         self.chunk_publisher.publish(msg)
 
     def _on_inference_error(self, exc: Exception) -> None:
+        if isinstance(exc, WeightsError):
+            # The active version does not fit the robot (its first observation showed it),
+            # or it produced NaN / inf actions (back to the previous version, or hold):
+            # policy/status says why.
+            what = 'policy'
+            if f'{what}: {exc}' != self._last_error:
+                self.publish_status()
+            self._error_once(what, exc)
+            return
         self._error_once('inference failed', exc)
 
     def _on_swap(self, loaded: LoadedPolicy) -> None:

@@ -51,10 +51,20 @@ from urllib.request import url2pathname
 
 import numpy as np
 
+from habc_common.checkpoints import LEARNER_WORK_DIR
 from habc_common.params import param, validate_params
+from habc_common.update_trust import (
+    decode_token,
+    DEFAULT_KEY_DIR,
+    DEFAULT_POLICY_NAME,
+    UntrustedUpdateError,
+    UpdateClaim,
+    UpdateGate,
+)
 from habc_episodes.vocabulary import PolicyVersion
 from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
 from habc_policy.image_convert import image_to_numpy
+from habc_policy.robot_fit import check_fit, RobotInterface
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,25 @@ class PolicyNodeParams:
         'as a PolicyUpdate; the result is published on policy/status.')
     expected_sha256: str = param(
         '', 'SHA-256 (hex) that the weights of `checkpoint` and `weights_uri` must have; '
-        'empty: not checked.')
+        'empty: not checked (weights_uri needs it when updates must be signed).')
+    weights_signature: str = param(
+        '', 'Signature of the next weights_uri, `<version>.<key id>.<signature hex>` as '
+        '`habc keys sign` prints it: set it and expected_sha256 first, then weights_uri.')
+    policy_name: str = param(
+        DEFAULT_POLICY_NAME, "Name of the policy this node runs: a signed update names it, so "
+        "one meant for another robot's policy is refused.", read_only=True)
+    require_signed_updates: bool = param(
+        True, 'Apply a PolicyUpdate or weights_uri only when a key of trusted_keys signed it '
+        '(habc_common.update_trust). false lets any process on the DDS domain change the '
+        'policy that drives the robot: for an isolated test bench only.', read_only=True)
+    trusted_keys: list[str] = param(
+        [DEFAULT_KEY_DIR], 'Public keys (*.pub files, or folders of them) whose signed '
+        "updates are applied; read at each update. The learner's key pair is created in "
+        f'{DEFAULT_KEY_DIR} on its first start (`habc keys show`).', read_only=True)
+    checkpoint_roots: list[str] = param(
+        [LEARNER_WORK_DIR], 'Folders that PolicyUpdate URIs and weights_uri may load from, '
+        "after resolving symbolic links (the learner's work_dir by default; the bringup adds "
+        "its learner's).", read_only=True)
     control_rate_hz: float = param(
         50.0, 'Control tick rate (Hz): one action per tick; chunks have dt = 1 / rate.',
         min=1.0, max=1000.0, read_only=True)
@@ -270,22 +298,32 @@ class PolicyRuntime:
     and `offer_*` methods on one loader thread (they are slow); `status` anywhere.
     """
 
-    def __init__(self, executor: ChunkExecutor, control_period_s: float,
+    def __init__(self, executor: ChunkExecutor, control_period_s: float, gate: UpdateGate,
                  device: str = 'cpu', joint_names: Sequence[str] = ()) -> None:
         self.executor = executor
+        self.gate = gate
         self.period = float(control_period_s)
         self.device = device
         self.joint_names = list(joint_names)
         self.active: LoadedPolicy | None = None
         self.last_update: UpdateRecord | None = None
         self.counters: dict[str, int] = {'inferences': 0, 'chunks_rejected': 0, 'swaps': 0,
-                                         'updates_rejected': 0, 'inference_errors': 0}
+                                         'updates_rejected': 0, 'inference_errors': 0,
+                                         'chunks_nonfinite': 0}
+        # The version before the last swap (a broken new one falls back to it), and the
+        # highest number of a version retired for non-finite actions.
+        self._previous: LoadedPolicy | None = None
+        self._retired_number = 0
         self._pending: LoadedPolicy | None = None
         self._lock = threading.Lock()
         self._next_chunk_id = 0
         self._instruction = ''
         # (joints, camera images) of the last observation inferred on: what the robot sends.
-        self._observed: tuple[int, int] | None = None
+        self._observed: tuple[int, tuple[tuple[int, int], ...]] | None = None
+        # Why the active policy does not fit the robot's observations ('' when it does), and
+        # the (observed robot, active policy) it was last checked for.
+        self.mismatch = ''
+        self._fit_checked: tuple | None = None
 
     # Loading --------------------------------------------------------------------------
 
@@ -296,11 +334,33 @@ class PolicyRuntime:
             return self._pending
 
     def newest_number(self) -> int:
-        """Return the number an update must exceed: the staged or else the active one's."""
+        """Return the number an update must exceed: the staged, active or a retired one's."""
         with self._lock:
             candidates = [p.version.number for p in (self.active, self._pending)
                           if p is not None]
-        return max(candidates, default=0)
+        return max(candidates + [self._retired_number], default=0)
+
+    def _retire_broken(self, broken: LoadedPolicy) -> None:
+        """Drop a chunk with NaN or inf actions: back to the previous version, or hold.
+
+        Raises WeightsError with what happened (the node reports it on policy/status). The
+        broken version's number stays the one to exceed, so the same update, sent again,
+        is not taken a second time.
+        """
+        with self._lock:
+            previous = self._previous if self.active is broken else None
+            if previous is not None:
+                self.active, self._previous = previous, None
+            self._retired_number = max(self._retired_number, broken.version.number)
+        if previous is None:
+            reason = (f'version {broken.version} produced non-finite actions (NaN or inf); '
+                      'no earlier version to return to: holding')
+        else:
+            self.executor.stage_version(previous.version)
+            reason = (f'version {broken.version} produced non-finite actions (NaN or inf); '
+                      f'back to version {previous.version}')
+        self.record_rejection(broken.source, str(broken.version), reason)
+        raise WeightsError(reason)
 
     def load_startup(self, checkpoint: str, expected_sha256: str = '') -> LoadedPolicy:
         """Load the start-up checkpoint and make it active at once (no inference runs yet)."""
@@ -314,8 +374,14 @@ class PolicyRuntime:
         return loaded
 
     def offer_update(self, version: int, sha256: str, uri: str = '', data: bytes = b'',
-                     fmt: str = 'safetensors') -> LoadedPolicy:
-        """Verify and load a PolicyUpdate's weights and stage them for the next swap."""
+                     fmt: str = 'safetensors', policy_name: str = '', signer: str = '',
+                     signature: bytes = b'') -> LoadedPolicy:
+        """Verify and load a PolicyUpdate's weights and stage them for the next swap.
+
+        In order: format, a version above the node's, the signature over (version, sha256,
+        uri, policy_name) by a trusted key, the URI under the checkpoint roots, then the
+        weights' hash and the load (update_trust says why each).
+        """
         source = uri or 'inline'
         try:
             if fmt not in ('', 'safetensors'):
@@ -325,27 +391,58 @@ class PolicyRuntime:
                                    f'{self.newest_number()}')
             if not is_sha256(sha256):
                 raise WeightsError(f'sha256 {sha256!r} is not 64 hex digits')
+            self._check_claim(UpdateClaim(version, sha256, uri, policy_name), signer,
+                              bytes(signature))
             if data:
                 loaded = self._load_inline(bytes(data), sha256.lower(), PolicyVersion(version))
             else:
                 loaded = self._load_checkpoint(uri, sha256, version=PolicyVersion(version),
-                                               require_sha=True)
+                                               require_sha=True, within_roots=True)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(source, str(version), str(exc))
             raise
         return loaded
 
-    def offer_weights_uri(self, uri: str, expected_sha256: str = '') -> LoadedPolicy:
-        """Verify and load weights named by the weights_uri parameter; stage them."""
+    def offer_weights_uri(self, uri: str, expected_sha256: str = '',
+                          signature_token: str = '') -> LoadedPolicy:
+        """Verify and load weights named by the weights_uri parameter; stage them.
+
+        With signed updates required, `signature_token` (the weights_signature parameter)
+        carries the version and a trusted key's signature over (version, expected_sha256,
+        uri, policy_name), and the version must be above the node's. Without, the weights
+        load under their own version, or above the active one with a 'manual-' tag.
+        """
         try:
-            loaded = self._load_checkpoint(uri, expected_sha256, version=None,
-                                           require_sha=False, manual=True)
+            version = None
+            if self.gate.require_signature or signature_token:
+                try:
+                    number, signer, signature = decode_token(signature_token)
+                except ValueError as exc:
+                    raise WeightsError(f'weights_uri needs a signature: {exc}') from None
+                if not is_sha256(expected_sha256):
+                    raise WeightsError('weights_uri needs expected_sha256 (the signature '
+                                       'covers it): set it before weights_uri')
+                if number <= self.newest_number():
+                    raise WeightsError(f'signed version {number} is not newer than '
+                                       f'{self.newest_number()}; sign it with a higher '
+                                       '--version')
+                self._check_claim(UpdateClaim(number, expected_sha256, uri,
+                                              self.gate.policy_name), signer, signature)
+                version = PolicyVersion(number, MANUAL_TAG + expected_sha256.lower()[:12])
+            loaded = self._load_checkpoint(uri, expected_sha256, version=version,
+                                           require_sha=False, manual=True, within_roots=True)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(uri, '', str(exc))
             raise
         return loaded
+
+    def _check_claim(self, claim: UpdateClaim, signer: str, signature: bytes) -> None:
+        try:
+            self.gate.check_claim(claim, signer, signature)
+        except UntrustedUpdateError as exc:
+            raise WeightsError(str(exc)) from None
 
     def offer_checkpoint(self, checkpoint: str) -> LoadedPolicy:
         """Verify and load a start-up checkpoint that appeared later; stage it (own version).
@@ -366,7 +463,7 @@ class PolicyRuntime:
             loaded, self._pending = self._pending, None
             if loaded is None:
                 return None
-            self.active = loaded
+            self._previous, self.active = self.active, loaded
         self.executor.stage_version(loaded.version)
         self.counters['swaps'] += 1
         self.last_update = UpdateRecord(loaded.source, str(loaded.version), 'active',
@@ -388,6 +485,8 @@ class PolicyRuntime:
                 'source': update.source, 'version': update.version, 'result': update.result,
                 'reason': update.reason, 'sha256': update.sha256},
             'counters': dict(self.counters),
+            # Why the active version holds ('' when it fits the robot's observations).
+            'mismatch': self.mismatch or None,
         }
 
     def _stage(self, loaded: LoadedPolicy) -> None:
@@ -408,10 +507,19 @@ class PolicyRuntime:
         self.last_update = UpdateRecord(source, version, 'rejected', reason)
 
     def _load_checkpoint(self, uri: str, expected_sha256: str, version: PolicyVersion | None,
-                         require_sha: bool, manual: bool = False) -> LoadedPolicy:
+                         require_sha: bool, manual: bool = False,
+                         within_roots: bool = False) -> LoadedPolicy:
         from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
 
         folder = resolve_checkpoint_dir(uri)
+        if within_roots:
+            # Every file a loader may read (a LeRobot folder has processor files, a vlm/
+            # folder), through the resolved path: the files checked are the files loaded.
+            try:
+                inside = [str(path.relative_to(folder)) for path in folder.rglob('*')]
+                folder = self.gate.check_location(folder, inside)
+            except (UntrustedUpdateError, OSError) as exc:
+                raise WeightsError(str(exc)) from None
         weights = folder / WEIGHTS_FILE
         if require_sha and not expected_sha256:
             raise WeightsError('no sha256 given: updates must name the hash of their weights')
@@ -474,10 +582,13 @@ class PolicyRuntime:
             self._check_compatible(active.policy, policy)
         policy.to(self.device).eval()
         try:
-            self._predict(policy, self._dummy_input(policy))
+            warm_up = self._predict(policy, self._dummy_input(policy))
         except Exception as exc:  # a model that cannot run must not go live
             raise WeightsError(f'{source}: warm-up inference failed: '
                                f'{type(exc).__name__}: {exc}') from exc
+        if not np.all(np.isfinite(warm_up)):
+            raise WeightsError(f'{source}: warm-up inference gave non-finite actions (NaN or '
+                               'inf): the weights are broken')
         return LoadedPolicy(policy, version, digest, source)
 
     def check_fits_robot(self, policy: Any, source: str = 'the checkpoint') -> None:
@@ -487,30 +598,27 @@ class PolicyRuntime:
         robot holds; refused here, the reason goes to policy/status and the active version
         keeps acting (at start-up the node stops with it). What the robot is: joint_names
         (its length is the state and the action size), else the joints of the last
-        observation; the camera count from that observation. Before the first observation
-        without joint_names nothing is known, and model_input checks on the first one.
+        observation; the cameras (count and image shape) from that observation. Before the
+        first observation without joint_names nothing is known, and infer checks the active
+        policy on the first one (robot_fit says what fits).
         """
-        config = policy.config
+        try:
+            check_fit(policy.config, self.robot_interface(), source)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
+
+    def robot_interface(self) -> RobotInterface:
+        """Return what is known of the robot: parameter joint_names, the last observation."""
         observed = self._observed
-        robot: dict[str, tuple[int, str]] = {}
         if self.joint_names:
-            joints = (len(self.joint_names), 'joints in parameter joint_names')
-            robot['state_dim'] = robot['action_dim'] = joints
+            joints, joints_from = len(self.joint_names), 'joints in parameter joint_names'
         elif observed is not None:
-            joints = (observed[0], 'joints in its observations')
-            robot['state_dim'] = robot['action_dim'] = joints
-        if observed is not None and hasattr(config, 'num_views'):
-            robot['num_views'] = (observed[1], 'camera images in its observations')
-        problems = []
-        for name, (count, what) in robot.items():
-            own = getattr(config, name, None)
-            if own is not None and own != count:
-                problems.append(f'{name}: the checkpoint has {own}, the robot {count} {what}')
-        if problems:
-            cameras = getattr(config, 'camera_names', None)
-            hint = f' (its cameras, in order: {list(cameras)})' if cameras else ''
-            raise WeightsError(f'{source} does not fit the robot{hint}: '
-                               + '; '.join(problems))
+            joints, joints_from = observed[0], 'joints in its observations'
+        else:
+            joints, joints_from = None, ''
+        # The robot's commands name the same joints as its state.
+        return RobotInterface(joints, joints, joints_from,
+                              None if observed is None else observed[1])
 
     @staticmethod
     def _check_compatible(old: Any, new: Any) -> None:
@@ -574,13 +682,27 @@ class PolicyRuntime:
 
         The chunk's first action is due one control period after the observation stamp (the
         executor drops the actions that are already stale when it arrives). Returns None
-        when no policy is active; raises ValueError when the observation does not fit the
-        policy. Call swap_if_pending before, on the same thread, never during.
+        when no policy is active; raises WeightsError while the active policy does not fit
+        the robot (robot_fit; status() names both sides under 'mismatch'), ValueError when one
+        observation does not fit it. Call swap_if_pending before, on the same thread, never
+        during.
         """
-        self._observed = (len(observation.joint_names), len(observation.images))
         active = self.active
+        self._observed = (len(observation.joint_names),
+                          tuple(tuple(np.shape(image)[:2]) for image in observation.images))
         if active is None:
             return None
+        if (self._observed, id(active)) != self._fit_checked:
+            # The first observation of this version, or the robot changed (a camera dropped
+            # out): check the fit once, not on every observation.
+            self._fit_checked = (self._observed, id(active))
+            try:
+                self.check_fits_robot(active.policy, active.source)
+                self.mismatch = ''
+            except WeightsError as exc:
+                self.mismatch = str(exc)
+        if self.mismatch:
+            raise WeightsError(f'version {active.version} holds: {self.mismatch}')
         names = self.command_joint_names(observation)
         inputs = self.model_input(active.policy, observation)
         started = time.monotonic()
@@ -589,6 +711,9 @@ class PolicyRuntime:
         if actions.ndim != 2 or actions.shape[1] != len(names):
             raise ValueError(f'the policy returned actions of shape {actions.shape}; it must '
                              f'be (H, {len(names)}) for joints {names}')
+        if not np.all(np.isfinite(actions)):
+            self.counters['chunks_nonfinite'] += 1
+            self._retire_broken(active)
         chunk_id = self._next_chunk_id
         self._next_chunk_id += 1
         start_time = observation.stamp + self.period

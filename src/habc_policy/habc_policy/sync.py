@@ -38,6 +38,7 @@ import bisect
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+import math
 from typing import Any
 
 import numpy as np
@@ -149,6 +150,10 @@ class ObservationSynchronizer:
         if pos.shape != (len(names),):
             raise ValueError(f'joint state at {stamp}: {len(names)} names but '
                              f'{pos.size} positions')
+        if not np.all(np.isfinite(pos)):
+            raise ValueError(f'joint state at {stamp}: NaN or infinite positions')
+        if not math.isfinite(float(stamp)):
+            raise ValueError(f'joint state stamp {stamp} is not finite')
         vel = None
         if velocities is not None and len(velocities) > 0:
             vel = np.asarray(velocities, dtype=np.float64)

@@ -344,8 +344,15 @@ class TeleopArbiterNode:
             self._reject('joint_states', exc)
 
     def policy_callback(self, msg: PolicyCommand) -> None:
+        # A refused command never moves the robot, and the arbiter holds that side (reason
+        # 'rejected') until a good one comes: wrong joints here, NaN / length / limits there.
         try:
             positions = self.joints.command(msg.name, msg.position, 'policy/joint_command')
+        except ValueError as exc:
+            self.arbiter.reject(Controller.POLICY)
+            self._reject('policy/joint_command', exc)
+            return
+        try:
             self.arbiter.on_policy_command(positions, self._now(), msg.policy_version)
         except ValueError as exc:
             self._reject('policy/joint_command', exc)
@@ -353,6 +360,11 @@ class TeleopArbiterNode:
     def teleop_callback(self, msg: JointState) -> None:
         try:
             positions = self.joints.command(msg.name, msg.position, 'teleop/joint_command')
+        except ValueError as exc:
+            self.arbiter.reject(Controller.HUMAN)
+            self._reject('teleop/joint_command', exc)
+            return
+        try:
             self.arbiter.on_teleop_command(positions, self._now())
         except ValueError as exc:
             self._reject('teleop/joint_command', exc)

@@ -325,8 +325,8 @@ def test_estop_before_any_joint_state_holds_the_first_measured_position():
     np.testing.assert_array_equal(out.command, [0.4, -0.4])
 
 
-def test_position_limits_clip_every_command():
-    arbiter = make(position_lower=[-0.5, 0.0], position_upper=[0.5, 1.0])
+def test_position_limits_clip_every_command_within_the_margin():
+    arbiter = make(position_lower=[-0.5, 0.0], position_upper=[0.5, 1.0], limit_margin_rad=0.5)
     feed(arbiter, 0.0, policy=[0.7, -0.2])
     np.testing.assert_array_equal(arbiter.tick(0.0).command, [0.5, 0.0])
     arbiter.take_over(now=0.0)
@@ -335,9 +335,36 @@ def test_position_limits_clip_every_command():
 
 
 def test_one_sided_position_limit():
-    arbiter = make(position_upper=[0.1, 0.1])
+    arbiter = make(position_upper=[0.1, 0.1], limit_margin_rad=1.0)
     feed(arbiter, 0.0, policy=[0.7, -9.0])
     np.testing.assert_array_equal(arbiter.tick(0.0).command, [0.1, -9.0])
+
+
+def test_a_command_far_beyond_a_limit_is_rejected_and_that_side_holds():
+    arbiter = make(position_lower=[-0.5, 0.0], position_upper=[0.5, 1.0], limit_margin_rad=0.1)
+    feed(arbiter, 0.0, policy=[0.55, 0.5])  # 0.05 beyond: clipped
+    np.testing.assert_array_equal(arbiter.tick(0.0).command, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r'above the position limits by more than '
+                                         r'limit_margin_rad \(0.1\) at joint\(s\) \[0\]'):
+        feed(arbiter, 0.02, policy=[0.7, 0.5])
+    # The previous good command is not repeated either: the arm holds where it was sent.
+    out = arbiter.tick(0.02)
+    assert (out.source, out.reason) == (Controller.HOLD, 'rejected')
+    np.testing.assert_array_equal(out.command, [0.5, 0.5])
+    feed(arbiter, 0.04, policy=[0.4, 0.5])  # a good command: the policy drives again
+    out = arbiter.tick(0.04)
+    assert (out.source, out.reason) == (Controller.POLICY, 'start')
+    # The human's side likewise, and one side's refusal does not hold the other's.
+    arbiter.take_over(now=0.06)
+    with pytest.raises(ValueError, match='below the position limits'):
+        feed(arbiter, 0.06, teleop=[0.0, -0.5])
+    assert arbiter.tick(0.06).reason == 'rejected'
+    arbiter.hand_back(now=0.08)
+    feed(arbiter, 0.08, policy=[0.4, 0.5])
+    assert arbiter.tick(0.08).source == Controller.POLICY
+    # Refusals the adapter makes (joint names) hold the same way.
+    arbiter.reject(Controller.POLICY)
+    assert arbiter.tick(0.1).reason == 'rejected'
 
 
 def test_velocity_limit_bounds_the_step_per_tick():

@@ -16,6 +16,12 @@ import torch
 
 from habc_common.params import check_parameter_file
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
+from habc_common.update_trust import (
+    create_key_pair,
+    encode_token,
+    load_signing_key,
+    UpdateClaim,
+)
 from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyCommand, PolicyUpdate
 from habc_policy.image_convert import numpy_to_image
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
@@ -28,11 +34,12 @@ JOINTS = [f'{side}_{joint}' for side in ('left', 'right')
                         'wrist_rotate', 'gripper')]
 
 
-def make_checkpoint(folder: Path, version: str, seed: int) -> str:
+def make_checkpoint(folder: Path, version: str, seed: int, **changes) -> str:
     torch.manual_seed(seed)
-    policy = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
-                                     image_size=32, hidden_dim=32, num_layers=1,
-                                     cnn_channels=[8, 16], action_head='l2'))
+    policy = SmallVLA(SmallVLAConfig(**{
+        'state_dim': 14, 'action_dim': 14, 'horizon': 10, 'num_views': 1, 'image_size': 32,
+        'hidden_dim': 32, 'num_layers': 1, 'cnn_channels': [8, 16], 'action_head': 'l2',
+        **changes}))
     policy.version = version
     return policy.save(folder)
 
@@ -102,9 +109,13 @@ class Harness:
         self.shas = {name: make_checkpoint(checkpoints / name, version, seed)
                      for name, version, seed in [('sft', 'sft', 0), ('v2', '2', 1),
                                                  ('v5', '5', 2)]}
+        # The learner's key pair, which the node trusts; checkpoints only from their folder.
+        self.key = load_signing_key(create_key_pair(checkpoints / 'keys' / 'learner.key'))
         self.node = ros.create_node('policy_node_test')
         self.policy = SteppedPolicyNode(namespace=NS, context=ros.context, parameter_overrides=[
             Parameter('checkpoint', value=str(checkpoints / 'sft')),
+            Parameter('trusted_keys', value=[str(checkpoints / 'keys')]),
+            Parameter('checkpoint_roots', value=[str(checkpoints)]),
             Parameter('use_sim_time', value=True)])
         self.commands: list[PolicyCommand] = []
         self.chunks: list[ActionChunk] = []
@@ -202,9 +213,13 @@ class Harness:
         self.interventions.publish(msg)
         return self.now
 
-    def update(self, version: int, name: str, sha256: str) -> None:
+    def update(self, version: int, name: str, sha256: str, signed: bool = True) -> None:
         msg = PolicyUpdate(version=version, sha256=sha256, format='safetensors',
-                           uri=f'file://{self.checkpoints / name}/model.safetensors')
+                           uri=f'file://{self.checkpoints / name}/model.safetensors',
+                           policy_name='habc')
+        if signed:  # as the learner signs it
+            msg.key_id = self.key.key_id
+            msg.signature = list(self.key.sign(UpdateClaim(version, sha256, msg.uri, 'habc')))
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self.updates.publish(msg)
 
@@ -254,15 +269,19 @@ def test_commands_at_the_control_rate_from_observations(harness):
 @pytest.mark.ros
 def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
     harness.wait_for(lambda: harness.chunks, 'first chunk')
-    harness.update(2, 'v2', 'ab' * 32)
-    harness.wait_for(lambda: (harness.status.get('last_update') or {}).get('result')
-                     == 'rejected', 'rejection status')
-    status = harness.status
-    assert 'sha256 mismatch' in status['last_update']['reason']
-    assert status['active_version'] == '1:sft'
-    count = len(harness.chunks)
-    harness.wait_for(lambda: len(harness.chunks) >= count + 3, 'chunks after the rejection')
-    assert {c.policy_version for c in harness.chunks[count:]} == {'1:sft'}
+    # Unsigned (anyone on the DDS domain could send it), then signed with a wrong hash.
+    for signed, reason, rejections in ((False, 'unsigned update', 1),
+                                       (True, 'sha256 mismatch', 2)):
+        harness.update(2, 'v2', 'ab' * 32 if signed else harness.shas['v2'], signed=signed)
+        harness.wait_for(lambda n=rejections: harness.status.get('counters', {}).get(
+            'updates_rejected') == n, f'rejection {rejections} on the status')
+        status = harness.status
+        assert reason in status['last_update']['reason'], status['last_update']
+        assert status['active_version'] == '1:sft'
+        count = len(harness.chunks)
+        harness.wait_for(lambda c=count: len(harness.chunks) >= c + 3,
+                         'chunks after the rejection')
+        assert {c.policy_version for c in harness.chunks[count:]} == {'1:sft'}
 
     harness.update(2, 'v2', harness.shas['v2'])
     harness.wait_for(lambda: any(c.policy_version == '2' for c in harness.chunks),
@@ -287,13 +306,20 @@ def test_weights_uri_parameter_goes_through_the_verified_path(harness):
     (result,) = node.set_parameters([Parameter('weights_uri',
                                                value=str(harness.checkpoints / 'v5'))])
     assert result.successful  # accepted for loading; the verdict comes on policy/status
-    harness.wait_for(lambda: (harness.status.get('last_update') or {}).get('result')
-                     == 'rejected', 'rejection of a wrong expected_sha256')
-    node.set_parameters([Parameter('expected_sha256', value=harness.shas['v5'])])
-    node.set_parameters([Parameter('weights_uri', value=str(harness.checkpoints / 'v5'))])
-    harness.wait_for(lambda: harness.chunks[-1].policy_version == '5', 'chunks of version 5')
+    harness.wait_for(lambda: 'weights_uri needs a signature' in (
+        harness.status.get('last_update') or {}).get('reason', ''), 'rejection: unsigned')
+    # As `habc keys sign` prints it: hash and signature first, then the URI.
+    uri, sha = str(harness.checkpoints / 'v5'), harness.shas['v5']
+    token = encode_token(5, harness.key.key_id,
+                         harness.key.sign(UpdateClaim(5, sha, uri, 'habc')))
+    node.set_parameters([Parameter('expected_sha256', value=sha)])
+    node.set_parameters([Parameter('weights_signature', value=token)])
+    node.set_parameters([Parameter('weights_uri', value=uri)])
+    version = f'5:manual-{sha[:12]}'
+    harness.wait_for(lambda: harness.chunks[-1].policy_version == version,
+                     'chunks of version 5')
     # Status and chunks are two topics: no order between them.
-    harness.wait_for(lambda: harness.status.get('active_version') == '5', 'status of v5')
+    harness.wait_for(lambda: harness.status.get('active_version') == version, 'status of v5')
 
 
 @pytest.mark.ros
@@ -333,6 +359,42 @@ def test_human_control_pauses_and_handback_replans(harness):
     released = harness.publish_intervention(InterventionState.SOURCE_POLICY, 'estop_reset')
     harness.wait_for(lambda: abs(harness.policy._not_before - released) < 1e-6,
                      'clear after the e-stop')
+
+
+@pytest.mark.ros
+def test_a_checkpoint_that_would_stretch_the_cameras_holds_and_says_why(ros_module, tmp_path):
+    # Trained on 4:3 cameras; this robot's are square. Nothing tells the node the robot's
+    # cameras before the first observation: it checks that one, holds, and says why.
+    make_checkpoint(tmp_path / 'wide', 'sft', 0, camera_shape=[480, 640])
+    ns = 'policy_fit'
+    policy = PolicyNode(namespace=ns, context=ros_module.context, parameter_overrides=[
+        Parameter('checkpoint', value=str(tmp_path / 'wide'))])
+    node = ros_module.create_node('policy_fit_test')
+    statuses, commands = [], []
+    node.create_subscription(String, f'/{ns}/policy/status',
+                             lambda m: statuses.append(json.loads(m.data)), LATCHED)
+    node.create_subscription(PolicyCommand, f'/{ns}/policy/joint_command', commands.append,
+                             COMMANDS)
+    observations = node.create_publisher(Observation, f'/{ns}/observation', SENSOR_DATA)
+    msg = Observation()
+    msg.images = [numpy_to_image(np.zeros((32, 32, 3), np.uint8))]
+    msg.joint_state.name = JOINTS
+    msg.joint_state.position = [0.0] * 14
+    ros_module.add_node(policy.node)
+    try:
+        # Observations are offered until the status names the mismatch (the first ones may
+        # be sent before the subscription matched).
+        ros_module.wait_for(lambda: statuses and statuses[-1].get('mismatch'),
+                            'policy/status naming the camera mismatch',
+                            poll=lambda: observations.publish(msg))
+        mismatch = statuses[-1]['mismatch']
+        assert ('image size (H, W) of camera 0: the checkpoint was trained on 480 x 640 '
+                '(H/W 0.75), the robot sends 32 x 32 (H/W 1.00)') in mismatch, mismatch
+        assert statuses[-1]['active_version'] == '1:sft'
+        assert policy.runtime.counters['inferences'] == 0 and commands == []
+    finally:
+        policy.close()
+        ros_module.remove_node(policy.node)
 
 
 @pytest.mark.ros

@@ -9,6 +9,13 @@ import pytest
 from safetensors.torch import save as save_safetensors
 import torch
 
+from habc_common.update_trust import (
+    create_key_pair,
+    encode_token,
+    load_signing_key,
+    UpdateClaim,
+    UpdateGate,
+)
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
 from habc_policy.chunk_executor import ChunkExecutor
 from habc_policy.image_convert import numpy_to_image
@@ -52,18 +59,71 @@ def checkpoints(tmp_path_factory):
     return root, shas
 
 
-def observation(stamp: float, names=JOINTS, views: int = 1, size: int = 32) -> PolicyObservation:
+def observation(stamp: float, names=JOINTS, views: int = 1, size: int = 32,
+                shape: tuple[int, int] | None = None) -> PolicyObservation:
     rng = np.random.default_rng(int(stamp * 1000))
-    images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(views)]
+    height, width = shape or (size, size)
+    images = [rng.integers(0, 255, (height, width, 3), dtype=np.uint8) for _ in range(views)]
     return PolicyObservation(stamp=stamp, images=images, joint_names=list(names),
                              positions=np.linspace(-1, 1, len(names)), instruction='test')
 
 
+# The learner's key (trusted) and a stranger's; checkpoints may lie anywhere under the
+# session's pytest folder (the roots), which every test's tmp_path is inside.
+TRUST: dict = {}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def trust(tmp_path_factory):
+    keys = tmp_path_factory.mktemp('keys')
+    for name in ('trusted', 'stranger'):
+        create_key_pair(keys / name / 'learner.key')
+        TRUST[name] = load_signing_key(keys / name / 'learner.key')
+    TRUST['dir'] = keys / 'trusted'
+    TRUST['roots'] = [str(tmp_path_factory.getbasetemp())]
+    yield
+    TRUST.clear()
+
+
+def gate(require_signature: bool = True, roots: list[str] | None = None) -> UpdateGate:
+    return UpdateGate.of([str(TRUST['dir'])], TRUST['roots'] if roots is None else roots,
+                         'habc', require_signature)
+
+
+def new_runtime(**kwargs) -> PolicyRuntime:
+    kwargs.setdefault('gate', gate())
+    return PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD, **kwargs)
+
+
+def weights_sha(folder: Path) -> str:
+    from habc_policy.models.base import sha256_file
+
+    return sha256_file(folder / 'model.safetensors')
+
+
 def runtime_with(folder: Path, **kwargs) -> PolicyRuntime:
-    params = PolicyNodeParams()
-    runtime = PolicyRuntime(ChunkExecutor(params.executor_params()), PERIOD, **kwargs)
+    runtime = new_runtime(**kwargs)
     runtime.load_startup(str(folder))
     return runtime
+
+
+def offer(runtime: PolicyRuntime, version: int, sha256: str, uri: str = '', *,
+          data: bytes = b'', fmt: str = 'safetensors', key: str = 'trusted',
+          policy_name: str = 'habc'):
+    """Offer a PolicyUpdate signed as the learner signs it (key None: unsigned)."""
+    signer = TRUST[key] if key else None
+    signature = signer.sign(UpdateClaim(version, sha256, uri, policy_name)) if signer else b''
+    return runtime.offer_update(version, sha256, uri, data, fmt, policy_name,
+                                signer.key_id if signer else '', signature)
+
+
+def offer_uri(runtime: PolicyRuntime, uri: str, sha256: str, version: int,
+              key: str = 'trusted'):
+    """Set weights_uri with the signature token `habc keys sign` prints."""
+    signer = TRUST[key]
+    token = encode_token(version, signer.key_id,
+                         signer.sign(UpdateClaim(version, sha256, uri, 'habc')))
+    return runtime.offer_weights_uri(uri, sha256, token)
 
 
 def test_uris_resolve_to_checkpoint_folders(checkpoints, tmp_path):
@@ -116,8 +176,7 @@ def test_startup_checkpoint_gets_the_startup_version_or_its_own(checkpoints):
     assert runtime.executor.staged_version == STARTUP_VERSION
     assert runtime.active.sha256 == shas['sft']
     assert runtime_with(root / 'v5').active.version == PolicyVersion(5)
-    params = PolicyNodeParams()
-    strict = PolicyRuntime(ChunkExecutor(params.executor_params()), PERIOD)
+    strict = new_runtime()
     with pytest.raises(WeightsError, match='sha256 mismatch'):
         strict.load_startup(str(root / 'sft'), expected_sha256='0' * 64)
     assert strict.active is None
@@ -138,7 +197,7 @@ def test_chunk_starts_one_period_after_the_observation(checkpoints):
 def test_good_update_is_staged_then_swapped_between_inferences(checkpoints):
     root, shas = checkpoints
     runtime = runtime_with(root / 'sft')
-    loaded = runtime.offer_update(2, shas['v2'], f'file://{root}/v2/model.safetensors')
+    loaded = offer(runtime, 2, shas['v2'], f'file://{root}/v2/model.safetensors')
     assert loaded.version == PolicyVersion(2) and runtime.pending is loaded
     assert runtime.status()['staged_version'] == '2'
     assert runtime.infer(observation(1.0)).version == STARTUP_VERSION  # infer alone never swaps
@@ -185,7 +244,7 @@ def test_bad_update_is_rejected_and_the_old_policy_keeps_acting(checkpoints, tmp
     elif case == 'format':
         fmt = 'onnx'
     with pytest.raises(WeightsError, match=expected):
-        runtime.offer_update(version, sha, uri, fmt=fmt)
+        offer(runtime, version, sha, uri, fmt=fmt)
     status = runtime.status()
     assert status['last_update']['result'] == 'rejected'
     assert expected in status['last_update']['reason']
@@ -204,34 +263,119 @@ def test_inline_weights_reuse_the_active_architecture(checkpoints):
     import hashlib
     sha = hashlib.sha256(data).hexdigest()
     with pytest.raises(WeightsError, match='inline weights: sha256 mismatch'):
-        runtime.offer_update(3, 'cd' * 32, data=data)
+        offer(runtime, 3, 'cd' * 32, data=data)
     with pytest.raises(WeightsError, match='inline weights: cannot load'):
         broken = save_safetensors({'nonsense': torch.zeros(2)})
-        runtime.offer_update(3, hashlib.sha256(broken).hexdigest(), data=broken)
-    loaded = runtime.offer_update(3, sha, data=data)
+        offer(runtime, 3, hashlib.sha256(broken).hexdigest(), data=broken)
+    loaded = offer(runtime, 3, sha, data=data)
     assert loaded.version == PolicyVersion(3) and loaded.source == 'inline'
     runtime.swap_if_pending()
     expected = runtime_with(root / 'v2').infer(observation(3.0)).actions
     np.testing.assert_allclose(runtime.infer(observation(3.0)).actions, expected, atol=1e-6)
-    empty = PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD)
     with pytest.raises(WeightsError, match='need an active policy'):
-        empty.offer_update(2, sha, data=data)
+        offer(new_runtime(), 2, sha, data=data)
 
 
-def test_weights_uri_parameter_loads(checkpoints):
+def test_weights_uri_parameter_loads_signed_weights(checkpoints):
     root, shas = checkpoints
     runtime = runtime_with(root / 'sft')
+    # An operator loads the SFT weights again (a rollback) as version 2: signed, above 1.
+    manual = offer_uri(runtime, str(root / 'sft'), shas['sft'], version=2)
+    assert manual.version == PolicyVersion(2, f'manual-{shas["sft"][:12]}')
+    runtime.swap_if_pending()
+    assert runtime.infer(observation(1.0)).version == manual.version
+    # The learner's next update must be newer than that.
+    with pytest.raises(WeightsError, match='version 2 is not newer than 2'):
+        offer(runtime, 2, shas['v2'], str(root / 'v2'))
+    assert offer(runtime, 3, shas['v2'], str(root / 'v2')).version == PolicyVersion(3)
+    for token, sha, reason in [
+            ('', shas['v5'], 'weights_uri needs a signature'),
+            ('5.abc', shas['v5'], 'weights_uri needs a signature'),
+            (None, '', 'needs expected_sha256'),
+            (None, 'ef' * 32, 'does not match this update')]:  # signed for another hash
+        if token is None:
+            signer = TRUST['trusted']
+            token = encode_token(5, signer.key_id, signer.sign(
+                UpdateClaim(5, shas['v5'], str(root / 'v5'), 'habc')))
+        with pytest.raises(WeightsError, match=reason):
+            runtime.offer_weights_uri(str(root / 'v5'), sha, token)
+        assert runtime.status()['staged_version'] == '3'
+
+
+def test_without_required_signatures_weights_uri_numbers_manual_loads(checkpoints):
+    root, shas = checkpoints
+    runtime = runtime_with(root / 'sft', gate=gate(require_signature=False))
     # A checkpoint named like the SFT one: a manual version label, the number stays 1.
     manual = runtime.offer_weights_uri(str(root / 'sft'), shas['sft'])
     assert manual.version == PolicyVersion(1, f'manual-{shas["sft"][:12]}')
     runtime.swap_if_pending()
     assert runtime.infer(observation(1.0)).version == manual.version
-    # The learner's next update still counts as newer.
-    assert runtime.offer_update(2, shas['v2'], str(root / 'v2')).version == PolicyVersion(2)
+    # The learner's next update still counts as newer; unsigned is accepted here.
+    assert offer(runtime, 2, shas['v2'], str(root / 'v2'), key=None).version == \
+        PolicyVersion(2)
     # An integer checkpoint above the active number keeps its number.
     assert runtime.offer_weights_uri(str(root / 'v5')).version == PolicyVersion(5)
     with pytest.raises(WeightsError, match='sha256 mismatch'):
         runtime.offer_weights_uri(str(root / 'v5'), 'ef' * 32)
+    # The roots hold all the same, and a signature that is given must verify.
+    outside = new_runtime(gate=gate(require_signature=False, roots=[str(root / 'v2')]))
+    outside.load_startup(str(root / 'sft'))
+    with pytest.raises(WeightsError, match='outside the checkpoint roots'):
+        offer(outside, 5, shas['v5'], str(root / 'v5'), key=None)
+    with pytest.raises(WeightsError, match='not trusted'):
+        offer(outside, 2, shas['v2'], str(root / 'v2'), key='stranger')
+
+
+@pytest.mark.parametrize('case', ['unsigned', 'unknown_key', 'lower_version', 'outside_roots',
+                                  'dotdot', 'symlink_escape', 'other_policy', 'tampered'])
+def test_only_signed_updates_from_the_roots_swap_in(checkpoints, tmp_path, case):
+    root, shas = checkpoints
+    roots = [str(tmp_path / 'learner')]
+    (tmp_path / 'learner').mkdir()
+    good = tmp_path / 'learner' / 'v2'
+    make_checkpoint(good, '2', 1)
+    sha = shas['v2']
+    runtime = runtime_with(root / 'sft', gate=gate(roots=roots))
+    uri, version, key, name = str(good), 2, 'trusted', 'habc'
+    expected = {'unsigned': 'unsigned update', 'unknown_key': 'which is not trusted',
+                'lower_version': 'version 1 is not newer than 1',
+                'outside_roots': 'outside the checkpoint roots',
+                'dotdot': '".." in a checkpoint path', 'symlink_escape': 'a link to',
+                'other_policy': "update for policy 'other'",
+                'tampered': 'does not match this update'}[case]
+    if case == 'unsigned':
+        key = None
+    elif case == 'unknown_key':
+        key = 'stranger'
+    elif case == 'lower_version':
+        version = 1
+    elif case == 'outside_roots':
+        uri = str(root / 'v2')  # a real checkpoint, elsewhere on disk
+    elif case == 'dotdot':
+        uri = str(tmp_path / 'learner' / '..' / 'learner' / 'v2')
+    elif case == 'symlink_escape':
+        (tmp_path / 'learner' / 'v9').symlink_to(root / 'v2', target_is_directory=True)
+        uri = str(tmp_path / 'learner' / 'v9')
+    elif case == 'other_policy':
+        name = 'other'
+    if case == 'tampered':  # signed for v2's folder, sent with the URI of another
+        signer = TRUST['trusted']
+        signature = signer.sign(UpdateClaim(2, sha, uri, 'habc'))
+        call = lambda: runtime.offer_update(2, sha, str(root / 'v2'), b'', 'safetensors',  # noqa: E731
+                                            'habc', signer.key_id, signature)
+    else:
+        call = lambda: offer(runtime, version, sha, uri, key=key, policy_name=name)  # noqa: E731
+    with pytest.raises(WeightsError, match=expected):
+        call()
+    status = runtime.status()
+    assert status['last_update']['result'] == 'rejected'
+    assert expected in status['last_update']['reason'], status['last_update']['reason']
+    assert status['staged_version'] is None and runtime.swap_if_pending() is None
+    assert runtime.infer(observation(2.0)).version == STARTUP_VERSION  # the old one acts
+    # A properly signed update from the root swaps in.
+    loaded = offer(runtime, 2, sha, str(good))
+    assert runtime.swap_if_pending() is loaded
+    assert runtime.infer(observation(3.0)).version == PolicyVersion(2)
 
 
 def test_model_input_reorders_joints_and_resizes_images(checkpoints):
@@ -243,8 +387,10 @@ def test_model_input_reorders_joints_and_resizes_images(checkpoints):
     np.testing.assert_allclose(inputs['state'], obs.positions[::-1].astype(np.float32))
     assert inputs['images'].shape == (1, 32, 32, 3)
     assert runtime.infer(obs).joint_names == JOINTS  # commands follow the parameter
-    with pytest.raises(ValueError, match='1 camera image'):
+    with pytest.raises(WeightsError, match='num_views: .* has 1, the robot 2 camera images'):
         runtime.infer(observation(2.0, views=2))
+    with pytest.raises(ValueError, match='1 camera image'):
+        runtime.model_input(runtime.active.policy, observation(2.5, views=2))
     with pytest.raises(ValueError, match=r"lacks joints \['j13'\]"):
         runtime.infer(observation(3.0, names=JOINTS[:13] + ['other']))
 
@@ -296,7 +442,7 @@ def test_worker_swaps_only_between_inferences(checkpoints):
         assert worker.request()
         assert inside.wait(10)
         assert not worker.request()  # busy: one inference at a time
-        runtime.offer_update(2, shas['v2'], str(root / 'v2'))
+        offer(runtime, 2, shas['v2'], str(root / 'v2'))
         worker.wake()
         assert runtime.active.version == STARTUP_VERSION  # no swap under a running inference
         release.set()
@@ -345,10 +491,10 @@ def test_status_is_json_serialisable(checkpoints):
 
 def test_without_a_startup_checkpoint_the_first_update_starts_acting(checkpoints):
     root, shas = checkpoints
-    runtime = PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD)
+    runtime = new_runtime()
     assert runtime.infer(observation(1.0)) is None  # nothing to act with yet
     assert runtime.status()['active_version'] is None
-    runtime.offer_update(2, shas['v2'], str(root / 'v2'))
+    offer(runtime, 2, shas['v2'], str(root / 'v2'))
     assert runtime.swap_if_pending().version == PolicyVersion(2)
     assert runtime.infer(observation(2.0)).version == PolicyVersion(2)
 
@@ -378,8 +524,7 @@ def test_a_lerobot_checkpoint_that_does_not_fit_the_robot_is_refused(checkpoints
     two_cameras = write_lerobot_act_folder(tmp_path / 'two_cameras', cameras=2)
     fits = write_lerobot_act_folder(tmp_path / 'fits')
     # At start-up the joint_names parameter is what the robot is: the node stops with this.
-    strict = PolicyRuntime(ChunkExecutor(PolicyNodeParams().executor_params()), PERIOD,
-                           joint_names=JOINTS)
+    strict = new_runtime(joint_names=JOINTS)
     with pytest.raises(WeightsError) as refused:
         strict.load_startup(f'lerobot:{six_joints}')
     assert 'does not fit the robot' in str(refused.value)
@@ -399,19 +544,19 @@ def test_a_lerobot_checkpoint_that_does_not_fit_the_robot_is_refused(checkpoints
             (six_joints, 'state_dim: the checkpoint has 6, the robot 14 joints in its '
                          'observations')]:
         with pytest.raises(WeightsError, match='does not fit the robot'):
-            runtime.offer_weights_uri(f'lerobot:{folder}')
+            offer_uri(runtime, f'lerobot:{folder}', weights_sha(folder), version=2)
         status = runtime.status()
         assert status['last_update']['result'] == 'rejected'
         assert expected in status['last_update']['reason'], status['last_update']['reason']
         assert status['staged_version'] is None
         assert runtime.infer(observation(2.0)).version == STARTUP_VERSION
     # A LeRobot folder that fits is taken, under its own version text.
-    loaded = runtime.offer_weights_uri(str(fits))
+    loaded = offer_uri(runtime, str(fits), weights_sha(fits), version=2)
     assert runtime.swap_if_pending() is loaded
     assert runtime.infer(observation(3.0)).actions.shape == (10, 14)
 
 
-def test_images_are_resized_to_the_checkpoints_height_and_width(tmp_path):
+def test_images_are_scaled_to_the_checkpoints_camera_and_never_stretched(tmp_path):
     from habc_policy.models.lerobot_act import read_lerobot_config
 
     folder = write_lerobot_act_folder(tmp_path / 'wide')
@@ -420,8 +565,80 @@ def test_images_are_resized_to_the_checkpoints_height_and_width(tmp_path):
     (folder / 'config.json').write_text(json.dumps(config))
     assert read_lerobot_config(folder).image_shape == (30, 40)
     runtime = runtime_with(folder)
-    inputs = runtime.model_input(runtime.active.policy, observation(1.0, size=48))
-    # The checkpoint saw 4:3 images (30 x 40): a camera image is resized to that, not
-    # squeezed into a 30 x 30 square.
+    # The checkpoint saw 4:3 images (30 x 40): a 60 x 80 camera is scaled to that size.
+    inputs = runtime.model_input(runtime.active.policy, observation(1.0, shape=(60, 80)))
     assert inputs['images'].shape == (1, 30, 40, 3)
-    assert runtime.infer(observation(2.0, size=48)).actions.shape == (10, 14)
+    assert runtime.infer(observation(2.0, shape=(60, 80))).actions.shape == (10, 14)
+    assert runtime.status()['mismatch'] is None
+
+    # A square camera would be stretched: the version holds, and the status says why.
+    for stamp in (3.0, 4.0):  # checked once, refused on every observation
+        with pytest.raises(WeightsError, match='holds'):
+            runtime.infer(observation(stamp, size=48))
+    mismatch = runtime.status()['mismatch']
+    assert ('image size (H, W) of camera 0: the checkpoint was trained on 30 x 40 (H/W 0.75), '
+            'the robot sends 48 x 48 (H/W 1.00)') in mismatch, mismatch
+    assert runtime.status()['active_version'] == '1:lerobot-wide'
+    # The robot's camera back at 4:3: the same version acts again.
+    assert runtime.infer(observation(5.0, shape=(30, 40))).actions.shape == (10, 14)
+    assert runtime.status()['mismatch'] is None
+
+    # Once the robot's cameras are known, a hot swap that does not fit them is refused.
+    square = write_lerobot_act_folder(tmp_path / 'square')
+    with pytest.raises(WeightsError, match='trained on 32 x 32'):
+        offer_uri(runtime, str(square), weights_sha(square), version=2)
+    assert runtime.status()['staged_version'] is None
+
+
+def test_a_habc_checkpoint_records_its_camera_shape_and_is_checked_by_it(tmp_path):
+    # Trained on 4:3 cameras squeezed to 32 x 32; an old checkpoint without it takes any.
+    make_checkpoint(tmp_path / 'recorded', 'sft', 0, camera_shape=[480, 640])
+    runtime = runtime_with(tmp_path / 'recorded')
+    assert runtime.infer(observation(1.0, shape=(240, 320))).actions.shape == (10, 14)
+    with pytest.raises(WeightsError, match='trained on 480 x 640'):
+        runtime.infer(observation(2.0, size=64))
+    make_checkpoint(tmp_path / 'unrecorded', 'sft', 0)
+    runtime = runtime_with(tmp_path / 'unrecorded')
+    assert runtime.infer(observation(1.0, shape=(240, 320))).actions.shape == (10, 14)
+    with pytest.raises(ValueError, match=r'camera_shape must be \[\] or \[height, width\]'):
+        tiny_config(camera_shape=[480])
+
+
+def test_a_version_that_acts_with_nan_goes_back_to_the_previous_one(checkpoints, tmp_path):
+    root, _ = checkpoints
+    # Finite on the warm-up input (a zero state), NaN on a real one: it passes the load.
+    torch.manual_seed(1)
+    policy = SmallVLA(tiny_config())
+    policy.version = '2'
+    with torch.no_grad():
+        policy.state_project.weight.fill_(3e38)
+    sha = policy.save(tmp_path / 'overflows')
+    runtime = runtime_with(root / 'sft')
+    assert runtime.infer(observation(1.0)).version == STARTUP_VERSION
+    offer(runtime, 2, sha, str(tmp_path / 'overflows'))
+    runtime.swap_if_pending()
+    with pytest.raises(WeightsError, match=r'version 2 produced non-finite actions \(NaN or '
+                                           r'inf\); back to version 1:sft'):
+        runtime.infer(observation(2.0))
+    status = runtime.status()
+    assert status['active_version'] == '1:sft' and status['counters']['chunks_nonfinite'] == 1
+    assert status['last_update']['result'] == 'rejected'
+    assert runtime.executor.staged_version == STARTUP_VERSION
+    assert runtime.infer(observation(3.0)).version == STARTUP_VERSION  # the old one acts
+    # The same update again is not taken a second time.
+    with pytest.raises(WeightsError, match='version 2 is not newer than 2'):
+        offer(runtime, 2, sha, str(tmp_path / 'overflows'))
+
+    # Weights that are NaN on any input are refused at the load, before they act.
+    with torch.no_grad():
+        policy.state_project.bias.fill_(float('nan'))
+    policy.version = '3'
+    sha = policy.save(tmp_path / 'nan')
+    with pytest.raises(WeightsError, match='warm-up inference gave non-finite actions'):
+        offer(runtime, 3, sha, str(tmp_path / 'nan'))
+
+    # Without an earlier version to go back to, the broken one holds: no chunk is queued.
+    broken = runtime_with(tmp_path / 'overflows')
+    with pytest.raises(WeightsError, match='no earlier version to return to: holding'):
+        broken.infer(observation(4.0))
+    assert broken.executor.next_action(4.0 + PERIOD) is None

@@ -144,8 +144,8 @@ class Harness:
         self._pubs[key].publish(msg)
 
     def wait_for(self, predicate, what):
-        self.ros.wait_for(predicate, what,
-                          detail=lambda: f'last intervention: {self.intervention[-1:]}')
+        return self.ros.wait_for(predicate, what,
+                                 detail=lambda: f'last intervention: {self.intervention[-1:]}')
 
     def wait_source(self, source, reason=None):
         """Wait until the newest InterventionState has `source` (and `reason`); return it."""
@@ -206,15 +206,19 @@ def test_maps_joint_names_and_publishes_every_tick(harness):
     h.publish('events', EpisodeEvent(episode_id='ep-1', event=EpisodeEvent.EVENT_END))
     h.wait_for(lambda: h.executed[-1].episode_id == '', 'the end of episode ep-1')
 
-    # A command that lacks a joint is rejected; the policy goes stale and the arm holds.
+    # A command that lacks a joint is rejected, and the arm holds at once (reason
+    # 'rejected'), not only once the last good command went stale.
     h.policy = (['a', 'b'], [0.5, 0.5])
-    state = h.wait_source(Controller.HOLD, 'watchdog')
+    state = h.wait_source(Controller.HOLD, 'rejected')
     assert state.segment_id == 1
     assert h.arbiter.rejected['policy/joint_command'] > 0
     assert list(h.forward[-1].data) == [0.1, 0.2, 0.3]  # the last command, held
 
-    h.wait_for(lambda: diagnostics, 'arbiter/diagnostics')
-    values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+    def rejections_reported() -> dict | None:
+        values = diagnostics and {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+        return values if values and 'rejected/policy/joint_command' in values else None
+
+    values = h.wait_for(rejections_reported, 'arbiter/diagnostics with the rejections')
     assert float(values['ticks']) > 0 and 'jitter_p99_ms' in values
     assert int(values['rejected/policy/joint_command']) > 0
     assert h.arbiter.stats.summary()['mean_period_ms'] > 0
