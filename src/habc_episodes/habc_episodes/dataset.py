@@ -228,11 +228,16 @@ def read_index(path: str | Path) -> list[EpisodeRecord]:
             finally:
                 db.close()
             break
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
+            # A damaged schema page can hold bytes that are not UTF-8 (found by fuzzing:
+            # tests/test_fuzz_inputs.py), which sqlite3 raises as UnicodeDecodeError.
             error = exc
     if rows is None:
         raise ValueError(f'episode index {path} cannot be read: {error}')
-    return [EpisodeRecord(*row) for row in rows]
+    try:
+        return [EpisodeRecord(*row) for row in rows]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f'episode index {path}: a row cannot be read ({exc})') from None
 
 
 class Labeller:

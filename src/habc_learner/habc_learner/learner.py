@@ -73,6 +73,11 @@ class LearnerParams:
     method: str = param('habc', 'Training method.', choices=tuple(m.value for m in Method))
     episodes_per_round: int = param(2, 'New labelled episodes that start a training round.',
                                     min=1)
+    max_episodes: int = param(
+        0, 'Keep at most this many robot episodes in the training buffer, the newest; older '
+        'ones leave it (their bags stay). 0: all. The buffer lives in memory: a 400-step '
+        'episode with two 96 px cameras takes about 22 MB, so a robot that runs for days '
+        'needs a bound.', min=0)
     steps_per_round: int = param(200, 'Gradient steps per round.', min=1)
     batch_size: int = param(64, 'Minibatch size.', min=1)
     actor_lr: float = param(1e-3, 'Actor learning rate (habc bench uses 1e-3).', min=1e-12)
@@ -197,6 +202,8 @@ class Learner:
         self.metrics = dict(state.metrics)
         self.written_at = state.written_at
         self.rejected: dict[str, str] = dict(state.rejected)
+        # Episodes that left the buffer for max_episodes (since this start).
+        self.evicted = 0
         self._trainer_step = state.trainer_step
         self._critic_path = (checkpoint / 'critic.safetensors'
                              if self._resumed and state.method == params.method else None)
@@ -343,6 +350,13 @@ class Learner:
             added.append(episode_id)
             self._log(f'episode {episode_id} added ({record.outcome}, {len(episode)} steps, '
                       f'{episode.num_interventions} interventions)')
+        cap = self.params.max_episodes
+        if cap and len(self._episodes) > cap:
+            # Insertion order is arrival order: the oldest leave first.
+            for episode_id in list(self._episodes)[:len(self._episodes) - cap]:
+                del self._episodes[episode_id]
+                self.evicted += 1
+            rebuild = True
         if rebuild:
             self._rebuild_buffer()
         if added:
@@ -518,7 +532,8 @@ class Learner:
                 'episodes': len(self._episodes), 'pending': self._new_since_round,
                 'episodes_per_round': self.params.episodes_per_round,
                 'demos': len(self._demos), 'samples': len(self.buffer),
-                'rejected': len(self.rejected), 'method': self.params.method,
+                'rejected': len(self.rejected), 'evicted': self.evicted,
+                'method': self.params.method,
                 'sha256': self.sha256, 'checkpoint': str(self.checkpoint),
                 'metrics': self.metrics, **extra}
 

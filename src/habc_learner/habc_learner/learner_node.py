@@ -1,5 +1,8 @@
 """learner_node: trains on newly labelled episodes and publishes versioned policy updates.
 
+Every PolicyUpdate is signed with the Ed25519 key `signing_key` (created with its .pub on
+the first start; habc_common.update_trust), since policy nodes apply only signed updates.
+
 Topics: publishes `policy/update` (habc_msgs/PolicyUpdate, latched) after every round and
 `learner/status` (std_msgs/String with JSON, latched: state 'waiting' | 'idle' | 'training',
 version, round, episodes, pending, last metrics, and progress while training). It reads the

@@ -143,6 +143,22 @@ def test_relabels_recredit_or_remove_episodes(tmp_path, init_checkpoint, episode
     assert learner.poll(index) == ['ep-1'] and learner.pending == 1
 
 
+def test_max_episodes_keeps_the_newest_in_the_buffer(tmp_path, init_checkpoint, episode_bag,
+                                                    index, labelled):
+    learner = Learner(make_params(tmp_path, init_checkpoint, max_episodes=2))
+    for name in ('ep-1', 'ep-2', 'ep-3'):
+        add_episode(episode_bag, labelled, name)
+    assert learner.poll(index) == ['ep-1', 'ep-2', 'ep-3']
+    # The oldest left the buffer; all three count as new for the round.
+    assert learner.episode_ids == ['ep-2', 'ep-3'] and learner.pending == 3
+    assert len(learner.buffer) == 2 * STEPS
+    assert learner.status()['evicted'] == 1
+    learner.train_round()
+    add_episode(episode_bag, labelled, 'ep-4')
+    assert learner.poll(index) == ['ep-4'] and learner.episode_ids == ['ep-3', 'ep-4']
+    assert len(learner.buffer) == 2 * STEPS and learner.status()['evicted'] == 2
+
+
 def test_unusable_bags_are_skipped_with_the_reason(tmp_path, init_checkpoint, episode_bag,
                                                    index, labelled, bags):
     obs = bags.observation(bags.SEC, [0.0] * 14, 0)

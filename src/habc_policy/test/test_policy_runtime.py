@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+import re
 import threading
 
 import numpy as np
@@ -642,3 +643,60 @@ def test_a_version_that_acts_with_nan_goes_back_to_the_previous_one(checkpoints,
     with pytest.raises(WeightsError, match='no earlier version to return to: holding'):
         broken.infer(observation(4.0))
     assert broken.executor.next_action(4.0 + PERIOD) is None
+
+
+@pytest.mark.parametrize('case', ['pickle', 'torch_zip', 'unknown_key', 'tensor_count',
+                                  'huge_header', 'not_json_config', 'config_list'])
+def test_checkpoints_are_safetensors_of_sane_size_with_known_keys(checkpoints, tmp_path,
+                                                                   case):
+    import struct
+
+    root, _ = checkpoints
+    folder = tmp_path / 'bad'
+    make_checkpoint(folder, '2', 1)
+    weights, config = folder / 'model.safetensors', folder / 'config.json'
+    expected = {'pickle': 'is a pickle / torch.save file, not safetensors',
+                'torch_zip': 'is a pickle / torch.save file, not safetensors',
+                'unknown_key': "unknown small_vla config key(s) ['run_me']",
+                'tensor_count': '100001 tensors (more than 100000)',
+                'huge_header': 'safetensors header of 1099511627776 bytes',
+                'not_json_config': 'not valid JSON',
+                'config_list': 'expected a JSON object, got list'}[case]
+    if case == 'pickle':
+        import pickle
+        weights.write_bytes(pickle.dumps({'w': [1.0, 2.0]}, protocol=4))
+    elif case == 'torch_zip':
+        torch.save({'w': torch.zeros(2)}, weights)
+    elif case == 'unknown_key':
+        meta = json.loads(config.read_text())
+        meta['config']['run_me'] = 'os.system'
+        config.write_text(json.dumps(meta))
+    elif case == 'tensor_count':
+        header = json.dumps({f't{i}': {'dtype': 'F32', 'shape': [0], 'data_offsets': [0, 0]}
+                             for i in range(100_001)}).encode()
+        weights.write_bytes(struct.pack('<Q', len(header)) + header)
+    elif case == 'huge_header':
+        weights.write_bytes(struct.pack('<Q', 2**40) + b'{}')
+    elif case == 'not_json_config':
+        config.write_bytes(b'\xff\xfe{')
+    else:
+        config.write_text('[1, 2]')
+    from habc_policy.models.base import sha256_file
+    runtime = runtime_with(root / 'sft')
+    with pytest.raises(WeightsError, match=re.escape(expected)):
+        offer(runtime, 2, sha256_file(weights), str(folder))
+    assert expected in runtime.status()['last_update']['reason']
+    assert runtime.infer(observation(1.0)).version == STARTUP_VERSION
+
+
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_not_a_pickle(tmp_path):
+    # 128 = 0x80, a pickle's first byte: found when a LeRobot fixture was refused.
+    import struct
+
+    from habc_policy.models.base import check_weights_file
+
+    header = b'{"__metadata__":{"a":"b"}}'
+    header += b' ' * (128 - len(header))
+    path = tmp_path / 'model.safetensors'
+    path.write_bytes(struct.pack('<Q', 128) + header)
+    check_weights_file(path)

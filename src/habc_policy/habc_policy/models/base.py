@@ -28,6 +28,14 @@ from torch import nn
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
+# Bounds of a checkpoint that load_policy reads at all (check_weights_file): far above any
+# real policy (a 3.5 B parameter pi0 has ~1,000 tensors, a header of ~100 kB), far below
+# what would exhaust memory before the weights are even looked at.
+MAX_TENSORS = 100_000
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_CONFIG_BYTES = 16 * 2**20
+# How files that are not safetensors begin: a pickle (protocol 2+) and torch.save's zip.
+_PICKLE_MAGIC = (b'\x80', b'PK\x03\x04')
 _REGISTRY: dict[str, type['Policy']] = {}
 # `lerobot:PATH` names a LeRobot policy folder explicitly; load_policy also recognises one by
 # its config.json (a LeRobot "type" and no habc "config").
@@ -208,7 +216,8 @@ def load_policy(directory: Path | str, map_location: str = 'cpu') -> Policy:
         if not path.is_file():
             raise FileNotFoundError(f'{path} not found: a checkpoint folder holds '
                                     f'{CONFIG_FILE} and {WEIGHTS_FILE}')
-    meta = json.loads(config_path.read_text())
+    check_weights_file(weights_path)
+    meta = _read_config(config_path)
     if explicit_lerobot or not isinstance(meta.get('config'), dict):
         return _load_lerobot(directory, meta, map_location)
     # The built-in models register themselves on import; the ones in _LAZY_MODULES only when
@@ -222,7 +231,12 @@ def load_policy(directory: Path | str, map_location: str = 'cpu') -> Policy:
                          f'{sorted(_REGISTRY)}')
     config_cls = cls.config_class
     known = {f.name for f in fields(config_cls)}
-    config = config_cls(**{k: v for k, v in meta['config'].items() if k in known})
+    unknown = sorted(set(meta['config']) - known)
+    if unknown:
+        raise ValueError(f'{config_path}: unknown {meta["type"]} config key(s) {unknown}; '
+                         f'a checkpoint of another habc version or a hand-edited file? '
+                         f'known keys: {sorted(known)}')
+    config = config_cls(**meta['config'])
     policy = cls(config)
     state = load_file(str(weights_path), device=map_location)
     missing, unexpected = policy.load_checkpoint_state(state)
@@ -231,6 +245,55 @@ def load_policy(directory: Path | str, map_location: str = 'cpu') -> Policy:
                          f'unexpected {unexpected}')
     policy.version = meta.get('version', 'unknown')
     return policy
+
+
+def check_weights_file(path: Path) -> None:
+    """Raise ValueError unless `path` is a safetensors file of sane size.
+
+    Only safetensors are loaded: a pickle (torch.save, pytorch_model.bin) runs code when
+    it is read. The header is checked before anything is parsed: a file that declares a
+    huge header or tensor count is refused instead of filling memory.
+    """
+    with open(path, 'rb') as file:
+        head = file.read(9)
+        size = int.from_bytes(head[:8], 'little')
+        # A safetensors file: an 8-byte header length, then the JSON header.
+        if len(head) < 9 or head[8:9] != b'{':
+            if head.startswith(_PICKLE_MAGIC):
+                raise ValueError(
+                    f'{path} is a pickle / torch.save file, not safetensors: habc loads '
+                    'safetensors only (loading a pickle can run code); convert it with '
+                    'safetensors.torch.save_file where you trust it')
+            raise ValueError(f'{path}: not a safetensors file (it does not start with a '
+                             'header length and a JSON header)')
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f'{path}: safetensors header of {size} bytes (more than '
+                             f'{MAX_HEADER_BYTES}); a damaged or hostile file')
+        header = head[8:] + file.read(size - 1)
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f'{path}: not a safetensors file (its header is not JSON: '
+                         f'{exc})') from None
+    if not isinstance(entries, dict):
+        raise ValueError(f'{path}: not a safetensors file (its header is not a JSON object)')
+    count = len(entries) - ('__metadata__' in entries)
+    if count > MAX_TENSORS:
+        raise ValueError(f'{path}: {count} tensors (more than {MAX_TENSORS}); a damaged or '
+                         'hostile file')
+
+
+def _read_config(path: Path) -> dict:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f'{path}: {path.stat().st_size} bytes, more than a config.json holds '
+                         f'({MAX_CONFIG_BYTES})')
+    try:
+        meta = json.loads(path.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f'{path}: not valid JSON ({exc})') from None
+    if not isinstance(meta, dict):
+        raise ValueError(f'{path}: expected a JSON object, got {type(meta).__name__}')
+    return meta
 
 
 def _load_lerobot(directory: Path, meta: Any, map_location: str) -> Policy:
