@@ -73,7 +73,7 @@ class Monitor:
 
         from habc_common.qos import COMMANDS, LATCHED
         from habc_common.ros_env import apply_project_defaults
-        from habc_msgs.msg import EpisodeEvent
+        from habc_msgs.msg import EpisodeEvent, InterventionState
 
         apply_project_defaults()  # loopback-only DDS unless opened on purpose
         rclpy.init()
@@ -83,11 +83,14 @@ class Monitor:
         self.commands: list[tuple[float, tuple[float, ...]]] = []
         self.learner: dict = {}
         self.clock_ns = 0
+        self.source = -1  # the arbiter's executed source (InterventionState) of the last tick
         node = self.node
         node.create_subscription(EpisodeEvent, '/recorder/events', self._on_event, COMMANDS)
         node.create_subscription(Float64MultiArray, '/forward_position_controller/commands',
                                  self._on_command, COMMANDS)
         node.create_subscription(String, '/learner/status', self._on_learner, LATCHED)
+        node.create_subscription(InterventionState, '/intervention', self._on_intervention,
+                                 COMMANDS)
         node.create_subscription(Clock, '/clock', self._on_clock, 10)
         self.clock = node.create_publisher(Clock, '/clock', 10)
         self.executor = SingleThreadedExecutor()
@@ -101,7 +104,10 @@ class Monitor:
 
     def _on_command(self, msg) -> None:
         with self.lock:
-            self.commands.append((time.monotonic(), tuple(msg.data)))
+            self.commands.append((time.monotonic(), tuple(msg.data), self.source))
+
+    def _on_intervention(self, msg) -> None:
+        self.source = msg.source
 
     def _on_learner(self, msg) -> None:
         with self.lock:
@@ -119,20 +125,30 @@ class Monitor:
         return any(event == 0 for event in last.values())
 
     def labelled_after(self, since: float) -> int:
+        """Count the episodes that started after `since` and have been labelled since."""
         with self.lock:
-            return sum(1 for t, _, event in self.events if t > since and event == 2)
+            started = {episode for t, episode, event in self.events
+                       if t > since and event == 0}
+            return len({episode for t, episode, event in self.events
+                        if event == 2 and episode in started})
 
-    def moves_after(self, since: float, until: float) -> int:
-        """Count the commands in (since, until] that changed the target from the previous."""
+    def moves_after(self, since: float, until: float) -> tuple[int, int]:
+        """Count the commands in (since, until] that moved the robot's target.
+
+        Returns (moves while the policy's commands were executed, moves in all): a human
+        who took over may drive on; the policy must not, once its inputs are gone.
+        """
         with self.lock:
             commands = [c for c in self.commands if c[0] <= until]
-        moves, previous = 0, None
-        for stamp, values in commands:
+        policy = every = 0
+        previous = None
+        for stamp, values, source in commands:
             if previous is not None and stamp > since and any(
                     abs(a - b) > MOVE_EPS for a, b in zip(values, previous, strict=False)):
-                moves += 1
+                every += 1
+                policy += source == 0  # InterventionState.SOURCE_POLICY
             previous = values
-        return moves
+        return policy, every
 
     def close(self) -> None:
         import rclpy
@@ -201,24 +217,26 @@ def fault_row(monitor: Monitor, loop: Loop, fault: str, inject, restore, args,
               back=None) -> dict:
     """Inject a fault mid-episode, restore, and measure what held.
 
-    back: what counts as the loop being back (default: an episode labelled after the
-    restore).
+    back: what counts as the loop being back (default: an episode started after the
+    restore has been recorded and labelled).
     """
     running = wait_for(monitor.episode_running, args.recover_timeout_s)
     time.sleep(1.5)  # well into the episode
     at = time.monotonic()
     detail = inject() or ''
     time.sleep(2.0)
-    moves = monitor.moves_after(at, at + 2.0)
+    policy_moves, moves = monitor.moves_after(at, at + 2.0)
     restore()
     restored = time.monotonic()
     back = back or (lambda: monitor.labelled_after(restored) >= 1)
     recovered = wait_for(back, args.recover_timeout_s)
     row = {'fault': fault, 'mid_episode': running is not None,
-           'moves_after_fault_2s': moves, 'recovered_s': recovered,
+           'policy_moves_after_fault_2s': policy_moves, 'moves_after_fault_2s': moves,
+           'recovered_s': recovered,
            'exited': loop.exited(), 'detail': detail}
     back = f'recovered in {recovered:.0f} s' if recovered is not None else 'NOT recovered'
-    print(f'[fault matrix] {fault}: {moves} moving commands in the 2 s after it; {back}'
+    print(f'[fault matrix] {fault}: {policy_moves} moving policy commands ({moves} in all) '
+          f'in the 2 s after it; {back}'
           f'{"; " + detail if detail else ""}', flush=True)
     return row
 
@@ -367,10 +385,15 @@ def table(result: dict) -> str:
     lines = ['# Fault matrix: the habc loop on the simulated robot', '',
              f'Command: `{result["command"]}`', '',
              'Moving commands: commands to the robot in the 2 s after the fault that changed '
-             'its target. A fault on the control path (sim, sync, policy, arbiter) should hold '
-             'the robot; one elsewhere (recorder, operator, learner, clock) lets it go on.', '',
-             '| fault | mid-episode | moving commands in the 2 s after | loop back (labelled '
-             'episode; learner: a round) | nodes exited at the end of the phase | note |',
+             "its target; 'policy' counts those executed from the policy (the arbiter's "
+             'source), the rest came from the scripted human who may have taken over. A fault '
+             'on the control path (sim, sync, policy, arbiter) should stop the policy moving '
+             'the robot within a few ticks (the arbiter holds once the policy command is '
+             '0.2 s old); one elsewhere (recorder, operator, learner, clock) lets it go on.',
+             '',
+             '| fault | mid-episode | moving commands in the 2 s after: policy / all | loop '
+             'back: an episode started after the restart, recorded and labelled (learner: a '
+             'round) | nodes exited at the end of the phase | note |',
              '|---|---|---|---|---|---|']
     for row in result['rows']:
         if row.get('not_run'):
@@ -379,7 +402,8 @@ def table(result: dict) -> str:
         back = (f'{row["recovered_s"]:.0f} s' if row['recovered_s'] is not None
                 else 'NOT within the timeout')
         lines.append(f'| {row["fault"]} | {"yes" if row["mid_episode"] else "no"} | '
-                     f'{row["moves_after_fault_2s"]} | {back} | '
+                     f'{row["policy_moves_after_fault_2s"]} / {row["moves_after_fault_2s"]} '
+                     f'| {back} | '
                      f'{", ".join(row["exited"]) or "-"} | {row["detail"] or "-"} |')
     c = result['checks']
     lines += ['', '## What was lost', '',

@@ -271,6 +271,8 @@ class EpisodeRecorder:
         self.episode_policy_version = ''
         self.write_errors = 0
         self._serial = 0
+        # Set when an END could not close the bag or update the index (a full disk).
+        self._recover_before_start = False
 
     @property
     def recording(self) -> bool:
@@ -377,6 +379,16 @@ class EpisodeRecorder:
         if silent:
             return Reply(False, '', f'not ready: no message yet on {", ".join(silent)} (is '
                          'the node that publishes it running?); no episode was started')
+        recovered = ''
+        if self._recover_before_start:
+            try:
+                results = self.recover()
+            except (OSError, sqlite3.Error, ValueError) as exc:
+                return Reply(False, '', f'not started: the last episode could not be closed '
+                             f'and recovering it failed too ({exc}); free space or fix the '
+                             'storage, then START again')
+            self._recover_before_start = False
+            recovered = ''.join(f' (first: {result.message})' for result in results)
         instruction = instruction or self.instruction
         episode_id = self._new_episode_id()
         path = self.bag_dir / episode_id
@@ -397,7 +409,10 @@ class EpisodeRecorder:
                 episode_id, path, instruction, self.latest_policy_version,
                 started_at=self._clock(), robot=self.robot)
         except (ValueError, OSError, sqlite3.Error) as exc:
-            writer.close()
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - a full disk fails the close too; the bag goes
+                pass
             shutil.rmtree(path, ignore_errors=True)
             return Reply(False, '', f'cannot start episode {episode_id}: {exc}')
         self.writer = writer
@@ -405,7 +420,7 @@ class EpisodeRecorder:
         self.episode_policy_version = self.latest_policy_version
         self.last_episode_id = episode_id
         self._emit(RecorderEvent.START, self.episode)
-        return Reply(True, episode_id, f'episode {episode_id} recording into {path}')
+        return Reply(True, episode_id, f'episode {episode_id} recording into {path}{recovered}')
 
     def stop(self, abort: bool = False) -> Reply:
         """End (or abort: end and label discarded) the running episode."""
@@ -502,6 +517,10 @@ class EpisodeRecorder:
             error += f'index not updated: {exc}'
             record = replace(record, num_steps=self.counts.steps,
                              num_interventions=self.counts.interventions)
+        if error:
+            # A full disk, say: the next START first recovers the bag and marks the row
+            # incomplete, as a restart would (the row is not left 'recording').
+            self._recover_before_start = True
         return record, error
 
     def _new_episode_id(self) -> str:

@@ -108,6 +108,9 @@ class PolicyNode:
         self._command_names: list[str] = []
         self._last_error = ''
         self._closed = False
+        # Stamp of the newest observation, and control ticks skipped for want of a fresh one.
+        self._newest_observation = -math.inf
+        self.blind_ticks = 0
         # Started without weights: why it holds, and the search for a `habc demo` checkpoint.
         self._waiting = ''
         self._watch: checkpoints.CheckpointWatch | None = None
@@ -208,6 +211,9 @@ class PolicyNode:
         except ValueError as exc:
             self._error_once('observation ignored', exc)
             return
+        # An unstamped observation (stamp 0) counts as fresh when it arrives.
+        fresh = observation.stamp if observation.stamp > 0 else self._now()
+        self._newest_observation = max(self._newest_observation, fresh)
         self.worker.offer(observation)
         self._maybe_infer(self._now() + self.params.command_lead_s)
 
@@ -323,6 +329,12 @@ class PolicyNode:
     def control_callback(self) -> None:
         if self._paused:
             return
+        limit = self.params.observation_stale_after_s
+        if limit and self._newest_observation > -math.inf and \
+                self._now() - self._newest_observation > limit:
+            # No fresh observation (sync or cameras gone): the queued plan is not run blind.
+            self.blind_ticks += 1
+            return
         # The executor's clock is the time the command reaches the robot (command_lead_s).
         now = self._now() + self.params.command_lead_s
         action = self.executor.next_action(now)
@@ -387,6 +399,7 @@ class PolicyNode:
         status['executing_version'] = None if executing is None else str(executing)
         status['swap_gap_ticks'] = dict(self._swap_gap_ticks)
         status['paused'] = self._paused
+        status['blind_ticks'] = self.blind_ticks
         # Why the node holds without weights (None once it has some).
         status['waiting'] = (self._waiting or None) if self.runtime.active is None else None
         status['stamp'] = time.time()

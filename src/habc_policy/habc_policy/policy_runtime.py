@@ -134,6 +134,11 @@ class PolicyNodeParams:
     latency_window: int = param(
         20, 'Latency-aware trigger: chunks the delay estimate looks back over.',
         min=1, max=10000, read_only=True)
+    observation_stale_after_s: float = param(
+        0.1, 'Send nothing while the newest observation is older than this (s, on the '
+        "node's clock): a chunk is a plan for what the robot saw, and with the cameras or "
+        'the synchronizer gone it would run on blind; the arbiter then holds. 0: off.',
+        min=0.0, max=10.0, read_only=True)
     device: str = param('cpu', "Torch device of the policy, e.g. 'cpu' or 'cuda:0'.",
                         read_only=True)
     torch_threads: int = param(

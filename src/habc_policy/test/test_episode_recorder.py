@@ -252,6 +252,53 @@ def test_abort_discards_and_keeps_the_bag(make, tmp_path):
     assert count_bag(row.bag_path).counts.steps == 3
 
 
+def test_a_full_disk_at_start_is_refused_and_the_recorder_goes_on(make, tmp_path,
+                                                                  monkeypatch):
+    # Found by tools/fault_matrix.py: with the disk full, the index row failed, then closing
+    # the new bag failed too, and that second error ended the recorder process.
+    import errno
+    import sqlite3
+
+    from habc_episodes.bag_format import EpisodeBagWriter
+    from habc_episodes.index import EpisodeIndex
+
+    recorder, _ = make()
+    full = OSError(errno.ENOSPC, 'No space left on device')
+
+    def index_full(*args, **kwargs):
+        raise sqlite3.OperationalError('database or disk is full')
+
+    def close_full(self):
+        raise full
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EpisodeIndex, 'create', index_full)
+        patch.setattr(EpisodeBagWriter, 'close', close_full)
+        reply = recorder.start()
+    assert not reply.accepted and 'database or disk is full' in reply.message
+    assert not list((tmp_path / 'episodes' / 'bags').glob('*'))  # no half bag left behind
+    first = recorder.start()  # space again: recording goes on
+    assert first.accepted
+    for k in range(3):
+        recorder.on_message(EXECUTED, executed(k=k), 10 + k)
+
+    # The disk fills during the episode: neither its bag nor its row can be finished.
+    def finish_full(*args, **kwargs):
+        raise sqlite3.OperationalError('database or disk is full')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EpisodeIndex, 'finish', finish_full)
+        patch.setattr(EpisodeBagWriter, 'close', close_full)
+        ended = recorder.stop()
+    assert ended.accepted and 'index not updated: database or disk is full' in ended.message
+    assert index_row(tmp_path, first.episode_id).status == 'recording'
+    # The next start recovers it first, as a restart would: its row is not left recording.
+    second = recorder.start()
+    assert second.accepted and f'episode {first.episode_id}' in second.message
+    assert 'marked incomplete' in second.message  # its bag never got its data: not readable
+    assert index_row(tmp_path, first.episode_id).status == 'incomplete'
+
+
 def test_malformed_data_is_refused_and_the_episode_goes_on(make, tmp_path):
     recorder, _ = make()
     episode_id = recorder.start().episode_id

@@ -138,6 +138,7 @@ class Harness:
         self.clock = node.create_publisher(Clock, '/clock', 10)
         self.now_ns = START_NS
         self.ticks = 0
+        self.observing = True  # False: the cameras (or the synchronizer) are gone
         self.observed_ns = 0
         self.observation: Observation | None = None
         ros.add_node(self.policy.node)
@@ -160,7 +161,7 @@ class Harness:
             return
         self.now_ns += PERIOD_NS
         self.ticks += 1
-        if self.ticks % 2 == 0:
+        if self.ticks % 2 == 0 and self.observing:
             self.publish_observation()  # a 25 Hz camera
         self.publish_clock()
 
@@ -293,6 +294,23 @@ def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
     assert harness.status['active_sha256'] == harness.shas['v2']
     count = len(harness.commands)
     harness.wait_for(lambda: len(harness.commands) >= count + 10, 'commands after the swap')
+
+
+@pytest.mark.ros
+def test_without_fresh_observations_the_policy_sends_nothing(harness):
+    harness.wait_for(lambda: len(harness.commands) >= 5, 'commands')
+    harness.observing = False
+    harness.run(1)
+    harness.wait_for(harness.settled, 'nothing in flight')
+    sent, blind = len(harness.commands), harness.policy.blind_ticks
+    harness.run(20)  # 0.4 s without an observation
+    harness.wait_for(harness.settled, 'nothing in flight')
+    # At most observation_stale_after_s (0.1 s = 5 ticks) of the queued plan ran blind.
+    assert len(harness.commands) - sent <= 5
+    assert harness.policy.blind_ticks - blind >= 15
+    harness.observing = True
+    count = len(harness.commands)
+    harness.wait_for(lambda: len(harness.commands) >= count + 5, 'commands again')
 
 
 @pytest.mark.ros

@@ -84,6 +84,7 @@ class Service(enum.StrEnum):
     RESET = 'reset'
     START = 'start'
     END = 'end'
+    ABORT = 'abort'
     LABEL = 'label'
 
 
@@ -143,6 +144,14 @@ class EpisodeRecord:
     detections: list = field(default_factory=list)
     recorded: bool = False     # END accepted
     labelled: bool = False     # label accepted
+    # The episode broke (the simulator restarted under it): labelled discarded, so that
+    # nothing trains on it.
+    discarded: bool = False
+
+    @property
+    def outcome(self) -> Outcome:
+        """Return the label the operator gives this episode."""
+        return Outcome.DISCARDED if self.discarded else ScriptedOperator.label(self.success)
 
     def note(self) -> str:
         takeovers = ', '.join(f'{d} at {s}' for s, d, acted in self.detections if acted)
@@ -220,6 +229,7 @@ class OperatorSession:
         self.has_tick = False
         self._last_reset_count = -1
         self._stale_reset_count = -1             # ticks up to this reset are not ours
+        self._stale_episode = ''                 # a recording left by a crashed operator
         self._pending = False                    # a service call is out
         self._retry_at: float | None = None
         self._refused_since: float | None = None   # the recorder refused a START since
@@ -280,6 +290,8 @@ class OperatorSession:
             # Ticks that carry this reset count or an older one came before our reset.
             self._stale_reset_count = self._last_reset_count
             call = Call(Service.RESET, seed=self.seed)
+        elif self.phase == Phase.START and self._stale_episode:
+            call = Call(Service.ABORT, episode_id=self._stale_episode)
         elif self.phase == Phase.START:
             call = Call(Service.START)
         elif self.phase == Phase.END:
@@ -287,7 +299,7 @@ class OperatorSession:
         elif self.phase == Phase.LABEL:
             record = self.record
             call = Call(Service.LABEL, episode_id=record.episode_id,
-                        outcome=ScriptedOperator.label(record.success), note=record.note())
+                        outcome=record.outcome, note=record.note())
         self._pending = call is not None
         return call
 
@@ -300,7 +312,19 @@ class OperatorSession:
                 self._fail(f'sim/reset with seed {call.seed} failed: {message}')
                 return
             self.phase = Phase.START
+        elif call.service == Service.ABORT:
+            self._stale_episode = ''
+            self._log('info' if ok else 'error',
+                      f'episode {call.episode_id} aborted (discarded)' if ok
+                      else f'could not abort episode {call.episode_id}: {message}')
         elif call.service == Service.START:
+            if not ok and episode_id and self.record is None:
+                # An episode is still recording that this operator never started: its
+                # predecessor's, which crashed mid-episode. Nobody can label it: abort it.
+                self._stale_episode = episode_id
+                self._log('warn', f'episode {episode_id} is still recording from before this '
+                          'operator started: aborting it (discarded), then starting anew')
+                return
             if not ok:
                 # A recorder that is not ready yet (its required topics are silent while the
                 # loop starts up) refuses for a while: retry, up to wait_for_services_s.
@@ -334,7 +358,7 @@ class OperatorSession:
             self.phase = Phase.LABEL
         elif call.service == Service.LABEL:
             self.record.labelled = ok
-            outcome = ScriptedOperator.label(self.record.success).name.lower()
+            outcome = self.record.outcome.name.lower()
             if ok:
                 self._log('info', f'episode {self.record.episode_id} labelled {outcome}: '
                           f'{self.record.note()}')
@@ -369,8 +393,16 @@ class OperatorSession:
         """
         privileged = tick.privileged
         self.has_tick = True
-        self._last_reset_count = max(self._last_reset_count,
-                                     int(privileged.get('reset_count', 0)))
+        reset_count = int(privileged.get('reset_count', 0))
+        if reset_count < self._last_reset_count:
+            # The count went back: a new simulator (restarted after a crash). The running
+            # episode cannot go on: discard it, and reset the new one for the next.
+            self._last_reset_count = reset_count
+            self._stale_reset_count = min(self._stale_reset_count, reset_count - 1)
+            if self.phase == Phase.RUNNING and self.record is not None:
+                self.record.discarded = True
+                return self._end_episode('the simulator restarted', False)
+        self._last_reset_count = max(self._last_reset_count, reset_count)
         task = privileged.get('task')
         if task not in TASK_OBJECTS:
             raise ValueError(f'sim/privileged names unknown task {task!r}; expected one of '

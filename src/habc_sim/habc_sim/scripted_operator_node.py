@@ -89,7 +89,7 @@ class ScriptedOperatorNode:
             Service.START: self.node.create_client(EpisodeControl, 'recorder/episode_control'),
             Service.LABEL: self.node.create_client(LabelEpisode, 'recorder/label_episode'),
         }
-        self.clients[Service.END] = self.clients[Service.START]
+        self.clients[Service.END] = self.clients[Service.ABORT] = self.clients[Service.START]
         # Every callback (subscriptions, this timer) is in the node's default mutually
         # exclusive group, so the session is never entered twice at once. Service answers
         # are polled here instead of handled in done-callbacks, which run outside that group.
@@ -203,7 +203,7 @@ class ScriptedOperatorNode:
             self.session.on_response(call, False, 'the call failed', now=now)
         elif call.service == Service.RESET:
             self.session.on_response(call, response.success, response.message, now=now)
-        elif call.service in (Service.START, Service.END):
+        elif call.service in (Service.START, Service.END, Service.ABORT):
             self.session.on_response(call, response.accepted, response.message,
                                      response.episode_id, now=now)
         else:
@@ -238,6 +238,8 @@ def _request(call: Call) -> object:
         return EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_START)
     if call.service == Service.END:
         return EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_END)
+    if call.service == Service.ABORT:
+        return EpisodeControl.Request(command=EpisodeControl.Request.COMMAND_ABORT)
     return LabelEpisode.Request(episode_id=call.episode_id, outcome=int(call.outcome),
                                 note=call.note, labeler=LABELER)
 

@@ -122,6 +122,43 @@ def test_takeover_drives_then_hands_back_at_the_end_and_labels():
     assert answer(s, Service.RESET).seed == 8
 
 
+def test_a_restarted_simulator_discards_the_episode_and_the_next_one_runs():
+    s = session(episodes=2, seed_base=3)
+    running(s, seed=3)
+    s.on_tick(privileged(step=1, seed=3, reset_count=1))
+    s.on_tick(privileged(step=2, seed=3, reset_count=1))
+    # The simulator crashed and came back: its reset count starts again at 0, and its
+    # ticks would never be this episode's (it was stuck waiting for them before).
+    s.on_tick(privileged(step=1, seed=-1, reset_count=0))
+    assert s.phase == Phase.END and s.record.end_reason == 'the simulator restarted'
+    answer(s, Service.END, episode_id='ep-0001')
+    label = answer(s, Service.LABEL)
+    assert label.outcome == Outcome.DISCARDED and 'the simulator restarted' in label.note
+    # The next episode resets the new simulator and runs on its ticks.
+    assert answer(s, Service.RESET).seed == 4
+    answer(s, Service.START, episode_id='ep-0002')
+    assert s.on_tick(privileged(step=1, seed=4, reset_count=0)) == NOTHING  # before the reset
+    assert s.operator is None
+    s.on_tick(privileged(step=1, seed=4, reset_count=1))
+    assert s.operator is not None and s.phase == Phase.RUNNING
+
+
+def test_a_recording_left_by_a_crashed_operator_is_aborted_before_starting():
+    s = session()
+    s.on_tick(privileged(step=500, seed=0, reset_count=0))
+    assert s.wait([], 0.0)
+    answer(s, Service.RESET)
+    # The recorder still records the episode of the operator that crashed before this one.
+    answer(s, Service.START, ok=False, episode_id='robot-old-3',
+           message='episode robot-old-3 is still recording; END or ABORT it before starting '
+           'another (nothing was changed)')
+    abort = answer(s, Service.ABORT)
+    assert abort.episode_id == 'robot-old-3'
+    answer(s, Service.START, episode_id='ep-0001')
+    assert s.phase == Phase.RUNNING and s.record.episode_id == 'ep-0001'
+    assert any('aborting it (discarded)' in text for _, text in s.logs)
+
+
 def test_failure_and_time_limit_end_the_episode_as_failures():
     for flags, reason in (({'failure': True}, 'failure'),
                           ({'truncated': True}, 'time limit'),
