@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 
+from loop_runs import run_folders
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,16 +246,7 @@ def main() -> int:
     from habc.demo import DemoConfig, write_params
 
     args = parse_args()
-    checkpoint = args.checkpoint.resolve()
-    if not (checkpoint / 'model.safetensors').is_file():
-        print(f'fault matrix: no checkpoint at {checkpoint}: run `make run` first or pass '
-              '--checkpoint', file=sys.stderr)
-        return 2
-    run_dir = args.run_dir.resolve()
-    if run_dir.exists():
-        print(f'fault matrix: {run_dir} exists; remove it or pass another --run-dir',
-              file=sys.stderr)
-        return 2
+    checkpoint, run_dir = run_folders('fault matrix', args.checkpoint, args.run_dir)
     (run_dir / 'logs').mkdir(parents=True)
     storage = run_dir / 'episodes'
     storage.mkdir()

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from loop_runs import run_folders
 import numpy as np
 import yaml
 
@@ -185,15 +186,7 @@ def main() -> int:
     from habc_episodes.dataset import read_index
 
     args = parse_args()
-    checkpoint = args.checkpoint.resolve()
-    if not (checkpoint / 'model.safetensors').is_file():
-        print(f'soak: no checkpoint at {checkpoint}: run `make run` first or pass '
-              '--checkpoint', file=sys.stderr)
-        return 2
-    run_dir = args.run_dir.resolve()
-    if run_dir.exists():
-        print(f'soak: {run_dir} exists; remove it or pass another --run-dir', file=sys.stderr)
-        return 2
+    checkpoint, run_dir = run_folders('soak', args.checkpoint, args.run_dir)
     run_dir.mkdir(parents=True)
     params_path = write_params(DemoConfig(out=run_dir), checkpoint, run_dir)
     params = yaml.safe_load(params_path.read_text())
