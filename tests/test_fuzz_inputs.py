@@ -23,6 +23,8 @@ import yaml
 from habc_episodes.dataset import Labeller, load_bags, read_index, read_labels_csv
 from habc_episodes.episode_bags import TopicMapping
 
+# As in test_properties.py: no wall-clock deadline per example, a bounded and derandomized
+# example count (the same inputs every run).
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])

@@ -23,8 +23,6 @@ Writes soak.json (every sample), soak.md (a table per node) and soak.png.
 import argparse
 import json
 from pathlib import Path
-import signal
-import subprocess
 import sys
 import time
 
@@ -182,7 +180,7 @@ def main() -> int:
     import psutil
 
     from habc.bringup import description_path, load_description
-    from habc.demo import DemoConfig, write_params
+    from habc.demo import DemoConfig, start_bringup, stop_bringup, write_params
     from habc_episodes.dataset import read_index
 
     args = parse_args()
@@ -195,10 +193,7 @@ def main() -> int:
     description = load_description(description_path('bringup'))
     executables = {node.name: f'/lib/{node.package}/{node.executable}'
                    for node in description.nodes}
-    log = (run_dir / 'launch.log').open('w')
-    launcher = subprocess.Popen(
-        [sys.executable, '-m', 'habc.cli', 'launch', 'bringup', f'params_file:={params_path}'],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    launcher = start_bringup(params_path, run_dir / 'launch.log')
     samples: list[dict] = []
     try:
         parent = psutil.Process(launcher.pid)
@@ -227,13 +222,7 @@ def main() -> int:
                 break
             time.sleep(max(0.0, started + (len(samples)) * args.sample_s - time.monotonic()))
     finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGINT)
-            try:
-                launcher.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
-        log.close()
+        stop_bringup(launcher, timeout_s=90)
     records = read_index(run_dir / 'episodes' / 'episodes.sqlite')
     labelled = [r for r in records if r.outcome]
     newest = max((r.policy_version for r in records), default='-',

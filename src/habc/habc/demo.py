@@ -285,6 +285,24 @@ def plot(rows: list[VersionRow], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def start_bringup(params: Path, log_path: Path) -> subprocess.Popen:
+    """Start `habc launch bringup params_file:=PARAMS`, its output going to `log_path`."""
+    with open(log_path, 'w') as log:
+        return subprocess.Popen(
+            [sys.executable, '-m', 'habc.cli', 'launch', 'bringup', f'params_file:={params}'],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def stop_bringup(launcher: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Ctrl-C a started bringup (its nodes stop cleanly); kill it after `timeout_s`."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)
+        try:
+            launcher.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+
+
 def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
     """Run the bringup until the scripted operator's episodes are done; print the table."""
     from habc_common.ros_env import apply_project_defaults
@@ -293,10 +311,7 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
     index_path = out / 'episodes' / 'episodes.sqlite'
     monitor = Monitor()
     executor, node = _start_monitor(monitor)
-    with open(log_path, 'w') as log:
-        launcher = subprocess.Popen(
-            [sys.executable, '-m', 'habc.cli', 'launch', 'bringup', f'params_file:={params}'],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    launcher = start_bringup(params, log_path)
     print(f'[demo] loop started (node logs: {log_path}): the learner trains after every '
           f'{config.episodes_per_round} labelled episodes; the demo stops once version '
           f'{config.rounds + 1} has run {config.episodes_per_round} episodes', flush=True)
@@ -335,12 +350,7 @@ def run_loop(config: DemoConfig, params: Path, out: Path) -> int:
               file=sys.stderr)
         code = 130
     finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGINT)
-            try:
-                launcher.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
+        stop_bringup(launcher)
         executor.shutdown()
         node.destroy_node()
         import rclpy

@@ -1,38 +1,46 @@
 """habc keys: the learner's key pair, what a robot trusts, and signing weights_uri loads."""
 
 import json
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
+import pytest
+
+from habc.cli import main
 from habc_common.update_trust import decode_token, TrustList, UpdateClaim
 
 
-def habc(home, *args: str) -> subprocess.CompletedProcess:
-    # HOME decides ~/.habc/keys: each test has its own, never the user's.
-    return subprocess.run([sys.executable, '-m', 'habc.cli', *args], capture_output=True,
-                          text=True, env={**os.environ, 'HOME': str(home)}, timeout=120)
+@pytest.fixture
+def habc(tmp_path, monkeypatch, capsys):
+    """Run `habc ...` in this process; HOME (so ~/.habc/keys) is the test's own."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+
+    def run(*args: str) -> SimpleNamespace:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=exit_.value.code, stdout=out.out, stderr=out.err)
+    return run
 
 
-def test_init_show_and_sign(tmp_path):
+def test_init_show_and_sign(habc, tmp_path):
     keys = tmp_path / '.habc' / 'keys'
-    shown = habc(tmp_path, 'keys', 'show')
+    shown = habc('keys', 'show')
     assert shown.returncode == 2 and 'create one with `habc keys init`' in shown.stderr
 
-    created = habc(tmp_path, 'keys', 'init')
+    created = habc('keys', 'init')
     assert created.returncode == 0, created.stderr
     assert (keys / 'learner.key').stat().st_mode & 0o777 == 0o600
     assert keys.stat().st_mode & 0o777 == 0o700
     key_id = created.stdout.split('key id:')[1].split()[0]
-    again = habc(tmp_path, 'keys', 'init')  # a trusted key is never replaced by accident
+    again = habc('keys', 'init')  # a trusted key is never replaced by accident
     assert again.returncode == 2 and 'exists' in again.stderr
-    assert key_id in habc(tmp_path, 'keys', 'show').stdout
+    assert key_id in habc('keys', 'show').stdout
 
     checkpoint = tmp_path / 'learner' / 'v7'
     checkpoint.mkdir(parents=True)
     (checkpoint / 'model.safetensors').write_bytes(b'weights')
     (checkpoint / 'config.json').write_text(json.dumps({'version': '7'}))
-    signed = habc(tmp_path, 'keys', 'sign', str(checkpoint), '--node', '/robot1/policy')
+    signed = habc('keys', 'sign', str(checkpoint), '--node', '/robot1/policy')
     assert signed.returncode == 0, signed.stderr
     commands = [line.split() for line in signed.stdout.splitlines()
                 if line.startswith('ros2 param set')]
@@ -48,22 +56,22 @@ def test_init_show_and_sign(tmp_path):
 
     # Without a version in config.json, the operator must choose one.
     (checkpoint / 'config.json').write_text('{}')
-    unversioned = habc(tmp_path, 'keys', 'sign', str(checkpoint))
+    unversioned = habc('keys', 'sign', str(checkpoint))
     assert unversioned.returncode == 2 and 'pass --version N' in unversioned.stderr
-    assert habc(tmp_path, 'keys', 'sign', str(checkpoint), '--version', '9').returncode == 0
+    assert habc('keys', 'sign', str(checkpoint), '--version', '9').returncode == 0
 
 
-def test_a_key_others_can_read_is_refused(tmp_path):
-    assert habc(tmp_path, 'keys', 'init').returncode == 0
+def test_a_key_others_can_read_is_refused(habc, tmp_path):
+    assert habc('keys', 'init').returncode == 0
     key = tmp_path / '.habc' / 'keys' / 'learner.key'
     key.chmod(0o644)
-    shown = habc(tmp_path, 'keys', 'show')
+    shown = habc('keys', 'show')
     assert shown.returncode == 2 and f'run `chmod 600 {key}`' in shown.stderr
-    doctor = habc(tmp_path, 'doctor', '--json')
+    doctor = habc('doctor', '--json')
     rows = {r['check']: r for r in json.loads(doctor.stdout)}
     assert rows['policy updates']['status'] == 'FAIL'
     key.chmod(0o600)
-    doctor = habc(tmp_path, 'doctor', '--json')
+    doctor = habc('doctor', '--json')
     rows = {r['check']: r for r in json.loads(doctor.stdout)}
     assert rows['policy updates']['status'] == 'ok'
     assert 'updates must be signed' in rows['policy updates']['detail']

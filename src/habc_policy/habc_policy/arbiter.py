@@ -212,14 +212,8 @@ class TeleopArbiter:
         dropped too, so while the policy drives the arbiter holds (reason 'rejected') until
         a good command comes.
         """
-        try:
-            vector = self._checked(positions, 'policy command')
-        except ValueError:
-            self._policy = self._policy_time = None
-            self._rejected.add(Controller.POLICY)
-            raise
-        self._rejected.discard(Controller.POLICY)
-        self._policy, self._policy_time = vector, now
+        self._policy = self._accepted(Controller.POLICY, positions, 'policy command')
+        self._policy_time = now
         self._policy_version = policy_version
 
     def on_teleop_command(self, positions: Sequence[float], now: float) -> None:
@@ -227,26 +221,31 @@ class TeleopArbiter:
 
         A bad command raises ValueError and holds the human's side as on_policy_command does.
         """
-        try:
-            vector = self._checked(positions, 'teleop command')
-        except ValueError:
-            self._teleop = self._teleop_time = None
-            self._rejected.add(Controller.HUMAN)
-            raise
-        self._rejected.discard(Controller.HUMAN)
-        self._teleop, self._teleop_time = vector, now
+        self._teleop = self._accepted(Controller.HUMAN, positions, 'teleop command')
+        self._teleop_time = now
 
     def reject(self, source: Controller) -> None:
-        """Hold `source`'s side: its command was refused before it reached the core.
+        """Hold `source`'s side: its command was refused.
 
-        For checks only the adapter can make (wrong or unknown joint names): the same as a
-        command the core refused itself.
+        The core calls it for what it refuses itself; the adapter for checks only it can
+        make (wrong or unknown joint names).
         """
         if source == Controller.POLICY:
             self._policy = self._policy_time = None
         else:
             self._teleop = self._teleop_time = None
         self._rejected.add(source)
+
+    def _accepted(self, source: Controller, positions: Sequence[float],
+                  what: str) -> np.ndarray:
+        # The checked command of `source`; a refused one holds that side and raises.
+        try:
+            vector = self._checked(positions, what)
+        except ValueError:
+            self.reject(source)
+            raise
+        self._rejected.discard(source)
+        return vector
 
     def on_engage(self, engaged: bool, now: float) -> bool:
         """Handle the engage pedal/button: True takes over, False hands back.

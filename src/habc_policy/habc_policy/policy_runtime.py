@@ -697,10 +697,11 @@ class PolicyRuntime:
                           tuple(tuple(np.shape(image)[:2]) for image in observation.images))
         if active is None:
             return None
-        if (self._observed, id(active)) != self._fit_checked:
+        checked = self._fit_checked
+        if checked is None or checked[1] is not active or checked[0] != self._observed:
             # The first observation of this version, or the robot changed (a camera dropped
             # out): check the fit once, not on every observation.
-            self._fit_checked = (self._observed, id(active))
+            self._fit_checked = (self._observed, active)
             try:
                 self.check_fits_robot(active.policy, active.source)
                 self.mismatch = ''
