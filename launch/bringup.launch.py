@@ -42,6 +42,8 @@ def _nodes(context, *_args, **_kwargs):
             package=node.package, executable=node.executable, name=node.name,
             namespace=node.namespace, parameters=[str(p) for p in node.parameters] + values,
             remappings=list(node.remappings), output='screen', emulate_tty=True,
+            # The same niceness `habc launch` gives the process.
+            prefix=f'nice -n {node.nice}' if node.nice else None,
             on_exit=Shutdown(reason=f'required node {node.name} exited') if node.required
             else None))
     return actions

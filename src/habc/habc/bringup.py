@@ -19,7 +19,7 @@ from habc_common import checkpoints, update_trust
 TRUE_WORDS = {'true', '1', 'yes', 'on'}
 FALSE_WORDS = {'false', '0', 'no', 'off'}
 _NODE_KEYS = {'name', 'package', 'executable', 'parameters', 'remappings', 'namespace',
-              'required', 'enabled_if', 'argument_parameters'}
+              'required', 'enabled_if', 'argument_parameters', 'nice'}
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class NodeSpec:
     # (parameter, launch argument): the argument's value, when not empty, sets the parameter
     # after every parameter file.
     argument_parameters: tuple[tuple[str, str], ...] = ()
+    # Niceness the process starts with (0-19; higher yields the CPU to the others).
+    nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ResolvedNode:
     argument_parameters: tuple[tuple[str, str], ...] = ()
     # Parameters set by launch arguments (`-p name:=value`, after the parameter files).
     parameter_values: tuple[tuple[str, Any], ...] = ()
+    nice: int = 0
 
     @property
     def full_name(self) -> str:
@@ -143,12 +146,17 @@ def load_description(path: Path) -> BringupDescription:
             if argument not in argument_names:
                 _fail(path, f'{where}: argument_parameters names undeclared argument '
                       f'{argument!r} (for parameter {parameter!r})')
+        nice = entry.get('nice', 0)
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            _fail(path, f'{where}: nice must be an integer from 0 to 19 (the niceness the '
+                  f'process starts with; higher yields the CPU to the others), got {nice!r}')
         nodes.append(NodeSpec(
             name=str(entry['name']), package=str(entry['package']),
             executable=str(entry['executable']), parameters=tuple(parameters),
             remappings=tuple(remappings), namespace=str(entry.get('namespace') or ''),
             required=bool(entry.get('required', False)), enabled_if=enabled_if,
-            argument_parameters=tuple((str(k), str(v)) for k, v in mapping.items())))
+            argument_parameters=tuple((str(k), str(v)) for k, v in mapping.items()),
+            nice=nice))
 
     names = [n.name for n in nodes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -223,7 +231,8 @@ def resolve(description: BringupDescription,
             required=spec.required, argument_parameters=spec.argument_parameters,
             parameter_values=clock + tuple((parameter, values[argument])
                                            for parameter, argument in spec.argument_parameters
-                                           if values[argument])))
+                                           if values[argument]),
+            nice=spec.nice))
     return trust_own_learner(resolved)
 
 

@@ -11,6 +11,7 @@ start from, or, with none, what to do (habc.bringup.checkpoint_notice).
 import argparse
 import ctypes
 from dataclasses import dataclass
+import functools
 import os
 import signal
 import subprocess
@@ -33,6 +34,13 @@ from habc_common.ros_env import apply_project_defaults
 
 _COLORS = ('36', '33', '35', '32', '34', '91', '96', '93')
 _PR_SET_PDEATHSIG = 1
+
+
+def _prepare_child(nice: int) -> None:
+    """In the child before exec: its niceness, and death with the launcher."""
+    if nice:
+        os.nice(nice)
+    _die_with_launcher()
 
 
 def _die_with_launcher() -> None:
@@ -98,7 +106,7 @@ class Launcher:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, text=True, env=env,
                                        start_new_session=True, bufsize=1,
-                                       preexec_fn=_die_with_launcher)
+                                       preexec_fn=functools.partial(_prepare_child, node.nice))
             color = _COLORS[index % len(_COLORS)]
             reader = threading.Thread(target=self._pump, args=(node.name, color, process.stdout),
                                       daemon=True)

@@ -4,6 +4,7 @@ from collections.abc import Callable
 import sys
 from typing import Any
 
+from habc_common.control_loop import ControlLoop, ControlThreadParams
 from habc_common.ros_env import apply_project_defaults
 
 
@@ -63,3 +64,42 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
             rclpy.shutdown()
     if code:
         sys.exit(code)
+
+
+def start_control_tick(node: Any, period_s: float, tick: Callable[[], Any],
+                       params: ControlThreadParams, *, steady: bool,
+                       callback_group: Any = None) -> ControlLoop | None:
+    """Run `tick()` every `period_s` for `node`: on a ControlLoop thread, or on the executor.
+
+    steady: the tick follows the steady clock, and runs on a ControlLoop (absolute deadlines,
+    its own thread, the scheduling of `params`); the loop stops when the node is destroyed.
+    Otherwise (a node on simulated time) an rclpy timer on the node's clock runs it, so the
+    tick follows /clock. Returns the loop, or None for the timer.
+    """
+    if not steady:
+        node.create_timer(period_s, tick, callback_group=callback_group)
+        return None
+    log = node.get_logger()
+    loop: ControlLoop | None = None
+
+    def on_error(exc: Exception) -> None:
+        if not node.context.ok():
+            loop.stop()  # shutdown under a running tick: nothing left to publish to
+            return
+        log.error(f'control tick failed: {type(exc).__name__}: {exc}',
+                  throttle_duration_sec=5.0)
+
+    loop = ControlLoop(period_s, lambda deadline: tick(), name=f'{node.get_name()}_tick',
+                       realtime_priority=params.realtime_priority,
+                       cpu_affinity=params.cpu_affinity, on_error=on_error)
+    destroy = node.destroy_node
+
+    def destroy_node() -> None:
+        loop.stop()  # before the publishers the tick uses are gone
+        destroy()
+    node.destroy_node = destroy_node
+    report = loop.start()
+    text = (f'control tick on its own thread every {period_s * 1e3:g} ms (absolute '
+            f'deadlines, steady clock): {report.text()}')
+    (log.warning if report.refused else log.info)(text)
+    return loop

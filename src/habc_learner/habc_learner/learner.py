@@ -86,8 +86,9 @@ class LearnerParams:
                               'rounds).', min=0)
     poll_period_s: float = param(1.0, 'How often the episode index is polled (s).',
                                  min=0.01, max=3600.0)
-    torch_threads: int = param(1, 'CPU threads of torch (keep the robot-side nodes fed).',
-                               min=1)
+    torch_threads: int = param(
+        0, 'CPU threads of torch; 0: half the CPUs the process may use (at least 1), so the '
+        'robot-side nodes stay fed.', min=0, max=256)
     cameras: list[int] = param([], 'Indices into Observation.images of the views to train '
                                'on, in order; empty = all.')
     image_size: int = param(0, 'Resize images to this square size (px); 0 keeps them (a '

@@ -36,6 +36,7 @@ from std_msgs.msg import String
 import torch
 
 from habc_common import checkpoints
+from habc_common.control_loop import compute_threads
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import LATCHED
@@ -106,7 +107,7 @@ class LearnerNode:
         self.params = declare_node_parameters(self.node, LearnerParams)
         self.signing_key = _signing_key(self.params.signing_key, self.node.get_logger())
         # Training shares the machine with the robot-side nodes: cap its CPU threads.
-        torch.set_num_threads(self.params.torch_threads)
+        torch.set_num_threads(compute_threads(self.params.torch_threads))
         self.learner: Learner | None = None
         self.index_path = expand_path(self.params.index_path)
         # Opened read-only once the recorder has created it (the learner never writes it).

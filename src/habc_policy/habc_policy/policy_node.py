@@ -47,7 +47,8 @@ from rclpy.node import Node
 from std_msgs.msg import String
 
 from habc_common import checkpoints
-from habc_common.node_main import spin_node
+from habc_common.control_loop import compute_threads
+from habc_common.node_main import spin_node, start_control_tick
 from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
 from habc_common.update_trust import UpdateGate
@@ -87,9 +88,8 @@ class PolicyNode:
                          parameter_overrides=parameter_overrides or [])
         self.params = declare_node_parameters(self.node, PolicyNodeParams)
         self.log = self.node.get_logger()
-        if self.params.torch_threads:
-            import torch
-            torch.set_num_threads(self.params.torch_threads)
+        import torch
+        torch.set_num_threads(compute_threads(self.params.torch_threads))
         self.executor = ChunkExecutor(self.params.executor_params())
         gate = UpdateGate.of(self.params.trusted_keys, self.params.checkpoint_roots,
                              self.params.policy_name, self.params.require_signed_updates)
@@ -166,8 +166,12 @@ class PolicyNode:
                                       callback_group=inputs)
         self.node.create_subscription(PolicyUpdate, 'policy/update', self.update_callback,
                                       LATCHED, callback_group=inputs)
-        self.node.create_timer(self.params.control_period_s, self.control_callback,
-                               callback_group=control)
+        # The control tick: on a thread of its own on absolute steady-clock deadlines, or on
+        # an rclpy timer that follows /clock under simulated time.
+        sim_time = bool(self.node.get_parameter('use_sim_time').value)
+        self.loop = start_control_tick(self.node, self.params.control_period_s,
+                                       self.control_callback, self.params, steady=not sim_time,
+                                       callback_group=control)
         if self._waiting:
             # Wall time (steady), also under simulated time: it watches files, not the robot.
             self._search_timer = self.node.create_timer(
@@ -190,6 +194,8 @@ class PolicyNode:
         if self._closed:
             return
         self._closed = True
+        if self.loop is not None:
+            self.loop.stop()
         self.worker.stop()
         self._loader.shutdown(wait=False, cancel_futures=True)
 

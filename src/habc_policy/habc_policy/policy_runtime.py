@@ -52,6 +52,7 @@ from urllib.request import url2pathname
 import numpy as np
 
 from habc_common.checkpoints import LEARNER_WORK_DIR
+from habc_common.control_loop import ControlThreadParams
 from habc_common.params import param, validate_params
 from habc_common.update_trust import (
     decode_token,
@@ -68,8 +69,8 @@ from habc_policy.robot_fit import check_fit, RobotInterface
 
 
 @dataclass(frozen=True)
-class PolicyNodeParams:
-    """Parameters of policy_node."""
+class PolicyNodeParams(ControlThreadParams):
+    """Parameters of policy_node (with the scheduling of its control tick thread)."""
 
     checkpoint: str = param(
         '', 'Checkpoint folder (model.safetensors + config.json) loaded at start-up; empty: '
@@ -142,7 +143,8 @@ class PolicyNodeParams:
     device: str = param('cpu', "Torch device of the policy, e.g. 'cpu' or 'cuda:0'.",
                         read_only=True)
     torch_threads: int = param(
-        0, 'Threads torch uses for inference; 0: torch default.', min=0, max=256,
+        0, "Threads torch uses for inference; 0: half the CPUs the process may use (at least "
+        "1), leaving the rest to the robot-side nodes' control ticks.", min=0, max=256,
         read_only=True)
     joint_names: list[str] = param(
         [], 'Joint order of the policy state and actions; empty: the order of the '

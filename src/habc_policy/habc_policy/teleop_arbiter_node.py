@@ -31,6 +31,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 import math
+import threading
 import time
 
 from builtin_interfaces.msg import Duration
@@ -44,7 +45,8 @@ from std_msgs.msg import Bool, Float64MultiArray
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from habc_common.node_main import spin_node
+from habc_common.control_loop import ControlThreadParams
+from habc_common.node_main import spin_node, start_control_tick
 from habc_common.params import declare_node_parameters, param
 from habc_common.qos import COMMANDS, JOINT_STATES
 from habc_episodes.vocabulary import Controller
@@ -62,7 +64,7 @@ EVENTS_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
 
 
 @dataclass(frozen=True)
-class TeleopArbiterNodeParams(ArbiterParams):
+class TeleopArbiterNodeParams(ArbiterParams, ControlThreadParams):
     """Parameters of teleop_arbiter_node: the arbiter's own plus the adapter's.
 
     The control rate is 1 / control_period_s (default 50 Hz).
@@ -272,6 +274,9 @@ class TeleopArbiterNode:
         self.rejected: Counter[str] = Counter()
         self.last_output: ArbiterOutput | None = None
         self._last_reject: dict[str, str] = {}
+        # The tick runs on its own thread (start_control_tick), the inputs on the executor's:
+        # the arbiter core, the joint order and the statistics are used under this lock.
+        self._lock = threading.Lock()
         p = self.params
         interface = p.command_interface
         self._forward = None
@@ -290,8 +295,8 @@ class TeleopArbiterNode:
         self._executed = self.node.create_publisher(ExecutedAction, 'executed_action', COMMANDS)
         self._diagnostics = self.node.create_publisher(DiagnosticArray, 'arbiter/diagnostics',
                                                        10)
-        # All callbacks share the node's default, mutually exclusive callback group (the
-        # arbiter core is not thread-safe); main() spins it on one thread.
+        # The input callbacks share the node's default, mutually exclusive callback group;
+        # main() spins it on one thread. The tick takes self._lock against them.
         node = self.node
         node.create_subscription(JointState, 'joint_states', self.joint_state_callback,
                                  JOINT_STATES)
@@ -311,7 +316,12 @@ class TeleopArbiterNode:
         self._sim_time = bool(node.get_parameter('use_sim_time').value)
         self._control_clock = (node.get_clock() if self._sim_time
                                else Clock(clock_type=ClockType.STEADY_TIME))
-        self.timer = node.create_timer(p.control_period_s, self.tick, clock=self._control_clock)
+        # Messages of the tick, allocated once; the tick only fills them in.
+        self._forward_msg = Float64MultiArray()
+        self._trajectory_point = JointTrajectoryPoint(time_from_start=self._time_from_start)
+        self._trajectory_msg = JointTrajectory(points=[self._trajectory_point])
+        self._action_msg = ExecutedAction()
+        self._state_msg = InterventionState()
         if p.diagnostics_period_s > 0.0:
             node.create_timer(p.diagnostics_period_s, self.publish_diagnostics,
                               clock=self._control_clock)
@@ -319,6 +329,11 @@ class TeleopArbiterNode:
         node.get_logger().info(
             f'ready: arbitrating at {1.0 / p.control_period_s:g} Hz, command to {interface}, '
             f'joint order {order}')
+        # On the steady clock the tick runs on a thread of its own on absolute deadlines
+        # (habc_common.control_loop), not behind the executor's callbacks; on simulated time
+        # an rclpy timer follows /clock.
+        self.loop = start_control_tick(node, p.control_period_s, self.tick, p,
+                                       steady=not self._sim_time)
 
     def _now(self) -> float:
         # The control timer's clock: arrival times and ticks compare.
@@ -338,61 +353,81 @@ class TeleopArbiterNode:
             self.node.get_logger().error(f'{topic} rejected: {reason}')
 
     def joint_state_callback(self, msg: JointState) -> None:
-        try:
-            self.arbiter.on_joint_state(self.joints.state(msg.name, msg.position), self._now())
-        except ValueError as exc:
-            self._reject('joint_states', exc)
+        with self._lock:
+            try:
+                self.arbiter.on_joint_state(self.joints.state(msg.name, msg.position),
+                                            self._now())
+            except ValueError as exc:
+                self._reject('joint_states', exc)
 
     def policy_callback(self, msg: PolicyCommand) -> None:
         # A refused command never moves the robot, and the arbiter holds that side (reason
         # 'rejected') until a good one comes: wrong joints here, NaN / length / limits there.
-        try:
-            positions = self.joints.command(msg.name, msg.position, 'policy/joint_command')
-        except ValueError as exc:
-            self.arbiter.reject(Controller.POLICY)
-            self._reject('policy/joint_command', exc)
-            return
-        try:
-            self.arbiter.on_policy_command(positions, self._now(), msg.policy_version)
-        except ValueError as exc:
-            self._reject('policy/joint_command', exc)
+        with self._lock:
+            try:
+                positions = self.joints.command(msg.name, msg.position,
+                                                'policy/joint_command')
+                command_ok = True
+            except ValueError as exc:
+                self.arbiter.reject(Controller.POLICY)
+                self._reject('policy/joint_command', exc)
+                command_ok = False
+            if command_ok:
+                try:
+                    self.arbiter.on_policy_command(positions, self._now(), msg.policy_version)
+                except ValueError as exc:
+                    self._reject('policy/joint_command', exc)
 
     def teleop_callback(self, msg: JointState) -> None:
-        try:
-            positions = self.joints.command(msg.name, msg.position, 'teleop/joint_command')
-        except ValueError as exc:
-            self.arbiter.reject(Controller.HUMAN)
-            self._reject('teleop/joint_command', exc)
-            return
-        try:
-            self.arbiter.on_teleop_command(positions, self._now())
-        except ValueError as exc:
-            self._reject('teleop/joint_command', exc)
+        with self._lock:
+            try:
+                positions = self.joints.command(msg.name, msg.position,
+                                                'teleop/joint_command')
+                command_ok = True
+            except ValueError as exc:
+                self.arbiter.reject(Controller.HUMAN)
+                self._reject('teleop/joint_command', exc)
+                command_ok = False
+            if command_ok:
+                try:
+                    self.arbiter.on_teleop_command(positions, self._now())
+                except ValueError as exc:
+                    self._reject('teleop/joint_command', exc)
 
     def engage_callback(self, msg: Bool) -> None:
-        before = self.arbiter.controller
-        if self.arbiter.on_engage(msg.data, self._now()):
-            self.node.get_logger().info(
-                f'control {before.name} -> {self.arbiter.controller.name} (teleop/engage)')
-        elif msg.data and self.arbiter.controller != Controller.HUMAN:
+        with self._lock:
+            before = self.arbiter.controller
+            switched = self.arbiter.on_engage(msg.data, self._now())
+            after = self.arbiter.controller
+        if switched:
+            self.node.get_logger().info(f'control {before.name} -> {after.name} '
+                                        '(teleop/engage)')
+        elif msg.data and after != Controller.HUMAN:
             self.node.get_logger().warning(
                 'engage refused: no fresh teleop/joint_command (engage_requires_teleop)',
                 throttle_duration_sec=2.0)
 
     def estop_callback(self, msg: Bool) -> None:
         # Only True acts: a False never releases the latch (that takes the reset service).
-        if msg.data and not self.arbiter.estopped:
-            self.arbiter.estop()
+        with self._lock:
+            latched = msg.data and not self.arbiter.estopped
+            if latched:
+                self.arbiter.estop()
+        if latched:
             self.node.get_logger().warning(
                 'E-STOP latched: holding the measured position; call arbiter/reset_estop '
                 'to release it')
 
     def reset_estop_callback(self, request: Trigger.Request,
                              response: Trigger.Response) -> Trigger.Response:
-        if self.arbiter.estopped:
-            self.arbiter.reset_estop()
-            response.message = (f'e-stop released; {self.arbiter.controller.name} resumes '
-                                'once its command is fresh')
+        with self._lock:
+            released = self.arbiter.estopped
+            if released:
+                self.arbiter.reset_estop()
+            controller = self.arbiter.controller
+        if released:
+            response.message = (f'e-stop released; {controller.name} resumes once its '
+                                'command is fresh')
             self.node.get_logger().info(response.message)
         else:
             response.message = 'e-stop was not latched; nothing to release'
@@ -400,6 +435,10 @@ class TeleopArbiterNode:
         return response
 
     def event_callback(self, msg: EpisodeEvent) -> None:
+        with self._lock:
+            self._on_event(msg)
+
+    def _on_event(self, msg: EpisodeEvent) -> None:
         if msg.event == EpisodeEvent.EVENT_START:
             if msg.episode_id != self.episode_id:  # the latched START may come again
                 self.episode_id = msg.episode_id
@@ -418,10 +457,12 @@ class TeleopArbiterNode:
     def tick(self) -> ArbiterOutput:
         """Arbitrate once and publish the command, the intervention state and the action."""
         started = time.monotonic()  # the tick's own cost, on the steady clock
-        start = self._now()
-        self.stats.tick(start)
-        out = self.arbiter.tick(start)
-        self.last_output = out
+        with self._lock:
+            start = self._now()
+            self.stats.tick(start)
+            out = self.arbiter.tick(start)
+            self.last_output = out
+            episode_id = self.episode_id
         stamp = self.node.get_clock().now().to_msg()
         if out.switched:
             self.node.get_logger().info(
@@ -429,49 +470,61 @@ class TeleopArbiterNode:
         if out.command is not None:
             positions = out.command.tolist()
             if self._forward is not None:
-                self._forward.publish(Float64MultiArray(data=positions))
+                self._forward_msg.data = positions
+                self._forward.publish(self._forward_msg)
             if self._trajectory is not None:
-                trajectory = JointTrajectory(joint_names=self.joints.names)
                 # A zero stamp means "start on receipt" to a joint trajectory controller.
-                trajectory.points = [JointTrajectoryPoint(
-                    positions=positions, time_from_start=self._time_from_start)]
-                self._trajectory.publish(trajectory)
-            action = ExecutedAction(source=int(out.source), segment_id=out.segment_id,
-                                    episode_id=self.episode_id,
-                                    policy_version=out.policy_version,
-                                    joint_names=self.joints.names, positions=positions)
+                self._trajectory_msg.joint_names = self.joints.names
+                self._trajectory_point.positions = positions
+                self._trajectory.publish(self._trajectory_msg)
+            action = self._action_msg
             action.header.stamp = stamp
+            action.source = int(out.source)
+            action.segment_id = out.segment_id
+            action.episode_id = episode_id
+            action.policy_version = out.policy_version
+            action.joint_names = self.joints.names
+            action.positions = positions
             self._executed.publish(action)
-        state = InterventionState(active=out.human_active, source=int(out.source),
-                                  segment_id=out.segment_id, episode_id=self.episode_id,
-                                  reason=out.reason)
+        state = self._state_msg
         state.header.stamp = stamp
+        state.active = out.human_active
+        state.source = int(out.source)
+        state.segment_id = out.segment_id
+        state.episode_id = episode_id
+        state.reason = out.reason
         self._intervention.publish(state)
-        self.stats.record_busy(time.monotonic() - started)
+        with self._lock:
+            self.stats.record_busy(time.monotonic() - started)
         return out
 
     def publish_diagnostics(self) -> None:
-        summary = self.stats.summary()
+        with self._lock:
+            summary = self.stats.summary()
+            estopped = self.arbiter.estopped
+            controller = self.arbiter.controller
+            rejected = dict(self.rejected)
+            out = self.last_output
+            episode_id = self.episode_id
         status = DiagnosticStatus(name=f'{self.node.get_name()}: control tick',
                                   hardware_id=self.node.get_fully_qualified_name())
         late = summary['late_ticks']
         status.level = DiagnosticStatus.WARN if late else DiagnosticStatus.OK
-        if self.arbiter.estopped:
+        if estopped:
             status.level = DiagnosticStatus.WARN
         p99 = summary.get('jitter_p99_ms', float('nan'))
         status.message = (f'{1.0 / self.params.control_period_s:g} Hz, jitter p99 '
                           f'{p99:.2f} ms, {late:g} late ticks'
-                          + (', E-STOP latched' if self.arbiter.estopped else ''))
+                          + (', E-STOP latched' if estopped else ''))
         values = {key: f'{value:.4g}' for key, value in summary.items()}
-        out = self.last_output
         values.update({
             'source': out.source.name if out is not None else '',
-            'controller': self.arbiter.controller.name,
-            'estopped': str(self.arbiter.estopped),
-            'episode_id': self.episode_id,
+            'controller': controller.name,
+            'estopped': str(estopped),
+            'episode_id': episode_id,
             'policy_version': out.policy_version if out is not None else '',
         })
-        values.update({f'rejected/{topic}': str(n) for topic, n in sorted(self.rejected.items())})
+        values.update({f'rejected/{topic}': str(n) for topic, n in sorted(rejected.items())})
         status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.node.get_clock().now().to_msg()

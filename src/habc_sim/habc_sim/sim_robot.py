@@ -14,14 +14,15 @@ import math
 
 import numpy as np
 
+from habc_common.control_loop import ControlThreadParams
 from habc_common.params import param, validate_params
 from habc_sim.aloha import AlohaConfig, AlohaEnv, CAMERAS, OFF_TABLE_Z, TASK_OBJECTS
 from habc_sim.joints import ALOHA_JOINT_NAMES
 
 
 @dataclass(frozen=True)
-class SimRobotParams:
-    """Parameters of sim_robot_node."""
+class SimRobotParams(ControlThreadParams):
+    """Parameters of sim_robot_node (with the scheduling of its physics tick thread)."""
 
     task: str = param('transfer_cube', 'Simulated task (scene).',
                       choices=tuple(TASK_OBJECTS))

@@ -24,7 +24,6 @@ import json
 import time
 from typing import Any, TypeVar
 
-from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.time import Time
 from rosgraph_msgs.msg import Clock as ClockMessage
@@ -32,7 +31,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
-from habc_common.node_main import spin_node
+from habc_common.node_main import spin_node, start_control_tick
 from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, JOINT_STATES, SENSOR_DATA
 from habc_msgs.srv import ResetSim
@@ -79,16 +78,17 @@ class SimRobotNode:
         if self.node.get_parameter('use_sim_time').value:
             self._clock_publisher = self.node.create_publisher(ClockMessage, '/clock', 10)
             self._publish_clock()  # the others' clocks start before the first tick
-        # Subscriptions, the service and the timer share the node's default (mutually
-        # exclusive) callback group, so the MuJoCo state is never touched concurrently. The
-        # steady clock: with use_sim_time the node's own clock follows the time it publishes.
-        self.node.create_timer(1.0 / self.params.rate_hz, self.timer_callback,
-                               clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.node.get_logger().info(
             f'ready: {self.params.task} at {self.params.rate_hz:g} Hz, cameras '
             f'{self.robot.cameras} at {self.params.image_size} px, seed {self.params.seed}, '
             + ('publishing the simulated time on /clock' if self._clock_publisher
                else 'stamped with the wall clock'))
+        # The physics tick runs on a thread of its own, on absolute deadlines of the steady
+        # clock (with use_sim_time the node's own clock follows the time it publishes). The
+        # MuJoCo state is only touched on the GL thread; a command latches a new target array
+        # (one reference assignment), which the next step reads.
+        self.loop = start_control_tick(self.node, 1.0 / self.params.rate_hz,
+                                       self.timer_callback, self.params, steady=True)
 
     def _publish_clock(self) -> None:
         message = ClockMessage()
@@ -173,6 +173,7 @@ class SimRobotNode:
                    else 'use fewer or smaller cameras, a lower rate_hz or use_sim_time'))
 
     def close(self) -> None:
+        self.loop.stop()
         self._on_gl_thread(self.robot.close)
         self._gl_thread.shutdown()
 
