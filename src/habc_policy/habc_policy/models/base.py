@@ -64,6 +64,10 @@ class Policy(nn.Module, ABC):
     # True when the model takes images only at config.image_size: the learner then resizes
     # recorded images to it instead of keeping their size (a CNN takes any size).
     exact_image_size: ClassVar[bool] = False
+    # True when predict_action_chunk takes a `prefix` (real-time chunking: the sampler is
+    # guided towards the actions already planned; see sample_guided_chunks). A flow policy
+    # may decide per instance (a property): read it on the policy, not on its class.
+    supports_guided_prefix: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -131,18 +135,87 @@ class Policy(nn.Module, ABC):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Predicted action chunks (B, H, D) in robot units."""
 
-    def predict_action_chunk(self, observation: dict[str, Any]) -> np.ndarray:
-        """Predict the (H, D) chunk for ONE observation (no batch dimension)."""
+    def sample_guided_chunks(self, batch: dict[str, Any], prefix: torch.Tensor,
+                             weights: torch.Tensor, generator: torch.Generator | None = None,
+                             max_guidance: float = 5.0) -> torch.Tensor:
+        """Chunks (B, H, D) in robot units, sampled with real-time chunking's guidance.
+
+        `prefix` (B, H, D) in robot units holds the actions the new chunk should start with;
+        `weights` (H,) how much each step counts (models.flow_matching.prefix_weights);
+        `max_guidance` is the clip beta of models.flow_matching.guided_euler_sample.
+        Implemented by the policies whose `supports_guided_prefix` is True.
+        """
+        raise NotImplementedError(f'{type(self).__name__} does not sample with a guided '
+                                  'prefix (supports_guided_prefix is False)')
+
+    def predict_action_chunk(self, observation: dict[str, Any],
+                             prefix: np.ndarray | None = None, delay: int = 0,
+                             generator: torch.Generator | None = None,
+                             max_guidance: float = 5.0) -> np.ndarray:
+        """Predict the (H, D) chunk for ONE observation (no batch dimension).
+
+        Real-time chunking: `prefix` (P, D), P <= H, in robot units, holds the actions planned
+        for the new chunk's steps 0..P-1: its first `delay` are already committed to the
+        robot (they will have run before the chunk arrives), the rest are the previous
+        chunk's plan. The chunk is then sampled guided towards them (weights 1 for the first
+        `delay`, decaying to 0 at P; models.flow_matching.prefix_weights), so it continues
+        what the robot does instead of jumping to another mode. `max_guidance` is the
+        guidance clip beta (5 in the paper): the guidance moves a sample along what the model
+        can produce from it, so with few flow steps it corrects a sample within its mode but
+        rarely turns one that took another mode; a larger beta (with more
+        num_inference_steps) does (test_realtime_chunking.py). Without a prefix the chunk
+        is sampled as before (the same random numbers for the same `generator`).
+
+        Raises:
+            ValueError: a prefix for a policy that cannot take one, or a malformed prefix
+                (shape, length above H, delay outside 0..P, NaN or infinite values).
+        """
         was_training = self.training
         if was_training:
             self.eval()
         device = next(self.parameters()).device
         batch = {key: _add_batch_dim(value, device) for key, value in observation.items()}
-        with torch.inference_mode():
-            chunk = self.sample_chunks(batch)[0].cpu().numpy()
-        if was_training:
-            self.train()
-        return chunk
+        try:
+            if prefix is None:
+                with torch.inference_mode():
+                    chunk = self.sample_chunks(batch, generator)
+            else:
+                target, weights = self._guided_prefix(prefix, delay, device)
+                # Not inference_mode: the guidance differentiates the velocity field, and
+                # inference tensors cannot enter autograd. no_grad still skips the graph of
+                # the observation encoder; the guidance step turns gradients on for itself.
+                with torch.no_grad():
+                    chunk = self.sample_guided_chunks(batch, target[None], weights, generator,
+                                                      max_guidance)
+        finally:
+            if was_training:
+                self.train()
+        return chunk[0].cpu().numpy()
+
+    def _guided_prefix(self, prefix: Any, delay: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a prefix (P, D); return it held-last padded to (H, D) and its weights (H,)."""
+        from habc_policy.models.flow_matching import prefix_weights
+
+        if not self.supports_guided_prefix:
+            raise ValueError(f'{type(self).__name__} cannot take a prefix (real-time chunking '
+                             'needs a flow-matching policy whose supports_guided_prefix is '
+                             'True); call predict_action_chunk without prefix')
+        actions = np.asarray(prefix, dtype=np.float32)
+        h, d = self.horizon, self.action_dim
+        if actions.ndim != 2 or actions.shape[1] != d or not 1 <= actions.shape[0] <= h:
+            raise ValueError(f'prefix must be (P, {d}) actions with 1 <= P <= {h} (the '
+                             f'horizon), got shape {actions.shape}')
+        if not np.all(np.isfinite(actions)):
+            raise ValueError('prefix has NaN or infinite actions')
+        length = actions.shape[0]
+        if not 0 <= delay <= length:
+            raise ValueError(f'delay must be in 0..{length} (the prefix length), got {delay}')
+        # Held-last padding: padding with zeros would be a far-off target in robot units (and
+        # the dataset mean once normalised); its weights are 0 anyway.
+        padded = np.concatenate([actions, np.repeat(actions[-1:], h - length, axis=0)])
+        return (torch.as_tensor(padded, device=device),
+                prefix_weights(h, delay, length).to(device))
 
     def register_normalization(self, state_dim: int, action_dim: int) -> None:
         """Create the mean/std buffers of states and actions (saved with the weights)."""

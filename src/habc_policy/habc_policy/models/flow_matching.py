@@ -3,6 +3,14 @@
 Convention (rectified flow): x_tau = (1 - tau) * eps + tau * a, eps ~ N(0, I), tau in [0, 1];
 the network predicts the velocity v = a - eps. Sampling integrates dx/dtau = v from noise at
 tau = 0 to an action chunk at tau = 1 with a few Euler steps.
+
+Real-time chunking (RTC, Black et al. 2025, arXiv 2506.07339) samples the next chunk while
+the robot executes the previous one: the actions the robot will have executed before the new
+chunk arrives (the first d, committed) and the rest of the previous plan form a target
+prefix Y, and each Euler step is guided towards it (inpainting with PiGDM guidance):
+`prefix_weights` is the paper's soft mask W (Eq. 5), `guided_euler_sample` its Algorithm 1
+(Eq. 1-4). The equations below use the paper's symbols, with its time convention (the same as
+this module's: tau = 0 noise, tau = 1 data).
 """
 
 from collections.abc import Callable
@@ -47,13 +55,92 @@ def flow_matching_loss(velocity_fn: VelocityFn, actions: torch.Tensor, action_ma
 
 
 def euler_sample(velocity_fn: VelocityFn, shape: tuple[int, ...], steps: int,
-                 device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integrate the learned flow from noise (tau = 0) to actions (tau = 1)."""
+                 device: torch.device, generator: torch.Generator | None = None,
+                 noise_scale: float = 1.0) -> torch.Tensor:
+    """Integrate the learned flow from noise (tau = 0) to actions (tau = 1).
+
+    `noise_scale` < 1 starts from scaled-down noise (low-temperature sampling): samples
+    closer to the flow's mode; 1 is the trained distribution, 0 deterministic.
+    """
     x = torch.randn(shape, generator=generator, device=device)
+    if noise_scale != 1.0:
+        x = noise_scale * x
     dt = 1.0 / steps
     for i in range(steps):
         tau = torch.full((shape[0],), i * dt, device=device)
         x = x + dt * velocity_fn(x, tau)
+    return x
+
+
+def prefix_weights(horizon: int, delay: int, prefix_len: int) -> torch.Tensor:
+    """RTC's soft mask W (H,) over the steps of a new chunk (Eq. 5 of arXiv 2506.07339).
+
+    W_i = 1 for i < d (the committed actions), an exponential decay
+    W_i = c_i (e^{c_i} - 1) / (e - 1) with c_i = (P - i) / (P - d + 1) for d <= i < P (the
+    rest of the previous plan, trusted less the further out it lies), and 0 for i >= P (no
+    previous plan). The paper writes P as H - s (s: the execution horizon).
+
+    Raises:
+        ValueError: unless 0 <= delay <= prefix_len <= horizon and horizon >= 1.
+    """
+    if not 0 <= delay <= prefix_len <= horizon or horizon < 1:
+        raise ValueError(f'prefix weights need 0 <= delay <= prefix_len <= horizon, got '
+                         f'delay={delay}, prefix_len={prefix_len}, horizon={horizon}')
+    i = torch.arange(horizon, dtype=torch.float32)
+    c = (prefix_len - i) / (prefix_len - delay + 1)
+    decay = c * torch.expm1(c) / math.expm1(1.0)
+    weights = torch.where(i < prefix_len, decay, torch.zeros(()))
+    return torch.where(i < delay, torch.ones(()), weights)
+
+
+def guidance_scale(tau: float, max_guidance: float) -> float:
+    """PiGDM's guidance weight min(beta, (1 - tau) / (tau r_tau^2)) (Eq. 2 and 4).
+
+    r_tau^2 = (1 - tau)^2 / (tau^2 + (1 - tau)^2) (Eq. 4); the weight is beta at tau = 0
+    (where the ratio is infinite) and 0 at tau = 1.
+    """
+    if tau <= 0.0:
+        return max_guidance
+    r2 = (1.0 - tau) ** 2 / (tau ** 2 + (1.0 - tau) ** 2)
+    if r2 == 0.0:
+        return 0.0
+    return min(max_guidance, (1.0 - tau) / (tau * r2))
+
+
+def guided_euler_sample(velocity_fn: VelocityFn, prefix: torch.Tensor, weights: torch.Tensor,
+                        steps: int, generator: torch.Generator | None = None,
+                        max_guidance: float = 5.0, noise_scale: float = 1.0) -> torch.Tensor:
+    """Sample chunks (B, H, D) guided towards `prefix` Y (RTC's Algorithm 1).
+
+    Starts from the same noise as `euler_sample` with the same generator (and
+    `noise_scale`). Each Euler step
+    (Eq. 1) uses the guided velocity of Eq. 2:
+        A1_hat = A_tau + (1 - tau) v(A_tau, tau)                                 (Eq. 3)
+        e      = (Y - A1_hat) * W
+        g      = e^T dA1_hat/dA_tau        (a vector-Jacobian product through v)
+        v_PiGDM = v + min(beta, (1 - tau) / (tau r_tau^2)) g               (Eq. 2, 4)
+    `prefix` Y (B, H, D) is in the units the velocity field works in (normalised actions);
+    `weights` W is (H,) or (B, H); `max_guidance` is the clip beta (5 in the paper).
+    The velocity field must be differentiable in x: call this outside torch.inference_mode
+    (under no_grad is fine: the guidance step turns gradients on for itself).
+    """
+    if prefix.ndim != 3:
+        raise ValueError(f'prefix must be (B, H, D), got {tuple(prefix.shape)}')
+    # Lower-case names for the paper's Y, W, A^tau and A^1-hat (pep8 locals).
+    w = weights.to(prefix.device, prefix.dtype)
+    w = (w[None] if w.ndim == 1 else w)[:, :, None]
+    y = prefix
+    x = noise_scale * torch.randn(prefix.shape, generator=generator, device=prefix.device)
+    dt = 1.0 / steps
+    for i in range(steps):
+        tau = i * dt
+        with torch.enable_grad():
+            a_tau = x.detach().requires_grad_(True)
+            v = velocity_fn(a_tau, torch.full((x.shape[0],), tau, device=x.device))
+            a1_hat = a_tau + (1.0 - tau) * v
+            e = (y - a1_hat.detach()) * w
+            (g,) = torch.autograd.grad(a1_hat, a_tau, grad_outputs=e)
+        x = x + dt * (v.detach() + guidance_scale(tau, max_guidance) * g)
     return x
 
 

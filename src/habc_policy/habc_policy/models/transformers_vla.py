@@ -59,6 +59,7 @@ from habc_policy.models.base import Policy, register_policy
 from habc_policy.models.flow_matching import (
     euler_sample,
     flow_matching_loss,
+    guided_euler_sample,
     sinusoidal_embedding,
 )
 from habc_policy.robot_fit import check_camera_shape
@@ -294,6 +295,7 @@ class TransformersVLA(Policy):
     type_name = 'transformers_vla'
     config_class = TransformersVLAConfig
     exact_image_size = True
+    supports_guided_prefix = True
 
     def __init__(self, config: TransformersVLAConfig) -> None:
         vlm_config = check_backbone_dir(config.backbone_dir)
@@ -607,4 +609,21 @@ class TransformersVLA(Policy):
         shape = (hidden.shape[0], self.config.horizon, self.config.action_dim)
         x = euler_sample(self._velocity_fn(hidden, mask, state), shape,
                          self.config.num_inference_steps, hidden.device, generator)
+        return x * self.actions_std + self.actions_mean
+
+    @torch.no_grad()
+    def sample_guided_chunks(self, batch: dict[str, Any], prefix: torch.Tensor,
+                             weights: torch.Tensor, generator: torch.Generator | None = None,
+                             max_guidance: float = 5.0) -> torch.Tensor:
+        """Chunks (B, H, D) guided towards the action `prefix` (robot units).
+
+        One pass of the VLM's token prefix (self.prefix: not the action prefix), then the
+        guided Euler steps through the expert.
+        """
+        hidden, mask = self.prefix(batch)
+        state = self._state_token(batch)
+        mean, std = self.actions_mean, self.actions_std
+        target = (prefix.to(mean.device).float() - mean) / std
+        x = guided_euler_sample(self._velocity_fn(hidden, mask, state), target, weights,
+                                self.config.num_inference_steps, generator, max_guidance)
         return x * self.actions_std + self.actions_mean

@@ -41,6 +41,7 @@ from habc_policy.models.base import Policy, register_policy
 from habc_policy.models.flow_matching import (
     euler_sample,
     flow_matching_loss,
+    guided_euler_sample,
     masked_mse,
     sinusoidal_embedding,
 )
@@ -232,6 +233,11 @@ class SmallVLA(Policy):
         self.__dict__['_text_encoder'] = None
 
     @property
+    def supports_guided_prefix(self) -> bool:
+        """Real-time chunking's guided prefix needs the flow head (the 'l2' head regresses)."""
+        return self.config.action_head == 'flow'
+
+    @property
     def text_encoder(self):
         if self.__dict__['_text_encoder'] is None:
             self.__dict__['_text_encoder'] = shared_text_encoder(self.config.text_encoder_dir)
@@ -332,4 +338,18 @@ class SmallVLA(Policy):
         shape = (context.shape[0], self.config.horizon, self.config.action_dim)
         x = euler_sample(self._velocity_fn(context), shape, self.config.num_inference_steps,
                          context.device, generator)
+        return x * self.actions_std + self.actions_mean
+
+    @torch.no_grad()
+    def sample_guided_chunks(self, batch: dict[str, Any], prefix: torch.Tensor,
+                             weights: torch.Tensor, generator: torch.Generator | None = None,
+                             max_guidance: float = 5.0) -> torch.Tensor:
+        """Chunks (B, H, D) guided towards `prefix` (robot units); the flow head only."""
+        if not self.supports_guided_prefix:
+            return super().sample_guided_chunks(batch, prefix, weights, generator,
+                                                max_guidance)
+        context = self.context_tokens(batch)
+        target = (prefix.to(context.device).float() - self.actions_mean) / self.actions_std
+        x = guided_euler_sample(self._velocity_fn(context), target, weights,
+                                self.config.num_inference_steps, generator, max_guidance)
         return x * self.actions_std + self.actions_mean
