@@ -171,6 +171,8 @@ class ChunkExecutor:
         # Delay samples (actions past due when a chunk started executing), newest last.
         self._delays: deque[int] = deque(maxlen=params.latency_window)
         self._executing_chunk: int | None = None
+        # The newest accepted chunk, whole (all H steps): the plan a guided prefix reads.
+        self._newest: _Chunk | None = None
 
     @property
     def staged_version(self) -> PolicyVersion | None:
@@ -220,8 +222,9 @@ class ChunkExecutor:
             self._last_chunk_id = chunk_id
             self._action_dim = actions.shape[1]
             self.counters['chunks_accepted'] += 1
+            self._newest = _Chunk(actions, start_time, dt, version, chunk_id)
             if self.params.mode == 'ensemble':
-                self._chunks.append(_Chunk(actions, start_time, dt, version, chunk_id))
+                self._chunks.append(self._newest)
                 return True
             # The new chunk takes over from its own first slot; earlier queued actions stay,
             # so the robot keeps moving until the new chunk's first due time.
@@ -250,6 +253,54 @@ class ChunkExecutor:
             self.counters['executed'] += 1
             self.current_version = action.version
             return action
+
+    def planned_actions(self, start_time: float, count: int) -> np.ndarray | None:
+        """Return the newest chunk's actions due at start_time + i * dt, i < count.
+
+        The whole chunk, not only the executed steps: what the robot will do while the next
+        inference runs, then what the newest plan intended after that (a real-time chunking
+        prefix). Fewer than `count` rows when the chunk ends earlier; None when nothing is
+        planned for start_time (no chunk, cleared, or start_time outside the chunk).
+        """
+        with self._lock:
+            chunk = self._newest
+            if chunk is None:
+                return None
+            first = round((float(start_time) - chunk.start_time) / chunk.dt)
+            if first < 0 or first >= chunk.actions.shape[0]:
+                return None
+            return chunk.actions[first:first + max(0, int(count))].copy()
+
+    def plan_end(self) -> float | None:
+        """Due time (s) of the last queued action (receding mode), None when none is queued."""
+        with self._lock:
+            if self.params.mode == 'ensemble':
+                chunk = self._newest if self._chunks else None
+                return None if chunk is None else chunk.due(chunk.actions.shape[0] - 1)
+            return self._queue[-1].due_time if self._queue else None
+
+    def ran_out(self, now: float) -> bool:
+        """Whether actions ran since the last start or clear and nothing is due at now or later.
+
+        True means the robot has had (or has now) a tick without a policy action: the next
+        chunk comes late.
+        """
+        with self._lock:
+            if not self._running:
+                return False
+            tolerance = self.params.stale_after_s + _EPS
+            if self.params.mode == 'ensemble':
+                return not any(c.due(c.actions.shape[0] - 1) >= now - tolerance
+                               for c in self._chunks)
+            return not self._queue or self._queue[-1].due_time < now - tolerance
+
+    def past_due(self, start_time: float, horizon: int, now: float) -> int:
+        """How many of a chunk's `horizon` actions (first due at start_time) are stale at now."""
+        # Action i is stale when start_time + i * dt < now - stale_after_s.
+        late = now - self.params.stale_after_s - start_time
+        if late <= _EPS:
+            return 0
+        return min(int(horizon), math.ceil(late / self.params.control_period_s - _EPS))
 
     def remaining_actions(self, now: float) -> int:
         """Count the actions due after `now` (in ensemble mode: of the newest chunk)."""
@@ -303,6 +354,7 @@ class ChunkExecutor:
         with self._lock:
             self._queue = []
             self._chunks = []
+            self._newest = None
             self._running = False
             self._executing_chunk = None
             if now is not None:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 import json
 import math
+import threading
 import time
 
 from rcl_interfaces.msg import SetParametersResult
@@ -61,6 +62,7 @@ from habc_msgs.msg import (
     PolicyUpdate,
 )
 from habc_policy.chunk_executor import ChunkExecutor
+from habc_policy.inference_schedule import InferenceScheduler
 from habc_policy.policy_runtime import (
     ChunkResult,
     InferenceWorker,
@@ -94,13 +96,24 @@ class PolicyNode:
         gate = UpdateGate.of(self.params.trusted_keys, self.params.checkpoint_roots,
                              self.params.policy_name, self.params.require_signed_updates)
         self.runtime = PolicyRuntime(self.executor, self.params.control_period_s, gate,
-                                     self.params.device, self.params.joint_names)
+                                     self.params.device, self.params.joint_names,
+                                     clock=self._executor_now)
+        # Just-in-time inference starts (receding mode); the thresholds otherwise.
+        self.scheduler: InferenceScheduler | None = None
+        if self.params.schedule_inference and self.params.mode == 'receding':
+            self.scheduler = InferenceScheduler(self.params.inference_margin_s,
+                                                self.params.latency_window)
+        self._schedule_lock = threading.Lock()
+        # Per-chunk timing, for policy/status: chunks, actions skipped, chunks that came late.
+        self.chunk_timing = {'chunks': 0, 'skipped_steps': 0, 'late_chunks': 0}
         if not gate.require_signature:
             self.log.warning('require_signed_updates is false: any process on the DDS domain '
                              'can change the policy that drives the robot')
         self._paused = False
-        # Seamless swaps: control ticks without an action before each version's first one.
+        # Seamless swaps: control ticks without an action before each version's first one,
+        # and whether the first inference of newly swapped weights is still to start.
         self._empty_ticks = 0
+        self._first_of_version = False
         self._last_action_version: PolicyVersion | None = None
         self._swap_gap_ticks: dict[str, int] = {}
         self._last_source: tuple[int, str] | None = None
@@ -202,6 +215,10 @@ class PolicyNode:
     def _now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
 
+    def _executor_now(self) -> float:
+        # The executor's clock: when a command published now reaches the robot.
+        return self._now() + self.params.command_lead_s
+
     def _error_once(self, what: str, exc: Exception) -> None:
         # Log each distinct problem once: a bad observation stream would flood the log.
         message = f'{what}: {exc}'
@@ -221,7 +238,7 @@ class PolicyNode:
         fresh = observation.stamp if observation.stamp > 0 else self._now()
         self._newest_observation = max(self._newest_observation, fresh)
         self.worker.offer(observation)
-        self._maybe_infer(self._now() + self.params.command_lead_s)
+        self._maybe_infer(self._executor_now(), observation_stamp=fresh)
 
     def intervention_callback(self, msg: InterventionState) -> None:
         source, reason = msg.source, msg.reason
@@ -326,10 +343,24 @@ class PolicyNode:
 
     # Control ----------------------------------------------------------------------------
 
-    def _maybe_infer(self, now: float) -> None:
+    def _maybe_infer(self, now: float, observation_stamp: float | None = None) -> None:
+        # now: executor time. observation_stamp: set when an observation has just arrived.
+        if self.scheduler is not None:
+            with self._schedule_lock:
+                if observation_stamp is not None:
+                    self.scheduler.record_observation(observation_stamp)
+                    decision = self.scheduler.on_observation(now, self.executor.plan_end())
+                else:
+                    decision = self.scheduler.on_tick(now, self.executor.plan_end())
+            start = decision.start
+        else:
+            start = self.executor.needs_inference(now)
         if self._paused or (self.runtime.active is None and self.runtime.pending is None):
             return
-        if self.executor.needs_inference(now):
+        # Staged weights swap in before the next inference. Their first inference is cold
+        # (slower than the estimate), so it starts at once, while the queue still holds
+        # most of the plan, not at the deadline of a warm one: the queue never runs dry.
+        if start or self.runtime.pending is not None or self._first_of_version:
             self.worker.request(self._not_before)
 
     def control_callback(self) -> None:
@@ -363,6 +394,10 @@ class PolicyNode:
     # Worker callbacks (inference thread) ------------------------------------------------
 
     def _on_chunk(self, result: ChunkResult) -> None:
+        self._first_of_version = False
+        if self.scheduler is not None:
+            with self._schedule_lock:
+                self.scheduler.record_latency(result.turnaround_s, result.cold)
         if (not result.accepted or self._paused
                 or result.observation.stamp < self._not_before):
             # Planned before a handback, or finished while the human drives (an inference in
@@ -379,7 +414,13 @@ class PolicyNode:
         msg.dt = result.dt
         # Row-major (H, D); bytes go into the array('f') field in C.
         msg.actions = array.array('f', result.actions.astype('<f4').tobytes())
+        msg.skipped_steps = result.skipped
+        msg.late = result.late and not result.cold
         self.chunk_publisher.publish(msg)
+        timing = self.chunk_timing
+        timing['chunks'] += 1
+        timing['skipped_steps'] += result.skipped
+        timing['late_chunks'] += int(msg.late)
 
     def _on_inference_error(self, exc: Exception) -> None:
         if isinstance(exc, WeightsError):
@@ -394,6 +435,7 @@ class PolicyNode:
         self._error_once('inference failed', exc)
 
     def _on_swap(self, loaded: LoadedPolicy) -> None:
+        self._first_of_version = True
         self.log.info(f'swapped to version {loaded.version} (sha256 {loaded.sha256[:12]}, '
                       f'{loaded.source})')
         self.publish_status()
@@ -406,6 +448,11 @@ class PolicyNode:
         status['swap_gap_ticks'] = dict(self._swap_gap_ticks)
         status['paused'] = self._paused
         status['blind_ticks'] = self.blind_ticks
+        status['chunk_timing'] = dict(self.chunk_timing)
+        if self.scheduler is not None:
+            with self._schedule_lock:
+                latency = self.scheduler.latency_s
+            status['inference_turnaround_s'] = latency
         # Why the node holds without weights (None once it has some).
         status['waiting'] = (self._waiting or None) if self.runtime.active is None else None
         status['stamp'] = time.time()

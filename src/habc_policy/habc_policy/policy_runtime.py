@@ -133,8 +133,17 @@ class PolicyNodeParams(ControlThreadParams):
         2, 'Latency-aware trigger: actions kept in reserve beyond the measured delay.',
         min=0, max=10000, read_only=True)
     latency_window: int = param(
-        20, 'Latency-aware trigger: chunks the delay estimate looks back over.',
-        min=1, max=10000, read_only=True)
+        20, 'Latency-aware trigger and inference schedule: chunks the delay and turnaround '
+        'estimates look back over.', min=1, max=10000, read_only=True)
+    schedule_inference: bool = param(
+        True, 'Receding mode: start each inference as late as still lands in time, from the '
+        'newest observation (habc_policy.inference_schedule): before the queued plan ends by '
+        'the measured turnaround (90th percentile, cold starts left out) plus '
+        'inference_margin_s. false: the remaining-actions trigger (min_remaining_steps, '
+        'latency_trigger).', read_only=True)
+    inference_margin_s: float = param(
+        0.01, 'Inference schedule: reserve (s) beyond the measured turnaround.', min=0.0,
+        max=10.0, read_only=True)
     observation_stale_after_s: float = param(
         0.1, 'Send nothing while the newest observation is older than this (s, on the '
         "node's clock): a chunk is a plan for what the robot saw, and with the cameras or "
@@ -220,6 +229,14 @@ class ChunkResult:
     accepted: bool
     latency_s: float
     observation: PolicyObservation
+    # Actions of the chunk already stale when it was accepted (they fell due during the
+    # inference), and whether the queued plan had run out before it came (empty ticks).
+    skipped: int = 0
+    late: bool = False
+    # Request to accepted (s) as the worker measured it; cold: the first inference of a
+    # version (or after a clear), left out of the latency estimate.
+    turnaround_s: float = math.nan
+    cold: bool = False
 
 
 @dataclass
@@ -306,8 +323,11 @@ class PolicyRuntime:
     """
 
     def __init__(self, executor: ChunkExecutor, control_period_s: float, gate: UpdateGate,
-                 device: str = 'cpu', joint_names: Sequence[str] = ()) -> None:
+                 device: str = 'cpu', joint_names: Sequence[str] = (),
+                 clock: Callable[[], float] = time.time) -> None:
+        # clock: the executor's time (s), to count the actions that fell due meanwhile.
         self.executor = executor
+        self.clock = clock
         self.gate = gate
         self.period = float(control_period_s)
         self.device = device
@@ -725,13 +745,17 @@ class PolicyRuntime:
         chunk_id = self._next_chunk_id
         self._next_chunk_id += 1
         start_time = observation.stamp + self.period
+        now = self.clock()
+        late = self.executor.ran_out(now)
         accepted = self.executor.add_chunk(actions, start_time, self.period, active.version,
                                            chunk_id)
         self.counters['inferences'] += 1
         if not accepted:
             self.counters['chunks_rejected'] += 1
+        skipped = self.executor.past_due(start_time, actions.shape[0], now)
         return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
-                           accepted, latency, observation)
+                           accepted, latency, observation, skipped=skipped,
+                           late=late and accepted)
 
     def _predict(self, policy: Any, inputs: dict[str, Any]) -> np.ndarray:
         import torch
@@ -798,6 +822,9 @@ class InferenceWorker:
         self._newest: PolicyObservation | None = None
         self._requested: PolicyObservation | None = None
         self._last_stamp = -math.inf
+        self._requested_at = math.nan
+        # The next inference is the first of its weights (start-up or a swap): cold.
+        self._cold = True
         self._busy = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name='policy_inference', daemon=True)
@@ -836,6 +863,7 @@ class InferenceWorker:
                 return False
             self._busy = True
             self._requested = newest
+            self._requested_at = time.monotonic()
             self._last_stamp = newest.stamp
         self._wake.set()
         return True
@@ -852,17 +880,22 @@ class InferenceWorker:
                 return
             try:
                 swapped = self.runtime.swap_if_pending()
-                if swapped is not None and self._on_swap is not None:
-                    self._on_swap(swapped)
+                if swapped is not None:
+                    self._cold = True
+                    if self._on_swap is not None:
+                        self._on_swap(swapped)
             except Exception as exc:  # report, keep the thread alive
                 self._on_error(exc)
             with self._lock:
                 observation, self._requested = self._requested, None
+                requested_at = self._requested_at
             if observation is None:
                 continue
             try:
                 result = self.runtime.infer(observation)
                 if result is not None:
+                    result.turnaround_s = time.monotonic() - requested_at
+                    result.cold, self._cold = self._cold, False
                     self._on_result(result)
             except Exception as exc:  # report, keep the thread alive
                 self.runtime.counters['inference_errors'] += 1

@@ -3,12 +3,14 @@
 from collections import Counter
 import json
 from pathlib import Path
+import threading
 import time
 
 from builtin_interfaces.msg import Time
 import numpy as np
 import pytest
 from rclpy.parameter import Parameter
+from ros_fixtures import GUARD_S
 from ros_helpers import Child, ROOT
 from rosgraph_msgs.msg import Clock
 from std_msgs.msg import String
@@ -139,6 +141,8 @@ class Harness:
         self.now_ns = START_NS
         self.ticks = 0
         self.observing = True  # False: the cameras (or the synchronizer) are gone
+        self.holding = False  # True: time stands still
+        self.lagging = False  # True: time moves on while an inference runs
         self.observed_ns = 0
         self.observation: Observation | None = None
         ros.add_node(self.policy.node)
@@ -152,8 +156,10 @@ class Harness:
     def advance(self) -> None:
         """Move time one control period on if the policy is done with the present."""
         policy = self.policy
+        if self.holding:
+            return
         if (policy.ticked_ns < self.now_ns or policy.observed_ns < self.observed_ns
-                or policy.worker.busy):
+                or (policy.worker.busy and not self.lagging)):
             if time.monotonic() - self.sent_at > RESEND_S:
                 if policy.observed_ns < self.observed_ns:
                     self.observations.publish(self.observation)
@@ -284,7 +290,38 @@ def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
                          'chunks after the rejection')
         assert {c.policy_version for c in harness.chunks[count:]} == {'1:sft'}
 
+    # The swap, with the first inference of v2 held back for several ticks (as a slow cold
+    # start would be): the old plan must carry the robot until v2's first chunk.
+    count = len(harness.chunks)
+    harness.wait_for(lambda: len(harness.chunks) > count and harness.settled(),
+                     'a fresh chunk, nothing in flight')
+    harness.holding = True  # time stands still while v2 loads and swaps in
     harness.update(2, 'v2', harness.shas['v2'])
+    runtime, executor = harness.policy.runtime, harness.policy.executor
+    harness.ros.wait_for(lambda: runtime.active.version.number == 2, 'the swap to v2')
+    now = harness.now + harness.policy.params.command_lead_s
+    queued = executor.remaining_actions(now)
+    assert queued >= 6, f'the swap left {queued} queued actions; the queue must hold them'
+    released, held = threading.Event(), threading.Event()
+    infer = runtime.infer
+
+    def held_back(observation):
+        if runtime.active.version.number == 2 and not released.is_set():
+            held.set()
+            released.wait(GUARD_S)
+        return infer(observation)
+    runtime.infer = held_back
+    underruns, ticks = executor.counters['underruns'], harness.ticks
+    harness.holding, harness.lagging = False, True
+    try:
+        harness.wait_for(held.is_set, 'the first inference of v2 (held back)')
+        lag = queued - (harness.ticks - ticks) - 1
+        harness.run(lag)
+        assert executor.counters['underruns'] == underruns
+    finally:
+        released.set()
+        harness.lagging = False
+        runtime.infer = infer
     harness.wait_for(lambda: any(c.policy_version == '2' for c in harness.chunks),
                      'a chunk of version 2')
     versions = [c.policy_version for c in harness.chunks]
@@ -294,6 +331,16 @@ def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
     assert harness.status['active_sha256'] == harness.shas['v2']
     count = len(harness.commands)
     harness.wait_for(lambda: len(harness.commands) >= count + 10, 'commands after the swap')
+    # The switch itself left no tick without an action (simulated time moved on only while
+    # the held-back inference ran; otherwise once each inference was done, so an empty tick
+    # here is the swap's doing, not a slow machine's).
+    harness.wait_for(lambda: '2' in harness.status.get('swap_gap_ticks', {}),
+                     'the swap gap on the status')
+    assert harness.status['swap_gap_ticks']['2'] == 0
+    assert executor.counters['underruns'] == 0
+    stamps = [c.header.stamp.sec * 1_000_000_000 + c.header.stamp.nanosec
+              for c in harness.commands]
+    assert set(np.diff(stamps)) == {PERIOD_NS}, 'a control tick without a command'
 
 
 @pytest.mark.ros
