@@ -29,6 +29,7 @@ import time
 from rosbags.interfaces import Connection, MessageDefinitionFormat, Qos
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.rosbag2.storage_mcap import McapWriter
+from rosbags.serde import SerdeError
 from rosbags.typesys import get_types_from_idl, get_types_from_msg, get_typestore, Stores
 from rosbags.typesys.store import Typestore
 
@@ -308,21 +309,56 @@ def read_episode_messages(path: str | Path, topics: Sequence[str] | None = None,
         topics: only these topics; None for all.
         typestore: typestore for deserialization.
     """
-    store = typestore if typestore is not None else _shared_typestore()
     with Reader(Path(path)) as reader:
-        wanted = [c for c in reader.connections if topics is None or c.topic in topics]
-        if not wanted:
-            return  # Reader.messages() with no connections would yield every topic
-        stores = {}
-        for conn in wanted:
-            known = conn.msgtype in store.fielddefs and (
-                not conn.digest or store.hash_rihs01(conn.msgtype) == conn.digest)
-            if known or conn.msgdef.format == MessageDefinitionFormat.NONE:
-                stores[conn.id] = store
-            else:
-                encoding = ('ros2msg' if conn.msgdef.format == MessageDefinitionFormat.MSG
-                            else 'ros2idl')
-                stores[conn.id] = typestore_from_definition(
-                    conn.msgtype, encoding, conn.msgdef.data)
-        for conn, timestamp, raw in reader.messages(connections=wanted):
-            yield conn.topic, timestamp, stores[conn.id].deserialize_cdr(raw, conn.msgtype)
+        yield from read_messages(reader, topics, typestore)
+
+
+def read_messages(reader: Reader, topics: Sequence[str] | None = None,
+                  typestore: Typestore | None = None) -> Iterator[tuple[str, int, object]]:
+    """Yield (topic, timestamp_ns, message) of an open rosbags Reader, as read_episode_messages().
+
+    For a caller that has opened the bag already (opening parses metadata.yaml: ~10 ms).
+    """
+    store = typestore if typestore is not None else _shared_typestore()
+    wanted = [c for c in reader.connections if topics is None or c.topic in topics]
+    if not wanted:
+        return  # Reader.messages() with no connections would yield every topic
+    stores = {}
+    for conn in wanted:
+        known = conn.msgtype in store.fielddefs and (
+            not conn.digest or store.hash_rihs01(conn.msgtype) == conn.digest)
+        if known or conn.msgdef.format == MessageDefinitionFormat.NONE:
+            stores[conn.id] = store
+        else:
+            encoding = ('ros2msg' if conn.msgdef.format == MessageDefinitionFormat.MSG
+                        else 'ros2idl')
+            stores[conn.id] = typestore_from_definition(conn.msgtype, encoding, conn.msgdef.data)
+    for conn, timestamp, raw in reader.messages(connections=wanted):
+        yield conn.topic, timestamp, deserialize_view(stores[conn.id], raw, conn.msgtype)
+
+
+def deserialize_view(typestore: Typestore, raw: bytes | bytearray | memoryview,
+                     msgtype: str) -> object:
+    """Return the `msgtype` message in CDR `raw`, as typestore.deserialize_cdr() does, uncopied.
+
+    rosbags' deserialize_cdr() starts with `raw[4:]`, which copies the whole message (two
+    camera frames: ~180 kB) before reading it; the slice of a memoryview is free. rosbags'
+    own generated deserializer then reads the same bytes, so the message is the same, except
+    that its numeric arrays (uint8[] image data, float64[] positions) are numpy views into
+    `raw` (read-only for bytes) that keep `raw` alive while they live. Same checks and
+    errors as rosbags.
+
+    Raises:
+        SerdeError: not CDR, not a `msgtype` message, or bytes left over.
+    """
+    if len(raw) < 4 or bytes(raw[:2]) not in (b'\x00\x00', b'\x00\x01'):
+        raise SerdeError('Invalid or unsupported CDR encapsulation.')
+    msgdef = typestore.get_msgdef(msgtype)
+    deserialize = msgdef.deserialize_cdr_le if raw[1] else msgdef.deserialize_cdr_be
+    try:
+        message, end = deserialize(memoryview(raw).cast('B')[4:], 0, msgdef.cls, typestore)
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise SerdeError(f'Could not deserialize {msgtype!r}: {exc}') from exc
+    if end + 4 + 3 < len(raw):
+        raise SerdeError(f'CDR message size mismatch for {msgtype!r}.')
+    return message

@@ -4,9 +4,10 @@
                  sqlite3), folders holding one .mcap file and no metadata.yaml, bare
                  .mcap/.db3 files
     Labeller     the outcome of each bag, from the sources below
-    load_bags()  Episodes of the labelled bags (bag_episodes.episode_from_bag), with a
-                 progress bar; every bag that cannot be used is reported with the reason and
-                 skipped, and the others are still used
+    load_bags()  Episodes of the labelled bags (bag_episodes.episode_from_bag), loaded by
+                 worker processes (loading.load_all) and streamed in order, with a progress
+                 bar; every bag that cannot be used is reported with the reason and skipped,
+                 and the others are still used
 
 Outcome labels, first source that labels a bag wins:
   1. the labels CSV of the command line (`--labels`, columns bag,outcome[,note]): the
@@ -34,15 +35,9 @@ import sqlite3
 import time
 
 from habc_episodes.episode import Episode
-from habc_episodes.episode_bags import (
-    BAG_FILE_SUFFIXES,
-    bag_files,
-    bag_name,
-    BagReadError,
-    episode_from_bag,
-    TopicMapping,
-)
+from habc_episodes.episode_bags import BAG_FILE_SUFFIXES, bag_files, bag_name, TopicMapping
 from habc_episodes.index import EpisodeRecord
+from habc_episodes.loading import BagJob, default_workers, load_all
 from habc_episodes.vocabulary import EpisodeKind, LABEL_OUTCOMES, Outcome
 
 INDEX_NAME = 'episodes.sqlite'
@@ -82,6 +77,8 @@ class LoadedBag:
     label: Label
     size_bytes: int
     seconds: float
+    # CPU time of the process that loaded it (a worker process, with several workers).
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -95,6 +92,8 @@ class LoadResult:
     seconds: float = 0.0
     # Rows of the labels CSV that named no bag that was found (typos, missing bags).
     unmatched_labels: list[str] = field(default_factory=list)
+    # Processes that loaded the bags (1: this one).
+    workers: int = 1
 
     @property
     def episodes(self) -> list[Episode]:
@@ -369,17 +368,24 @@ def _read_sidecar(path: Path) -> tuple[object, str]:
 def load_bags(bags: Sequence[str | Path], *, demos: Sequence[str | Path] = (),
               labeller: Labeller | None = None, topics: TopicMapping | None = None,
               cameras: Sequence[int] | None = None, image_size: int | None = None,
-              with_images: bool = True, progress: bool = True) -> LoadResult:
+              with_images: bool = True, progress: bool = True,
+              workers: int | None = None) -> LoadResult:
     """Turn every labelled bag under `bags` (and every demonstration under `demos`) into Episodes.
 
     Demonstration bags need no label (one labelled failure or discarded is skipped). Bags
     are labelled before they are read, so an unlabelled bag costs no reading. A bag found
-    under several paths is used once.
+    under several paths is used once. `workers` processes load the bags (None: one per
+    core and per 128 MiB of bags, see loading.default_workers(); 1: this process); the
+    result is the same, in the same order, whatever their number.
 
     Raises:
         FileNotFoundError: a path does not exist (a bag that exists but cannot be read is
             reported in the result instead).
+        ValueError: workers < 1.
+        RuntimeError: a worker process died (out of memory?); the message names the bag.
     """
+    if workers is not None and workers < 1:
+        raise ValueError(f'workers must be >= 1, got {workers}')
     labeller = labeller or Labeller()
     topics = topics or TopicMapping()
     result = LoadResult()
@@ -416,24 +422,25 @@ def load_bags(bags: Sequence[str | Path], *, demos: Sequence[str | Path] = (),
     result.unmatched_labels = labeller.unmatched()
 
     sizes = [bag_size(bag) for bag, _, _ in jobs]
+    result.workers = min(workers or default_workers(len(jobs), sum(sizes)),
+                         max(1, len(jobs)))
+    views = tuple(int(c) for c in cameras) if cameras is not None else None
+    bag_jobs = [BagJob(bag, label.outcome, kind, views, image_size, topics, with_images)
+                for bag, label, kind in jobs]
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(sizes), unit='B', unit_scale=True, unit_divisor=1024,
-               desc=f'loading {len(jobs)} bags', disable=not progress, dynamic_ncols=True)
+               desc=f'loading {len(jobs)} bags'
+                    + (f' ({result.workers} processes)' if result.workers > 1 else ''),
+               disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     with bar:
-        for (bag, label, kind), size in zip(jobs, sizes, strict=True):
-            bag_started = time.perf_counter()
-            try:
-                episode = episode_from_bag(bag, label.outcome, cameras=cameras,
-                                           image_size=image_size, topics=topics, kind=kind,
-                                           with_images=with_images)
-            except BagReadError as exc:
-                result.skipped.append(SkippedBag(bag, 'unreadable', str(exc)))
-            except (ValueError, FileNotFoundError) as exc:
-                result.skipped.append(SkippedBag(bag, 'unusable', str(exc)))
+        outcomes = load_all(bag_jobs, result.workers)
+        for (bag, label, _), size, outcome in zip(jobs, sizes, outcomes, strict=True):
+            if outcome.episode is None:
+                result.skipped.append(SkippedBag(bag, outcome.reason, outcome.message))
             else:
-                result.loaded.append(LoadedBag(bag, episode, label, size,
-                                               time.perf_counter() - bag_started))
+                result.loaded.append(LoadedBag(bag, outcome.episode, label, size,
+                                               outcome.seconds, outcome.cpu_seconds))
             result.size_bytes += size
             bar.update(size)
     result.seconds = time.perf_counter() - started

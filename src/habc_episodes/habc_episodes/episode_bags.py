@@ -40,7 +40,7 @@ so nothing is ever written into an input bag.
 
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 import functools
@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from rosbags.rosbag2 import Reader
 
-from habc_episodes.bag_format import read_episode_messages
+from habc_episodes.bag_format import read_messages
 from habc_episodes.episode import Episode
 from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
@@ -201,8 +201,13 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
                      cameras: Sequence[int] | None = None, image_size: int | None = None,
                      topics: TopicMapping = TopicMapping(), episode_id: str | None = None,
                      kind: EpisodeKind = EpisodeKind.ROLLOUT,
-                     with_images: bool = True) -> Episode:
+                     with_images: bool = True,
+                     allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None
+                     ) -> Episode:
     """Build an Episode from one recorded episode bag.
+
+    Images are decoded and resized straight from the messages' bytes into one array per
+    episode, sized from the bag's message counts (no per-frame arrays, no second stack).
 
     Args:
         bag_path: the bag: a rosbag2 directory, a bare .mcap/.db3 file, or a directory that
@@ -218,6 +223,8 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
         kind: rollout (default) or demonstration.
         with_images: False leaves images out (and does not decode them), for a policy
             without cameras.
+        allocate: makes an uninitialised uint8 array of a shape for the images
+            (empty_frames by default; load_bags' worker processes pass shared memory).
 
     Returns:
         Episode with observations {'state': (T, S) float32 joint positions, 'images':
@@ -234,20 +241,34 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
     """
     path = Path(bag_path)
     source = bag_source(path)
-    if topics.standard:
-        return _episode_from_standard_topics(path, source, outcome, topics, image_size,
-                                             episode_id, kind, with_images)
-    observation_topic, action_topic = _resolve_topics(path, topics, source)
+    with _open_bag(path, source) as reader:
+        if topics.standard:
+            return _episode_from_standard_topics(path, source, reader, outcome, topics,
+                                                 image_size, episode_id, kind, with_images,
+                                                 allocate)
+        return _episode_from_habc_topics(path, source, reader, outcome, cameras, image_size,
+                                         topics, episode_id, kind, with_images, allocate)
+
+
+def _episode_from_habc_topics(path: Path, source: Path, reader: Reader,
+                              outcome: str | Outcome, cameras: Sequence[int] | None,
+                              image_size: int | None, topics: TopicMapping,
+                              episode_id: str | None, kind: EpisodeKind, with_images: bool,
+                              allocate: Callable[[tuple[int, ...]], np.ndarray] | None
+                              ) -> Episode:
+    (observation_topic, action_topic), counts = _resolve_topics(path, topics, source, reader)
     where = f'bag {path}'
     # Observations are reduced to what training keeps as they stream in (state, resized
-    # images): holding every full message until the end would take the whole bag's size in
-    # memory (a long episode with VGA cameras is tens of GB).
+    # images written into `frames`): holding every full message until the end would take the
+    # whole bag's size in memory (a long episode with VGA cameras is tens of GB).
+    frames = _FrameStore(counts[observation_topic], image_size, allocate)
     observations: list[_Observation] = []
     actions: list[tuple[int, object]] = []
-    for topic, _, message in _read_messages(path, source, [observation_topic, action_topic]):
+    for topic, _, message in _read_messages(path, source, reader,
+                                             [observation_topic, action_topic]):
         stamp = _stamp_ns(message.header.stamp)
         if topic == observation_topic:
-            observations.append(_Observation.of(message, stamp, cameras, image_size,
+            observations.append(_Observation.of(message, stamp, cameras, frames,
                                                 with_images, where))
         else:
             actions.append((stamp, message))
@@ -282,8 +303,9 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
     used = [observations[i] for i in sorted(set(chosen))]
     _check_states(used, where)
     state = np.stack([observations[i].position for i in chosen])
-    images = (_stack_images([observations[i] for i in chosen], used, cameras, where)
+    images = (_stack_images([observations[i] for i in chosen], used, cameras, frames, where)
               if with_images else None)
+    del frames
 
     joint_names = list(kept[0].joint_names)
     for action in kept:
@@ -378,6 +400,18 @@ def bag_topics(bag_path: str | Path) -> dict[str, tuple[str, int]]:
 
 
 @contextmanager
+def _open_bag(path: Path, source: Path) -> Iterator[Reader]:
+    """Open a bag once for all that episode_from_bag reads (errors become BagReadError)."""
+    with _reading(path, source):
+        reader = Reader(source)
+        reader.open()
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+@contextmanager
 def _reading(path: Path, source: Path) -> Iterator[None]:
     """Turn whatever rosbags raises on a damaged bag into a BagReadError that says what to do.
 
@@ -420,21 +454,25 @@ def match_topic(name: str, available: Sequence[str]) -> list[str]:
             if topic == name or topic == '/' + name or topic.endswith('/' + name)]
 
 
-def _resolve_topics(path: Path, mapping: TopicMapping, source: Path) -> tuple[str, str]:
-    (observation, action), _ = _resolve(path, source, [
+def _resolve_topics(path: Path, mapping: TopicMapping, source: Path, reader: Reader
+                    ) -> tuple[tuple[str, str], dict[str, int]]:
+    """Return the observation and action topics, and topic -> message count."""
+    (observation, action), _, counts = _resolve(path, source, reader, [
         (mapping.observation, (OBSERVATION_TYPE,), True),
         (mapping.executed_action, (EXECUTED_ACTION_TYPE,), True)])
-    return observation, action
+    return (observation, action), counts
 
 
-def _resolve(path: Path, source: Path, wanted: Sequence[tuple[str, tuple[str, ...], bool]]
-             ) -> tuple[list[str], dict[str, str]]:
+def _resolve(path: Path, source: Path, reader: Reader,
+             wanted: Sequence[tuple[str, tuple[str, ...], bool]]
+             ) -> tuple[list[str], dict[str, str], dict[str, int]]:
     """Return the bag topic of each (mapping name, allowed types, required) entry.
 
     An optional entry ('' or without messages) resolves to ''. All problems are reported at
-    once, with what the bag holds. Also returns topic -> message type of the bag.
+    once, with what the bag holds. Also returns topic -> message type and topic -> message
+    count (as the bag's index says: a hint for sizing arrays, not a promise) of the bag.
     """
-    with _reading(path, source), Reader(source) as reader:
+    with _reading(path, source):
         available = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
     listing = ', '.join(f'{topic} ({msgtype}, {count})'
                         for topic, (msgtype, count) in sorted(available.items())) or 'nothing'
@@ -461,18 +499,22 @@ def _resolve(path: Path, source: Path, wanted: Sequence[tuple[str, tuple[str, ..
     if problems:
         raise ValueError(f'bag {path} cannot be trained on: {"; ".join(problems)}. '
                          f'It holds: {listing}')
-    return resolved, {topic: msgtype for topic, (msgtype, _) in available.items()}
+    return (resolved, {topic: msgtype for topic, (msgtype, _) in available.items()},
+            {topic: count for topic, (_, count) in available.items()})
 
 
 # Standard topics (`ros2 bag record` of another stack) -----------------------------------------
 
-def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outcome,
+def _episode_from_standard_topics(path: Path, source: Path, reader: Reader,
+                                  outcome: str | Outcome,
                                   topics: TopicMapping, image_size: int | None,
                                   episode_id: str | None, kind: EpisodeKind,
-                                  with_images: bool) -> Episode:
+                                  with_images: bool,
+                                  allocate: Callable[[tuple[int, ...]], np.ndarray] | None
+                                  ) -> Episode:
     where = f'bag {path}'
     camera_names = topics.cameras if with_images else ()
-    resolved, types = _resolve(path, source, [
+    resolved, types, counts = _resolve(path, source, reader, [
         *[(name, IMAGE_TYPES, True) for name in camera_names],
         (topics.joint_states, (JOINT_STATE_TYPE,), True),
         (topics.command, COMMAND_TYPES, True),
@@ -483,17 +525,21 @@ def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outco
     wanted = {topic for topic in resolved if topic}
     streams: dict[str, list[tuple[int, object]]] = {topic: [] for topic in wanted}
     receive = topics.stamps == 'receive'
-    # Raw images are resized as they stream in, so that the messages can be freed (holding
+    # Raw images are decoded and resized as they stream in, each into its row of its
+    # camera's array (the stream keeps the row), so that the messages can be freed (holding
     # them all takes the bag's size in memory); compressed ones are small until decoded, and
     # only the frames that ticks use are decoded.
-    raw_cameras = {topic for topic in camera_topics if types[topic] == IMAGE_TYPES[0]}
+    # One camera's array is the episode's images as it is (allocated where they go).
+    raw_cameras = {topic: _FrameStore(counts[topic], image_size,
+                                      allocate if len(camera_topics) == 1 else None)
+                   for topic in camera_topics if types[topic] == IMAGE_TYPES[0]}
     recorded_shapes: dict[str, tuple[int, int]] = {}  # (H, W) of each camera, before resize
-    for topic, log_time, message in _read_messages(path, source, sorted(wanted)):
+    for topic, log_time, message in _read_messages(path, source, reader, sorted(wanted)):
         stamp = log_time if receive else _message_stamp(message, log_time)
-        if topic in raw_cameras:
+        store = raw_cameras.get(topic)
+        if store is not None:
             recorded_shapes.setdefault(topic, (int(message.height), int(message.width)))
-            message = _owned(_resize(_image_array(message, f'{where}: {topic}'), image_size),
-                             message.data)
+            message = store.add([message], f'{where}: {topic}')  # the frame's row
         streams[topic].append((stamp, message))
     for stream in streams.values():
         stream.sort(key=lambda item: item[0])  # stable: equal stamps keep the bag's order
@@ -532,14 +578,12 @@ def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outco
             first = _decode_compressed(streams[topic][0][1], f'{where}: {topic}')
             recorded_shapes[topic] = (int(first.shape[0]), int(first.shape[1]))
         camera_shapes = tuple(recorded_shapes[topic] for topic in camera_topics)
-        # Decode each frame in use once (one may serve several ticks), then pack per tick.
-        views = []
-        for topic, stamps in zip(camera_topics, camera_stamps, strict=True):
-            index = np.searchsorted(stamps, ticks, side='right') - 1
-            decoded = {int(i): _frame(streams[topic][i][1], image_size, f'{where}: {topic}')
-                       for i in np.unique(index)}
-            views.append([decoded[int(i)] for i in index])
-        observations['images'] = _pack([list(row) for row in zip(*views, strict=True)], where)
+        observations['images'] = _camera_images(
+            [(topic, streams[topic], raw_cameras.get(topic),
+              np.searchsorted(stamps, ticks, side='right') - 1)
+             for topic, stamps in zip(camera_topics, camera_stamps, strict=True)],
+            image_size, allocate, where)
+        raw_cameras.clear()
 
     controllers = np.full(len(ticks), Controller.POLICY, dtype=np.int8)
     if flag_topic:
@@ -557,6 +601,47 @@ def _episode_from_standard_topics(path: Path, source: Path, outcome: str | Outco
                    instruction=instruction, kind=kind, policy_versions=[''] * len(ticks),
                    timestamps=ticks.astype(np.float64) * 1e-9,
                    episode_id=episode_id or bag_name(path), camera_shapes=camera_shapes)
+
+
+def _camera_images(cameras: list[tuple[str, list, '_FrameStore | None', np.ndarray]],
+                   image_size: int | None,
+                   allocate: Callable[[tuple[int, ...]], np.ndarray] | None,
+                   where: str) -> np.ndarray:
+    """Return (T, V, H, W, 3) uint8: per camera, the frame of stream entry index[t] per tick.
+
+    Each camera is (topic, its stream of (stamp, row or CompressedImage), its
+    _FrameStore for raw images or None for compressed ones, stream entry per tick). Every
+    frame is copied once, from its camera's array straight into its place.
+    """
+    sources = []
+    for topic, stream, store, index in cameras:
+        used = np.unique(index)
+        if store is not None:
+            rows = [stream[int(i)][1] for i in index]
+            sources.append((store, rows, {store.shape_of(row) for row in set(rows)}))
+        else:  # compressed: decode each frame in use once (one may serve several ticks)
+            decoded = {int(i): _resize(_decode_compressed(stream[int(i)][1],
+                                                          f'{where}: {topic}'), image_size)
+                       for i in used}
+            sources.append((decoded, [int(i) for i in index],
+                            {frame.shape[:2] for frame in decoded.values()}))
+    shapes = set().union(*(shapes for _, _, shapes in sources))
+    if len(shapes) != 1:
+        raise ValueError(f'{where}: images have different sizes '
+                         f'{sorted((*s, 3) for s in shapes)}; pass image_size to resize them '
+                         'to one size')
+    (shape,) = shapes
+    ticks = len(cameras[0][3])
+    if len(sources) == 1 and isinstance(sources[0][0], _FrameStore):
+        return sources[0][0].gather(sources[0][1], allocate)
+    out = (allocate or empty_frames)((ticks, len(sources), *shape, 3))
+    for view, (frames, rows, _) in enumerate(sources):
+        if isinstance(frames, _FrameStore):
+            frames.fill(rows, out[:, view])
+        else:
+            for t, row in enumerate(rows):
+                out[t, view] = frames[row]
+    return out
 
 
 def _message_stamp(message: object, log_time: int) -> int:
@@ -660,13 +745,6 @@ def _flag_rows(messages: list, msgtype: str, where: str) -> tuple[np.ndarray, np
             np.array(values, dtype=np.int8))
 
 
-def _frame(item: object, image_size: int | None, where: str) -> np.ndarray:
-    """Return a frame decoded as it was read, or decode a CompressedImage now."""
-    if isinstance(item, np.ndarray):
-        return item
-    return _resize(_decode_compressed(item, where), image_size)
-
-
 def _decode_compressed(image: object, where: str) -> np.ndarray:
     """Return an (H, W, 3) uint8 RGB array of a sensor_msgs/CompressedImage."""
     from PIL import Image, UnidentifiedImageError
@@ -676,6 +754,11 @@ def _decode_compressed(image: object, where: str) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f'{where}: a CompressedImage ({image.format!r}) cannot be decoded: '
                          f'{exc}') from None
+
+
+def empty_frames(shape: tuple[int, ...]) -> np.ndarray:
+    """Return an uninitialised uint8 array of `shape` (episode_from_bag's default `allocate`)."""
+    return np.empty(shape, dtype=np.uint8)
 
 
 def _stamp_ns(stamp: object) -> int:
@@ -693,23 +776,22 @@ class _Observation:
     image_count: int
     # (H, W) of the chosen views as recorded, before the resize.
     camera_shapes: tuple[tuple[int, int], ...]
-    # The chosen views, decoded and resized (owning their memory, so that the message can
-    # be freed); None when the chosen camera indices do not fit; the error of a bad image.
-    frames: list[np.ndarray] | None | ValueError
+    # The row of the episode's _FrameStore that holds the chosen views, decoded and resized;
+    # None when the chosen camera indices do not fit; the error of a bad image.
+    frames: int | None | ValueError
 
     @classmethod
     def of(cls, message: object, stamp: int, cameras: Sequence[int] | None,
-           image_size: int | None, with_images: bool, where: str) -> '_Observation':
-        count = len(message.images)
-        frames: list[np.ndarray] | None | ValueError = None
+           store: '_FrameStore', with_images: bool, where: str) -> '_Observation':
+        images = message.images
+        count = len(images)
+        frames: int | None | ValueError = None
         views = list(range(count)) if cameras is None else [int(c) for c in cameras]
         shapes: tuple[tuple[int, int], ...] = ()
         if with_images and views and all(0 <= v < count for v in views):
-            shapes = tuple((int(message.images[v].height), int(message.images[v].width))
-                           for v in views)
+            shapes = tuple((int(images[v].height), int(images[v].width)) for v in views)
             try:
-                frames = [_owned(_resize(_image_array(message.images[v], where), image_size),
-                                 message.images[v].data) for v in views]
+                frames = store.add([images[v] for v in views], where)
             except ValueError as exc:
                 frames = exc  # raised only if this observation is used
         joints = message.joint_state
@@ -717,17 +799,13 @@ class _Observation:
                    str(message.instruction), count, shapes, frames)
 
 
-def _owned(frame: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """Return `frame`, copied if it is a view of the message's data (that would keep it)."""
-    return frame.copy() if np.may_share_memory(frame, data) else frame
-
-
-def _read_messages(path: Path, source: Path, topics: Sequence[str]) -> Iterator[tuple]:
-    """Yield read_episode_messages(); what rosbags raises becomes a BagReadError.
+def _read_messages(path: Path, source: Path, reader: Reader,
+                   topics: Sequence[str]) -> Iterator[tuple]:
+    """Yield bag_format.read_messages(); what rosbags raises becomes a BagReadError.
 
     Only the reading is guarded: errors of the caller's processing pass unchanged.
     """
-    messages = read_episode_messages(source, topics)
+    messages = read_messages(reader, topics)
     while True:
         try:
             item = next(messages)
@@ -750,7 +828,8 @@ def _check_states(observations: list[_Observation], where: str) -> None:
 
 
 def _stack_images(steps: list[_Observation], used: list[_Observation],
-                  cameras: Sequence[int] | None, where: str) -> np.ndarray | None:
+                  cameras: Sequence[int] | None, store: '_FrameStore',
+                  where: str) -> np.ndarray | None:
     """Return (T, V, H, W, 3) uint8 of the chosen views per step, or None without images."""
     counts = {obs.image_count for obs in used}
     if counts == {0}:
@@ -766,45 +845,164 @@ def _stack_images(steps: list[_Observation], used: list[_Observation],
     for obs in used:
         if isinstance(obs.frames, ValueError):
             raise obs.frames
-    return _pack([obs.frames for obs in steps], where)
-
-
-def _pack(frames: list[list[np.ndarray]], where: str) -> np.ndarray:
-    """Stack rows of views of (H, W, 3) frames into one (N, V, H, W, 3) array.
-
-    Each frame is copied once, straight into its place: the frames are mostly views into
-    the messages' buffers, and nested np.stack calls would copy every image two more times.
-    """
-    shapes = {frame.shape for row in frames for frame in row}
+    rows = [obs.frames for obs in steps]
+    shapes = {shape for row in set(rows) for shape in store.view_shapes(row)}
     if len(shapes) != 1:
-        raise ValueError(f'{where}: images have different sizes {sorted(shapes)}; pass '
-                         'image_size to resize them to one size')
-    (shape,) = shapes
-    out = np.empty((len(frames), len(frames[0]), *shape), dtype=np.uint8)
-    for i, row in enumerate(frames):
-        for j, frame in enumerate(row):
-            out[i, j] = frame
-    return out
+        raise ValueError(f'{where}: images have different sizes '
+                         f'{sorted((*s, 3) for s in shapes)}; pass image_size to resize them '
+                         'to one size')
+    return store.gather(rows)
 
 
-def _image_array(image: object, where: str) -> np.ndarray:
-    """Return an (H, W, 3) uint8 RGB array of a sensor_msgs/Image."""
+class _FrameStore:
+    """The decoded frames of one episode: row k holds the views of the k-th frame set added.
+
+    Frames are written once, decoded and resized straight from the messages' bytes into a
+    (rows, V, H, W, 3) array allocated for the bag's message count (grown if the count was
+    wrong). A frame set whose views differ in size from the first one's is kept aside; an
+    episode that uses it fails (_stack_images, _camera_images) unless all sizes agree.
+    """
+
+    def __init__(self, capacity: int, size: int | None,
+                 allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> None:
+        self.size = size
+        self.capacity = max(1, int(capacity))
+        self.allocate = allocate or empty_frames
+        self.array: np.ndarray | None = None
+        self.count = 0
+        self.odd: dict[int, list[np.ndarray]] = {}
+
+    def add(self, images: Sequence[object], where: str) -> int:
+        """Decode sensor_msgs/Image messages (the views of one frame set) into the next row.
+
+        Raises:
+            ValueError: an image's encoding is not supported or its data is too short.
+        """
+        layouts = [_image_layout(image, where) for image in images]
+        shapes = [_target_shape(layout[0], layout[1], self.size) for layout in layouts]
+        row = self.count
+        if self.array is None and len(set(shapes)) == 1:
+            self.array = self.allocate((self.capacity, len(shapes), *shapes[0], 3))
+        if self.array is None or self.array.shape[1:] != (len(shapes), *shapes[0], 3) or len(
+                set(shapes)) != 1:
+            self.odd[row] = [_decode(layout, self.size, np.empty((*shape, 3), np.uint8))
+                             for layout, shape in zip(layouts, shapes, strict=True)]
+        else:
+            if row == len(self.array):  # more messages than the bag's index said
+                grown = self.allocate((2 * len(self.array), *self.array.shape[1:]))
+                grown[:row] = self.array
+                self.array = grown
+            for view, layout in enumerate(layouts):
+                _decode(layout, self.size, self.array[row, view])
+        self.count += 1
+        return row
+
+    def view_shapes(self, row: int) -> list[tuple[int, int]]:
+        """Return the (H, W) of each view of a row."""
+        if row in self.odd:
+            return [frame.shape[:2] for frame in self.odd[row]]
+        return [self.array.shape[2:4]] * self.array.shape[1]
+
+    def shape_of(self, row: int) -> tuple[int, int]:
+        """Return the (H, W) of a row of a single-view store."""
+        return self.view_shapes(row)[0]
+
+    def gather(self, rows: Sequence[int],
+               allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
+        """Return (len(rows), V, H, W, 3) of these rows (sizes must agree; checked by callers).
+
+        The common case, every row once and in order, is the array itself: no copy.
+        """
+        if (self.array is not None and not self.odd and len(rows) == len(self.array)
+                and self.count == len(self.array) and all(
+                    row == k for k, row in enumerate(rows))):
+            return self.array
+        first = self.odd[rows[0]] if rows[0] in self.odd else self.array[rows[0]]
+        out = (allocate or self.allocate)((len(rows), len(first), *first[0].shape))
+        self.fill(rows, out)
+        return out
+
+    def fill(self, rows: Sequence[int], out: np.ndarray) -> None:
+        """Copy rows into out[k] (out: (len(rows), V, H, W, 3), or a view of one camera)."""
+        for k, row in enumerate(rows):
+            if row in self.odd:
+                for view, frame in enumerate(self.odd[row]):
+                    out[k, view] = frame
+            else:
+                out[k] = self.array[row]
+
+
+def _image_layout(image: object, where: str) -> tuple[int, int, int, str, np.ndarray]:
+    """Return (height, width, step, encoding, data) of a sensor_msgs/Image, checked."""
     encoding = str(image.encoding)
     if encoding not in _CHANNELS:
         raise ValueError(f'{where}: image encoding {encoding!r} is not supported; the sync '
                          f'node publishes rgb8 (supported: {sorted(_CHANNELS)})')
-    channels, order = _CHANNELS[encoding]
+    channels = _CHANNELS[encoding][0]
     height, width, step = int(image.height), int(image.width), int(image.step)
-    data = np.asarray(image.data, dtype=np.uint8)
+    data = image.data
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+        data = np.asarray(data, dtype=np.uint8).reshape(-1)
     if step < width * channels or data.size < height * step:
         raise ValueError(f'{where}: a {width}x{height} {encoding} image has step {step} and '
                          f'{data.size} bytes; expected step >= {width * channels} and '
                          f'{height * step} bytes')
+    return height, width, step, encoding, data
+
+
+def _target_shape(height: int, width: int, size: int | None) -> tuple[int, int]:
+    return (height, width) if size is None else (size, size)
+
+
+def _decode(layout: tuple[int, int, int, str, np.ndarray], size: int | None,
+            out: np.ndarray) -> np.ndarray:
+    """Write the RGB frame of an image layout, resized as _resize() does, into `out`.
+
+    One pass from the message's bytes to `out`: rows padded to `step`, the channel order of
+    the encoding and a nearest-pixel resize are one precomputed index (_pixel_index).
+    """
+    height, width, step, encoding, data = layout
+    index = _pixel_index(height, width, step, encoding, size)
+    if index is None:  # rgb8, unpadded, not resized: the bytes are the frame
+        out.reshape(-1)[:] = data[:height * step]
+    elif isinstance(index, np.ndarray):
+        # 'wrap' skips numpy's bounds check: every index is < height * step <= data.size.
+        np.take(data, index, out=out.reshape(index.shape), mode='wrap')
+    else:  # a whole-number factor: block mean
+        out[:] = _resize(_image_array(layout), size)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _pixel_index(height: int, width: int, step: int, encoding: str,
+                 size: int | None) -> np.ndarray | None | bool:
+    """Return the byte offsets (H', W' * 3) of the output frame's bytes in the message data.
+
+    None: the data is the frame as is; False: a block mean (not an index) resizes it.
+    """
+    channels, order = _CHANNELS[encoding]
+    if size is None or (height, width) == (size, size):
+        if encoding == 'rgb8' and step == width * 3:
+            return None
+        rows, xs = np.arange(height), np.arange(width)
+    elif height % size == 0 and width % size == 0:
+        return False
+    else:
+        rows, xs = _nearest_rows_columns(height, width, size)
+    columns = (xs[:, None] * channels + np.array(order)).ravel()
+    return (rows[:, None] * step + columns[None, :]).astype(np.intp)
+
+
+def _image_array(image: object | tuple, where: str = '') -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array of a sensor_msgs/Image (or its _image_layout)."""
+    height, width, step, encoding, data = (image if isinstance(image, tuple)
+                                           else _image_layout(image, where))
+    channels, order = _CHANNELS[encoding]
     # Rows may be padded to `step` bytes.
     rows = data[:height * step].reshape(height, step)[:, :width * channels]
     pixels = rows.reshape(height, width, channels)
     if order == (0, 1, 2) and channels == 3:
-        return pixels  # rgb8: a view of the message's buffer, copied once when packed
+        return pixels  # rgb8: a view of the message's buffer
     return pixels[:, :, list(order)]
 
 
@@ -819,13 +1017,14 @@ def _resize(image: np.ndarray, size: int | None) -> np.ndarray:
         fy, fx = height // size, width // size
         blocks = image.reshape(size, fy, size, fx, 3).astype(np.float32)
         return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
-    rows, columns = _nearest_pixels(height, width, size)
+    rows, xs = _nearest_rows_columns(height, width, size)
+    columns = (xs[:, None] * 3 + np.arange(3)).ravel()
     # Rows, then byte columns of the (H, W * 3) view: ~10x faster than image[ys][:, xs].
     return image.reshape(height, width * 3)[rows][:, columns].reshape(size, size, 3)
 
 
-@functools.lru_cache(maxsize=16)
-def _nearest_pixels(height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _nearest_rows_columns(height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the source row of each output row and the source column of each output column."""
     rows = (np.arange(size) * height / size).astype(int)
     xs = (np.arange(size) * width / size).astype(int)
-    return rows, (xs[:, None] * 3 + np.arange(3)).ravel()
+    return rows, xs

@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='episode index (episodes.sqlite) to label bags from; repeatable')
     data.add_argument('--cameras', type=int, nargs='+', metavar='I',
                       help='habc bags: indices into Observation.images of the views to use')
+    data.add_argument('--load-workers', type=_positive_int, metavar='N',
+                      help='processes that load the bags (default: one per core, at most 8 '
+                      'and one per 128 MiB of bags; 1: none besides this one)')
     training = parser.add_argument_group('training')
     training.add_argument('--method', required=True, choices=[m.value for m in Method])
     training.add_argument('--out', required=True, type=Path, metavar='DIR',
@@ -211,8 +214,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = load_bags(args.bags, demos=args.demos, labeller=labeller, topics=topics,
                            cameras=args.cameras, image_size=image_size,
-                           with_images=with_images, progress=not args.quiet)
-    except FileNotFoundError as exc:
+                           with_images=with_images, progress=not args.quiet,
+                           workers=args.load_workers)
+    except (FileNotFoundError, RuntimeError) as exc:  # RuntimeError: a loader process died
         return _error(str(exc))
     problem = _output_problem(out, result)
     if problem:
@@ -396,6 +400,16 @@ def command_line(args: argparse.Namespace) -> str:
         else:
             parts += [flag, str(value)]
     return shlex.join(parts)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 1, got {text!r}')
+    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:
