@@ -9,11 +9,14 @@ Writes two sets of bags (or takes yours with --bags) of N episodes of T control 
              mcap-ros2-support writer (uncompressed chunks, as rosbag2 writes by default; no
              metadata.yaml): two sensor_msgs/Image topics, sensor_msgs/JointState at 100 Hz,
              std_msgs/Float64MultiArray commands, a std_msgs/Bool pedal, read with a mapping
-Then reads every set three ways and reports MB/s of bag bytes (best of --repeats):
+Then reads every set four ways and reports MB/s of bag bytes (best of --repeats):
     raw bytes     every file of the bags read in 8 MiB blocks (the I/O ceiling)
-    rosbags       rosbags' Reader over every message + deserialize_cdr (a plain read)
+    rosbags       rosbags' Reader over every message + deserialize_cdr (a plain sequential
+                  read in one process: the reference)
     habc loader   habc_episodes.dataset.load_bags, what `habc train` runs: find and label
-                  the bags, episode_from_bag (alignment, images decoded and resized to 96 px)
+                  the bags, episode_from_bag (alignment, images decoded and resized to 96 px),
+                  once in this process (workers=1) and once with its default worker processes
+Last, a cProfile of the one-process loader on each set (warm), written with the table.
 Warm runs read from the page cache (the bags were just written). Cold runs (unless
 --no-cold) first drop the bag files from the page cache (fsync + posix_fadvise DONTNEED),
 so data comes from the disk (as far as the kernel honours the hint). About 90 s on 2 cores.
@@ -23,10 +26,14 @@ so data comes from the disk (as far as the kernel honours the hint). About 90 s 
 """
 
 import argparse
+import cProfile
+import io
 import json
 import os
 from pathlib import Path
 import platform
+import pstats
+import resource
 import shutil
 import sys
 import tempfile
@@ -37,6 +44,7 @@ import numpy as np
 from habc_episodes.bag_format import EpisodeBagWriter, habc_typestore
 from habc_episodes.dataset import bag_size, find_bags, Labeller, load_bags
 from habc_episodes.episode_bags import bag_files, bag_source, TopicMapping
+from habc_episodes.loading import default_workers
 
 SEC = 1_000_000_000
 TICK = SEC // 50
@@ -48,6 +56,16 @@ FOREIGN_MAPPING = {
     'intervention': '/teleop/engage', 'instruction': 'transfer the cube',
 }
 _SEP = '=' * 80 + '\n'
+# Measured by hand on 15d84a4 (the loader before the one-pass decoding, the zero-copy
+# deserialisation and the worker processes), same sets, warm, cProfile.
+PROFILE_BEFORE = (
+    'Loader of 15d84a4 (one process), cProfile own time, warm: ours 2.23 s in all: _resize '
+    '0.18 s (12,000 frames), file reads 0.17 s, _pack 0.13 s (a second copy of every frame), '
+    'BytesIO reads 0.11 s (rosbags copying records), rosbags deserialize_cdr 0.90 s '
+    'cumulative (copying each message before reading it: `raw[4:]`), metadata.yaml parsed '
+    'twice per bag; foreign 2.42 s: _pack 0.46 s, chunk CRCs 0.22 s, file reads 0.19 s, '
+    'deserialize_cdr 0.89 s cumulative, _resize 0.14 s. Committed table of 15d84a4: 0.40x '
+    'warm / 0.73x cold (ours), 0.35x / 0.53x (foreign).')
 _HEADER = ('MSG: std_msgs/Header\nbuiltin_interfaces/Time stamp\nstring frame_id\n' + _SEP
            + 'MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n')
 DEFINITIONS = {
@@ -182,46 +200,78 @@ def read_rosbags(bags: list[Path], store) -> int:
     return messages
 
 
-def read_loader(bags: list[Path], labels: Path, topics: TopicMapping) -> int:
+def read_loader(bags: list[Path], labels: Path, topics: TopicMapping, workers: int) -> int:
     result = load_bags(bags, labeller=Labeller(labels), topics=topics, image_size=96,
-                       progress=False)
+                       progress=False, workers=workers)
     if result.skipped:
         raise RuntimeError(f'the loader skipped bags: {result.skipped[:3]}')
+    if result.workers != workers:
+        raise RuntimeError(f'asked for {workers} workers, the loader used {result.workers}')
     return sum(len(e) for e in result.episodes)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def measure(name: str, bags: list[Path], topics: TopicMapping, store, labels: Path,
             repeats: int, cold: bool) -> list[dict]:
     size = sum(bag_size(bag) for bag in bags)
+    workers = default_workers(len(bags), size)
     rows = []
-    readers = (('raw bytes', lambda: read_raw(bags), 'bytes'),
-               ('rosbags Reader + deserialize', lambda: read_rosbags(bags, store), 'messages'),
-               ('habc train loader', lambda: read_loader(bags, labels, topics), 'steps'))
+    readers = [('raw bytes', lambda: read_raw(bags), 'bytes', 1),
+               ('rosbags Reader + deserialize', lambda: read_rosbags(bags, store), 'messages',
+                1),
+               ('habc train loader', lambda: read_loader(bags, labels, topics, 1), 'steps', 1)]
+    if workers > 1:
+        readers.append(('habc train loader', lambda: read_loader(bags, labels, topics, workers),
+                        'steps', workers))
     for cache in (('warm', 'cold') if cold else ('warm',)):
-        wall: dict[str, list[float]] = {reader: [] for reader, _, _ in readers}
-        cpu: dict[str, list[float]] = {reader: [] for reader, _, _ in readers}
-        counts: dict[str, int] = {}
+        wall: dict[int, list[float]] = {i: [] for i in range(len(readers))}
+        cpu: dict[int, list[float]] = {i: [] for i in range(len(readers))}
+        counts: dict[int, int] = {}
         # Repeats go round the readers, so that a burst of load from other jobs on the
         # machine does not fall on one reader's runs only.
         for _ in range(repeats):
-            for reader, run, _ in readers:
+            for i, (_, run, _, _) in enumerate(readers):
                 if cache == 'cold':
                     drop_cache(bags)
-                start, start_cpu = time.perf_counter(), time.process_time()
-                counts[reader] = run()
-                wall[reader].append(time.perf_counter() - start)
-                cpu[reader].append(time.process_time() - start_cpu)
-        for reader, _, unit in readers:
-            best = min(wall[reader])
-            rows.append({'set': name, 'cache': cache, 'reader': reader, 'bags': len(bags),
-                         'mb': size / 1e6, 'seconds': wall[reader], 'best_s': best,
-                         'mb_per_s': size / 1e6 / best, 'cpu_seconds': cpu[reader],
-                         'mb_per_cpu_s': size / 1e6 / min(cpu[reader]),
-                         'count': counts[reader], 'unit': unit})
-            print(f'{name:8s} {cache:4s} {reader:30s} {size / 1e6 / best:8.0f} MB/s '
-                  f'({best:.2f} s best of {repeats}; {size / 1e6 / min(cpu[reader]):.0f} MB '
-                  f'per CPU s; {counts[reader]} {unit})', flush=True)
+                start, start_cpu = time.perf_counter(), cpu_seconds()
+                counts[i] = run()
+                wall[i].append(time.perf_counter() - start)
+                cpu[i].append(cpu_seconds() - start_cpu)
+        for i, (reader, _, unit, processes) in enumerate(readers):
+            best = min(wall[i])
+            rows.append({'set': name, 'cache': cache, 'reader': reader, 'workers': processes,
+                         'bags': len(bags), 'mb': size / 1e6, 'seconds': wall[i],
+                         'best_s': best, 'mb_per_s': size / 1e6 / best, 'cpu_seconds': cpu[i],
+                         'mb_per_cpu_s': size / 1e6 / min(cpu[i]),
+                         'count': counts[i], 'unit': unit})
+            print(f'{name:8s} {cache:4s} {reader:30s} x{processes} {size / 1e6 / best:8.0f} MB/s '
+                  f'({best:.2f} s best of {repeats}; {size / 1e6 / min(cpu[i]):.0f} MB '
+                  f'per CPU s; {counts[i]} {unit})', flush=True)
     return rows
+
+
+def profile_loader(name: str, bags: list[Path], topics: TopicMapping, labels: Path,
+                   lines: int = 12) -> str:
+    """Return the top of a cProfile (by own time) of the one-process loader, warm."""
+    read_loader(bags, labels, topics, 1)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    read_loader(bags, labels, topics, 1)
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats('tottime').print_stats(lines)
+    text = stream.getvalue()
+    body = text[text.index('   ncalls'):].rstrip() if '   ncalls' in text else text
+    root = str(Path(__file__).resolve().parents[1]) + '/'
+    body = body.replace(root, '').replace(sys.prefix + '/lib/python3.11/site-packages/', '')
+    return f'{name} (total {stats.total_tt:.2f} s under cProfile):\n{body}'
 
 
 def write_labels(path: Path, bags: list[Path]) -> Path:
@@ -235,16 +285,22 @@ def write_outputs(out: Path, report: dict) -> None:
     (out / 'bag_ingestion.json').write_text(json.dumps(report, indent=2) + '\n')
     rows = report['results']
     lines = [f'Bag ingestion ({report["setup"]})', '',
-             '| set | cache | reader | bags | MB | best s | MB/s | vs rosbags | MB per CPU s '
-             '| count |', '|---|---|---|---:|---:|---:|---:|---:|---:|---|']
+             '| set | cache | reader | processes | bags | MB | best s | MB/s | vs rosbags '
+             '| MB per CPU s | count |', '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
     for row in rows:
         base = next(r for r in rows if r['set'] == row['set'] and r['cache'] == row['cache']
                     and r['reader'].startswith('rosbags'))
-        lines.append(f'| {row["set"]} | {row["cache"]} | {row["reader"]} | {row["bags"]} | '
-                     f'{row["mb"]:.0f} | {row["best_s"]:.2f} | {row["mb_per_s"]:.0f} | '
-                     f'{row["mb_per_s"] / base["mb_per_s"]:.2f}x | '
+        lines.append(f'| {row["set"]} | {row["cache"]} | {row["reader"]} | {row["workers"]} | '
+                     f'{row["bags"]} | {row["mb"]:.0f} | {row["best_s"]:.2f} | '
+                     f'{row["mb_per_s"]:.0f} | {row["mb_per_s"] / base["mb_per_s"]:.2f}x | '
                      f'{row["mb_per_cpu_s"]:.0f} | {row["count"]} {row["unit"]} |')
     lines += ['', report['notes'], '']
+    if report.get('profiles'):
+        lines += ['## Where the one-process loader spends its time (cProfile, warm)', '',
+                  'Own time per function, top entries; cProfile inflates small Python calls.',
+                  '', '```', '\n\n'.join(report['profiles']), '```', '']
+    if report.get('profile_before'):
+        lines += ['## Before this loader (for comparison)', '', report['profile_before'], '']
     (out / 'bag_ingestion.md').write_text('\n'.join(lines))
     try:
         import matplotlib
@@ -252,7 +308,8 @@ def write_outputs(out: Path, report: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    labels = [f'{r["set"]}\n{r["cache"]}\n{r["reader"].split(" ")[0]}' for r in rows]
+    labels = [f'{r["set"]}\n{r["cache"]}\n{r["reader"].split(" ")[0]}'
+              + (f' x{r["workers"]}' if r['reader'].startswith('habc') else '') for r in rows]
     figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.8))
     colours = {'raw': 'tab:gray', 'rosbags': 'tab:blue', 'habc': 'tab:orange'}
     axis.bar(range(len(rows)), [r['mb_per_s'] for r in rows],
@@ -300,10 +357,12 @@ def main() -> None:
             sets.append(('ours', find_bags([root / 'ours']), TopicMapping()))
             sets.append(('foreign', find_bags([root / 'foreign']),
                          TopicMapping.from_dict(FOREIGN_MAPPING)))
-        results = []
+        results, profiles = [], []
         for name, bags, topics in sets:
             labels = write_labels(scratch / f'{name}-labels.csv', bags)
             results += measure(name, bags, topics, store, labels, args.repeats, args.cold)
+        for name, bags, topics in sets:
+            profiles.append(profile_loader(name, bags, topics, scratch / f'{name}-labels.csv'))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -311,15 +370,23 @@ def main() -> None:
              f'image per tick; {platform.machine()}, {os.cpu_count()} CPUs, Python '
              f'{platform.python_version()}; best of {args.repeats}'
              if not args.bags else f'{args.bags}; best of {args.repeats}')
+    load_at_end = os.getloadavg()
     notes = ('MB/s = bag bytes on disk / wall time (best run). "vs rosbags" = wall speed '
-             'relative to a sequential rosbags read + deserialize of the same bags. MB per CPU '
-             's = bag bytes / CPU time of this process (best run): less sensitive to other '
-             'jobs on the machine, blind to I/O waits. The loader also aligns steps, decodes '
-             'and resizes images (224 -> 96 px nearest pixel) and packs arrays. Warm = page '
-             'cache; cold = pages dropped before each run. 1-min load average at the start: '
-             f'{load_at_start[0]:.2f} on {os.cpu_count()} CPUs (other jobs shared them).')
+             'relative to a sequential rosbags read + deserialize of the same bags in one '
+             'process. processes = processes that read: the loader runs once in this process '
+             '(1) and once with its default worker processes (one per core, here '
+             f'{os.cpu_count()}): a ratio above 1 of the latter can come from using more cores '
+             'than the reference, compare the 1-process row for the work per core. MB per CPU '
+             's = bag bytes / CPU time of this process and its worker processes (best run; '
+             'worker start-up included): less sensitive to other jobs on the machine, blind to '
+             'I/O waits. The loader also aligns steps, decodes and resizes images (224 -> 96 px '
+             'nearest pixel) and packs arrays. Warm = page cache; cold = pages dropped before '
+             'each run. 1-min load average at the start / end: '
+             f'{load_at_start[0]:.2f} / {load_at_end[0]:.2f} on {os.cpu_count()} CPUs (other '
+             'jobs shared them).')
     report = {'setup': setup, 'notes': notes, 'load_average_at_start': load_at_start,
-              'results': results,
+              'load_average_at_end': load_at_end, 'results': results, 'profiles': profiles,
+              'profile_before': PROFILE_BEFORE,
               'command': ' '.join(['python', 'benchmarks/bench_ingest.py', *sys.argv[1:]]),
               'arguments': {k: str(v) if isinstance(v, Path) else v
                             for k, v in vars(args).items()}}
