@@ -166,6 +166,20 @@ def apply_thread_scheduling(realtime_priority: int = 0,
     return report
 
 
+def normal_thread_scheduling() -> None:
+    """Put the calling thread back on normal scheduling (SCHED_OTHER).
+
+    A thread inherits the policy of the thread that starts it: a worker pool that a
+    real-time callback starts lazily would otherwise run its slow work (loading weights) in
+    real time. Use it as the pool's initializer.
+    """
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not permitted: nothing to undo then
+        pass
+
+
 def compute_threads(requested: int = 0) -> int:
     """Return the torch threads for inference or training.
 

@@ -4,12 +4,12 @@ from collections.abc import Callable
 import sys
 from typing import Any
 
-from habc_common.control_loop import ControlLoop, ControlThreadParams
+from habc_common.control_loop import apply_thread_scheduling, ControlLoop, ControlThreadParams
 from habc_common.ros_env import apply_project_defaults
 
 
 def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
-              single_threaded: bool = False) -> None:
+              single_threaded: bool = False, realtime_executor: bool = False) -> None:
     """Create the node adapter from `factory` and spin it until Ctrl-C or shutdown.
 
     `factory()` returns an object with a `.node` attribute (the rclpy Node). A ValueError
@@ -21,6 +21,12 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
     anyway, and with it rclpy (Jazzy) left ready callbacks of that group waiting for up to
     1.5 s (measured with the scripted operator: its 20 Hz timer and its subscriptions, until
     another callback group's message woke the executor).
+
+    realtime_executor: a node whose control tick runs under SCHED_FIFO (its parameter
+    realtime_priority) spins its executor at one priority below, so the callbacks that feed
+    the tick, and hold the interpreter lock while they run, are not preempted by ordinary
+    processes (a tick that waits for the lock held by a preempted thread waits with it).
+    Applied here, in the node's own process, never to a process that hosts nodes in tests.
     """
     apply_project_defaults()  # before rclpy.init: the RMW reads the environment there
     import rclpy
@@ -36,6 +42,12 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
     code = 0
     try:
         adapter = factory()
+        priority = getattr(getattr(adapter, 'params', None), 'realtime_priority', 0)
+        if realtime_executor and priority:
+            report = apply_thread_scheduling(max(1, priority - 1))
+            log = adapter.node.get_logger()
+            (log.warning if report.refused else log.info)(f'executor thread: {report.text()}')
+        # Threads the executor starts inherit the scheduling of this one.
         executor = SingleThreadedExecutor() if single_threaded else MultiThreadedExecutor()
         executor.add_node(adapter.node)
         executor.spin()

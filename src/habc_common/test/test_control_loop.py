@@ -13,6 +13,7 @@ from habc_common.control_loop import (
     apply_thread_scheduling,
     ControlLoop,
     DeadlineSchedule,
+    normal_thread_scheduling,
     SWITCH_INTERVAL_S,
 )
 
@@ -194,3 +195,22 @@ def test_thread_scheduling_applies_to_the_calling_thread_or_says_why_not():
     assert os.sched_getscheduler(0) != os.SCHED_FIFO
     with pytest.raises(ValueError, match='1-99'):
         apply_thread_scheduling(100)
+
+
+def test_a_pool_thread_started_by_a_realtime_thread_returns_to_normal_scheduling():
+    def realtime_parent():
+        report = apply_thread_scheduling(1)
+        observed = []
+
+        def child():
+            observed.append(os.sched_getscheduler(0))  # inherited from the parent
+            normal_thread_scheduling()
+            observed.append(os.sched_getscheduler(0))
+        thread = threading.Thread(target=child)
+        thread.start()
+        thread.join()
+        return report, observed
+
+    report, observed = _in_thread(realtime_parent)
+    inherited = os.SCHED_FIFO if report.applied else os.SCHED_OTHER
+    assert observed == [inherited, os.SCHED_OTHER]

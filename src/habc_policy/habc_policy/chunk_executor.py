@@ -279,6 +279,11 @@ class ChunkExecutor:
                 return None if chunk is None else chunk.due(chunk.actions.shape[0] - 1)
             return self._queue[-1].due_time if self._queue else None
 
+    def ran_any(self) -> bool:
+        """Whether an action ran since the last start or clear."""
+        with self._lock:
+            return self._running
+
     def ran_out(self, now: float) -> bool:
         """Whether actions ran since the last start or clear and nothing is due at now or later.
 

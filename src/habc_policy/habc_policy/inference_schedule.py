@@ -70,9 +70,13 @@ class InferenceScheduler:
     @property
     def latency_s(self) -> float | None:
         """The turnaround estimate (s), None before the first warm measurement."""
+        return self.latency_quantile(self.quantile)
+
+    def latency_quantile(self, quantile: float) -> float | None:
+        """Return a quantile of the recent warm turnarounds (s), None before the first."""
         if not self._latencies:
             return None
-        return float(np.quantile(np.asarray(self._latencies), self.quantile))
+        return float(np.quantile(np.asarray(self._latencies), quantile))
 
     @property
     def observation_period_s(self) -> float:

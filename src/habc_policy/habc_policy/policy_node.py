@@ -48,7 +48,7 @@ from rclpy.node import Node
 from std_msgs.msg import String
 
 from habc_common import checkpoints
-from habc_common.control_loop import compute_threads
+from habc_common.control_loop import compute_threads, normal_thread_scheduling
 from habc_common.node_main import spin_node, start_control_tick
 from habc_common.params import declare_node_parameters
 from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
@@ -165,10 +165,12 @@ class PolicyNode:
                 self.log.warning(self._waiting)
 
         self.worker = InferenceWorker(self.runtime, self._on_chunk, self._on_inference_error,
-                                      self._on_swap)
+                                      self._on_swap, self._swap_allowed)
         self.worker.start()
         # One loader thread: updates are verified in arrival order, never concurrently.
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='policy_loader')
+        # Started lazily, maybe by a real-time executor thread: it loads on normal scheduling.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='policy_loader',
+                                          initializer=normal_thread_scheduling)
 
         inputs = MutuallyExclusiveCallbackGroup()
         control = MutuallyExclusiveCallbackGroup()
@@ -416,6 +418,8 @@ class PolicyNode:
         msg.actions = array.array('f', result.actions.astype('<f4').tobytes())
         msg.skipped_steps = result.skipped
         msg.late = result.late and not result.cold
+        msg.inference_s = float(result.latency_s)
+        msg.turnaround_s = float(result.turnaround_s)
         self.chunk_publisher.publish(msg)
         timing = self.chunk_timing
         timing['chunks'] += 1
@@ -434,6 +438,20 @@ class PolicyNode:
             return
         self._error_once('inference failed', exc)
 
+    def _swap_allowed(self, staged: LoadedPolicy) -> bool:
+        # Inference thread, before an inference: swap only while the queued plan covers the
+        # new weights' first (cold) inference, as long as their warm-up took, and at least a
+        # warm one; otherwise this inference runs on the old weights and refills the queue,
+        # and the swap comes with the next one (requested at once while weights are staged).
+        plan_end = self.executor.plan_end()
+        if plan_end is None or not self.executor.ran_any():
+            return True
+        needed = staged.warmup_s if math.isfinite(staged.warmup_s) else 0.0
+        if self.scheduler is not None:
+            with self._schedule_lock:
+                needed = max(needed, self.scheduler.latency_s or 0.0)
+        return plan_end - self._executor_now() >= needed + self.params.inference_margin_s
+
     def _on_swap(self, loaded: LoadedPolicy) -> None:
         self._first_of_version = True
         self.log.info(f'swapped to version {loaded.version} (sha256 {loaded.sha256[:12]}, '
@@ -451,8 +469,8 @@ class PolicyNode:
         status['chunk_timing'] = dict(self.chunk_timing)
         if self.scheduler is not None:
             with self._schedule_lock:
-                latency = self.scheduler.latency_s
-            status['inference_turnaround_s'] = latency
+                status['inference_turnaround_s'] = self.scheduler.latency_s
+                status['inference_turnaround_p50_s'] = self.scheduler.latency_quantile(0.5)
         # Why the node holds without weights (None once it has some).
         status['waiting'] = (self._waiting or None) if self.runtime.active is None else None
         status['stamp'] = time.time()
@@ -461,4 +479,4 @@ class PolicyNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run policy_node until shutdown."""
-    spin_node(PolicyNode, args)
+    spin_node(PolicyNode, args, realtime_executor=True)

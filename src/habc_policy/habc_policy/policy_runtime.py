@@ -198,6 +198,8 @@ class LoadedPolicy:
     version: PolicyVersion
     sha256: str
     source: str
+    # Duration of its warm-up inference (s): what its first, cold inference may take.
+    warmup_s: float = math.nan
 
 
 @dataclass
@@ -484,12 +486,18 @@ class PolicyRuntime:
             raise
         return loaded
 
-    def swap_if_pending(self) -> LoadedPolicy | None:
-        """Make the staged policy active (between two inferences); return it, or None."""
+    def swap_if_pending(self, allowed: Callable[[LoadedPolicy], bool] | None = None
+                        ) -> LoadedPolicy | None:
+        """Make the staged policy active (between two inferences); return it, or None.
+
+        allowed(staged): whether to swap now; False keeps it staged for a later call (the
+        node defers a swap while the queued plan is too short to cover a cold inference).
+        """
         with self._lock:
-            loaded, self._pending = self._pending, None
-            if loaded is None:
+            loaded = self._pending
+            if loaded is None or (allowed is not None and not allowed(loaded)):
                 return None
+            self._pending = None
             self._previous, self.active = self.active, loaded
         self.executor.stage_version(loaded.version)
         self.counters['swaps'] += 1
@@ -609,14 +617,16 @@ class PolicyRuntime:
             self._check_compatible(active.policy, policy)
         policy.to(self.device).eval()
         try:
+            started = time.monotonic()
             warm_up = self._predict(policy, self._dummy_input(policy))
+            warmup_s = time.monotonic() - started
         except Exception as exc:  # a model that cannot run must not go live
             raise WeightsError(f'{source}: warm-up inference failed: '
                                f'{type(exc).__name__}: {exc}') from exc
         if not np.all(np.isfinite(warm_up)):
             raise WeightsError(f'{source}: warm-up inference gave non-finite actions (NaN or '
                                'inf): the weights are broken')
-        return LoadedPolicy(policy, version, digest, source)
+        return LoadedPolicy(policy, version, digest, source, warmup_s)
 
     def check_fits_robot(self, policy: Any, source: str = 'the checkpoint') -> None:
         """Raise WeightsError naming both sides when `policy` does not fit the robot.
@@ -812,8 +822,10 @@ class InferenceWorker:
     def __init__(self, runtime: PolicyRuntime,
                  on_result: Callable[[ChunkResult], None],
                  on_error: Callable[[Exception], None],
-                 on_swap: Callable[[LoadedPolicy], None] | None = None) -> None:
+                 on_swap: Callable[[LoadedPolicy], None] | None = None,
+                 swap_allowed: Callable[[LoadedPolicy], bool] | None = None) -> None:
         self.runtime = runtime
+        self._swap_allowed = swap_allowed
         self._on_result = on_result
         self._on_error = on_error
         self._on_swap = on_swap
@@ -879,7 +891,7 @@ class InferenceWorker:
             if self._stopping:
                 return
             try:
-                swapped = self.runtime.swap_if_pending()
+                swapped = self.runtime.swap_if_pending(self._swap_allowed)
                 if swapped is not None:
                     self._cold = True
                     if self._on_swap is not None:

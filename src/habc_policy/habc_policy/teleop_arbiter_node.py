@@ -533,4 +533,4 @@ class TeleopArbiterNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run teleop_arbiter_node until shutdown."""
-    spin_node(TeleopArbiterNode, args, single_threaded=True)
+    spin_node(TeleopArbiterNode, args, single_threaded=True, realtime_executor=True)
