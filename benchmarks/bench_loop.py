@@ -212,6 +212,7 @@ class ChunkRecord:
     skipped: int = 0     # ActionChunk.skipped_steps: actions that fell due during inference
     late: bool = False   # ActionChunk.late: the previous plan had run out (empty ticks)
     inference_s: float = math.nan   # ActionChunk.inference_s: the model's own time
+    turnaround_s: float = math.nan  # ActionChunk.turnaround_s: request -> chunk accepted
 
 
 class Monitor:
@@ -224,14 +225,16 @@ class Monitor:
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from std_msgs.msg import String
 
-        from habc_common.qos import COMMANDS, LATCHED
-        from habc_msgs.msg import ActionChunk, InterventionState, PolicyUpdate
+        from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
+        from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyUpdate
 
         self.node = rclpy.create_node('bench_loop_monitor', namespace=namespace)
         self.diagnostics: list[tuple[float, dict[str, str]]] = []
         self.tick_stamps: list[tuple[float, int]] = []
         self.chunks: list[ChunkRecord] = []
         self.statuses: list[tuple[float, dict]] = []
+        # (receipt, receipt - stamp) of each synchronized observation, as the policy gets it.
+        self.observations: list[tuple[float, float]] = []
         # Deep, latched reader queue: two statuses sent back to back (staged, active) both
         # reach the callback.
         status_qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE,
@@ -241,6 +244,7 @@ class Monitor:
                                  10)
         node.create_subscription(InterventionState, 'intervention', self._on_tick, COMMANDS)
         node.create_subscription(ActionChunk, 'policy/chunk', self._on_chunk, COMMANDS)
+        node.create_subscription(Observation, 'observation', self._on_observation, SENSOR_DATA)
         node.create_subscription(String, 'policy/status', self._on_status, status_qos)
         self.update_publisher = node.create_publisher(PolicyUpdate, 'policy/update', LATCHED)
         self.executor = SingleThreadedExecutor()
@@ -268,7 +272,12 @@ class Monitor:
         stamp_ns = stamp.sec * 1_000_000_000 + stamp.nanosec
         self.chunks.append(ChunkRecord(time.monotonic(), (now_ns - stamp_ns) * 1e-9, msg.dt,
                                        msg.policy_version, msg.skipped_steps, msg.late,
-                                       msg.inference_s))
+                                       msg.inference_s, msg.turnaround_s))
+
+    def _on_observation(self, msg: Any) -> None:
+        stamp = msg.header.stamp
+        age = time.time_ns() - (stamp.sec * 1_000_000_000 + stamp.nanosec)
+        self.observations.append((time.monotonic(), age * 1e-9))
 
     def _on_status(self, msg: Any) -> None:
         try:
@@ -324,6 +333,10 @@ def chunk_stats(chunks: list[ChunkRecord], seconds: float) -> dict[str, Any]:
         'skipped_steps_mean': float(np.mean([c.skipped for c in chunks])) if n else math.nan,
         'late_chunks_pct': 100.0 * float(np.mean([c.late for c in chunks])) if n else math.nan,
         'inference_ms': percentiles([c.inference_s * 1e3 for c in chunks]),
+        'turnaround_ms': percentiles([c.turnaround_s * 1e3 for c in chunks]),
+        # Observation stamp -> inference request, plus the chunk's way to the listener.
+        'before_request_ms': percentiles([(c.latency_s - c.turnaround_s) * 1e3
+                                          for c in chunks]),
         'latencies_ms': [round(float(v), 3) for v in latency],
     }
 
@@ -367,6 +380,8 @@ def measure_phase(monitor: Monitor, seconds: float, launcher: Child,
     result = {'seconds': t1 - t0, 'load_average': load_average(),
               'diagnostics': diagnostics_window(before, after),
               'tick_stamps': tick_stats(stamps), 'chunks': chunk_stats(chunks, t1 - t0),
+              'observation_age_ms': percentiles([1e3 * a for t, a in list(monitor.observations)
+                                                 if t0 <= t <= t1]),
               # The policy's own turnaround (inference request -> chunk accepted), warm.
               'inference_p50_ms': 1e3 * (status.get('inference_turnaround_p50_s') or math.nan),
               'inference_p90_ms': 1e3 * (status.get('inference_turnaround_s') or math.nan)}

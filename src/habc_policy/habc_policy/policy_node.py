@@ -12,10 +12,12 @@ Topics (see docs/ros_interfaces.md):
               `policy/status` (std_msgs/String JSON, LATCHED): active and staged version, the
                   last load result and why, on every change
 
-Threads: the executor threads run the callbacks (the control timer has its own callback
-group); inference runs on an InferenceWorker thread and weight loading on a loader thread,
-so neither ever blocks a control tick. Inference starts when ChunkExecutor.needs_inference
-says so, on the newest observation only.
+Threads: the control tick runs on a ControlLoop thread of its own (absolute deadlines on
+the steady clock; an rclpy timer under simulated time), inference on an InferenceWorker
+thread and weight loading on a loader thread, so none of them ever blocks a control tick;
+one executor thread runs the callbacks. Inference starts on the newest observation when the
+InferenceScheduler says so (just in time for the end of the queued plan), or when
+ChunkExecutor.needs_inference does with schedule_inference false.
 
 Start-up weights: the `checkpoint` parameter; left empty (and no weights_uri), the newest SFT
 checkpoint `habc demo` trained (habc_common.checkpoints: runs/demo/sft in the current folder
@@ -479,4 +481,8 @@ class PolicyNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run policy_node until shutdown."""
-    spin_node(PolicyNode, args, realtime_executor=True)
+    # One executor thread: the control tick, the inference and the loading have threads of
+    # their own, and rclpy's MultiThreadedExecutor spins at full CPU while one of its
+    # mutually exclusive groups is busy (measured: 97 % of a core), which SCHED_FIFO would
+    # turn into a starved machine.
+    spin_node(PolicyNode, args, single_threaded=True, realtime_executor=True)

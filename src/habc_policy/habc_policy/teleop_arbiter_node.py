@@ -239,6 +239,14 @@ class TickStats:
         self._busy.append(duration_s)
         self.max_busy_s = max(self.max_busy_s, duration_s)
 
+    def snapshot(self) -> 'TickStats':
+        """Return a copy to summarise elsewhere (copying is cheap; summarising is not)."""
+        copy = TickStats.__new__(TickStats)
+        copy.__dict__.update(self.__dict__)
+        copy._periods = deque(self._periods, maxlen=self._periods.maxlen)
+        copy._busy = deque(self._busy, maxlen=self._busy.maxlen)
+        return copy
+
     def summary(self) -> dict[str, float]:
         """Return the statistics so far; percentiles are over the recent window (ms)."""
         out: dict[str, float] = {
@@ -500,12 +508,14 @@ class TeleopArbiterNode:
 
     def publish_diagnostics(self) -> None:
         with self._lock:
-            summary = self.stats.summary()
+            # Percentiles are computed outside the lock the control tick takes.
+            stats = self.stats.snapshot()
             estopped = self.arbiter.estopped
             controller = self.arbiter.controller
             rejected = dict(self.rejected)
             out = self.last_output
             episode_id = self.episode_id
+        summary = stats.summary()
         status = DiagnosticStatus(name=f'{self.node.get_name()}: control tick',
                                   hardware_id=self.node.get_fully_qualified_name())
         late = summary['late_ticks']

@@ -71,6 +71,11 @@ def test_tick_stats_measure_period_jitter_and_overruns():
     assert summary['max_abs_jitter_ms'] == pytest.approx(40.0)
     assert summary['jitter_p50_ms'] == pytest.approx(1.0)
     assert summary['busy_mean_ms'] == pytest.approx(1.0)
+    # A snapshot summarises the same, and later ticks do not change it.
+    snapshot = stats.snapshot()
+    stats.tick(0.5)
+    assert snapshot.summary() == summary
+    assert stats.summary()['ticks'] == 7
 
 
 def test_node_parameters_are_checked_against_joint_names():
