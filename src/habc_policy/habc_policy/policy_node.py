@@ -99,7 +99,9 @@ class PolicyNode:
                              self.params.policy_name, self.params.require_signed_updates)
         self.runtime = PolicyRuntime(self.executor, self.params.control_period_s, gate,
                                      self.params.device, self.params.joint_names,
-                                     clock=self._executor_now)
+                                     clock=self._executor_now,
+                                     realtime_chunking=self.params.realtime_chunking,
+                                     max_guidance=self.params.rtc_max_guidance)
         # Just-in-time inference starts (receding mode); the thresholds otherwise.
         self.scheduler: InferenceScheduler | None = None
         if self.params.schedule_inference and self.params.mode == 'receding':

@@ -135,6 +135,16 @@ class PolicyNodeParams(ControlThreadParams):
     latency_window: int = param(
         20, 'Latency-aware trigger and inference schedule: chunks the delay and turnaround '
         'estimates look back over.', min=1, max=10000, read_only=True)
+    realtime_chunking: bool = param(
+        False, 'Receding mode with a flow-matching policy (supports_guided_prefix): sample each '
+        'chunk guided toward what the robot does meanwhile, so consecutive chunks join without '
+        'a jump (real-time chunking, arXiv 2506.07339): the current plan from the new '
+        "chunk's first due time is the prefix, its first d actions (the measured delay) "
+        'committed. Ignored, with a note on policy/status, for other policies.',
+        read_only=True)
+    rtc_max_guidance: float = param(
+        5.0, "Real-time chunking: the guidance clip beta (the paper's 5).", min=0.0,
+        max=1000.0, read_only=True)
     schedule_inference: bool = param(
         True, 'Receding mode: start each inference as late as still lands in time, from the '
         'newest observation (habc_policy.inference_schedule): before the queued plan ends by '
@@ -162,6 +172,9 @@ class PolicyNodeParams(ControlThreadParams):
 
     def __post_init__(self) -> None:
         validate_params(self)
+        if self.realtime_chunking and self.mode != 'receding':
+            raise ValueError("parameter realtime_chunking needs mode 'receding' (it guides "
+                             'each chunk toward the plan the robot executes)')
         sha = self.expected_sha256
         if sha and not is_sha256(sha):
             raise ValueError(f'parameter expected_sha256 must be 64 hex digits, got {sha!r}')
@@ -326,10 +339,14 @@ class PolicyRuntime:
 
     def __init__(self, executor: ChunkExecutor, control_period_s: float, gate: UpdateGate,
                  device: str = 'cpu', joint_names: Sequence[str] = (),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, realtime_chunking: bool = False,
+                 max_guidance: float = 5.0) -> None:
         # clock: the executor's time (s), to count the actions that fell due meanwhile.
+        # realtime_chunking, max_guidance: PolicyNodeParams.realtime_chunking, rtc_max_guidance.
         self.executor = executor
         self.clock = clock
+        self.realtime_chunking = realtime_chunking
+        self.max_guidance = float(max_guidance)
         self.gate = gate
         self.period = float(control_period_s)
         self.device = device
@@ -338,7 +355,7 @@ class PolicyRuntime:
         self.last_update: UpdateRecord | None = None
         self.counters: dict[str, int] = {'inferences': 0, 'chunks_rejected': 0, 'swaps': 0,
                                          'updates_rejected': 0, 'inference_errors': 0,
-                                         'chunks_nonfinite': 0}
+                                         'chunks_nonfinite': 0, 'guided_chunks': 0}
         # The version before the last swap (a broken new one falls back to it), and the
         # highest number of a version retired for non-finite actions.
         self._previous: LoadedPolicy | None = None
@@ -522,7 +539,16 @@ class PolicyRuntime:
             'counters': dict(self.counters),
             # Why the active version holds ('' when it fits the robot's observations).
             'mismatch': self.mismatch or None,
+            'realtime_chunking': self._realtime_chunking_state(active),
         }
+
+    def _realtime_chunking_state(self, active: LoadedPolicy | None) -> str:
+        if not self.realtime_chunking:
+            return 'off'
+        if active is not None and not getattr(active.policy, 'supports_guided_prefix', False):
+            return (f'ignored: {type(active.policy).__name__} is not a flow-matching policy '
+                    'that takes a guided prefix')
+        return 'on'
 
     def _stage(self, loaded: LoadedPolicy) -> None:
         with self._lock:
@@ -743,8 +769,16 @@ class PolicyRuntime:
             raise WeightsError(f'version {active.version} holds: {self.mismatch}')
         names = self.command_joint_names(observation)
         inputs = self.model_input(active.policy, observation)
+        start_time = observation.stamp + self.period
+        prefix, delay = self.guided_prefix(active.policy, start_time)
         started = time.monotonic()
-        actions = self._predict(active.policy, inputs)
+        if prefix is None:
+            actions = self._predict(active.policy, inputs)
+        else:
+            actions = np.asarray(active.policy.predict_action_chunk(
+                inputs, prefix=prefix, delay=delay, max_guidance=self.max_guidance),
+                dtype=np.float32)
+            self.counters['guided_chunks'] += 1
         latency = time.monotonic() - started
         if actions.ndim != 2 or actions.shape[1] != len(names):
             raise ValueError(f'the policy returned actions of shape {actions.shape}; it must '
@@ -754,7 +788,6 @@ class PolicyRuntime:
             self._retire_broken(active)
         chunk_id = self._next_chunk_id
         self._next_chunk_id += 1
-        start_time = observation.stamp + self.period
         now = self.clock()
         late = self.executor.ran_out(now)
         accepted = self.executor.add_chunk(actions, start_time, self.period, active.version,
@@ -766,6 +799,23 @@ class PolicyRuntime:
         return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
                            accepted, latency, observation, skipped=skipped,
                            late=late and accepted)
+
+    def guided_prefix(self, policy: Any, start_time: float) -> tuple[np.ndarray | None, int]:
+        """Return the real-time chunking prefix of a chunk first due at start_time, and d.
+
+        The prefix is the current plan from start_time on (the executor's newest chunk,
+        whole); its first d actions are committed: d is the executor's measured delay (actions
+        that fell due during recent inferences, cold starts left out), at most the prefix.
+        (None, 0) without realtime_chunking, for a policy that cannot be guided, or with no
+        plan yet (the first chunk after a start or a clear is sampled freely).
+        """
+        if not self.realtime_chunking or not getattr(policy, 'supports_guided_prefix', False):
+            return None, 0
+        planned = self.executor.planned_actions(start_time, policy.horizon)
+        if planned is None or len(planned) == 0:
+            return None, 0
+        delay = self.executor.delay_steps or 0
+        return planned, min(delay, len(planned))
 
     def _predict(self, policy: Any, inputs: dict[str, Any]) -> np.ndarray:
         import torch

@@ -700,3 +700,52 @@ def test_a_safetensors_header_length_that_starts_like_a_pickle_is_not_a_pickle(t
     path = tmp_path / 'model.safetensors'
     path.write_bytes(struct.pack('<Q', 128) + header)
     check_weights_file(path)
+
+
+def test_realtime_chunking_guides_each_chunk_with_the_plan_and_the_measured_delay(tmp_path):
+    from habc_policy.models.lowdim import LowDimFlowConfig, LowDimFlowPolicy
+
+    torch.manual_seed(0)
+    flow = LowDimFlowPolicy(LowDimFlowConfig(state_dim=14, action_dim=14, horizon=10,
+                                             hidden_dim=32, feature_dim=16, num_layers=1))
+    flow.version = 'sft'
+    flow.save(tmp_path / 'flow')
+    runtime = runtime_with(tmp_path / 'flow', gate=gate(), realtime_chunking=True,
+                           max_guidance=7.0)
+    assert runtime.status()['realtime_chunking'] == 'on'
+    calls = []
+    policy = runtime.active.policy
+    predict = policy.predict_action_chunk
+
+    def recorded(observation, prefix=None, delay=0, **kwargs):
+        calls.append((None if prefix is None else prefix.copy(), delay, kwargs))
+        return predict(observation, prefix=prefix, delay=delay, **kwargs)
+    policy.predict_action_chunk = recorded
+
+    first = runtime.infer(observation(100.0))  # nothing planned yet: sampled freely
+    assert calls == [] and runtime.counters['guided_chunks'] == 0
+    runtime.executor.next_action(100.0 + PERIOD)  # the robot runs the first action
+    second = runtime.infer(observation(100.0 + PERIOD))  # guided, no delay measured yet
+    np.testing.assert_allclose(calls[0][0], first.actions[1:])
+    assert calls[0][1] == 0
+    # The second chunk starts executing 2 ticks after its first due time: delay 2.
+    runtime.executor.next_action(100.0 + 4 * PERIOD)
+    assert runtime.executor.delay_steps == 2
+    result = runtime.infer(observation(100.0 + 4 * PERIOD))
+    prefix, delay, kwargs = calls[1]
+    # The prefix is the plan from the new chunk's first due time (100.10): the second
+    # chunk (first due 100.04) from its step 3 on; the first 2 actions are committed.
+    np.testing.assert_allclose(prefix, second.actions[3:])
+    assert delay == 2 and kwargs == {'max_guidance': 7.0}
+    assert result.accepted and runtime.counters['guided_chunks'] == 2
+
+    # A policy that cannot take a prefix (the L2 VLA) is sampled as before, and says so.
+    assert runtime_with(tmp_path / 'flow', gate=gate()).status()['realtime_chunking'] == 'off'
+    make_checkpoint(tmp_path / 'vla', 'sft', 0)
+    plain = runtime_with(tmp_path / 'vla', gate=gate(), realtime_chunking=True)
+    assert plain.status()['realtime_chunking'].startswith('ignored: SmallVLA')
+    plain.infer(observation(100.0))
+    plain.infer(observation(100.06))
+    assert plain.counters['guided_chunks'] == 0
+    with pytest.raises(ValueError, match="realtime_chunking needs mode 'receding'"):
+        PolicyNodeParams(realtime_chunking=True, mode='ensemble', min_remaining_steps=20)
