@@ -285,4 +285,4 @@ def test_a_lerobot_folder_named_as_lerobot_path_starts_the_learner(
 def test_the_parameter_file_matches_the_declaration():
     root = Path(__file__).resolve().parents[3]
     (params,) = check_parameter_file(LearnerParams, root / 'config' / 'params' / 'learner.yaml')
-    assert params.episodes_per_round == 2 and params.torch_threads == 1
+    assert params.episodes_per_round == 2 and params.torch_threads == 0  # half the CPUs
