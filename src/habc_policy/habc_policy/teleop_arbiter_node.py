@@ -28,7 +28,7 @@ rejected with a logged reason. A command without names is taken as already in th
 """
 
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import math
 import threading
@@ -369,38 +369,29 @@ class TeleopArbiterNode:
                 self._reject('joint_states', exc)
 
     def policy_callback(self, msg: PolicyCommand) -> None:
+        self._take_command(Controller.POLICY, 'policy/joint_command', msg,
+                           lambda positions, now: self.arbiter.on_policy_command(
+                               positions, now, msg.policy_version))
+
+    def teleop_callback(self, msg: JointState) -> None:
+        self._take_command(Controller.HUMAN, 'teleop/joint_command', msg,
+                           self.arbiter.on_teleop_command)
+
+    def _take_command(self, controller: Controller, topic: str, msg: JointState | PolicyCommand,
+                      accept: Callable[[np.ndarray, float], None]) -> None:
         # A refused command never moves the robot, and the arbiter holds that side (reason
         # 'rejected') until a good one comes: wrong joints here, NaN / length / limits there.
         with self._lock:
             try:
-                positions = self.joints.command(msg.name, msg.position,
-                                                'policy/joint_command')
-                command_ok = True
+                positions = self.joints.command(msg.name, msg.position, topic)
             except ValueError as exc:
-                self.arbiter.reject(Controller.POLICY)
-                self._reject('policy/joint_command', exc)
-                command_ok = False
-            if command_ok:
-                try:
-                    self.arbiter.on_policy_command(positions, self._now(), msg.policy_version)
-                except ValueError as exc:
-                    self._reject('policy/joint_command', exc)
-
-    def teleop_callback(self, msg: JointState) -> None:
-        with self._lock:
+                self.arbiter.reject(controller)
+                self._reject(topic, exc)
+                return
             try:
-                positions = self.joints.command(msg.name, msg.position,
-                                                'teleop/joint_command')
-                command_ok = True
+                accept(positions, self._now())
             except ValueError as exc:
-                self.arbiter.reject(Controller.HUMAN)
-                self._reject('teleop/joint_command', exc)
-                command_ok = False
-            if command_ok:
-                try:
-                    self.arbiter.on_teleop_command(positions, self._now())
-                except ValueError as exc:
-                    self._reject('teleop/joint_command', exc)
+                self._reject(topic, exc)
 
     def engage_callback(self, msg: Bool) -> None:
         with self._lock:
