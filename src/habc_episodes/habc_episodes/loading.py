@@ -30,10 +30,12 @@ import os
 from pathlib import Path
 import shutil
 import tempfile
+import threading
 import time
 
 import numpy as np
 
+from habc_episodes.bag_format import _shared_typestore
 from habc_episodes.episode import Episode
 from habc_episodes.episode_bags import (
     BagReadError,
@@ -98,8 +100,9 @@ def load_one(job: BagJob,
 def default_workers(jobs: int, size_bytes: int | None = None) -> int:
     """Return the processes load_all() uses for `jobs` bags of `size_bytes` in all.
 
-    One per core, at most 8, and one per WORKER_MIN_BYTES of bags: starting a process
-    (importing numpy and rosbags) costs ~0.3 s of CPU time, what loading ~100 MB takes.
+    One per core, at most 8, and one per WORKER_MIN_BYTES of bags: a worker costs what
+    loading a few MB takes when forked, and ~0.3 s of CPU time (importing numpy and rosbags,
+    what loading ~100 MB takes) where it cannot be (see _pool_context()).
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -133,9 +136,7 @@ def load_all(jobs: Sequence[BagJob], workers: int | None = None) -> Iterator[Bag
 
 def _load_in_workers(jobs: Sequence[BagJob], workers: int) -> Iterator[BagOutcome]:
     shared = _shared_folder()
-    # spawn: a worker starts clean (no copy of this process's threads, locks or arrays);
-    # it imports this module once and then loads bag after bag.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+    pool = ProcessPoolExecutor(workers, mp_context=_pool_context())
     pending: list[tuple[BagJob, Future]] = []
     queue = iter(jobs)
     try:
@@ -159,6 +160,27 @@ def _load_in_workers(jobs: Sequence[BagJob], workers: int) -> Iterator[BagOutcom
         pool.shutdown(wait=True, cancel_futures=True)
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Return how the worker processes start.
+
+    fork where this process runs no other Python thread: a worker starts in milliseconds
+    with numpy, rosbags and the typestore already loaded (a spawned one imports them, ~0.3 s
+    of CPU time each, a third of what loading 1 GB of bags takes on one core), and nothing
+    that another thread could hold locked at the fork is used by the loader. Else (a ROS
+    node, a trainer with threads) forkserver: one clean process that imports this module
+    once and forks the workers; spawn where neither exists.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if 'fork' in methods and threading.active_count() == 1:
+        _shared_typestore()  # built once here, inherited by every worker
+        return multiprocessing.get_context('fork')
+    if 'forkserver' in methods:
+        context = multiprocessing.get_context('forkserver')
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context('spawn')
 
 
 def _shared_folder() -> Path | None:
