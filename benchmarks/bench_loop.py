@@ -656,7 +656,7 @@ def goals_table(report: dict[str, Any]) -> list[str]:
     if ingest:
         for label, ratio in ingest['ratios'].items():
             rows.append((f'bag ingestion vs a plain rosbags read, {label}', '>= 0.8x',
-                         f'{ratio:.2f}x', 'met' if ratio >= 0.8 else 'NOT met'))
+                         f'{ratio:.3f}x', 'met' if ratio >= 0.8 else 'NOT met'))
     if not rows:
         return []
     lines = ['## Goals (issue 14)', '', '| goal | target | measured | |', '|---|---|---|---|']
@@ -718,6 +718,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"Training load: {_ms(train[0]['training_steps_per_s'], 2)} "
                          'Trainer steps/s (habc, SmallVLA, batch 16, 1 torch thread) during '
                          'its window.')
+        lines.append('Phases: quiet = the loop alone (sim_robot, sync, policy with its '
+                     'inference, arbiter, started by `habc launch bringup use_sim_time:=false`'
+                     ' with the bringup\'s nice levels and SCHED_FIFO requests); loaded = the '
+                     'same plus a training process (nice 0) and one CPU hog (`python -c '
+                     "'while 1: pass'`) on the 2 cores.")
         lines += ['', '## 2. Observation to command (policy/chunk)', '',
                   '| phase | chunks | chunks/s | obs->chunk p50 ms | p99 ms | max ms | '
                   'first action due->arrival p50 ms | p99 ms | first action late | '
