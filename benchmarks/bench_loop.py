@@ -720,7 +720,7 @@ def markdown(report: dict[str, Any]) -> str:
                          'its window.')
         lines.append('Phases: quiet = the loop alone (sim_robot, sync, policy with its '
                      'inference, arbiter, started by `habc launch bringup use_sim_time:=false`'
-                     ' with the bringup\'s nice levels and SCHED_FIFO requests); loaded = the '
+                     " with the bringup's nice levels and SCHED_FIFO requests); loaded = the "
                      'same plus a training process (nice 0) and one CPU hog (`python -c '
                      "'while 1: pass'`) on the 2 cores.")
         lines += ['', '## 2. Observation to command (policy/chunk)', '',
