@@ -34,6 +34,8 @@ _GC_SLACK_SHARE = 0.5
 # gc.collect(1) every this many ticks, gc.collect(2) every _FULL_GC_TICKS ticks (with slack).
 _MIDDLE_GC_TICKS = 50
 _FULL_GC_TICKS = 3000
+# Young objects (in collector thresholds) after which gen 0 is collected without slack.
+_FORCE_GC_FACTOR = 10
 
 # The collector and the switch interval are process-wide: the first running loop changes
 # them, the last one to stop restores them (the nodes of one process may each run a loop).
@@ -219,7 +221,10 @@ class ControlLoop:
         self._manage_gc = manage_gc
         self._on_error = on_error
         self._stop = threading.Event()
+        self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Generation of a collection that is due (-1: none), run when a tick leaves slack.
+        self._gc_due = -1
         self.report = LoopReport()
         self.ticks = 0
         self.gc_collections = 0
@@ -229,24 +234,27 @@ class ControlLoop:
 
     def start(self) -> LoopReport:
         """Start the tick thread; return what it applied (after it applied it)."""
-        if self._thread is not None:
-            raise RuntimeError('the control loop runs already')
-        _enter_process(self._manage_gc)
-        self.schedule = DeadlineSchedule(self.period_s, self._clock())
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        with self._state_lock:
+            if self._thread is not None:
+                raise RuntimeError('the control loop runs already')
+            _enter_process(self._manage_gc)
+            self.schedule = DeadlineSchedule(self.period_s, self._clock())
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
         self._started.wait()
         return self.report
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the current tick; restore the collector and the switch interval."""
+        """Stop after the current tick (safe from any thread, any number of times).
+
+        The tick thread itself restores the collector and the switch interval as it exits,
+        so they are never restored under a tick that still runs.
+        """
         self._stop.set()
-        thread, self._thread = self._thread, None
+        with self._state_lock:
+            thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        if thread is None:
-            return
-        _leave_process(self._manage_gc)
 
     @property
     def running(self) -> bool:
@@ -254,11 +262,15 @@ class ControlLoop:
 
     def _run(self) -> None:
         try:
-            self.report = apply_thread_scheduling(self._realtime_priority, self._cpu_affinity)
+            try:
+                self.report = apply_thread_scheduling(self._realtime_priority,
+                                                      self._cpu_affinity)
+            finally:
+                self._started.set()
+            while not self._stop.is_set():
+                self.run_ticks(1)
         finally:
-            self._started.set()
-        while not self._stop.is_set():
-            self.run_ticks(1)
+            _leave_process(self._manage_gc)
 
     # Loop body (also run synchronously by tests) -----------------------------------------
 
@@ -283,16 +295,24 @@ class ControlLoop:
                 self._collect_between_ticks()
 
     def _collect_between_ticks(self) -> None:
-        slack = self.schedule.next_s - self._clock()
-        if slack < _GC_SLACK_SHARE * self.period_s:
-            return
-        generation = None
         if self.ticks % _FULL_GC_TICKS == 0:
-            generation = 2
+            self._gc_due = 2
         elif self.ticks % _MIDDLE_GC_TICKS == 0:
-            generation = 1
-        elif gc.get_count()[0] >= gc.get_threshold()[0]:
-            generation = 0
-        if generation is not None:
-            gc.collect(generation)
+            self._gc_due = max(self._gc_due, 1)
+        young = gc.get_count()[0]
+        threshold = gc.get_threshold()[0]
+        if young >= threshold:
+            self._gc_due = max(self._gc_due, 0)
+        if self._gc_due < 0:
+            return
+        slack = self.schedule.next_s - self._clock()
+        # A tick that keeps overrunning (a simulator rendering cameras) never leaves slack:
+        # past _FORCE_GC_FACTOR thresholds the young generation is collected anyway, so the
+        # process never stops collecting; a due older generation waits for slack.
+        if slack >= _GC_SLACK_SHARE * self.period_s:
+            gc.collect(self._gc_due)
+            self._gc_due = -1
+            self.gc_collections += 1
+        elif young >= _FORCE_GC_FACTOR * threshold:
+            gc.collect(0)
             self.gc_collections += 1

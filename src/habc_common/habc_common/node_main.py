@@ -9,32 +9,30 @@ from habc_common.ros_env import apply_project_defaults
 
 
 def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
-              single_threaded: bool = False, realtime_executor: bool = False) -> None:
+              realtime_executor: bool = False) -> None:
     """Create the node adapter from `factory` and spin it until Ctrl-C or shutdown.
 
     `factory()` returns an object with a `.node` attribute (the rclpy Node). A ValueError
     raised while it starts (an invalid parameter, say) ends the process with exit code 2 and
     one clear line, instead of a traceback.
 
-    single_threaded: spin a SingleThreadedExecutor, for a node whose callbacks all share one
-    mutually exclusive group. A MultiThreadedExecutor runs such callbacks one at a time
-    anyway, and with it rclpy (Jazzy) left ready callbacks of that group waiting for up to
-    1.5 s (measured with the scripted operator: its 20 Hz timer and its subscriptions, until
-    another callback group's message woke the executor).
+    One SingleThreadedExecutor thread runs every node's callbacks; work that must not wait
+    behind them (control ticks, inference, loading) runs on threads of its own. rclpy's
+    (Jazzy) MultiThreadedExecutor is not used: it left ready callbacks of a mutually
+    exclusive group waiting for up to 1.5 s (the scripted operator's 20 Hz timer and its
+    subscriptions, until another group's message woke it), and it kept a core 97 % busy
+    while such a group was busy (the policy node).
 
     realtime_executor: a node whose control tick runs under SCHED_FIFO (its parameter
-    realtime_priority) spins its executor at one priority below, so the callbacks that feed
-    the tick, and hold the interpreter lock while they run, are not preempted by ordinary
-    processes (a tick that waits for the lock held by a preempted thread waits with it).
-    Applied here, in the node's own process, never to a process that hosts nodes in tests.
+    realtime_priority, p) spins its executor at priority max(1, p - 1), so the callbacks that
+    feed the tick, and hold the interpreter lock while they run, are not preempted by
+    ordinary processes (a tick that waits for the lock held by a preempted thread waits with
+    it). Applied here, in the node's own process, never to a process that hosts nodes in
+    tests.
     """
     apply_project_defaults()  # before rclpy.init: the RMW reads the environment there
     import rclpy
-    from rclpy.executors import (
-        ExternalShutdownException,
-        MultiThreadedExecutor,
-        SingleThreadedExecutor,
-    )
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     rclpy.init(args=args)
     adapter = None
@@ -47,8 +45,7 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
             report = apply_thread_scheduling(max(1, priority - 1))
             log = adapter.node.get_logger()
             (log.warning if report.refused else log.info)(f'executor thread: {report.text()}')
-        # Threads the executor starts inherit the scheduling of this one.
-        executor = SingleThreadedExecutor() if single_threaded else MultiThreadedExecutor()
+        executor = SingleThreadedExecutor()
         executor.add_node(adapter.node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

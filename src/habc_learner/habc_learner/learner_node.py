@@ -276,7 +276,7 @@ class LearnerNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run learner_node until shutdown."""
-    spin_node(LearnerNode, args, single_threaded=True)
+    spin_node(LearnerNode, args)
 
 
 if __name__ == '__main__':

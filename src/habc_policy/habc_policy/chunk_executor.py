@@ -279,26 +279,6 @@ class ChunkExecutor:
                 return None if chunk is None else chunk.due(chunk.actions.shape[0] - 1)
             return self._queue[-1].due_time if self._queue else None
 
-    def ran_any(self) -> bool:
-        """Whether an action ran since the last start or clear."""
-        with self._lock:
-            return self._running
-
-    def ran_out(self, now: float) -> bool:
-        """Whether actions ran since the last start or clear and nothing is due at now or later.
-
-        True means the robot has had (or has now) a tick without a policy action: the next
-        chunk comes late.
-        """
-        with self._lock:
-            if not self._running:
-                return False
-            tolerance = self.params.stale_after_s + _EPS
-            if self.params.mode == 'ensemble':
-                return not any(c.due(c.actions.shape[0] - 1) >= now - tolerance
-                               for c in self._chunks)
-            return not self._queue or self._queue[-1].due_time < now - tolerance
-
     def past_due(self, start_time: float, horizon: int, now: float) -> int:
         """How many of a chunk's `horizon` actions (first due at start_time) are stale at now."""
         # Action i is stale when start_time + i * dt < now - stale_after_s.

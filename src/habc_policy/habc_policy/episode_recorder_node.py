@@ -147,4 +147,4 @@ class EpisodeRecorderNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run episode_recorder_node until shutdown."""
-    spin_node(EpisodeRecorderNode, args, single_threaded=True)
+    spin_node(EpisodeRecorderNode, args)

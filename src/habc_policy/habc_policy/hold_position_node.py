@@ -49,4 +49,4 @@ class HoldPositionNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run hold_position_node until shutdown."""
-    spin_node(HoldPositionNode, args, single_threaded=True)
+    spin_node(HoldPositionNode, args)

@@ -16,6 +16,10 @@ would come after the deadline (now + T_obs > deadline), so it plans from the fre
 observation that still lands in time. When the deadline passes without a new observation
 (a dropped frame), the control tick starts it on the newest one it has.
 
+Under simulated time the turnaround, measured on the monotonic clock, is compared with
+simulated due times: the simulation never runs faster than real time here, so that errs on
+the early side.
+
 The actions of the new chunk that fall due during the inference are skipped by the executor
 (its first action is due one period after the observation); the node reports how many per
 chunk (ActionChunk.skipped_steps).
@@ -103,3 +107,22 @@ class InferenceScheduler:
         """Decide on a control tick at `now`: start on the newest observation past the deadline."""
         deadline = self.deadline(plan_end)
         return ScheduleDecision(deadline is None or now >= deadline, deadline, self.latency_s)
+
+
+# How many inferences staged weights may wait for a longer plan before they swap anyway.
+MAX_SWAP_DEFERRALS = 2
+
+
+def swap_now(plan_left_s: float | None, first_inference_s: float, margin_s: float,
+             deferrals: int, max_deferrals: int = MAX_SWAP_DEFERRALS) -> bool:
+    """Decide whether staged weights swap in before the next inference.
+
+    They do when the queued plan still runs plan_left_s (None: nothing queued, nothing to
+    protect) at least as long as their first inference takes plus the margin; otherwise the
+    old weights infer once more and refill the queue, and the swap comes with the next
+    inference. After max_deferrals such waits they swap anyway: weights whose first
+    inference is longer than any plan must not wait forever.
+    """
+    if plan_left_s is None or deferrals >= max_deferrals:
+        return True
+    return plan_left_s >= first_inference_s + margin_s

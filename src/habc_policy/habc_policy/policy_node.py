@@ -64,7 +64,7 @@ from habc_msgs.msg import (
     PolicyUpdate,
 )
 from habc_policy.chunk_executor import ChunkExecutor
-from habc_policy.inference_schedule import InferenceScheduler
+from habc_policy.inference_schedule import InferenceScheduler, swap_now
 from habc_policy.policy_runtime import (
     ChunkResult,
     InferenceWorker,
@@ -114,10 +114,12 @@ class PolicyNode:
             self.log.warning('require_signed_updates is false: any process on the DDS domain '
                              'can change the policy that drives the robot')
         self._paused = False
+        self.loop = None  # the control tick's ControlLoop, started at the end
         # Seamless swaps: control ticks without an action before each version's first one,
         # and whether the first inference of newly swapped weights is still to start.
         self._empty_ticks = 0
         self._first_of_version = False
+        self._swap_deferrals = 0
         self._last_action_version: PolicyVersion | None = None
         self._swap_gap_ticks: dict[str, int] = {}
         self._last_source: tuple[int, str] | None = None
@@ -185,12 +187,6 @@ class PolicyNode:
                                       callback_group=inputs)
         self.node.create_subscription(PolicyUpdate, 'policy/update', self.update_callback,
                                       LATCHED, callback_group=inputs)
-        # The control tick: on a thread of its own on absolute steady-clock deadlines, or on
-        # an rclpy timer that follows /clock under simulated time.
-        sim_time = bool(self.node.get_parameter('use_sim_time').value)
-        self.loop = start_control_tick(self.node, self.params.control_period_s,
-                                       self.control_callback, self.params, steady=not sim_time,
-                                       callback_group=control)
         if self._waiting:
             # Wall time (steady), also under simulated time: it watches files, not the robot.
             self._search_timer = self.node.create_timer(
@@ -207,6 +203,12 @@ class PolicyNode:
         self.log.info(
             f'ready: {self.params.mode} at {self.params.control_rate_hz:g} Hz, '
             + (f'version {active.version}' if active else 'waiting for weights'))
+        # The control tick, started last: on a thread of its own on absolute steady-clock
+        # deadlines, or on an rclpy timer that follows /clock under simulated time.
+        sim_time = bool(self.node.get_parameter('use_sim_time').value)
+        self.loop = start_control_tick(self.node, self.params.control_period_s,
+                                       self.control_callback, self.params, steady=not sim_time,
+                                       callback_group=control)
 
     def close(self) -> None:
         """Stop the inference and loader threads (spin_node calls it at shutdown)."""
@@ -421,7 +423,7 @@ class PolicyNode:
         # Row-major (H, D); bytes go into the array('f') field in C.
         msg.actions = array.array('f', result.actions.astype('<f4').tobytes())
         msg.skipped_steps = result.skipped
-        msg.late = result.late and not result.cold
+        msg.late = result.late
         msg.inference_s = float(result.latency_s)
         msg.turnaround_s = float(result.turnaround_s)
         self.chunk_publisher.publish(msg)
@@ -443,18 +445,21 @@ class PolicyNode:
         self._error_once('inference failed', exc)
 
     def _swap_allowed(self, staged: LoadedPolicy) -> bool:
-        # Inference thread, before an inference: swap only while the queued plan covers the
-        # new weights' first (cold) inference, as long as their warm-up took, and at least a
-        # warm one; otherwise this inference runs on the old weights and refills the queue,
-        # and the swap comes with the next one (requested at once while weights are staged).
+        # Inference thread, before an inference (inference_schedule.swap_now): swap while the
+        # queued plan covers the new weights' first inference, else let the old weights
+        # refill the queue first (the next inference is requested at once while weights are
+        # staged), at most max_swap_deferrals times.
         plan_end = self.executor.plan_end()
-        if plan_end is None or not self.executor.ran_any():
-            return True
+        left = None if plan_end is None else plan_end - self._executor_now()
         needed = staged.warmup_s if math.isfinite(staged.warmup_s) else 0.0
         if self.scheduler is not None:
             with self._schedule_lock:
                 needed = max(needed, self.scheduler.latency_s or 0.0)
-        return plan_end - self._executor_now() >= needed + self.params.inference_margin_s
+        if swap_now(left, needed, self.params.inference_margin_s, self._swap_deferrals):
+            self._swap_deferrals = 0
+            return True
+        self._swap_deferrals += 1
+        return False
 
     def _on_swap(self, loaded: LoadedPolicy) -> None:
         self._first_of_version = True
@@ -483,8 +488,6 @@ class PolicyNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run policy_node until shutdown."""
-    # One executor thread: the control tick, the inference and the loading have threads of
-    # their own, and rclpy's MultiThreadedExecutor spins at full CPU while one of its
-    # mutually exclusive groups is busy (measured: 97 % of a core), which SCHED_FIFO would
-    # turn into a starved machine.
-    spin_node(PolicyNode, args, single_threaded=True, realtime_executor=True)
+    # One executor thread (spin_node): the control tick, the inference and the loading have
+    # threads of their own.
+    spin_node(PolicyNode, args, realtime_executor=True)

@@ -211,7 +211,7 @@ class LoadedPolicy:
     version: PolicyVersion
     sha256: str
     source: str
-    # Duration of its warm-up inference (s): what its first, cold inference may take.
+    # Duration of its second warm-up inference (s): what its first inference will take.
     warmup_s: float = math.nan
 
 
@@ -245,11 +245,12 @@ class ChunkResult:
     latency_s: float
     observation: PolicyObservation
     # Actions of the chunk already stale when it was accepted (they fell due during the
-    # inference), and whether the queued plan had run out before it came (empty ticks).
+    # inference), and whether the robot had a tick without a policy action since the
+    # previous chunk (the executor's underruns: this one came late).
     skipped: int = 0
     late: bool = False
     # Request to accepted (s) as the worker measured it; cold: the first inference of a
-    # version (or after a clear), left out of the latency estimate.
+    # version (at start-up or after a swap), left out of the latency estimate.
     turnaround_s: float = math.nan
     cold: bool = False
 
@@ -339,9 +340,10 @@ class PolicyRuntime:
 
     def __init__(self, executor: ChunkExecutor, control_period_s: float, gate: UpdateGate,
                  device: str = 'cpu', joint_names: Sequence[str] = (),
-                 clock: Callable[[], float] = time.time, realtime_chunking: bool = False,
+                 clock: Callable[[], float] | None = None, realtime_chunking: bool = False,
                  max_guidance: float = 5.0) -> None:
-        # clock: the executor's time (s), to count the actions that fell due meanwhile.
+        # clock: the executor's time (s), to count the actions that fell due meanwhile
+        # (ChunkResult.skipped; 0 without a clock).
         # realtime_chunking, max_guidance: PolicyNodeParams.realtime_chunking, rtc_max_guidance.
         self.executor = executor
         self.clock = clock
@@ -363,6 +365,7 @@ class PolicyRuntime:
         self._pending: LoadedPolicy | None = None
         self._lock = threading.Lock()
         self._next_chunk_id = 0
+        self._underruns_seen = 0
         self._instruction = ''
         # (joints, camera images) of the last observation inferred on: what the robot sends.
         self._observed: tuple[int, tuple[tuple[int, int], ...]] | None = None
@@ -643,8 +646,12 @@ class PolicyRuntime:
             self._check_compatible(active.policy, policy)
         policy.to(self.device).eval()
         try:
+            # Twice: the first call pays one-off set-up; the second is what the first real
+            # inference after the swap will take (LoadedPolicy.warmup_s).
+            inputs = self._dummy_input(policy)
+            self._predict(policy, inputs)
             started = time.monotonic()
-            warm_up = self._predict(policy, self._dummy_input(policy))
+            warm_up = self._predict(policy, inputs)
             warmup_s = time.monotonic() - started
         except Exception as exc:  # a model that cannot run must not go live
             raise WeightsError(f'{source}: warm-up inference failed: '
@@ -788,17 +795,20 @@ class PolicyRuntime:
             self._retire_broken(active)
         chunk_id = self._next_chunk_id
         self._next_chunk_id += 1
-        now = self.clock()
-        late = self.executor.ran_out(now)
+        # Late: the robot had a tick without a policy action since the last chunk came.
+        underruns = self.executor.counters['underruns']
         accepted = self.executor.add_chunk(actions, start_time, self.period, active.version,
                                            chunk_id)
         self.counters['inferences'] += 1
-        if not accepted:
+        late = False
+        if accepted:
+            late, self._underruns_seen = underruns > self._underruns_seen, underruns
+        else:
             self.counters['chunks_rejected'] += 1
-        skipped = self.executor.past_due(start_time, actions.shape[0], now)
+        skipped = (0 if self.clock is None
+                   else self.executor.past_due(start_time, actions.shape[0], self.clock()))
         return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
-                           accepted, latency, observation, skipped=skipped,
-                           late=late and accepted)
+                           accepted, latency, observation, skipped=skipped, late=late)
 
     def guided_prefix(self, policy: Any, start_time: float) -> tuple[np.ndarray | None, int]:
         """Return the real-time chunking prefix of a chunk first due at start_time, and d.

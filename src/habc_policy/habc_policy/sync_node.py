@@ -202,4 +202,4 @@ def _format(value) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Run sync_node until shutdown."""
-    spin_node(SyncNode, args, single_threaded=True)
+    spin_node(SyncNode, args)

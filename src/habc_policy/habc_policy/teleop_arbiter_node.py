@@ -534,4 +534,4 @@ class TeleopArbiterNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run teleop_arbiter_node until shutdown."""
-    spin_node(TeleopArbiterNode, args, single_threaded=True, realtime_executor=True)
+    spin_node(TeleopArbiterNode, args, realtime_executor=True)

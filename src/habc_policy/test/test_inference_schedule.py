@@ -7,7 +7,7 @@ import pytest
 
 from habc_episodes.vocabulary import PolicyVersion
 from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
-from habc_policy.inference_schedule import InferenceScheduler
+from habc_policy.inference_schedule import InferenceScheduler, MAX_SWAP_DEFERRALS, swap_now
 
 PERIOD = 0.02
 VERSION = PolicyVersion.parse('1:sft')
@@ -123,7 +123,7 @@ def test_the_remaining_actions_trigger_plans_from_older_observations():
     assert ages_scheduled[1:].mean() < ages_threshold[1:].mean()
 
 
-def test_executor_reports_the_plan_its_end_and_when_it_ran_out():
+def test_executor_reports_the_plan_and_its_end():
     executor = ChunkExecutor(ChunkExecutorParams(control_period_s=PERIOD, execute_steps=5,
                                                  stale_after_s=0.015))
     assert executor.planned_actions(1.0, 3) is None and executor.plan_end() is None
@@ -134,10 +134,6 @@ def test_executor_reports_the_plan_its_end_and_when_it_ran_out():
     np.testing.assert_array_equal(executor.planned_actions(1.16, 5), chunk[8:10])
     assert executor.planned_actions(1.2, 3) is None
     assert executor.plan_end() == pytest.approx(1.0 + 4 * PERIOD)
-    assert not executor.ran_out(2.0)  # nothing executed yet: not late, just starting
-    executor.next_action(1.0)
-    assert not executor.ran_out(1.08)
-    assert executor.ran_out(1.08 + 0.016)
     # Past due: action i is stale when 1.0 + i * 0.02 < now - 0.015.
     assert executor.past_due(1.0, 10, 1.015) == 0
     assert executor.past_due(1.0, 10, 1.016) == 1
@@ -145,4 +141,15 @@ def test_executor_reports_the_plan_its_end_and_when_it_ran_out():
     assert executor.past_due(1.0, 10, 1.036) == 2
     assert executor.past_due(1.0, 10, 9.0) == 10
     executor.clear(1.1)
-    assert executor.planned_actions(1.04, 3) is None and not executor.ran_out(1.2)
+    assert executor.planned_actions(1.04, 3) is None and executor.plan_end() is None
+
+
+def test_staged_weights_wait_for_a_plan_that_covers_their_first_inference_but_not_forever():
+    # 0.2 s of plan left covers a 0.15 s first inference (+ 0.01 margin): swap now.
+    assert swap_now(0.2, 0.15, 0.01, deferrals=0)
+    # 0.1 s does not: the old weights refill the queue first ...
+    assert not swap_now(0.1, 0.15, 0.01, deferrals=0)
+    assert not swap_now(0.1, 0.15, 0.01, deferrals=MAX_SWAP_DEFERRALS - 1)
+    # ... but weights slower than any plan swap after the last allowed wait.
+    assert swap_now(0.1, 5.0, 0.01, deferrals=MAX_SWAP_DEFERRALS)
+    assert swap_now(None, 5.0, 0.01, deferrals=0)  # nothing queued: nothing to protect

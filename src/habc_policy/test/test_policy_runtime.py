@@ -749,3 +749,24 @@ def test_realtime_chunking_guides_each_chunk_with_the_plan_and_the_measured_dela
     assert plain.counters['guided_chunks'] == 0
     with pytest.raises(ValueError, match="realtime_chunking needs mode 'receding'"):
         PolicyNodeParams(realtime_chunking=True, mode='ensemble', min_remaining_steps=20)
+
+
+def test_a_chunk_is_late_only_after_a_tick_without_an_action(checkpoints):
+    runtime = runtime_with(checkpoints[0] / 'sft', clock=lambda: clock[0])
+    clock = [100.0 + PERIOD]
+    first = runtime.infer(observation(100.0))
+    assert (first.late, first.skipped) == (False, 0)
+    for k in range(1, 11):  # the whole plan of 10 actions runs
+        assert runtime.executor.next_action(100.0 + k * PERIOD) is not None
+    # The next chunk lands between two ticks, the last queued action already used: no tick
+    # went without an action, so it is not late.
+    clock[0] = 100.0 + 10.5 * PERIOD
+    second = runtime.infer(observation(100.0 + 9 * PERIOD))
+    assert second.accepted and not second.late
+    assert second.skipped == runtime.executor.past_due(second.start_time, 10, clock[0])
+    for k in range(11, 21):
+        runtime.executor.next_action(100.0 + k * PERIOD)
+    assert runtime.executor.next_action(100.0 + 22 * PERIOD) is None  # a tick without one
+    clock[0] = 100.0 + 22.5 * PERIOD
+    third = runtime.infer(observation(100.0 + 22 * PERIOD))
+    assert third.late and third.skipped == 0

@@ -56,4 +56,4 @@ class RobotStubNode:
 
 def main(args: list[str] | None = None) -> None:
     """Run robot_stub_node until shutdown."""
-    spin_node(RobotStubNode, args, single_threaded=True)
+    spin_node(RobotStubNode, args)

@@ -253,7 +253,7 @@ def main(args: list[str] | None = None) -> None:
         return nodes[-1]
 
     # One callback group (see ScriptedOperatorNode): a single thread, without the stalls.
-    spin_node(scripted_operator_node, args, single_threaded=True)
+    spin_node(scripted_operator_node, args)
     if nodes and nodes[-1].exit_code:
         sys.exit(nodes[-1].exit_code)
 

@@ -181,7 +181,7 @@ class SimRobotNode:
 def main(args: list[str] | None = None) -> None:
     """Run sim_robot_node until shutdown."""
     # One callback group (see SimRobotNode): a single thread, without the stalls.
-    spin_node(SimRobotNode, args, single_threaded=True)
+    spin_node(SimRobotNode, args)
 
 
 if __name__ == '__main__':
