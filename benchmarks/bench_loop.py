@@ -210,7 +210,7 @@ class ChunkRecord:
     dt: float
     version: str
     skipped: int = 0     # ActionChunk.skipped_steps: actions that fell due during inference
-    late: bool = False   # ActionChunk.late: the previous plan had run out (empty ticks)
+    late: bool = False   # ActionChunk.late: a tick without an action since the last chunk
     inference_s: float = math.nan   # ActionChunk.inference_s: the model's own time
     turnaround_s: float = math.nan  # ActionChunk.turnaround_s: request -> chunk accepted
 
@@ -661,8 +661,8 @@ def goals_table(report: dict[str, Any]) -> list[str]:
         return []
     lines = ['## Goals (issue 14)', '', '| goal | target | measured | |', '|---|---|---|---|']
     lines += [f'| {a} | {b} | {c} | {d} |' for a, b, c, d in rows]
-    lines += ['', 'late chunk: ActionChunk.late, the queued plan had run out before the chunk '
-              'was accepted (the robot had a tick without a policy action). inference: '
+    lines += ['', 'late chunk: ActionChunk.late, the robot had a control tick without a '
+              "policy action since the previous chunk (the executor's underruns). inference: "
               "ActionChunk.inference_s, the model's own time for each chunk in the window.",
               'The first action of a chunk (due one period after its observation) cannot be '
               'on time when inference plus transport take longer than a period; the '
