@@ -55,7 +55,6 @@ FOREIGN_MAPPING = {
     'joint_states': '/joint_states', 'command': '/forward_position_controller/commands',
     'intervention': '/teleop/engage', 'instruction': 'transfer the cube',
 }
-_SEP = '=' * 80 + '\n'
 # Measured by hand on 15d84a4 (the loader before the one-pass decoding, the zero-copy
 # deserialisation and the worker processes), same sets, warm, cProfile.
 PROFILE_BEFORE = (
@@ -66,27 +65,15 @@ PROFILE_BEFORE = (
     'twice per bag; foreign 2.42 s: _pack 0.46 s, chunk CRCs 0.22 s, file reads 0.19 s, '
     'deserialize_cdr 0.89 s cumulative, _resize 0.14 s. Committed table of 15d84a4: 0.40x '
     'warm / 0.73x cold (ours), 0.35x / 0.53x (foreign).')
+# Message types of the foreign bags.
+FOREIGN_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/JointState',
+                 'std_msgs/msg/Float64MultiArray', 'std_msgs/msg/Bool')
 # The loader of 393cc21 (one-pass decoding, zero-copy deserialisation, spawned workers) on a
 # quiet machine, same command: wall ratio vs rosbags.
 PREVIOUS = (
     'Loader of 393cc21 (rosbags reading every chunk, spawned worker processes), same '
     'command on a quiet machine: ours warm 0.48x (1 process) / 0.64x (2 processes), cold '
     '0.96x / 1.36x; foreign warm 0.59x / 0.67x, cold 0.88x / 1.16x.')
-_HEADER = ('MSG: std_msgs/Header\nbuiltin_interfaces/Time stamp\nstring frame_id\n' + _SEP
-           + 'MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n')
-DEFINITIONS = {
-    'sensor_msgs/msg/Image': ('std_msgs/Header header\nuint32 height\nuint32 width\n'
-                              'string encoding\nuint8 is_bigendian\nuint32 step\nuint8[] data\n'
-                              + _SEP + _HEADER),
-    'sensor_msgs/msg/JointState': ('std_msgs/Header header\nstring[] name\nfloat64[] position\n'
-                                   'float64[] velocity\nfloat64[] effort\n' + _SEP + _HEADER),
-    'std_msgs/msg/Float64MultiArray': (
-        'std_msgs/MultiArrayLayout layout\nfloat64[] data\n' + _SEP
-        + 'MSG: std_msgs/MultiArrayLayout\nstd_msgs/MultiArrayDimension[] dim\n'
-        'uint32 data_offset\n' + _SEP
-        + 'MSG: std_msgs/MultiArrayDimension\nstring label\nuint32 size\nuint32 stride\n'),
-    'std_msgs/msg/Bool': 'bool data\n',
-}
 
 
 def _frames(rng: np.random.Generator, size: int, steps: int):
@@ -147,7 +134,10 @@ def write_foreign(path: Path, steps: int, seed: int) -> None:
     path.mkdir(parents=True)
     with (path / f'{path.name}_0.mcap').open('wb') as stream:
         writer = Writer(stream, compression=CompressionType.NONE)
-        schema = {name: writer.register_msgdef(name, text) for name, text in DEFINITIONS.items()}
+        # The standard messages' definitions, as rosbag2 stores them (ros2msg text).
+        store = habc_typestore()
+        schema = {name: writer.register_msgdef(
+            name, store.generate_msgdef(name, ros_version=2)[0]) for name in FOREIGN_TYPES}
         for k in range(steps):
             stamp = 100 * SEC + k * TICK
             header = {'stamp': {'sec': stamp // SEC, 'nanosec': stamp % SEC}, 'frame_id': ''}

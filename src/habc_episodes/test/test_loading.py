@@ -6,6 +6,7 @@ episodes, same order, same skips).
 
 from pathlib import Path
 
+from message_compare import same_message
 import numpy as np
 import pytest
 from rosbags.serde import SerdeError
@@ -27,23 +28,6 @@ def image(store, height: int, width: int, encoding: str, pad: int = 0, seed: int
         header=t['std_msgs/msg/Header'](
             stamp=t['builtin_interfaces/msg/Time'](sec=3, nanosec=7), frame_id='cam'),
         height=height, width=width, encoding=encoding, is_bigendian=0, step=step, data=data)
-
-
-def same_message(a: object, b: object) -> None:
-    """Assert two rosbags messages hold equal fields (arrays compared by value and dtype)."""
-    assert type(a) is type(b)
-    for name in a.__dataclass_fields__:
-        x, y = getattr(a, name), getattr(b, name)
-        if isinstance(x, np.ndarray):
-            assert x.dtype == y.dtype and np.array_equal(x, y), name
-        elif isinstance(x, list) and x and hasattr(x[0], '__dataclass_fields__'):
-            assert len(x) == len(y)
-            for u, v in zip(x, y, strict=True):
-                same_message(u, v)
-        elif hasattr(x, '__dataclass_fields__'):
-            same_message(x, y)
-        else:
-            assert x == y, name
 
 
 @pytest.mark.parametrize('height,width,encoding,pad', [

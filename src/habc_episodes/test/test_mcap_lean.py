@@ -10,6 +10,7 @@ deserializer on the message types it parses, and what it refuses.
 from pathlib import Path
 import random
 
+from message_compare import same_message
 import numpy as np
 import pytest
 from rosbags.rosbag2 import Reader, ReaderError
@@ -20,40 +21,8 @@ from habc_episodes.episode_bags import BagReadError, episode_from_bag, TopicMapp
 from habc_episodes.mcap_lean import chunk_messages, COPY_BELOW
 
 SEC = 1_000_000_000
-_SEP = '=' * 80 + '\n'
-_HEADER = ('MSG: std_msgs/Header\nbuiltin_interfaces/Time stamp\nstring frame_id\n' + _SEP
-           + 'MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n')
-DEFINITIONS = {
-    'sensor_msgs/msg/Image': ('std_msgs/Header header\nuint32 height\nuint32 width\n'
-                              'string encoding\nuint8 is_bigendian\nuint32 step\nuint8[] data\n'
-                              + _SEP + _HEADER),
-    'sensor_msgs/msg/JointState': ('std_msgs/Header header\nstring[] name\nfloat64[] position\n'
-                                   'float64[] velocity\nfloat64[] effort\n' + _SEP + _HEADER),
-    'std_msgs/msg/Float64MultiArray': (
-        'std_msgs/MultiArrayLayout layout\nfloat64[] data\n' + _SEP
-        + 'MSG: std_msgs/MultiArrayLayout\nstd_msgs/MultiArrayDimension[] dim\n'
-        'uint32 data_offset\n' + _SEP
-        + 'MSG: std_msgs/MultiArrayDimension\nstring label\nuint32 size\nuint32 stride\n'),
-}
 MAPPING = TopicMapping(cameras=('/cam/image',), joint_states='/joint_states',
                        command='/commands')
-
-
-def same_message(a: object, b: object) -> None:
-    """Assert two rosbags messages hold equal fields (arrays compared by value and dtype)."""
-    assert type(a) is type(b)
-    for name in a.__dataclass_fields__:
-        x, y = getattr(a, name), getattr(b, name)
-        if isinstance(x, np.ndarray):
-            assert x.dtype == y.dtype and np.array_equal(x, y), name
-        elif isinstance(x, list) and x and hasattr(x[0], '__dataclass_fields__'):
-            assert len(x) == len(y)
-            for u, v in zip(x, y, strict=True):
-                same_message(u, v)
-        elif hasattr(x, '__dataclass_fields__'):
-            same_message(x, y)
-        else:
-            assert type(x) is type(y) and x == y, name
 
 
 def image(typestore, height: int, width: int, pad: int):
@@ -106,8 +75,9 @@ def write_foreign(path: Path, typestore, *, chunk_size: int = 1 << 20,
         channels = {}
         for topic, message, _ in items:
             if topic not in channels:
+                definition, _ = typestore.generate_msgdef(message.__msgtype__, ros_version=2)
                 schema = writer.register_schema(message.__msgtype__, 'ros2msg',
-                                                DEFINITIONS[message.__msgtype__].encode())
+                                                definition.encode())
                 channels[topic] = writer.register_channel(topic, 'cdr', schema)
         for topic, message, log_time in items:
             writer.add_message(channels[topic], log_time, bytes(typestore.serialize_cdr(
