@@ -1,38 +1,13 @@
-"""Critic networks over (detached) policy features (no rclpy)."""
+"""The baselines' value networks over (detached) policy features (no rclpy).
+
+HABC's DualHeadCritic lives in habc_policy.models.critic: the robot runs it too.
+"""
 
 import torch
 from torch import nn
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
-
-def _trunk(in_dim: int, hidden_dim: int, num_layers: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    size = in_dim
-    for _ in range(num_layers):
-        layers += [nn.Linear(size, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU()]
-        size = hidden_dim
-    return nn.Sequential(*layers)
-
-
-class DualHeadCritic(nn.Module):
-    """Shared trunk phi(s) with a viability logit head f_v and an efficiency head f_e.
-
-    V_e is in control steps (targets in [-T_max, 0]); the head outputs V_e / value_scale so
-    that the network works with numbers of order one whatever the episode length.
-    """
-
-    def __init__(self, feature_dim: int, hidden_dim: int = 256, num_layers: int = 2,
-                 value_scale: float = 100.0) -> None:
-        super().__init__()
-        self.phi = _trunk(feature_dim, hidden_dim, num_layers)
-        self.f_v = nn.Linear(hidden_dim, 1)
-        self.f_e = nn.Linear(hidden_dim, 1)
-        self.value_scale = value_scale
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return z_v(s) and V_e(s), each (B,)."""
-        h = self.phi(features)
-        return self.f_v(h).squeeze(-1), self.value_scale * self.f_e(h).squeeze(-1)
+from habc_policy.models.critic import mlp_trunk
 
 
 class ScalarValue(nn.Module):
@@ -40,7 +15,7 @@ class ScalarValue(nn.Module):
 
     def __init__(self, feature_dim: int, hidden_dim: int = 256, num_layers: int = 2) -> None:
         super().__init__()
-        self.trunk = _trunk(feature_dim, hidden_dim, num_layers)
+        self.trunk = mlp_trunk(feature_dim, hidden_dim, num_layers)
         self.head = nn.Linear(hidden_dim, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -60,7 +35,7 @@ class DistributionalValue(nn.Module):
         if not v_min < v_max or num_bins < 2:
             raise ValueError(f'need v_min < v_max and >= 2 bins, got [{v_min}, {v_max}], '
                              f'{num_bins}')
-        self.trunk = _trunk(feature_dim, hidden_dim, num_layers)
+        self.trunk = mlp_trunk(feature_dim, hidden_dim, num_layers)
         self.head = nn.Linear(hidden_dim, num_bins)
         self.register_buffer('support', torch.linspace(v_min, v_max, num_bins))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from habc_learner.credit import CreditConfig
-from habc_learner.critics import DistributionalValue, DualHeadCritic, ScalarValue
+from habc_learner.critics import DistributionalValue, ScalarValue
 from habc_learner.data import HumanWindowTargets, RewardConfig, SampleBuffer, WeightCode
 from habc_learner.feature_cache import DEFAULT_MAX_ROWS, FeatureCache
 from habc_learner.habc import (
@@ -42,6 +42,7 @@ from habc_learner.habc import (
     viability_loss,
     weighted_bc_loss,
 )
+from habc_policy.models.critic import DualHeadCritic
 
 
 class Method(enum.StrEnum):

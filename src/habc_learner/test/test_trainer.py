@@ -62,6 +62,17 @@ def test_metrics_tensorboard_and_checkpoint(tmp_path):
     obs = {'state': torch.tensor([[0.3]])}
     assert torch.equal(trainer.policy.sample_chunks(obs, torch.Generator().manual_seed(0)),
                        loaded.sample_chunks(obs, torch.Generator().manual_seed(0)))
+    # The robot loads the critic that was trained with it (habc_policy.models.critic): the
+    # same viability as the trainer's critic on the same features.
+    from habc_policy.models.critic import load_critic
+
+    robot = load_critic(tmp_path / 'v1', loaded.feature_dim)
+    assert robot.problem == ''
+    with torch.no_grad():
+        features = loaded.encode(obs)
+        z_robot, _ = robot.critic(features)
+        z_trained, _ = trainer.algorithm.critic.eval()(features)
+    assert torch.allclose(z_robot, z_trained)
 
 
 def test_train_config_validates():

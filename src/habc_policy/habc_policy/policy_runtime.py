@@ -40,6 +40,7 @@ All times are seconds passed in by the caller.
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -213,6 +214,9 @@ class LoadedPolicy:
     source: str
     # Duration of its second warm-up inference (s): what its first inference will take.
     warmup_s: float = math.nan
+    # The HABC critic trained with it (models.critic), loaded with the actor, or why not.
+    critic: Any = None
+    critic_problem: str = ''
 
 
 @dataclass
@@ -253,6 +257,10 @@ class ChunkResult:
     # version (at start-up or after a swap), left out of the latency estimate.
     turnaround_s: float = math.nan
     cold: bool = False
+    # The critic's viability p_v = P(success | observation) and efficiency value V_e (control
+    # steps, <= 0) for the active weights; nan without a critic.
+    viability: float = math.nan
+    efficiency_value: float = math.nan
 
 
 @dataclass
@@ -543,6 +551,8 @@ class PolicyRuntime:
             # Why the active version holds ('' when it fits the robot's observations).
             'mismatch': self.mismatch or None,
             'realtime_chunking': self._realtime_chunking_state(active),
+            # The active version's critic: 'ok', or why there is none (no help requests).
+            'critic': None if active is None else (active.critic_problem or 'ok'),
         }
 
     def _realtime_chunking_state(self, active: LoadedPolicy | None) -> str:
@@ -613,7 +623,34 @@ class PolicyRuntime:
                        else PolicyVersion(active, f'{MANUAL_TAG}{digest[:12]}'))
         elif version is None:
             version = own
-        return self._finish_load(policy, version, digest, str(folder))
+        loaded = self._finish_load(policy, version, digest, str(folder))
+        self._attach_critic(loaded, folder)
+        return loaded
+
+    def _attach_critic(self, loaded: LoadedPolicy, folder: Path) -> None:
+        # The critic that was trained with these weights, from the same folder. A missing or
+        # foreign critic is reported (policy/status), never a reason to refuse the actor.
+        from habc_policy.models.critic import load_critic
+
+        feature_dim = getattr(loaded.policy, 'feature_dim', None)
+        if feature_dim is None:
+            loaded.critic_problem = f'{type(loaded.policy).__name__} has no critic features'
+            return
+        result = load_critic(folder, feature_dim, _efficiency_scale(folder))
+        if result.critic is not None:
+            result.critic.to(self.device)
+        loaded.critic, loaded.critic_problem = result.critic, result.problem
+
+    def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any]) -> tuple[float, float]:
+        """Return (p_v, V_e) of the critic of `loaded` on model inputs (nan without one)."""
+        import torch
+
+        if loaded.critic is None:
+            return math.nan, math.nan
+        batch = self._batch(inputs)
+        with torch.inference_mode():
+            z_v, v_e = loaded.critic(loaded.policy.encode(batch).float())
+        return float(torch.sigmoid(z_v[0])), float(v_e[0])
 
     def _load_inline(self, data: bytes, sha256: str, version: PolicyVersion) -> LoadedPolicy:
         from safetensors.torch import load as load_safetensors
@@ -636,7 +673,10 @@ class PolicyRuntime:
             raise WeightsError(f'inline weights: cannot load: {type(exc).__name__}: '
                                f'{exc}') from exc
         policy.version = str(version)
-        return self._finish_load(policy, version, digest, 'inline')
+        loaded = self._finish_load(policy, version, digest, 'inline')
+        loaded.critic_problem = ('inline weights carry no critic (send a uri to a checkpoint '
+                                 'folder with critic.safetensors)')
+        return loaded
 
     def _finish_load(self, policy: Any, version: PolicyVersion, digest: str,
                      source: str) -> LoadedPolicy:
@@ -807,8 +847,11 @@ class PolicyRuntime:
             self.counters['chunks_rejected'] += 1
         skipped = (0 if self.clock is None
                    else self.executor.past_due(start_time, actions.shape[0], self.clock()))
+        # After the chunk is queued: the critic never delays the robot's plan.
+        p_v, v_e = self.viability(active, inputs)
         return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
-                           accepted, latency, observation, skipped=skipped, late=late)
+                           accepted, latency, observation, skipped=skipped, late=late,
+                           viability=p_v, efficiency_value=v_e)
 
     def guided_prefix(self, policy: Any, start_time: float) -> tuple[np.ndarray | None, int]:
         """Return the real-time chunking prefix of a chunk first due at start_time, and d.
@@ -827,15 +870,29 @@ class PolicyRuntime:
         delay = self.executor.delay_steps or 0
         return planned, min(delay, len(planned))
 
+    def _batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return {key: [value] if isinstance(value, str)
+                else torch.as_tensor(np.ascontiguousarray(value), device=self.device)[None]
+                for key, value in inputs.items()}
+
     def _predict(self, policy: Any, inputs: dict[str, Any]) -> np.ndarray:
         import torch
 
-        batch = {key: [value] if isinstance(value, str)
-                 else torch.as_tensor(np.ascontiguousarray(value), device=self.device)[None]
-                 for key, value in inputs.items()}
+        batch = self._batch(inputs)
         with torch.inference_mode():
             chunk = policy.sample_chunks(batch)[0]
         return chunk.float().cpu().numpy()
+
+
+def _efficiency_scale(folder: Path) -> float:
+    # V_e's scale is a training setting (metrics.json of the checkpoint), not a tensor.
+    try:
+        meta = json.loads((folder / 'metrics.json').read_text())
+        return float(meta['method']['efficiency_scale'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 100.0
 
 
 def _image_shape(config: Any) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """PolicyRuntime and InferenceWorker without ROS: verified loading, hot swap, inference."""
 
 import json
+import math
 from pathlib import Path
 import re
 import threading
@@ -770,3 +771,54 @@ def test_a_chunk_is_late_only_after_a_tick_without_an_action(checkpoints):
     clock[0] = 100.0 + 22.5 * PERIOD
     third = runtime.infer(observation(100.0 + 22 * PERIOD))
     assert third.late and third.skipped == 0
+
+
+def test_the_critic_trained_with_a_checkpoint_is_loaded_and_estimates_viability(tmp_path):
+    from safetensors.torch import save_file
+
+    from habc_policy.models.critic import CRITIC_FILE, DualHeadCritic
+
+    make_checkpoint(tmp_path / 'v', 'sft', 0)
+    policy = load_policy(tmp_path / 'v')
+    torch.manual_seed(1)
+    critic = DualHeadCritic(policy.feature_dim, hidden_dim=16, num_layers=2, value_scale=50.0)
+    save_file({k: v.contiguous() for k, v in critic.state_dict().items()},
+              str(tmp_path / 'v' / CRITIC_FILE))
+    (tmp_path / 'v' / 'metrics.json').write_text(
+        json.dumps({'method': {'efficiency_scale': 50.0}}))
+    runtime = runtime_with(tmp_path / 'v', gate=gate())
+    assert runtime.status()['critic'] == 'ok'
+    obs = observation(100.0)
+    result = runtime.infer(obs)
+    # p_v is the trained critic on the policy's own features, as the learner computes it.
+    inputs = runtime.model_input(runtime.active.policy, obs)
+    batch = {k: [v] if isinstance(v, str) else torch.as_tensor(np.asarray(v))[None]
+             for k, v in inputs.items()}
+    with torch.no_grad():
+        z_v, v_e = critic(runtime.active.policy.encode(batch))
+    assert result.viability == pytest.approx(float(torch.sigmoid(z_v[0])), abs=1e-5)
+    assert result.efficiency_value == pytest.approx(float(v_e[0]), abs=1e-3)
+
+
+@pytest.mark.parametrize('case', ['missing', 'other_shape', 'not_habc', 'damaged'])
+def test_a_checkpoint_without_a_usable_critic_acts_and_says_why(tmp_path, case):
+    from safetensors.torch import save_file
+
+    from habc_policy.models.critic import CRITIC_FILE, DualHeadCritic
+
+    make_checkpoint(tmp_path / 'v', 'sft', 0)
+    path = tmp_path / 'v' / CRITIC_FILE
+    if case == 'other_shape':
+        save_file(DualHeadCritic(7, 16, 1).state_dict(), str(path))
+    elif case == 'not_habc':
+        save_file({'trunk.0.weight': torch.zeros(4, 4), 'head.weight': torch.zeros(1, 4)},
+                  str(path))
+    elif case == 'damaged':
+        path.write_bytes(b'\x00' * 20)
+    runtime = runtime_with(tmp_path / 'v', gate=gate())
+    problem = runtime.status()['critic']
+    expected = {'missing': 'no critic.safetensors', 'other_shape': 'features of size 7',
+                'not_habc': 'not a HABC dual-head critic', 'damaged': 'unreadable'}[case]
+    assert expected in problem
+    result = runtime.infer(observation(100.0))
+    assert result.accepted and math.isnan(result.viability)

@@ -1,0 +1,90 @@
+"""HABC's dual-head critic, and loading it with a checkpoint for the robot (no rclpy).
+
+The learner trains a DualHeadCritic on the policy's detached features and saves it as
+critic.safetensors next to the policy's weights (habc_learner.trainer.save_checkpoint). The
+robot loads it with the actor, version for version, to estimate the running policy's
+viability p_v = sigmoid(z_v(s)) = P(success | s) live (habc_policy.help_request).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+import re
+
+import torch
+from torch import nn
+
+CRITIC_FILE = 'critic.safetensors'
+
+
+def mlp_trunk(in_dim: int, hidden_dim: int, num_layers: int) -> nn.Sequential:
+    """Build num_layers of Linear -> LayerNorm -> GELU (the critics' shared trunk)."""
+    layers: list[nn.Module] = []
+    size = in_dim
+    for _ in range(num_layers):
+        layers += [nn.Linear(size, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU()]
+        size = hidden_dim
+    return nn.Sequential(*layers)
+
+
+class DualHeadCritic(nn.Module):
+    """Shared trunk phi(s) with a viability logit head f_v and an efficiency head f_e.
+
+    V_e is in control steps (targets in [-T_max, 0]); the head outputs V_e / value_scale so
+    that the network works with numbers of order one whatever the episode length.
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 256, num_layers: int = 2,
+                 value_scale: float = 100.0) -> None:
+        super().__init__()
+        self.phi = mlp_trunk(feature_dim, hidden_dim, num_layers)
+        self.f_v = nn.Linear(hidden_dim, 1)
+        self.f_e = nn.Linear(hidden_dim, 1)
+        self.value_scale = value_scale
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return z_v(s) and V_e(s), each (B,)."""
+        h = self.phi(features)
+        return self.f_v(h).squeeze(-1), self.value_scale * self.f_e(h).squeeze(-1)
+
+
+@dataclass
+class LoadedCritic:
+    """A checkpoint's critic, or why there is none (problem, '' when loaded)."""
+
+    critic: DualHeadCritic | None
+    problem: str = ''
+
+
+def load_critic(folder: Path, feature_dim: int, value_scale: float = 100.0) -> LoadedCritic:
+    """Load folder/critic.safetensors as a DualHeadCritic over features of feature_dim.
+
+    The architecture is read from the tensors' shapes. A missing file, another critic
+    (a baseline's value network), or one trained on features of another size gives no
+    critic and a problem that says which; it never raises for those.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(folder) / CRITIC_FILE
+    if not path.is_file():
+        return LoadedCritic(None, f'no {CRITIC_FILE} in {folder} (a checkpoint trained '
+                            'without HABC, or copied without its critic)')
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # a damaged file is a problem to report, not a crash
+        return LoadedCritic(None, f'{path} is unreadable: {type(exc).__name__}: {exc}')
+    linear = sorted(int(m.group(1)) for key in state
+                    if (m := re.fullmatch(r'phi\.(\d+)\.weight', key))
+                    and state[key].ndim == 2)
+    if not linear or 'f_v.weight' not in state or 'f_e.weight' not in state:
+        return LoadedCritic(None, f'{path} is not a HABC dual-head critic (keys '
+                            f'{sorted(state)[:4]}...)')
+    hidden_dim, in_dim = state[f'phi.{linear[0]}.weight'].shape
+    if in_dim != feature_dim:
+        return LoadedCritic(None, f'{path} reads features of size {in_dim}, the policy '
+                            f'gives {feature_dim}: a critic of another policy')
+    critic = DualHeadCritic(feature_dim, hidden_dim, len(linear), value_scale)
+    try:
+        critic.load_state_dict(state)
+    except RuntimeError as exc:
+        return LoadedCritic(None, f'{path} does not fit a dual-head critic: {exc}')
+    return LoadedCritic(critic.eval())
