@@ -22,6 +22,13 @@ def sample_messages() -> dict:
     chunk.policy_version, chunk.chunk_id, chunk.horizon, chunk.action_dim = 'v7', 42, 3, 2
     chunk.joint_names, chunk.dt = ['left_waist', 'left_gripper'], 0.02
     chunk.actions = [0.5, -1.0, 0.25, 0.125, 2.0, -0.0625]
+    chunk.skipped_steps, chunk.late, chunk.inference_s = 2, True, 0.03125
+    chunk.viability, chunk.efficiency_value = 0.75, -42.5
+
+    help_request = msg.HelpRequest(active=True, reason='stalled', policy_version='3',
+                                   viability=0.25, trace_stamps=[1.5, 1.625],
+                                   trace_viability=[0.5, 0.25])
+    help_request.header.stamp.sec = 97
 
     intervention = msg.InterventionState()
     intervention.header.frame_id = 'tick'
@@ -65,7 +72,7 @@ def sample_messages() -> dict:
 
     return {'ActionChunk': chunk, 'InterventionState': intervention,
             'ExecutedAction': executed, 'EpisodeEvent': event, 'PolicyUpdate': update,
-            'PolicyCommand': command, 'Observation': observation}
+            'PolicyCommand': command, 'Observation': observation, 'HelpRequest': help_request}
 
 
 @pytest.fixture(scope='module')
@@ -88,7 +95,7 @@ def node(ros_module):
 def test_every_message_type_round_trips_through_another_process(peer, node, ros_module):
     test_node = node
     sent = sample_messages()
-    assert set(sent) == {'ActionChunk', 'EpisodeEvent', 'ExecutedAction',
+    assert set(sent) == {'ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'HelpRequest',
                          'InterventionState', 'Observation', 'PolicyCommand', 'PolicyUpdate'}
     received = {}
     publishers = []

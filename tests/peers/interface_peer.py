@@ -15,8 +15,8 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E
 
 from habc_msgs import msg, srv  # noqa: E402
 
-MESSAGE_TYPES = ['ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'InterventionState',
-                 'Observation', 'PolicyCommand', 'PolicyUpdate']
+MESSAGE_TYPES = ['ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'HelpRequest',
+                 'InterventionState', 'Observation', 'PolicyCommand', 'PolicyUpdate']
 QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
 KNOWN_EPISODES = {'ep-0001'}

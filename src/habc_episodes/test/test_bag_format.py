@@ -21,8 +21,8 @@ from habc_episodes.bag_format import (
 )
 from habc_episodes.recovery import recover_bag
 
-HABC_TYPES = ('ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'InterventionState',
-              'Observation', 'PolicyCommand', 'PolicyUpdate')
+HABC_TYPES = ('ActionChunk', 'EpisodeEvent', 'ExecutedAction', 'HelpRequest',
+              'InterventionState', 'Observation', 'PolicyCommand', 'PolicyUpdate')
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +73,8 @@ def sample_messages(store, k=0):
             header=stamp(store, k, 3), policy_version='v7', chunk_id=2**40 + k, horizon=2,
             action_dim=2, joint_names=['a', 'b'], dt=0.02,
             actions=np.array([0.5, -1.0, 0.25, 0.125 * k], dtype=np.float32),
-            skipped_steps=k, late=bool(k % 2), inference_s=0.03125 * k, turnaround_s=0.0625),
+            skipped_steps=k, late=bool(k % 2), inference_s=0.03125 * k, turnaround_s=0.0625,
+            viability=0.5, efficiency_value=-3.0 * k),
         '/habc/observation': t['habc_msgs/msg/Observation'](
             header=stamp(store, 10 + k, 5), images=image, joint_state=joints,
             instruction='transfer the cube'),

@@ -58,12 +58,14 @@ from habc_common.update_trust import UpdateGate
 from habc_episodes.vocabulary import PolicyVersion
 from habc_msgs.msg import (
     ActionChunk,
+    HelpRequest,
     InterventionState,
     Observation,
     PolicyCommand,
     PolicyUpdate,
 )
 from habc_policy.chunk_executor import ChunkExecutor
+from habc_policy.help_request import HelpEvent, HelpMonitor, RAISED
 from habc_policy.inference_schedule import InferenceScheduler, swap_now
 from habc_policy.policy_runtime import (
     ChunkResult,
@@ -140,6 +142,12 @@ class PolicyNode:
                                                             'policy/joint_command', COMMANDS)
         self.chunk_publisher = self.node.create_publisher(ActionChunk, 'policy/chunk', COMMANDS)
         self.status_publisher = self.node.create_publisher(String, 'policy/status', LATCHED)
+        # Help requests from the critic's live viability (habc_policy.help_request); the
+        # monitor is used under its lock from the inference and the executor threads.
+        self.help_publisher = self.node.create_publisher(HelpRequest, 'help_request', LATCHED)
+        self.help = HelpMonitor(self.params)
+        self._help_lock = threading.Lock()
+        self._help_version: PolicyVersion | None = None
 
         if self.params.checkpoint:
             try:
@@ -251,6 +259,11 @@ class PolicyNode:
     def intervention_callback(self, msg: InterventionState) -> None:
         source, reason = msg.source, msg.reason
         previous, self._last_source = self._last_source, (source, reason)
+        if source == InterventionState.SOURCE_HUMAN and not self._paused:
+            stamp = msg.header.stamp
+            with self._help_lock:
+                event = self.help.on_takeover(stamp.sec + stamp.nanosec * 1e-9)
+            self._publish_help(event)
         if source == InterventionState.SOURCE_HUMAN or (
                 source == InterventionState.SOURCE_HOLD and reason == 'idle'):
             if not self._paused:
@@ -406,6 +419,7 @@ class PolicyNode:
         if self.scheduler is not None:
             with self._schedule_lock:
                 self.scheduler.record_latency(result.turnaround_s, result.cold)
+        self._update_help(result)
         if (not result.accepted or self._paused
                 or result.observation.stamp < self._not_before):
             # Planned before a handback, or finished while the human drives (an inference in
@@ -426,11 +440,47 @@ class PolicyNode:
         msg.late = result.late
         msg.inference_s = float(result.latency_s)
         msg.turnaround_s = float(result.turnaround_s)
+        msg.viability = float(result.viability)
+        msg.efficiency_value = float(result.efficiency_value)
         self.chunk_publisher.publish(msg)
         timing = self.chunk_timing
         timing['chunks'] += 1
         timing['skipped_steps'] += result.skipped
         timing['late_chunks'] += int(msg.late)
+
+    def _update_help(self, result: ChunkResult) -> None:
+        # Inference thread: the viability of the observation this chunk was planned from.
+        events = []
+        with self._help_lock:
+            if result.version != self._help_version:
+                # New weights bring their own critic (or none): the history starts again.
+                self._help_version = result.version
+                active = self.runtime.active
+                problem = active.critic_problem if active is not None else 'no policy'
+                events += [self.help.reset(result.observation.stamp),
+                           self.help.set_critic_problem(problem)]
+            if result.accepted and not self._paused:
+                events.append(self.help.update(result.observation.stamp, result.viability))
+        for event in events:
+            self._publish_help(event, str(result.version))
+
+    def _publish_help(self, event: HelpEvent | None, version: str = '') -> None:
+        if event is None or self._closed:
+            return
+        msg = HelpRequest(active=event.kind == RAISED, reason=event.reason,
+                          policy_version=version or str(self.executor.current_version or ''),
+                          viability=float(event.p_v))
+        if math.isfinite(event.stamp):
+            msg.header.stamp.sec = int(event.stamp)
+            msg.header.stamp.nanosec = int(round((event.stamp % 1.0) * 1e9)) % 1_000_000_000
+        msg.trace_stamps = [t for t, _ in event.trace]
+        msg.trace_viability = [float(v) for _, v in event.trace]
+        self.help_publisher.publish(msg)
+        if msg.active:
+            self.log.warning(f'help requested: {event.reason}, p_v {event.p_v:.2f}')
+        else:
+            self.log.info(f'help request cleared: {event.reason}')
+        self.publish_status()
 
     def _on_inference_error(self, exc: Exception) -> None:
         if isinstance(exc, WeightsError):
@@ -476,6 +526,12 @@ class PolicyNode:
         status['paused'] = self._paused
         status['blind_ticks'] = self.blind_ticks
         status['chunk_timing'] = dict(self.chunk_timing)
+        with self._help_lock:
+            request = self.help.request
+            status['help'] = {'requested': request is not None,
+                              'reason': None if request is None else request.reason,
+                              'since': None if request is None else request.stamp,
+                              'critic_problem': self.help.critic_problem or None}
         if self.scheduler is not None:
             with self._schedule_lock:
                 status['inference_turnaround_s'] = self.scheduler.latency_s

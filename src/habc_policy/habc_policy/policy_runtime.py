@@ -54,7 +54,7 @@ import numpy as np
 
 from habc_common.checkpoints import LEARNER_WORK_DIR
 from habc_common.control_loop import ControlThreadParams
-from habc_common.params import param, validate_params
+from habc_common.params import param
 from habc_common.update_trust import (
     decode_token,
     DEFAULT_KEY_DIR,
@@ -65,13 +65,14 @@ from habc_common.update_trust import (
 )
 from habc_episodes.vocabulary import PolicyVersion
 from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
+from habc_policy.help_request import HelpRequestParams
 from habc_policy.image_convert import image_to_numpy
 from habc_policy.robot_fit import check_fit, RobotInterface
 
 
 @dataclass(frozen=True)
-class PolicyNodeParams(ControlThreadParams):
-    """Parameters of policy_node (with the scheduling of its control tick thread)."""
+class PolicyNodeParams(ControlThreadParams, HelpRequestParams):
+    """Parameters of policy_node (with its control tick's scheduling and its help requests)."""
 
     checkpoint: str = param(
         '', 'Checkpoint folder (model.safetensors + config.json) loaded at start-up; empty: '
@@ -172,7 +173,7 @@ class PolicyNodeParams(ControlThreadParams):
         read_only=True)
 
     def __post_init__(self) -> None:
-        validate_params(self)
+        super().__post_init__()  # HelpRequestParams: validates every field and its levels
         if self.realtime_chunking and self.mode != 'receding':
             raise ValueError("parameter realtime_chunking needs mode 'receding' (it guides "
                              'each chunk toward the plan the robot executes)')

@@ -24,7 +24,14 @@ from habc_common.update_trust import (
     load_signing_key,
     UpdateClaim,
 )
-from habc_msgs.msg import ActionChunk, InterventionState, Observation, PolicyCommand, PolicyUpdate
+from habc_msgs.msg import (
+    ActionChunk,
+    HelpRequest,
+    InterventionState,
+    Observation,
+    PolicyCommand,
+    PolicyUpdate,
+)
 from habc_policy.image_convert import numpy_to_image
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 from habc_policy.policy_node import PolicyNode
@@ -44,6 +51,21 @@ def make_checkpoint(folder: Path, version: str, seed: int, **changes) -> str:
         **changes}))
     policy.version = version
     return policy.save(folder)
+
+
+def write_pessimistic_critic(folder: Path) -> None:
+    """Save a HABC critic whose viability is ~0 for any observation (p_v = sigmoid(-20))."""
+    from safetensors.torch import save_file
+
+    from habc_policy.models.base import load_policy
+    from habc_policy.models.critic import CRITIC_FILE, DualHeadCritic
+
+    critic = DualHeadCritic(load_policy(folder).feature_dim, hidden_dim=8, num_layers=1)
+    with torch.no_grad():
+        critic.f_v.weight.zero_()
+        critic.f_v.bias.fill_(-20.0)
+    save_file({k: v.contiguous() for k, v in critic.state_dict().items()},
+              str(folder / CRITIC_FILE))
 
 
 def test_parameter_file_matches_the_declaration():
@@ -111,6 +133,8 @@ class Harness:
         self.shas = {name: make_checkpoint(checkpoints / name, version, seed)
                      for name, version, seed in [('sft', 'sft', 0), ('v2', '2', 1),
                                                  ('v5', '5', 2)]}
+        for name in self.shas:  # each with a critic that finds success unlikely everywhere
+            write_pessimistic_critic(checkpoints / name)
         # The learner's key pair, which the node trusts; checkpoints only from their folder.
         self.key = load_signing_key(create_key_pair(checkpoints / 'keys' / 'learner.key'))
         self.node = ros.create_node('policy_node_test')
@@ -122,12 +146,15 @@ class Harness:
         self.commands: list[PolicyCommand] = []
         self.chunks: list[ActionChunk] = []
         self.statuses: list[dict] = []
+        self.help_requests: list[HelpRequest] = []
         self.observation_stamps: set[tuple[int, int]] = set()
         node = self.node
         node.create_subscription(PolicyCommand, f'/{NS}/policy/joint_command',
                                  self.commands.append, COMMANDS)
         node.create_subscription(ActionChunk, f'/{NS}/policy/chunk', self.chunks.append,
                                  COMMANDS)
+        node.create_subscription(HelpRequest, f'/{NS}/help_request', self.help_requests.append,
+                                 LATCHED)
         node.create_subscription(String, f'/{NS}/policy/status',
                                  lambda m: self.statuses.append(json.loads(m.data)), LATCHED)
         self.observations = node.create_publisher(Observation, f'/{NS}/observation',
@@ -473,3 +500,27 @@ def test_console_script_exits_with_a_clear_line_for_a_bad_checkpoint(tmp_path):
         child.kill()
     assert 'invalid configuration' in child.output
     assert 'parameter checkpoint' in child.output and 'not found' in child.output
+
+
+@pytest.mark.ros
+def test_low_viability_raises_a_help_request_that_a_takeover_answers(harness):
+    # Every checkpoint here carries a critic with p_v ~ 0: after help_below_for_s (0.5 s of
+    # simulated time) the robot asks for help, with the trace that led to it.
+    harness.wait_for(lambda: any(r.active for r in harness.help_requests), 'a help request')
+    raised = next(r for r in harness.help_requests if r.active)
+    assert raised.reason == 'low' and raised.viability < 0.01
+    assert len(raised.trace_stamps) == len(raised.trace_viability) >= 2
+    assert raised.trace_stamps[-1] - raised.trace_stamps[0] >= 0.5 - 1e-6
+    assert raised.policy_version
+    harness.wait_for(lambda: (harness.status.get('help') or {}).get('requested'),
+                     'the request on policy/status')
+    assert harness.status['critic'] == 'ok'
+    # The operator takes over: the request is answered.
+    count = len(harness.help_requests)
+    harness.publish_intervention(InterventionState.SOURCE_HUMAN, 'pedal')
+    harness.wait_for(lambda: any(not r.active and r.reason == 'answered'
+                                 for r in harness.help_requests[count:]), 'answered')
+    harness.wait_for(lambda: not harness.status['help']['requested'], 'status cleared')
+    harness.publish_intervention(InterventionState.SOURCE_POLICY, 'handback')
+    harness.wait_for(lambda: any(r.active for r in harness.help_requests[count:]),
+                     'a new request after the handback (p_v is still ~0)')
