@@ -408,7 +408,7 @@ def test_weights_uri_parameter_goes_through_the_verified_path(harness):
     node.set_parameters([Parameter('weights_signature', value=token)])
     node.set_parameters([Parameter('weights_uri', value=uri)])
     version = f'5:manual-{sha[:12]}'
-    harness.wait_for(lambda: harness.chunks[-1].policy_version == version,
+    harness.wait_for(lambda: harness.chunks and harness.chunks[-1].policy_version == version,
                      'chunks of version 5')
     # Status and chunks are two topics: no order between them.
     harness.wait_for(lambda: harness.status.get('active_version') == version, 'status of v5')
