@@ -24,6 +24,12 @@ LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                      reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
+# Events that must all arrive, also to a reader that joins later (the newest ten): help
+# requests, which can be raised and answered back to back.
+LATCHED_EVENTS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
+                            reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
 # Which profile each habc topic gets, by its name relative to the robot namespace
 # (docs/ros_interfaces.md). Publishers use these profiles; a subscriber or a replay that
 # picks its QoS by topic name must pick the same, or e.g. a reliable subscription would
@@ -35,6 +41,7 @@ _TOPIC_PROFILES = {
     'policy/status': LATCHED,
     'recorder/events': LATCHED,
     'learner/status': LATCHED,
+    'help_request': LATCHED_EVENTS,
     'forward_position_controller/commands': COMMANDS,
     'joint_trajectory_controller/joint_trajectory': COMMANDS,
     'intervention': COMMANDS,

@@ -56,6 +56,7 @@ KNOWN_TOPICS = {
     'intervention': INTERVENTION_STATE,
     'executed_action': EXECUTED_ACTION,
     'policy/chunk': 'habc_msgs/msg/ActionChunk',
+    'help_request': 'habc_msgs/msg/HelpRequest',
     'policy/joint_command': 'habc_msgs/msg/PolicyCommand',
     'teleop/joint_command': 'sensor_msgs/msg/JointState',
     'teleop/engage': 'std_msgs/msg/Bool',
@@ -65,7 +66,7 @@ KNOWN_TOPICS = {
     'sim/privileged': 'std_msgs/msg/String',
 }
 DEFAULT_TOPICS = ['observation', 'forward_position_controller/commands', 'intervention',
-                  'executed_action', 'policy/chunk', 'joint_states']
+                  'executed_action', 'policy/chunk', 'help_request', 'joint_states']
 
 ABORT_LABELER = 'episode_recorder'
 INDEX_FILE = 'episodes.sqlite'

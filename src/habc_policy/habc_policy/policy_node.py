@@ -53,7 +53,7 @@ from habc_common import checkpoints
 from habc_common.control_loop import compute_threads, normal_thread_scheduling
 from habc_common.node_main import spin_node, start_control_tick
 from habc_common.params import declare_node_parameters
-from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
+from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS, SENSOR_DATA
 from habc_common.update_trust import UpdateGate
 from habc_episodes.vocabulary import PolicyVersion
 from habc_msgs.msg import (
@@ -144,7 +144,8 @@ class PolicyNode:
         self.status_publisher = self.node.create_publisher(String, 'policy/status', LATCHED)
         # Help requests from the critic's live viability (habc_policy.help_request); the
         # monitor is used under its lock from the inference and the executor threads.
-        self.help_publisher = self.node.create_publisher(HelpRequest, 'help_request', LATCHED)
+        self.help_publisher = self.node.create_publisher(HelpRequest, 'help_request',
+                                                         LATCHED_EVENTS)
         self.help = HelpMonitor(self.params)
         self._help_lock = threading.Lock()
         self._help_version: PolicyVersion | None = None

@@ -18,7 +18,7 @@ from ros_helpers import Child
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray
 
-from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, SENSOR_DATA
+from habc_common.qos import COMMANDS, JOINT_STATES, LATCHED, LATCHED_EVENTS, SENSOR_DATA
 from habc_episodes.bag_format import read_episode_messages
 from habc_episodes.index import EpisodeIndex
 from habc_episodes.recovery import recover_bag
@@ -27,6 +27,7 @@ from habc_msgs.msg import (
     ActionChunk,
     EpisodeEvent,
     ExecutedAction,
+    HelpRequest,
     InterventionState,
     Observation,
 )
@@ -45,11 +46,12 @@ _namespaces = (f'rec{k}' for k in itertools.count())
 class Client:
     """Publishers of the recorded topics and clients of the recorder's services."""
 
-    QOS = {'observation': SENSOR_DATA, 'joint_states': JOINT_STATES}
+    QOS = {'observation': SENSOR_DATA, 'joint_states': JOINT_STATES,
+           'help_request': LATCHED_EVENTS}
     TYPES = {'observation': Observation, 'forward_position_controller/commands':
              Float64MultiArray, 'intervention': InterventionState,
              'executed_action': ExecutedAction, 'policy/chunk': ActionChunk,
-             'joint_states': JointState}
+             'help_request': HelpRequest, 'joint_states': JointState}
 
     def __init__(self, ros, ns):
         self.ros = ros
@@ -117,6 +119,12 @@ def sample_messages() -> list[tuple[str, object]]:
         out.append(('policy/chunk', ActionChunk(policy_version='5', chunk_id=k, horizon=1,
                                                 action_dim=2, joint_names=['a', 'b'], dt=0.02,
                                                 actions=[0.5 + k, 0.25])))
+    # The robot asked for help, and a takeover answered it.
+    out.append(('help_request', HelpRequest(active=True, reason='low', policy_version='5',
+                                            viability=0.125, trace_stamps=[100.0, 100.5],
+                                            trace_viability=[0.25, 0.125])))
+    out.append(('help_request', HelpRequest(active=False, reason='answered',
+                                            policy_version='5', viability=0.125)))
     sources = (Controller.POLICY, Controller.HUMAN, Controller.HOLD, Controller.HUMAN,
                Controller.POLICY, Controller.HUMAN)
     for k, source in enumerate(sources):

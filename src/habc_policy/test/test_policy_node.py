@@ -17,7 +17,7 @@ from std_msgs.msg import String
 import torch
 
 from habc_common.params import check_parameter_file
-from habc_common.qos import COMMANDS, LATCHED, SENSOR_DATA
+from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS, SENSOR_DATA
 from habc_common.update_trust import (
     create_key_pair,
     encode_token,
@@ -154,7 +154,7 @@ class Harness:
         node.create_subscription(ActionChunk, f'/{NS}/policy/chunk', self.chunks.append,
                                  COMMANDS)
         node.create_subscription(HelpRequest, f'/{NS}/help_request', self.help_requests.append,
-                                 LATCHED)
+                                 LATCHED_EVENTS)
         node.create_subscription(String, f'/{NS}/policy/status',
                                  lambda m: self.statuses.append(json.loads(m.data)), LATCHED)
         self.observations = node.create_publisher(Observation, f'/{NS}/observation',
