@@ -256,10 +256,6 @@ class ControlLoop:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and not self._stop.is_set()
-
     def _run(self) -> None:
         try:
             try:
