@@ -149,6 +149,16 @@ class Launcher:
     def shutdown(self) -> bool:
         """Stop every running node: SIGINT, then SIGTERM, then SIGKILL; True if all clean."""
         clean = True
+        for child in self.alive():
+            if child.node.nice:
+                # Niceness yields the CPU to the robot's ticks while the loop runs; stopping,
+                # a niced node (the learner) on a busy machine would get so little CPU that
+                # it missed the grace period. Back to normal where permitted (root or
+                # CAP_SYS_NICE); elsewhere it keeps its niceness.
+                try:
+                    os.setpriority(os.PRIO_PGRP, child.process.pid, 0)
+                except OSError:
+                    pass
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
             running = self.alive()
             if not running:
