@@ -8,6 +8,16 @@ expert has made progress it sometimes hands control back to the policy. At the e
 labels the outcome. Episodes therefore come out mixed the way real ones do: pure policy,
 policy -> human, and policy -> human -> policy.
 
+It watches in one of two ways (`OperatorConfig.watch`):
+  continuous  every step, as a person who does nothing but watch this robot;
+  on_request  only while the robot asks for help (habc_policy.help_request), plus
+              spontaneous checks at a low rate. Asked, the person comes over (the same
+              reaction delay) and takes over with `answer_probability`; in a check they
+              judge with the same detectors as the continuous watcher. The stall
+              detector only counts time it watched: a glance cannot tell a stall. The
+              skill (the expert driving a takeover) and the hand-back are the same.
+`attention_steps` counts the steps the operator spent watching or driving.
+
 This core knows nothing about ROS; the simulation benchmark calls it in-process and the
 ROS scripted_operator_node drives the same logic through the teleop topics.
 """
@@ -26,6 +36,17 @@ class Detector(enum.StrEnum):
     BAD_APPROACH = 'bad_approach'
 
 
+class Watch(enum.StrEnum):
+    """How the operator watches the robot (module docstring)."""
+
+    CONTINUOUS = 'continuous'
+    ON_REQUEST = 'on_request'
+
+
+# Why a takeover happened, besides a detector's name: the robot asked for help.
+HELP_REQUEST = 'help_request'
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     """How the scripted operator watches, reacts and hands back."""
@@ -41,13 +62,24 @@ class OperatorConfig:
     handback_min_steps: int = 30       # human control at least this long before handing back
     max_takeovers: int = 2
     objects: tuple[str, ...] = field(default=('box',))
+    watch: str = Watch.CONTINUOUS
+    answer_probability: float = 1.0    # on_request: take over when asked (after the delay)
+    check_rate_hz: float = 0.0         # on_request: spontaneous checks per second (Poisson)
+    check_steps: int = 50              # on_request: how long a spontaneous check watches
+    step_s: float = 0.02               # one control step (s): converts check_rate_hz
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.detectors if d not in Detector.__members__.values()]
         if unknown:
             raise ValueError(f'unknown detector(s) {unknown}; choose from '
                              f'{[d.value for d in Detector]}')
-        for name in ('takeover_probability', 'handback_probability'):
+        if self.watch not in Watch.__members__.values():
+            raise ValueError(f'OperatorConfig.watch must be one of {[w.value for w in Watch]}, '
+                             f'got {self.watch!r}')
+        if self.check_rate_hz < 0 or self.check_steps < 1 or self.step_s <= 0:
+            raise ValueError('OperatorConfig: check_rate_hz >= 0, check_steps >= 1 and '
+                             'step_s > 0')
+        for name in ('takeover_probability', 'handback_probability', 'answer_probability'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'OperatorConfig.{name} must be in [0, 1]')
         if min(self.stall_steps, self.reaction_delay_steps + 1, self.max_takeovers + 1) < 1:
@@ -71,6 +103,14 @@ class ScriptedOperator:
         self.will_hand_back = False
         self.declined: set[str] = set()
         self.fired: list[tuple[int, str, bool]] = []     # (step, detector, acted on it)
+        self.causes: list[str] = []     # per takeover: the detector, or HELP_REQUEST
+        self.attention_steps = 0        # steps spent watching or driving
+        self.requests_seen = 0          # help requests the operator came to
+        self._pending_cause = ''
+        self._request_since: int | None = None
+        self._request_decided = False
+        self._check_until = -1
+        self._attending = False
         self._start = {name: np.asarray(privileged.get(f'{name}_pos', np.zeros(3)))
                        for name in self.config.objects}
         self._was_lifted = dict.fromkeys(self.config.objects, False)
@@ -117,34 +157,89 @@ class ScriptedOperator:
                 return Detector.STALL
         return None
 
-    def step(self, t: int, privileged: dict) -> tuple[Controller, bool]:
-        """Who controls step t, and whether control switched to the human on this step."""
+    def step(self, t: int, privileged: dict,
+             help_requested: bool = False) -> tuple[Controller, bool]:
+        """Who controls step t, and whether control switched to the human on this step.
+
+        `help_requested`: the robot's help request is open at step t (on_request watching).
+        """
         c = self.config
         took_over = False
         if self.controller == Controller.POLICY:
             if self.pending_takeover is not None and t >= self.pending_takeover:
-                self.controller = Controller.HUMAN
-                self.pending_takeover = None
-                self.human_since = t
-                self.takeovers += 1
-                self.will_hand_back = bool(self.rng.random() < c.handback_probability)
+                self._take_over(t, self._pending_cause)
                 took_over = True
             elif self.pending_takeover is None and self.takeovers < c.max_takeovers:
-                detector = self.detect(privileged, t)
-                if detector is not None and detector not in self.declined:
-                    act = bool(self.rng.random() < c.takeover_probability)
-                    self.fired.append((t, str(detector), act))
-                    if act:
-                        self.pending_takeover = t + c.reaction_delay_steps
-                    else:
-                        # A person who decided to let this one go does not keep reconsidering.
-                        self.declined.add(detector)
-        elif (self.will_hand_back and t - self.human_since >= c.handback_min_steps
-              and self._progress(privileged)):
-            self.controller = Controller.POLICY
-            self.human_since = None
-            self._history = []
+                if c.watch == Watch.CONTINUOUS:
+                    self.attention_steps += 1
+                    self._watch(t, privileged)
+                elif self._answer_request(t, help_requested):
+                    self._take_over(t, HELP_REQUEST)
+                    took_over = True
+                elif self._attend(t, help_requested):
+                    self._watch(t, privileged)
+            elif c.watch == Watch.CONTINUOUS or self.pending_takeover is not None:
+                self.attention_steps += 1  # a reaction under way; or watching all along
+        else:
+            self.attention_steps += 1
+            if (self.will_hand_back and t - self.human_since >= c.handback_min_steps
+                    and self._progress(privileged)):
+                self.controller = Controller.POLICY
+                self.human_since = None
+                self._history = []
+                self._attending = False
         return self.controller, took_over
+
+    def _take_over(self, t: int, cause: str) -> None:
+        self.controller = Controller.HUMAN
+        self.pending_takeover = None
+        self.human_since = t
+        self.takeovers += 1
+        self.causes.append(cause)
+        self.attention_steps += 1
+        self.will_hand_back = bool(self.rng.random() < self.config.handback_probability)
+
+    def _watch(self, t: int, privileged: dict) -> None:
+        # Run the detectors on this step; one that fires may schedule a takeover.
+        c = self.config
+        detector = self.detect(privileged, t)
+        if detector is not None and detector not in self.declined:
+            act = bool(self.rng.random() < c.takeover_probability)
+            self.fired.append((t, str(detector), act))
+            if act:
+                self.pending_takeover = t + c.reaction_delay_steps
+                self._pending_cause = str(detector)
+            else:
+                # A person who decided to let this one go does not keep reconsidering.
+                self.declined.add(detector)
+
+    def _answer_request(self, t: int, help_requested: bool) -> bool:
+        # On request: the person arrives `reaction_delay_steps` after the request opened and
+        # takes over with answer_probability (once per request).
+        if not help_requested:
+            self._request_since, self._request_decided = None, False
+            return False
+        if self._request_since is None:
+            self._request_since = t
+            self.requests_seen += 1
+        if self._request_decided or t - self._request_since < self.config.reaction_delay_steps:
+            return False
+        self._request_decided = True
+        return bool(self.rng.random() < self.config.answer_probability)
+
+    def _attend(self, t: int, help_requested: bool) -> bool:
+        # On request: is the operator watching at step t (an open request, or a check)?
+        c = self.config
+        if (not help_requested and t >= self._check_until and c.check_rate_hz > 0
+                and self.rng.random() < c.check_rate_hz * c.step_s):
+            self._check_until = t + c.check_steps
+        attending = help_requested or t < self._check_until
+        if attending and not self._attending:
+            self._history = []  # the stall window counts watched time only
+        self._attending = attending
+        if attending:
+            self.attention_steps += 1
+        return attending
 
     def _progress(self, privileged: dict) -> bool:
         # Hand back only once the expert has the object in hand and lifted.
