@@ -40,7 +40,6 @@ All times are seconds passed in by the caller.
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -631,27 +630,19 @@ class PolicyRuntime:
     def _attach_critic(self, loaded: LoadedPolicy, folder: Path) -> None:
         # The critic that was trained with these weights, from the same folder. A missing or
         # foreign critic is reported (policy/status), never a reason to refuse the actor.
-        from habc_policy.models.critic import load_critic
+        from habc_policy.models.critic import load_policy_critic
 
-        feature_dim = getattr(loaded.policy, 'feature_dim', None)
-        if feature_dim is None:
-            loaded.critic_problem = f'{type(loaded.policy).__name__} has no critic features'
-            return
-        result = load_critic(folder, feature_dim, _efficiency_scale(folder))
-        if result.critic is not None:
-            result.critic.to(self.device)
+        result = load_policy_critic(folder, loaded.policy)
         loaded.critic, loaded.critic_problem = result.critic, result.problem
 
     def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any]) -> tuple[float, float]:
         """Return (p_v, V_e) of the critic of `loaded` on model inputs (nan without one)."""
-        import torch
+        from habc_policy.models.critic import estimate
 
         if loaded.critic is None:
             return math.nan, math.nan
-        batch = self._batch(inputs)
-        with torch.inference_mode():
-            z_v, v_e = loaded.critic(loaded.policy.encode(batch).float())
-        return float(torch.sigmoid(z_v[0])), float(v_e[0])
+        p_v, v_e = estimate(loaded.policy, loaded.critic, self._batch(inputs))
+        return float(p_v[0]), float(v_e[0])
 
     def _load_inline(self, data: bytes, sha256: str, version: PolicyVersion) -> LoadedPolicy:
         from safetensors.torch import load as load_safetensors
@@ -885,15 +876,6 @@ class PolicyRuntime:
         with torch.inference_mode():
             chunk = policy.sample_chunks(batch)[0]
         return chunk.float().cpu().numpy()
-
-
-def _efficiency_scale(folder: Path) -> float:
-    # V_e's scale is a training setting (metrics.json of the checkpoint), not a tensor.
-    try:
-        meta = json.loads((folder / 'metrics.json').read_text())
-        return float(meta['method']['efficiency_scale'])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 100.0
 
 
 def _image_shape(config: Any) -> tuple[int, int]:

@@ -215,20 +215,24 @@ class EpisodeJob:
     min_remaining_steps: int = 5    # with a delay: infer when fewer actions are queued
     latency_trigger: bool = True    # with a delay: the policy node's latency-aware trigger
     actuation_delay_steps: int = 0  # each action reaches the robot this many steps late
+    viability: bool = False         # record p_v at each inference (the checkpoint's critic)
+    help: tuple = ()                # HelpRequestParams fields: raise help requests on p_v
 
 
-_POLICIES: dict[str, object] = {}
+_POLICIES: dict[str, tuple] = {}
 
 
-def _load(checkpoint: str):
+def _load(checkpoint: str) -> tuple:
+    """Return the checkpoint's policy and its LoadedCritic (cached per worker)."""
     from habc_policy.models.base import load_policy
+    from habc_policy.models.critic import load_policy_critic
     stamp = (checkpoint, os.path.getmtime(Path(checkpoint) / 'model.safetensors'))
     key = repr(stamp)
     if key not in _POLICIES:
         _POLICIES.clear()
         policy = load_policy(Path(checkpoint))
         policy.eval()
-        _POLICIES[key] = policy
+        _POLICIES[key] = (policy, load_policy_critic(Path(checkpoint), policy))
     return _POLICIES[key]
 
 
@@ -250,6 +254,7 @@ def run_job(job: EpisodeJob) -> dict:
     """
     import torch
 
+    from habc_policy.help_request import HelpRequestParams
     from habc_sim.aloha import AlohaConfig
     from habc_sim.expert import ExpertConfig, run_expert_episode
     from habc_sim.operator import OperatorConfig, ScriptedOperator
@@ -264,7 +269,15 @@ def run_job(job: EpisodeJob) -> dict:
     if not job.checkpoint:
         return run_expert_episode(env, job.seed, ExpertConfig(waypoint_noise=job.demo_noise),
                                   record_track=job.track)
-    policy = _load(job.checkpoint)
+    policy, critic = _load(job.checkpoint)
+    viability = None
+    if job.viability:
+        if critic.critic is None:
+            raise RuntimeError(f'{job.checkpoint}: no critic for p_v: {critic.problem}')
+        from habc_policy.models.critic import estimate
+
+        def viability(seen: dict) -> float:
+            return float(estimate(policy, critic.critic, policy.observation_batch(seen))[0][0])
     operator, expert = None, None
     if job.operator:
         settings = dict(job.operator)
@@ -279,7 +292,9 @@ def run_job(job: EpisodeJob) -> dict:
                      inference_delay_steps=job.inference_delay_steps,
                      min_remaining_steps=job.min_remaining_steps,
                      latency_trigger=job.latency_trigger,
-                     actuation_delay_steps=job.actuation_delay_steps), expert)
+                     actuation_delay_steps=job.actuation_delay_steps,
+                     help=HelpRequestParams(**dict(job.help)) if job.help else None),
+        expert, viability)
     summary['episode'] = episode if job.operator else None
     return summary
 
@@ -857,6 +872,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          '(default)')
     profile.add_argument('--pixels', action='store_true',
                          help='the pixel track: the small VLA on TransferCube, 2 seeds')
+    parser.add_argument('--help-requests', action='store_true',
+                        help='the help-request benchmark instead (habc_sim.help_bench): '
+                        'continuous watching vs help requests at calibrated thresholds, state '
+                        'track; with --quick, its smoke run')
+    from habc_sim import help_bench  # it builds on this module
+    help_bench.add_arguments(parser)
     parser.add_argument('--tasks', nargs='+', choices=['transfer_cube', 'insertion'])
     parser.add_argument('--tracks', nargs='+', choices=['state', 'pixels'])
     parser.add_argument('--methods', nargs='+',
@@ -924,6 +945,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from habc_sim.rollouts import WorkerPool
+    if args.help_requests:
+        if args.pixels:
+            print('habc bench: --help-requests runs the state track; drop --pixels',
+                  file=sys.stderr)
+            return 2
+        from habc_sim import help_bench
+        return help_bench.run(args)
     try:
         profile = make_profile(args)
     except ValueError as exc:

@@ -12,10 +12,10 @@ It watches in one of two ways (`OperatorConfig.watch`):
   continuous  every step, as a person who does nothing but watch this robot;
   on_request  only while the robot asks for help (habc_policy.help_request), plus
               spontaneous checks at a low rate. Asked, the person comes over (the same
-              reaction delay) and takes over with `answer_probability`; in a check they
-              judge with the same detectors as the continuous watcher. The stall
-              detector only counts time it watched: a glance cannot tell a stall. The
-              skill (the expert driving a takeover) and the hand-back are the same.
+              reaction delay) and takes over with `answer_probability`, deciding once per
+              request; in a check they judge with the continuous watcher's detectors,
+              whose stall window counts watched steps only (a glance cannot tell a stall).
+              The skill (the expert driving a takeover) and the hand-back are the same.
 `attention_steps` counts the steps the operator spent watching or driving.
 
 This core knows nothing about ROS; the simulation benchmark calls it in-process and the
@@ -228,18 +228,24 @@ class ScriptedOperator:
         return bool(self.rng.random() < self.config.answer_probability)
 
     def _attend(self, t: int, help_requested: bool) -> bool:
-        # On request: is the operator watching at step t (an open request, or a check)?
+        # On request: count the steps spent coming to a request; return whether a
+        # spontaneous check watches step t (with the detectors). A request is the request
+        # path's alone: the person decides on it once, and a declined one is left alone.
         c = self.config
-        if (not help_requested and t >= self._check_until and c.check_rate_hz > 0
-                and self.rng.random() < c.check_rate_hz * c.step_s):
-            self._check_until = t + c.check_steps
-        attending = help_requested or t < self._check_until
-        if attending and not self._attending:
-            self._history = []  # the stall window counts watched time only
-        self._attending = attending
-        if attending:
+        if help_requested and not self._request_decided:
             self.attention_steps += 1
-        return attending
+            self._attending = False
+            return False
+        if t >= self._check_until and c.check_rate_hz > 0 and (
+                self.rng.random() < c.check_rate_hz * c.step_s):
+            self._check_until = t + c.check_steps
+        checking = t < self._check_until
+        if checking and not self._attending:
+            self._history = []  # the stall window counts watched time only
+        self._attending = checking
+        if checking:
+            self.attention_steps += 1
+        return checking
 
     def _progress(self, privileged: dict) -> bool:
         # Hand back only once the expert has the object in hand and lifted.

@@ -11,6 +11,11 @@ policy node's own ChunkExecutor: an inference starts on the current observation 
 executor asks for one, its chunk arrives d steps later, the actions whose ticks passed
 meanwhile are dropped, and the robot holds its last command while nothing is due. This
 measures what inference latency costs a policy, offline.
+
+With a `viability` function (the checkpoint's critic) the runner records p_v at each
+inference, as the policy node does, and with `RunnerConfig.help` it runs the node's
+HelpMonitor on it: the operator sees whether a help request is open at each step (what an
+on-request operator watches), a takeover answers it, and the summary lists the requests.
 """
 
 from collections.abc import Callable
@@ -22,11 +27,13 @@ import numpy as np
 from habc_episodes.episode import Episode
 from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome, STARTUP_VERSION
 from habc_policy.chunk_executor import ChunkExecutor, ChunkExecutorParams
-from habc_sim.aloha import AlohaEnv, policy_observation
+from habc_policy.help_request import HelpMonitor, HelpRequestParams, RAISED
+from habc_sim.aloha import AlohaEnv, DT, policy_observation
 from habc_sim.expert import ExpertConfig, ScriptedExpert
 from habc_sim.operator import ScriptedOperator
 
 PolicyFn = Callable[[dict], np.ndarray]
+ViabilityFn = Callable[[dict], float]    # p_v of one policy observation
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class RunnerConfig:
     min_remaining_steps: int = 5    # with a delay: infer when fewer queued actions lie ahead
     latency_trigger: bool = True    # with a delay: the node's latency-aware trigger
     actuation_delay_steps: int = 0  # each action reaches the robot this many steps late
+    help: HelpRequestParams | None = None  # with a viability function: raise help requests
 
     def __post_init__(self) -> None:
         if self.track not in ('state', 'pixels'):
@@ -106,8 +114,13 @@ class DelayedChunks:
 def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                        operator: ScriptedOperator | None = None,
                        config: RunnerConfig = RunnerConfig(),
-                       expert_config: ExpertConfig | None = None) -> tuple[Episode, dict]:
-    """Roll out `policy` from `seed`; return the recorded Episode and a summary."""
+                       expert_config: ExpertConfig | None = None,
+                       viability: ViabilityFn | None = None) -> tuple[Episode, dict]:
+    """Roll out `policy` from `seed`; return the recorded Episode and a summary.
+
+    With `viability` the summary carries 'viability' [(step, p_v)] at each inference and,
+    with config.help, 'help_events' [(step, 'raised'|'cleared', reason)].
+    """
     render_before = env.render_seconds
     inference_s = sim_s = 0.0
     observation = env.reset(seed)
@@ -123,11 +136,24 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
     # Commands on their way to the robot (actuation delay): it holds its reset pose first.
     in_flight = [np.asarray(observation['state'], dtype=np.float64)] * config.actuation_delay_steps
 
+    monitor = HelpMonitor(config.help) if config.help and viability is not None else None
+    viability_trace: list[tuple[int, float]] = []
+    help_events: list[tuple[int, str, str]] = []
+
+    def record_help(event) -> None:
+        if event is not None:
+            help_events.append((env.steps, event.kind, event.reason))
+
     def timed_policy(seen: dict) -> np.ndarray:
         nonlocal inference_s
         start = time.perf_counter()
         chunk = _checked(policy(seen))
         inference_s += time.perf_counter() - start
+        if viability is not None:
+            p_v = float(viability(seen))
+            viability_trace.append((env.steps, p_v))
+            if monitor is not None:
+                record_help(monitor.update(env.steps * DT, p_v))
         return chunk
 
     observations: dict[str, list] = {}
@@ -135,9 +161,12 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
     while True:
         controller = Controller.POLICY
         if operator is not None:
-            controller, took_over = operator.step(env.steps, env.privileged())
+            requested = monitor is not None and monitor.requested
+            controller, took_over = operator.step(env.steps, env.privileged(), requested)
             if took_over:
                 expert.replan()
+                if monitor is not None:
+                    record_help(monitor.on_takeover(env.steps * DT))
         seen = policy_observation(observation, config.track)
         if controller == Controller.HUMAN:
             action = expert.act()
@@ -186,6 +215,14 @@ def run_policy_episode(env: AlohaEnv, seed: int, policy: PolicyFn,
                'render_s': env.render_seconds - render_before}
     if delayed is not None:
         summary.update(stale_dropped=delayed.stale_dropped, hold_steps=delayed.hold_steps)
+    if viability is not None:
+        summary['viability'] = viability_trace
+    if monitor is not None:
+        summary['help_events'] = help_events
+        summary['help_requests'] = sum(kind == RAISED for _, kind, _ in help_events)
+    if operator is not None:
+        summary.update(attention_steps=operator.attention_steps,
+                       takeover_causes=list(operator.causes))
     return episode, summary
 
 

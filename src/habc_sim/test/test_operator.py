@@ -89,3 +89,45 @@ def test_config_validation_and_labels():
     with pytest.raises(ValueError, match='takeover_probability must be in'):
         OperatorConfig(takeover_probability=1.5)
     assert ScriptedOperator.label(True) == Outcome.SUCCESS
+
+
+def test_on_request_ignores_a_stall_until_asked_then_answers_after_the_reaction_delay():
+    op = operator(watch='on_request', takeover_probability=1.0)
+    # The robot stalls for 20 steps: a continuous watcher would have taken over at 4 + 3.
+    controllers = [op.step(t, state())[0] for t in range(20)]
+    assert set(controllers) == {Controller.POLICY} and op.fired == []
+    assert op.attention_steps == 0
+    # Asked at step 20: the person arrives 3 steps later (the same delay) and takes over.
+    answers = [op.step(t, state(), help_requested=True) for t in range(20, 25)]
+    assert [took for _, took in answers] == [False, False, False, True, False]
+    assert op.causes == ['help_request'] and op.requests_seen == 1
+    assert op.attention_steps == 5      # 3 watching the request, then 2 driving
+
+
+def test_on_request_a_declined_request_is_not_reconsidered_until_a_new_one():
+    op = operator(watch='on_request', answer_probability=0.0)
+    for t in range(10):
+        assert op.step(t, state(), help_requested=True) == (Controller.POLICY, False)
+    assert op.takeovers == 0 and op.requests_seen == 1
+    op.step(10, state())                       # the request cleared
+    op.step(11, state(), help_requested=True)  # a new one
+    assert op.requests_seen == 2
+
+
+def test_on_request_spontaneous_checks_judge_with_the_detectors():
+    # Checks at 50 Hz each step (rate * step_s = 1): the operator watches from step 0, so
+    # the stall detector fires after its window of watched steps, as the continuous one.
+    op = operator(watch='on_request', check_rate_hz=50.0, check_steps=100,
+                  takeover_probability=1.0)
+    controllers = [op.step(t, state())[0] for t in range(10)]
+    assert op.fired == [(4, 'stall', True)] and controllers[7] == Controller.HUMAN
+    assert op.causes == ['stall']
+    with pytest.raises(ValueError, match='watch must be one of'):
+        OperatorConfig(watch='sometimes')
+
+
+def test_continuous_watching_counts_every_step_as_attention():
+    op = operator(takeover_probability=0.0)
+    for t in range(12):
+        op.step(t, state())
+    assert op.attention_steps == 12

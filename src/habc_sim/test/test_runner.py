@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from habc_episodes.vocabulary import Controller
 from habc_sim.aloha import AlohaConfig, AlohaEnv
 from habc_sim.runner import DelayedChunks, run_policy_episode, RunnerConfig
 
@@ -109,3 +110,41 @@ def test_an_actuation_delay_holds_the_reset_pose_until_the_first_command_arrives
     # The commands are recorded as the policy gave them, not as the robot got them.
     with pytest.raises(ValueError, match='actuation_delay_steps'):
         RunnerConfig(actuation_delay_steps=-1)
+
+
+def test_a_low_viability_raises_a_help_request_that_the_on_request_operator_answers(env):
+    from habc_policy.help_request import HelpRequestParams
+    from habc_sim.operator import OperatorConfig, ScriptedOperator
+
+    def policy(seen: dict) -> np.ndarray:
+        return np.repeat(seen['state'][None, :14], 20, axis=0)  # stands still
+
+    def viability(seen: dict) -> float:
+        return 0.05    # the critic gives up on this episode at once
+
+    operator = ScriptedOperator(OperatorConfig(watch='on_request', reaction_delay_steps=3),
+                                np.random.default_rng(0))
+    # Inferences every 5 steps (0.1 s): below 0.3 for 0.2 s at steps 0, 5, 10 -> raised by
+    # step 10's inference, after the operator's decision of that step. The operator sees it
+    # from step 11, arrives 3 steps later and takes over at 14, which answers the request.
+    episode, summary = run_policy_episode(
+        env, 3, policy, operator,
+        RunnerConfig(track='state', execute_steps=5,
+                     help=HelpRequestParams(help_below_for_s=0.2, help_stall_window_s=0.0)),
+        viability=viability)
+    assert summary['viability'][:3] == [(0, 0.05), (5, 0.05), (10, 0.05)]
+    assert summary['help_events'] == [(10, 'raised', 'low'), (14, 'cleared', 'answered')]
+    assert summary['help_requests'] == 1 and summary['takeover_causes'] == ['help_request']
+    human = np.flatnonzero(episode.controllers == Controller.HUMAN)
+    assert human[0] == 14
+    # Watching from step 11 on: 3 steps coming over, then every driven step.
+    assert summary['attention_steps'] == summary['steps'] - 11
+
+
+def test_without_a_viability_function_there_are_no_help_requests(env):
+    from habc_policy.help_request import HelpRequestParams
+
+    _, summary = run_policy_episode(
+        env, 3, lambda seen: np.repeat(seen['state'][None, :14], 20, axis=0),
+        config=RunnerConfig(track='state', help=HelpRequestParams()))
+    assert 'help_events' not in summary and 'viability' not in summary

@@ -173,14 +173,14 @@ class Policy(nn.Module, ABC):
         was_training = self.training
         if was_training:
             self.eval()
-        device = next(self.parameters()).device
-        batch = {key: _add_batch_dim(value, device) for key, value in observation.items()}
+        batch = self.observation_batch(observation)
         try:
             if prefix is None:
                 with torch.inference_mode():
                     chunk = self.sample_chunks(batch, generator)
             else:
-                target, weights = self._guided_prefix(prefix, delay, device)
+                target, weights = self._guided_prefix(prefix, delay,
+                                                      next(self.parameters()).device)
                 # Not inference_mode: the guidance differentiates the velocity field, and
                 # inference tensors cannot enter autograd. no_grad still skips the graph of
                 # the observation encoder; the guidance step turns gradients on for itself.
@@ -191,6 +191,11 @@ class Policy(nn.Module, ABC):
             if was_training:
                 self.train()
         return chunk[0].cpu().numpy()
+
+    def observation_batch(self, observation: dict[str, Any]) -> dict[str, Any]:
+        """Return ONE observation as a batch of one, on the policy's device."""
+        device = next(self.parameters()).device
+        return {key: _add_batch_dim(value, device) for key, value in observation.items()}
 
     def _guided_prefix(self, prefix: Any, delay: int, device: torch.device
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,10 @@ viability p_v = sigmoid(z_v(s)) = P(success | s) live (habc_policy.help_request)
 """
 
 from dataclasses import dataclass
+import json
 from pathlib import Path
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +55,34 @@ class LoadedCritic:
 
     critic: DualHeadCritic | None
     problem: str = ''
+
+
+def efficiency_scale(folder: Path) -> float:
+    """Return V_e's scale: a training setting (metrics.json of the checkpoint), not a tensor."""
+    try:
+        meta = json.loads((Path(folder) / 'metrics.json').read_text())
+        return float(meta['method']['efficiency_scale'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 100.0
+
+
+def load_policy_critic(folder: Path, policy: Any) -> LoadedCritic:
+    """Load the critic saved with `policy` in `folder`, on the policy's device, or say why not."""
+    feature_dim = getattr(policy, 'feature_dim', None)
+    if feature_dim is None:
+        return LoadedCritic(None, f'{type(policy).__name__} has no critic features')
+    loaded = load_critic(folder, feature_dim, efficiency_scale(folder))
+    if loaded.critic is not None:
+        loaded.critic.to(next(policy.parameters()).device)
+    return loaded
+
+
+def estimate(policy: Any, critic: DualHeadCritic, batch: dict[str, Any]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return p_v = sigmoid(z_v(s)) and V_e(s), each (B,), of a batch of observations."""
+    with torch.inference_mode():
+        z_v, v_e = critic(policy.encode(batch).float())
+    return torch.sigmoid(z_v), v_e
 
 
 def load_critic(folder: Path, feature_dim: int, value_scale: float = 100.0) -> LoadedCritic:
