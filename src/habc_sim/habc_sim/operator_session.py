@@ -9,9 +9,10 @@ the ScriptedExpert's, running on an ExpertMirror of the scene.
 
 OperatorSession is that loop as a state machine. The node adapter feeds it robot ticks
 (joint state and privileged state of one stamp, paired by StampPairer), the arbiter's
-intervention state and service responses, and performs what it asks for: the service calls
-of `next_call` and the publications of each TickOutput. Nothing here reads a clock or talks
-to DDS, so the tests drive whole episodes with injected ticks.
+intervention state, the robot's help requests (habc_msgs/HelpRequest: watched with
+`watch` 'on_request') and service responses, and performs what it asks for: the service
+calls of `next_call` and the publications of each TickOutput. Nothing here reads a clock or
+talks to DDS, so the tests drive whole episodes with injected ticks.
 """
 
 from collections import OrderedDict
@@ -24,9 +25,9 @@ import numpy as np
 
 from habc_common.params import param, validate_params
 from habc_episodes.vocabulary import Controller, Outcome
-from habc_sim.aloha import TASK_OBJECTS
+from habc_sim.aloha import DT, TASK_OBJECTS
 from habc_sim.expert_mirror import ExpertMirror
-from habc_sim.operator import OperatorConfig, ScriptedOperator
+from habc_sim.operator import HELP_REQUEST, OperatorConfig, ScriptedOperator, Watch
 
 LABELER = 'scripted_operator'
 
@@ -41,9 +42,24 @@ class ScriptedOperatorParams:
         300, 'End an episode (label it failure) after this many robot ticks since its reset; '
         'it also ends when sim/privileged reports truncated (the sim_robot max_steps).',
         min=1)
+    watch: str = param(
+        'continuous', "How the operator watches: 'continuous' (every tick, the detectors "
+        "decide) or 'on_request' (only while the robot asks for help on help_request, plus "
+        'spontaneous checks at check_rate_hz).', choices=tuple(w.value for w in Watch))
     takeover_probability: float = param(
         0.5, 'Probability of taking over when a detector (stall, drop, bad approach) fires.',
         min=0.0, max=1.0)
+    answer_probability: float = param(
+        1.0, "watch 'on_request': probability of taking over when the robot asks for help "
+        '(reaction_delay_steps after the request opened; once per request).',
+        min=0.0, max=1.0)
+    check_rate_hz: float = param(
+        0.0, "watch 'on_request': spontaneous checks per second of robot time (Poisson) "
+        'while no request is open; a check runs the detectors for check_steps ticks. 0: '
+        'the operator looks only when asked.', min=0.0, max=50.0)
+    check_steps: int = param(
+        50, "watch 'on_request': robot ticks one spontaneous check watches.", min=1,
+        max=100000)
     reaction_delay_steps: int = param(
         10, "Robot ticks between a detection and the takeover (a person's reaction time).",
         min=0, max=10000)
@@ -147,6 +163,9 @@ class EpisodeRecord:
     # The episode broke (the simulator restarted under it): labelled discarded, so that
     # nothing trains on it.
     discarded: bool = False
+    answered: list = field(default_factory=list)   # takeover steps that answered a request
+    requests_seen: int = 0     # help requests the operator came to (watch 'on_request')
+    attention_steps: int = 0   # ticks the operator watched or drove
 
     @property
     def outcome(self) -> Outcome:
@@ -154,7 +173,9 @@ class EpisodeRecord:
         return Outcome.DISCARDED if self.discarded else ScriptedOperator.label(self.success)
 
     def note(self) -> str:
-        takeovers = ', '.join(f'{d} at {s}' for s, d, acted in self.detections if acted)
+        causes = sorted([(s, d) for s, d, acted in self.detections if acted]
+                        + [(s, HELP_REQUEST) for s in self.answered])
+        takeovers = ', '.join(f'{d} at {s}' for s, d in causes)
         return (f'seed {self.seed}; {self.end_reason} at step {self.steps}; '
                 f'{self.takeovers} takeover(s){": " + takeovers if takeovers else ""}')
 
@@ -240,6 +261,8 @@ class OperatorSession:
         self._arbiter_human = False
         self._unconfirmed = 0
         self._repressed = False
+        self._help: tuple[bool, int] = (False, -1)   # the newest request: active, stamp (ns)
+        self._episode_start_ns = 0
 
     @property
     def seed(self) -> int:
@@ -386,6 +409,20 @@ class OperatorSession:
         self._arbiter_seen = True
         self._arbiter_human = bool(human_active)
 
+    def on_help_request(self, active: bool, stamp_ns: int) -> None:
+        """Feed the robot's newest help request (HelpRequest.active and its header stamp).
+
+        Only a request stamped at or after the running episode's first tick counts: the
+        topic is latched, so a request of an earlier episode (or an earlier run) may arrive.
+        """
+        self._help = (bool(active), int(stamp_ns))
+
+    @property
+    def help_requested(self) -> bool:
+        """Whether the robot asks for help in the running episode (its newest request)."""
+        active, stamp_ns = self._help
+        return active and self.operator is not None and stamp_ns >= self._episode_start_ns
+
     def on_tick(self, tick: Tick) -> TickOutput:
         """Feed one robot tick; return what to publish on the teleop topics.
 
@@ -417,15 +454,19 @@ class OperatorSession:
         state = self.mirror.privileged()
         step = int(privileged['step'])
         if self.operator is None:
-            self._begin_episode(task, state)
+            self._begin_episode(task, state, int(privileged.get('stamp_ns', 0)))
         record = self.record
         record.steps = step
         end = self._end_reason(privileged, step)
         if end:
             return self._end_episode(end, bool(privileged.get('success')))
-        controller, _ = self.operator.step(step, state)
+        controller, took_over = self.operator.step(step, state, self.help_requested)
         record.takeovers = self.operator.takeovers
         record.detections = list(self.operator.fired)
+        record.requests_seen = self.operator.requests_seen
+        record.attention_steps = self.operator.attention_steps
+        if took_over and self.operator.causes[-1] == HELP_REQUEST:
+            record.answered.append(step)
         if controller != Controller.HUMAN:
             if not self.in_control:
                 # Silent, like a released pedal: a steady stream of False would also undo a
@@ -438,8 +479,8 @@ class OperatorSession:
         # first one (started late) still sees it; only its changes act there.
         engage: tuple[bool, ...] = (True,)
         if not self.in_control:   # the takeover step
-            fired = self.operator.fired[-1][1] if self.operator.fired else 'detector'
-            self._log('info', f'step {step}: taking over ({fired})')
+            cause = self.operator.causes[-1] if self.operator.causes else 'detector'
+            self._log('info', f'step {step}: taking over ({cause})')
             self.expert.replan()
             self.in_control = True
             self._unconfirmed = 0
@@ -465,11 +506,17 @@ class OperatorSession:
         return (int(privileged.get('reset_count', 0)) > self._stale_reset_count
                 and int(privileged.get('seed', -1)) == self.seed)
 
-    def _begin_episode(self, task: str, state: dict) -> None:
+    def _begin_episode(self, task: str, state: dict, start_ns: int) -> None:
+        p = self.params
+        # step_s: a sim tick is one physics control period of simulated time, whatever the
+        # sim's wall rate; check_rate_hz is per second of that time.
         config = OperatorConfig(
-            objects=TASK_OBJECTS[task], reaction_delay_steps=self.params.reaction_delay_steps,
-            takeover_probability=self.params.takeover_probability,
-            handback_probability=self.params.handback_probability)
+            objects=TASK_OBJECTS[task], reaction_delay_steps=p.reaction_delay_steps,
+            takeover_probability=p.takeover_probability,
+            handback_probability=p.handback_probability, watch=p.watch,
+            answer_probability=p.answer_probability, check_rate_hz=p.check_rate_hz,
+            check_steps=p.check_steps, step_s=DT)
+        self._episode_start_ns = start_ns
         rng = np.random.default_rng([self.params.operator_seed, self.seed])
         self.operator = ScriptedOperator(config, rng)
         self.operator.reset(state)
@@ -489,8 +536,11 @@ class OperatorSession:
     def _end_episode(self, reason: str, success: bool) -> TickOutput:
         self.record.success = success
         self.record.end_reason = reason
-        self._log('info', f'episode {self.record.episode_id} over: {reason} at step '
-                  f'{self.record.steps}')
+        record = self.record
+        # Attention is what watching on request saves (the operator's counts, ScriptedOperator).
+        self._log('info', f'episode {record.episode_id} over: {reason} at step {record.steps}; '
+                  f'{record.attention_steps} ticks watched or driven, {record.requests_seen} '
+                  f'help request(s) seen, {len(record.answered)} answered')
         self.phase = Phase.END
         # Hand back so that the policy drives the next episode from its start.
         engage = (False,) if self.in_control else ()

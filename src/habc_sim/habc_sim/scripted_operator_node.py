@@ -2,7 +2,8 @@
 
 It drives only what a person would. Calls `sim/reset` (habc_msgs/srv/ResetSim), then
 `recorder/episode_control` (START); watches `joint_states`, `sim/privileged` and
-`intervention` (habc_msgs/InterventionState); while it is in control publishes
+`intervention` (habc_msgs/InterventionState) and `help_request` (habc_msgs/HelpRequest,
+which it acts on with `watch` 'on_request'); while it is in control publishes
 `teleop/engage` (std_msgs/Bool) True and `teleop/joint_command` (sensor_msgs/JointState,
 the scripted expert's targets), and hands back with `teleop/engage` False; at the end of the
 episode calls `recorder/episode_control` (END) and `recorder/label_episode` (labeler
@@ -10,9 +11,10 @@ episode calls `recorder/episode_control` (END) and `recorder/label_episode` (lab
 
 It publishes `scripted_operator/status` (std_msgs/String JSON, LATCHED) whenever its state
 changes: phase, episode, episode_id, pending (a service call is out), in_control,
-arbiter_human (the arbiter's last InterventionState named the human), and the stamp and step
-of the last robot tick it handled. Service answers are polled on the steady clock, so the
-node also works on simulated time (use_sim_time) while that clock stands still.
+arbiter_human (the arbiter's last InterventionState named the human), help_requested (the
+robot asks for help in this episode), and the stamp and step of the last robot tick it
+handled. Service answers are polled on the steady clock, so the node also works on
+simulated time (use_sim_time) while that clock stands still.
 
 With `episodes` > 0 the node exits (code 0) after the last episode; it exits with code 1
 when what it needs does not appear within wait_for_services_s or a reset fails.
@@ -32,8 +34,8 @@ from std_msgs.msg import Bool, String
 
 from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
-from habc_common.qos import COMMANDS, LATCHED
-from habc_msgs.msg import InterventionState
+from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS
+from habc_msgs.msg import HelpRequest, InterventionState
 from habc_msgs.srv import EpisodeControl, LabelEpisode, ResetSim
 from habc_sim.joints import ALOHA_JOINT_NAMES, order_positions
 from habc_sim.operator_session import (
@@ -84,6 +86,10 @@ class ScriptedOperatorNode:
                                       LATEST_TICK)
         self.node.create_subscription(InterventionState, 'intervention',
                                       self.intervention_callback, LATEST_TICK)
+        # As the policy publishes it: latched, so a request open before this node started
+        # still arrives, and every change (a request raised and answered back to back) too.
+        self.node.create_subscription(HelpRequest, 'help_request', self.help_request_callback,
+                                      LATCHED_EVENTS)
         self.clients: dict[Service, Client] = {
             Service.RESET: self.node.create_client(ResetSim, 'sim/reset'),
             Service.START: self.node.create_client(EpisodeControl, 'recorder/episode_control'),
@@ -100,8 +106,11 @@ class ScriptedOperatorNode:
         p = self.params
         self.node.get_logger().info(
             f'ready: {p.episodes or "endless"} episodes from seed {p.seed_base}, max '
-            f'{p.max_steps} steps, takeover p={p.takeover_probability:g} after '
-            f'{p.reaction_delay_steps} ticks, handback p={p.handback_probability:g}')
+            f'{p.max_steps} steps, watching {p.watch}'
+            + (f' (answer p={p.answer_probability:g}, checks {p.check_rate_hz:g}/s of '
+               f'{p.check_steps} ticks)' if p.watch == 'on_request' else '')
+            + f', takeover p={p.takeover_probability:g} after {p.reaction_delay_steps} '
+            f'ticks, handback p={p.handback_probability:g}')
 
     # --- logging ---------------------------------------------------------------------------
     def _log(self, level: str, text: str) -> None:
@@ -140,6 +149,10 @@ class ScriptedOperatorNode:
     def intervention_callback(self, msg: InterventionState) -> None:
         self._arbiter_human = msg.source == InterventionState.SOURCE_HUMAN
         self.session.on_intervention(self._arbiter_human)
+        self._publish_status()
+
+    def help_request_callback(self, msg: HelpRequest) -> None:
+        self.session.on_help_request(msg.active, _stamp_ns(msg.header.stamp))
         self._publish_status()
 
     def _on_tick(self, tick: Tick | None) -> None:
@@ -214,7 +227,8 @@ class ScriptedOperatorNode:
         status = {'phase': str(session.phase), 'episode': session.episode,
                   'episode_id': session.record.episode_id if session.record else '',
                   'pending': self._pending is not None, 'in_control': session.in_control,
-                  'arbiter_human': self._arbiter_human, 'tick_stamp_ns': self._tick[0],
+                  'arbiter_human': self._arbiter_human,
+                  'help_requested': session.help_requested, 'tick_stamp_ns': self._tick[0],
                   'step': self._tick[1]}
         if status != self._status:  # on every change only: a tick is one
             self._status = status

@@ -252,3 +252,101 @@ def test_operator_rescues_a_frozen_policy_on_the_simulated_robot():
     assert record.success, record
     assert record.takeovers == 1 and record.detections[0][1] == 'stall'
     assert not engaged                    # handed back at the end
+
+
+# --- watching on request (help_request) ----------------------------------------------------
+PUSHED = (0.15, 0.5, 0.02)   # the box pushed 5 cm before any grasp: bad approach
+TICK_NS = 20_000_000
+START_NS = 1_000 * 1_000_000_000
+
+
+def at(step, **flags):
+    """Return a tick of the running episode (reset 1) at `step`, one period per step."""
+    return privileged(step=step, reset_count=1, stamp_ns=START_NS + step * TICK_NS, **flags)
+
+
+def test_on_request_ignores_a_failing_robot_that_does_not_ask():
+    s = session(watch='on_request')
+    running(s)
+    outputs = [s.on_tick(at(t, box=PUSHED)) for t in range(1, 60)]
+    assert all(out == NOTHING for out in outputs)       # never engaged
+    assert s.operator.takeovers == 0 and s.operator.fired == []
+    assert s.operator.attention_steps == 0               # it never looked
+
+
+def test_on_request_takes_over_reaction_delay_steps_after_a_request_opens():
+    s = session(watch='on_request', reaction_delay_steps=3, episodes=1)
+    running(s)
+    for t in range(1, 10):
+        assert s.on_tick(at(t)) == NOTHING
+    # The policy's request, stamped at the observation of step 9; the next tick sees it.
+    s.on_help_request(True, START_NS + 9 * TICK_NS)
+    assert s.help_requested
+    engaged_at = None
+    for t in range(10, 20):
+        out = s.on_tick(at(t))
+        if out.engage == (True,):
+            engaged_at = t
+            break
+        assert out == NOTHING
+    assert engaged_at == 10 + 3
+    assert s.in_control and s.operator.causes == ['help_request']
+    assert s.operator.requests_seen == 1
+    assert ('info', 'step 13: taking over (help_request)') in s.logs
+    # Answered: the policy clears the request; the operator keeps driving.
+    s.on_help_request(False, START_NS + 13 * TICK_NS)
+    assert s.on_tick(at(14)).command is not None
+    out = s.on_tick(at(15, success=True))
+    assert out.engage == (False,) and s.phase == Phase.END
+    answer(s, Service.END, episode_id='ep-0001')
+    label = answer(s, Service.LABEL)
+    assert label.note == 'seed 0; success at step 15; 1 takeover(s): help_request at 13'
+    record = s.records[0]
+    assert (record.answered, record.requests_seen) == ([13], 1)
+    assert any('1 help request(s) seen, 1 answered' in text for _, text in s.logs)
+
+
+def test_on_request_ignores_a_request_from_before_the_episode():
+    s = session(watch='on_request', reaction_delay_steps=0)
+    running(s)
+    # Latched from the last episode (or an earlier run): stamped before this one began.
+    s.on_help_request(True, START_NS - TICK_NS)
+    assert not s.help_requested     # no episode yet
+    for t in range(1, 20):
+        assert s.on_tick(at(t)) == NOTHING
+    assert not s.help_requested and s.operator.requests_seen == 0
+
+
+def test_on_request_declines_with_answer_probability_zero():
+    s = session(watch='on_request', answer_probability=0.0, reaction_delay_steps=5)
+    running(s)
+    s.on_tick(at(1))
+    s.on_help_request(True, START_NS + TICK_NS)
+    # It comes over (the reaction delay counts as attention), decides once, declines ...
+    assert all(s.on_tick(at(t)) == NOTHING for t in range(2, 20))
+    assert s.operator.requests_seen == 1 and s.operator.takeovers == 0
+    assert s.operator.attention_steps == 5
+    # ... and leaves that request alone, even when the robot then goes wrong.
+    assert all(s.on_tick(at(t, box=PUSHED)) == NOTHING for t in range(20, 40))
+    assert s.operator.takeovers == 0 and s.operator.attention_steps == 5
+
+
+def test_continuous_watch_is_unchanged_by_help_requests():
+    # A request on a robot doing fine does not move a continuous watcher; its detectors do.
+    s = session(reaction_delay_steps=2)
+    running(s)
+    s.on_tick(at(1))
+    s.on_help_request(True, START_NS + TICK_NS)
+    assert all(s.on_tick(at(t)) == NOTHING for t in range(2, 20))
+    assert s.operator.takeovers == 0 and s.operator.requests_seen == 0
+    assert s.on_tick(at(20, box=PUSHED)) == NOTHING      # the detector fires at 20
+    assert s.on_tick(at(21, box=PUSHED)) == NOTHING
+    assert s.on_tick(at(22, box=PUSHED)).engage == (True,)
+    assert s.operator.causes == ['bad_approach']
+    assert ('info', 'step 22: taking over (bad_approach)') in s.logs
+
+
+def test_operator_params_check_watch():
+    assert ScriptedOperatorParams().watch == 'continuous'
+    with pytest.raises(ValueError, match='watch'):
+        ScriptedOperatorParams(watch='sometimes')
