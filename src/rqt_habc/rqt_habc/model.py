@@ -7,16 +7,22 @@ without a display or a ROS graph:
     stores them in each episode's bag;
   - the live state of the robot: the current episode, its elapsed time and who controls it,
     from `intervention` and `recorder/events`;
-  - the summaries of the JSON status topics of the learner and the policy node.
+  - the summaries of the JSON status topics of the learner and the policy node;
+  - the viability p_v = P(success | state) of the running policy over an episode, from the
+    ActionChunks on `policy/chunk` (or the traces of help requests), and the help requests
+    of every watched robot (`help_request`): which are open, and how the last ones ended.
 The statistics per policy version (success rate, takeovers) are habc_episodes.stats', shared
 with `habc demo`.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 import json
+import math
 from pathlib import Path
 import re
 import statistics
@@ -27,6 +33,8 @@ from habc_episodes.vocabulary import Controller, RecorderEvent
 
 INTERVENTION_TYPE = 'habc_msgs/msg/InterventionState'
 EXECUTED_ACTION_TYPE = 'habc_msgs/msg/ExecutedAction'
+CHUNK_TYPE = 'habc_msgs/msg/ActionChunk'
+HELP_REQUEST_TYPE = 'habc_msgs/msg/HelpRequest'
 
 # Where the recorder's default storage_dir puts its episode index.
 DEFAULT_INDEX = '~/.habc/episodes/episodes.sqlite'
@@ -179,6 +187,371 @@ def timeline_from_bag(path: str | Path, episode_id: str = '') -> Timeline:
                     segments[0].start if segments else 0.0)
 
 
+# Viability and help requests ------------------------------------------------------------------
+
+# p_v points kept per live episode: chunks at 10 Hz for more than an hour.
+MAX_VIABILITY_POINTS = 50_000
+# A help request's trace point and the chunk of the same observation differ by the rounding
+# of the chunk's header stamp to nanoseconds; this close, two points are one.
+_SAME_STAMP_S = 1e-6
+# How long the note of a cleared request stays in the banner (s of time.monotonic()).
+CLEARED_NOTE_S = 15.0
+# Help events kept per robot, for the marks on its p_v trace.
+HELP_HISTORY = 200
+
+RAISED = 'raised'
+CLEARED = 'cleared'
+# What the reasons of habc_msgs/HelpRequest mean to an operator.
+RAISE_REASONS = {'low': 'p_v low', 'stalled': 'p_v not rising'}
+CLEAR_REASONS = {'answered': 'answered: a human took over',
+                 'recovered': 'recovered: p_v back up',
+                 'reset': 'withdrawn: new weights or no critic'}
+
+
+class ViabilitySeries:
+    """p_v over time: (stamp_s, p_v) points in stamp order; a NaN p_v (no critic) is a gap.
+
+    Points may come in any order (a help request's trace reaches back before the newest
+    chunk); a point at the stamp of one already there is the same observation and is
+    dropped. `revision` grows on every change, so a view copies the points only then.
+    """
+
+    def __init__(self, max_points: int = MAX_VIABILITY_POINTS) -> None:
+        self.max_points = max_points
+        self.revision = 0
+        self._stamps: list[float] = []
+        self._values: list[float] = []
+        self._estimates = 0  # finite values among them
+        self._snapshot: tuple[int, tuple[tuple[float, float], ...]] = (-1, ())
+
+    def __len__(self) -> int:
+        return len(self._stamps)
+
+    def add(self, stamp: float, p_v: float) -> bool:
+        """Add p_v at `stamp` (s); return False if a point at that stamp is there already."""
+        i = bisect.bisect_left(self._stamps, stamp - _SAME_STAMP_S)
+        if i < len(self._stamps) and self._stamps[i] <= stamp + _SAME_STAMP_S:
+            return False
+        self._stamps.insert(i, stamp)
+        self._values.insert(i, float(p_v))
+        self._estimates += math.isfinite(p_v)
+        if len(self._stamps) > self.max_points:
+            # The oldest go: the operator looks at the newest.
+            drop = len(self._stamps) - self.max_points
+            self._estimates -= sum(math.isfinite(v) for v in self._values[:drop])
+            del self._stamps[:drop], self._values[:drop]
+        self.revision += 1
+        return True
+
+    def points(self) -> tuple[tuple[float, float], ...]:
+        """Return the points, oldest first (one copy per revision)."""
+        if self._snapshot[0] != self.revision:
+            self._snapshot = (self.revision, tuple(zip(self._stamps, self._values,
+                                                       strict=True)))
+        return self._snapshot[1]
+
+    def latest(self) -> tuple[float, float] | None:
+        """Return the newest point (None while empty)."""
+        return (self._stamps[-1], self._values[-1]) if self._stamps else None
+
+    def has_estimate(self) -> bool:
+        """Return True when at least one point has a p_v (not NaN)."""
+        return self._estimates > 0
+
+
+@dataclass(frozen=True)
+class HelpMark:
+    """One habc_msgs/HelpRequest of the robot in `namespace`: a request raised or cleared."""
+
+    namespace: str
+    stamp: float               # the observation it was decided on (s)
+    active: bool               # True: raised; False: cleared
+    reason: str                # low | stalled; answered | recovered | reset
+    p_v: float
+    policy_version: str = ''
+    received: float = math.nan  # time.monotonic() at arrival (NaN: read from a bag)
+
+
+@dataclass(frozen=True)
+class HelpSpan:
+    """The time a help request was open: from `start` to `end` (None: still open)."""
+
+    start: float
+    end: float | None
+    reason: str
+    cleared_reason: str = ''
+    p_v: float = math.nan
+
+
+def help_spans(marks: Iterable[HelpMark]) -> list[HelpSpan]:
+    """Return the spans of the requests in `marks` (one robot's, in time order).
+
+    A second raise before a clearing continues the open request (a clearing was lost); a
+    clearing without an open request (it was raised before the first mark) is skipped.
+    """
+    spans = []
+    raised: HelpMark | None = None
+    for mark in marks:
+        if mark.active:
+            raised = raised or mark
+        elif raised is not None:
+            spans.append(HelpSpan(raised.stamp, max(mark.stamp, raised.stamp), raised.reason,
+                                  mark.reason, raised.p_v))
+            raised = None
+    if raised is not None:
+        spans.append(HelpSpan(raised.stamp, None, raised.reason, '', raised.p_v))
+    return spans
+
+
+def robot_name(namespace: str) -> str:
+    """Return how the banner names the robot in `namespace`: 'robot1', or 'robot (/)'."""
+    label = robot_of_namespace(namespace)
+    return label if '/' + label == namespace else f'{label} ({namespace})'
+
+
+def _minutes(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f'{int(seconds // 60)}:{int(seconds % 60):02d}'
+
+
+def _p_v(value: float) -> str:
+    return f'{value:.2f}' if math.isfinite(value) else 'unknown'
+
+
+@dataclass(frozen=True)
+class HelpBanner:
+    """What the help banner shows: `level` 'help' (requests open), 'cleared' or '' (hidden)."""
+
+    level: str
+    lines: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()  # the robot of each line
+
+
+class HelpAlerts:
+    """The open help requests of every watched robot, and how the last ones ended.
+
+    Fed with the HelpRequest messages of each robot in their order (the policy publishes
+    one on every change, latched: a dashboard that starts later gets the last ten).
+    """
+
+    def __init__(self, history: int = HELP_HISTORY) -> None:
+        self.open: dict[str, HelpMark] = {}
+        self.cleared: dict[str, tuple[HelpMark, HelpMark]] = {}  # (raise, clearing)
+        self._history: dict[str, deque[HelpMark]] = {}
+        self._size = history
+        self.revision = 0
+
+    def on_help(self, mark: HelpMark) -> str:
+        """Take one message; return RAISED or CLEARED when it opens or ends a request, else ''.
+
+        A raise while one is open continues it (its start stays); a clearing without an
+        open request (raised before this dashboard's history) changes nothing.
+        """
+        history = self._history.setdefault(mark.namespace, deque(maxlen=self._size))
+        if history and (history[-1].stamp, history[-1].active, history[-1].reason) == (
+                mark.stamp, mark.active, mark.reason):
+            return ''  # the same event again
+        history.append(mark)
+        self.revision += 1
+        if mark.active:
+            if mark.namespace in self.open:
+                return ''
+            self.open[mark.namespace] = mark
+            self.cleared.pop(mark.namespace, None)
+            return RAISED
+        raised = self.open.pop(mark.namespace, None)
+        if raised is None:
+            return ''
+        self.cleared[mark.namespace] = (raised, mark)
+        return CLEARED
+
+    def events(self, namespace: str) -> list[HelpMark]:
+        """Return the help events of the robot in `namespace`, oldest first."""
+        return list(self._history.get(namespace, ()))
+
+    def banner(self, now: float, received_now: float) -> HelpBanner:
+        """Return the banner at ROS time `now` and monotonic time `received_now`.
+
+        Open requests, oldest first, with how long they wait; else the requests that
+        cleared within CLEARED_NOTE_S, with why.
+        """
+        if self.open:
+            marks = sorted(self.open.values(), key=lambda m: m.stamp)
+            return HelpBanner(RAISED, tuple(
+                f'{robot_name(m.namespace)} asks for help: '
+                f'{RAISE_REASONS.get(m.reason, m.reason or "no reason given")} '
+                f'({_p_v(m.p_v)}), waiting {_minutes(now - m.stamp)}'
+                + (f' (policy {m.policy_version})' if m.policy_version else '')
+                for m in marks), tuple(m.namespace for m in marks))
+        recent = sorted((pair for pair in self.cleared.values()
+                         if received_now - pair[1].received <= CLEARED_NOTE_S),
+                        key=lambda pair: pair[1].stamp)
+        if not recent:
+            return HelpBanner('')
+        lines = []
+        for raised, clearing in recent:
+            why = CLEAR_REASONS.get(clearing.reason, clearing.reason or 'cleared')
+            if clearing.reason == 'recovered' and math.isfinite(clearing.p_v):
+                why += f' to {clearing.p_v:.2f}'
+            lines.append(f'{robot_name(raised.namespace)}: help request '
+                         f'({RAISE_REASONS.get(raised.reason, raised.reason)}) {why}')
+        return HelpBanner(CLEARED, tuple(lines), tuple(r.namespace for r, _ in recent))
+
+
+def decimate(points: Sequence[tuple[float, float]], start: float, end: float,
+             buckets: int) -> list[list[tuple[float, float]]]:
+    """Return the runs of finite points with `start` <= stamp <= `end`, for drawing.
+
+    A NaN p_v ends a run (no estimate: a gap in the line). Of the points that fall into one
+    of `buckets` equal slices of the time range (a pixel column), the first, lowest, highest
+    and last are kept: an hour of chunks draws as fast as a minute and looks the same.
+    """
+    width = (end - start) / max(1, buckets) if end > start else 1.0
+    runs: list[list[list[tuple[float, float]]]] = []
+    groups: list[list[tuple[float, float]]] = []
+    bucket = None
+    for stamp, value in points:
+        if stamp < start or stamp > end:
+            continue
+        if not math.isfinite(value):
+            if groups:
+                runs.append(groups)
+                groups = []
+            bucket = None
+            continue
+        slot = int((stamp - start) / width)
+        if slot != bucket:
+            groups.append([])
+            bucket = slot
+        groups[-1].append((stamp, value))
+    if groups:
+        runs.append(groups)
+    lines = []
+    for run in runs:
+        line: list[tuple[float, float]] = []
+        for group in run:
+            low = min(group, key=lambda p: p[1])
+            high = max(group, key=lambda p: p[1])
+            line.extend(sorted({group[0], low, high, group[-1]}))
+        lines.append(line)
+    return lines
+
+
+def critic_problem(status: dict[str, Any]) -> str | None:
+    """Return why the policy has no usable critic: '' when it has one, None when unknown.
+
+    From policy/status's 'critic' ('ok', or why not; null without a policy), else its
+    help.critic_problem.
+    """
+    if 'critic' in status:
+        critic = status['critic']
+        if critic == 'ok':
+            return ''
+        return 'no policy loaded' if critic is None else str(critic)
+    help_status = status.get('help')
+    if isinstance(help_status, dict) and help_status.get('critic_problem'):
+        return str(help_status['critic_problem'])
+    return None
+
+
+def help_threshold(status: dict[str, Any]) -> float | None:
+    """Return the p_v below which the policy asks for help, if policy/status says it.
+
+    Looked up as help.threshold, then help_threshold (the policy node's parameter name).
+    """
+    help_status = status.get('help')
+    candidates = [help_status.get('threshold') if isinstance(help_status, dict) else None,
+                  status.get('help_threshold')]
+    for value in candidates:
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and 0.0 <= value <= 1.0):
+            return float(value)
+    return None
+
+
+def viability_note(series: ViabilitySeries, problem: str | None) -> str:
+    """Return why the newest p_v of a live series is missing ('' when it is there).
+
+    `problem` is critic_problem() of policy/status.
+    """
+    latest = series.latest()
+    if latest is not None and math.isfinite(latest[1]):
+        return ''
+    if problem:
+        return f'no critic: {problem}'
+    if latest is None:
+        return 'no p_v yet: no action chunk in this episode'
+    if problem is None:
+        return 'no critic (policy/status has not said why yet)'
+    return 'no critic: the chunks carry no p_v'
+
+
+@dataclass(frozen=True)
+class ViabilityTrace:
+    """The p_v of one recorded episode and its help requests, read from its bag."""
+
+    episode_id: str
+    points: tuple[tuple[float, float], ...]
+    help: tuple[HelpMark, ...]
+    source: str       # where the points come from: CHUNK_TYPE, HELP_REQUEST_TYPE or ''
+    note: str = ''    # why nothing is drawn ('' when some p_v is)
+
+
+def viability_from_bag(path: str | Path, episode_id: str = '') -> ViabilityTrace:
+    """Return the p_v trace and the help requests of a recorded episode bag.
+
+    p_v comes from the ActionChunk topic (`policy/chunk` is one of the recorder's default
+    topics): one point per chunk, at the stamp of the observation it was planned from. A bag
+    without chunks (a recorder whose `topics` leave policy/chunk out) falls back to the
+    traces the help requests carry, which cover only the help_trace_s before each event.
+    Topics are found by type, so any namespace works; a message with a zero stamp takes the
+    time the recorder received it.
+
+    Raises:
+        FileNotFoundError: no bag at `path`.
+    """
+    from habc_episodes.bag_format import read_episode_messages, topic_summary
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f'episode bag {path} does not exist')
+    by_type: dict[str, list[str]] = {}
+    for topic, (msgtype, count) in topic_summary(path)[0].items():
+        if count:
+            by_type.setdefault(msgtype, []).append(topic)
+    chunk_topics = by_type.get(CHUNK_TYPE, [])[:1]
+    help_topics = by_type.get(HELP_REQUEST_TYPE, [])[:1]
+    chunks = ViabilitySeries(max_points=2**62)
+    traces = ViabilitySeries(max_points=2**62)
+    marks = []
+    unversioned = False  # chunks recorded before ActionChunk carried p_v
+    for topic, log_time, msg in read_episode_messages(path, chunk_topics + help_topics):
+        stamp = stamp_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec) or log_time * 1e-9
+        if topic in chunk_topics:
+            p_v = getattr(msg, 'viability', None)
+            unversioned |= p_v is None
+            chunks.add(stamp, math.nan if p_v is None else float(p_v))
+            continue
+        namespace = topic[:-len('/help_request')] if topic.endswith('/help_request') else ''
+        marks.append(HelpMark(namespace or '/', stamp, bool(msg.active), str(msg.reason),
+                              float(msg.viability), str(msg.policy_version)))
+        for t, v in zip(msg.trace_stamps, msg.trace_viability, strict=False):
+            traces.add(float(t), float(v))
+    episode_id = episode_id or path.name
+    if len(chunks):
+        note = ''
+        if unversioned:
+            note = 'no p_v: the chunks were recorded before ActionChunk carried it'
+        elif not chunks.has_estimate():
+            note = 'no critic: the recorded chunks carry no p_v'
+        return ViabilityTrace(episode_id, chunks.points(), tuple(marks), CHUNK_TYPE, note)
+    if len(traces):
+        return ViabilityTrace(episode_id, traces.points(), tuple(marks), HELP_REQUEST_TYPE)
+    return ViabilityTrace(episode_id, (), tuple(marks), '',
+                          'no p_v in the bag: policy/chunk was not recorded'
+                          + (' and no help request was raised' if not marks else ''))
+
+
 # Live state ----------------------------------------------------------------------------------
 
 class LiveState:
@@ -201,6 +574,7 @@ class LiveState:
         self.last_tick_received: float | None = None
         self.timeline = TimelineBuilder()
         self.timeline_episode = ''    # the episode whose ticks `timeline` holds
+        self.viability = ViabilitySeries()  # p_v of that episode
         self.revision = 0             # grows on every change: views redraw only then
 
     def on_event(self, event: int, episode_id: str, stamp: float, *, num_steps: int = 0,
@@ -239,9 +613,34 @@ class LiveState:
             self._new_timeline(episode_id)
         self.timeline.add(stamp, source, segment_id)
 
+    def on_chunk(self, stamp: float, p_v: float) -> None:
+        """Take the p_v of one ActionChunk (NaN: no critic), while an episode records."""
+        if not self.episode_id:
+            return  # between episodes the policy is paused or its p_v belongs to no episode
+        if self.timeline_episode != self.episode_id:
+            self._new_timeline(self.episode_id)
+        if self.viability.add(stamp, p_v):
+            self.revision += 1
+
+    def on_help_trace(self, stamps: Sequence[float], values: Sequence[float]) -> None:
+        """Add the p_v trace of a help request (this dashboard may have missed those chunks).
+
+        Points from before the current episode started are left out.
+        """
+        if not self.episode_id:
+            return
+        if self.timeline_episode != self.episode_id:
+            self._new_timeline(self.episode_id)
+        start = -math.inf if self.started_at is None else self.started_at
+        added = [self.viability.add(float(t), float(v))
+                 for t, v in zip(stamps, values, strict=False) if t >= start]
+        if any(added):
+            self.revision += 1
+
     def _new_timeline(self, episode_id: str) -> None:
         self.timeline = TimelineBuilder()
         self.timeline_episode = episode_id
+        self.viability = ViabilitySeries()
 
     def elapsed(self, now: float) -> float | None:
         """Return the seconds since the current episode started (None between episodes)."""
@@ -306,6 +705,9 @@ def policy_summary(status: dict[str, Any]) -> list[tuple[str, str]]:
         if update.get('reason'):
             text += f': {update["reason"]}'
         rows.append(('last update', text))
+    problem = critic_problem(status)
+    if problem is not None:
+        rows.append(('critic', 'ok' if not problem else f'none: {problem}'))
     if 'error' in status:
         rows.append(('policy error', _fmt(status['error'])))
     return rows

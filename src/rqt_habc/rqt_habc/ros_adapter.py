@@ -1,8 +1,10 @@
 """The dashboard's ROS side: a thin rclpy adapter the Qt widget polls (no Qt here).
 
-It subscribes to one robot namespace (`intervention`, `recorder/events`, `policy/status`,
-`learner/status`), calls the recorder's `recorder/label_episode` service, and hands every
-received message to the widget as an `Update` through a queue. The queue is what lets the
+It subscribes to one robot namespace (`intervention`, `recorder/events`, `policy/chunk`,
+`policy/status`, `learner/status`), to `help_request` of every robot it is told to watch (a
+robot that asks for help must be heard whichever one the dashboard follows), calls the
+recorder's `recorder/label_episode` service, and hands every received message to the widget
+as an `Update` through a queue. The queue is what lets the
 same widget run in two settings: standalone, where this adapter owns its node and the widget
 spins it from a QTimer (`poll()`), and inside rqt, where rqt_gui_py owns the node and spins
 it in its own thread while the widget only drains the queue.
@@ -20,9 +22,9 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
-from habc_common.qos import COMMANDS, LATCHED
+from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS
 from habc_episodes.vocabulary import LABEL_OUTCOMES
-from habc_msgs.msg import EpisodeEvent, InterventionState
+from habc_msgs.msg import ActionChunk, EpisodeEvent, HelpRequest, InterventionState
 from habc_msgs.srv import LabelEpisode
 from rqt_habc.model import namespaces_with, normalize_namespace, qualified
 
@@ -43,12 +45,14 @@ _POLL_BUDGET_S = 0.03
 class Update:
     """One thing that arrived, and time.monotonic() at its arrival.
 
-    `kind` is 'intervention', 'event', 'learner_status', 'policy_status' or 'label_result'.
+    `kind` is 'intervention', 'event', 'chunk', 'learner_status', 'policy_status',
+    'label_result' or 'help' (whose `namespace` says which robot asks).
     """
 
     kind: str
     payload: Any
     received: float
+    namespace: str = ''
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,14 @@ class DashboardRos:
             self.executor.add_node(self.node)
         else:
             self.node, self.executor = node, None
-        self._queue: queue.SimpleQueue[tuple[int, Update]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int | None, Update]] = queue.SimpleQueue()
         self._activity = 0
         # Messages of a namespace left behind may still sit in the queue; each is tagged
-        # with the generation of the subscriptions that took it and dropped when stale.
+        # with the generation of the subscriptions that took it and dropped when stale
+        # (help requests with None: they are kept, see _help_taker).
         self._generation = 0
         self._entities: list[Any] = []
+        self._help_subscriptions: dict[str, Any] = {}  # namespace -> help_request
         self._label_client = None
         self.namespace = '/'
         self.set_namespace(namespace)
@@ -108,6 +114,9 @@ class DashboardRos:
                                      self._taker('intervention'), COMMANDS),
             node.create_subscription(EpisodeEvent, qualified(namespace, 'recorder/events'),
                                      self._taker('event'), EVENTS_QOS),
+            # ActionChunk: its p_v (viability); COMMANDS as the policy publishes it.
+            node.create_subscription(ActionChunk, qualified(namespace, 'policy/chunk'),
+                                     self._taker('chunk'), COMMANDS),
             node.create_subscription(String, qualified(namespace, 'policy/status'),
                                      self._taker('policy_status'), LATCHED),
             node.create_subscription(String, qualified(namespace, 'learner/status'),
@@ -119,7 +128,30 @@ class DashboardRos:
                 String, '/learner/status', self._taker('learner_status'), LATCHED))
         self._label_client = node.create_client(
             LabelEpisode, qualified(namespace, 'recorder/label_episode'))
+        self.watch_help([namespace])
         return namespace
+
+    def watch_help(self, namespaces: list[str]) -> list[str]:
+        """Also hear the help requests of the robots in `namespaces`; return the new ones.
+
+        These subscriptions stay when the followed namespace changes, until close().
+        """
+        added = []
+        for namespace in namespaces:
+            namespace = normalize_namespace(namespace)
+            if namespace in self._help_subscriptions:
+                continue
+            # LATCHED_EVENTS as the policy publishes it: a request raised before this
+            # dashboard started still arrives, with the ones that cleared around it.
+            self._help_subscriptions[namespace] = self.node.create_subscription(
+                HelpRequest, qualified(namespace, 'help_request'),
+                self._help_taker(namespace), LATCHED_EVENTS)
+            added.append(namespace)
+        return added
+
+    def watched_help(self) -> list[str]:
+        """Return the namespaces whose help requests this adapter hears, sorted."""
+        return sorted(self._help_subscriptions)
 
     def _taker(self, kind: str):
         generation = self._generation
@@ -127,6 +159,14 @@ class DashboardRos:
         def take(msg: Any) -> None:
             self._activity += 1
             self._queue.put((generation, Update(kind, msg, time.monotonic())))
+        return take
+
+    def _help_taker(self, namespace: str):
+        def take(msg: Any) -> None:
+            self._activity += 1
+            # Tagged with no generation: a robot's help request is news whichever namespace
+            # the dashboard follows, before and after a change.
+            self._queue.put((None, Update('help', msg, time.monotonic(), namespace)))
         return take
 
     def _destroy_entities(self) -> None:
@@ -154,7 +194,7 @@ class DashboardRos:
                 generation, update = self._queue.get_nowait()
             except queue.Empty:
                 return updates
-            if generation == self._generation:
+            if generation is None or generation == self._generation:
                 updates.append(update)
 
     # Services ------------------------------------------------------------------------------
@@ -197,9 +237,9 @@ class DashboardRos:
     # Graph ---------------------------------------------------------------------------------
 
     def robot_namespaces(self) -> list[str]:
-        """Return the namespaces in which an episode recorder publishes its events."""
+        """Return the namespaces with an episode recorder or a policy that may ask for help."""
         names = [name for name, _types in self.node.get_topic_names_and_types()]
-        return namespaces_with(names)
+        return sorted(set(namespaces_with(names)) | set(namespaces_with(names, 'help_request')))
 
     def now(self) -> float:
         """Return the node clock's time in seconds (ROS time, as the message stamps)."""
@@ -208,6 +248,9 @@ class DashboardRos:
     def close(self) -> None:
         """Destroy the subscriptions, the client and, when owned, the node."""
         self._destroy_entities()
+        for subscription in self._help_subscriptions.values():
+            self.node.destroy_subscription(subscription)
+        self._help_subscriptions.clear()
         if self.owns_node:
             self.executor.shutdown()
             self.node.destroy_node()

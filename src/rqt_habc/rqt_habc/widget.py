@@ -1,9 +1,16 @@
 """The dashboard widget (python_qt_binding): what rqt embeds and `habc dashboard` shows.
 
 Shows the current episode and who controls the robot, intervention timelines of the current
-and recent episodes, the recent episodes of the index (select one to relabel it), the
-Success / Failure / Discard buttons (keys S, F, D) with a note, the policy and learner
-status, and success rate and takeovers per policy version.
+and recent episodes with the viability p_v of one of them under them (the live episode, or
+the one selected in the table, read from its bag), the recent episodes of the index (select
+one to relabel it), the Success / Failure / Discard buttons (keys S, F, D) with a note, the
+policy and learner status, and success rate and takeovers per policy version.
+
+When a robot asks for help (habc_msgs/HelpRequest on its `help_request`), a red banner names
+it, the reason and p_v, the window beeps (again every ALERT_REPEAT_S while the request is
+open) and asks the desktop for attention, and `notify-send` shows a notification where it is
+installed. Every robot the dashboard discovers is heard, not only the followed one. The
+banner turns into a note of why the request ended (answered, recovered) when it clears.
 
 All ROS traffic goes through a DashboardRos (rqt_habc.ros_adapter) that a QTimer polls; the
 episode index (SQLite) is read directly, and written only by the recorder, through its
@@ -17,16 +24,28 @@ from datetime import datetime
 import math
 import os
 from pathlib import Path
+import shutil
 import sqlite3
+import subprocess
 import time
 from typing import Any
 
-from python_qt_binding.QtCore import QRectF, Qt, QTimer
-from python_qt_binding.QtGui import QBrush, QColor, QFont, QKeySequence, QPainter, QPen
+from python_qt_binding.QtCore import QPointF, QRectF, QSize, Qt, QTimer
+from python_qt_binding.QtGui import (
+    QBrush,
+    QColor,
+    QFont,
+    QKeySequence,
+    QPainter,
+    QPen,
+    QPolygonF,
+)
 from python_qt_binding.QtWidgets import (
     QAbstractItemView,
+    QApplication,
     QCheckBox,
     QComboBox,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -46,18 +65,33 @@ from habc_episodes.index import EpisodeIndex, EpisodeRecord
 from habc_episodes.stats import version_stats, VersionStats
 from habc_episodes.vocabulary import Controller, EpisodeStatus, Outcome, RecorderEvent
 from rqt_habc.model import (
+    CLEARED,
+    critic_problem,
+    decimate,
     DEFAULT_INDEX,
     filter_robot,
+    HELP_REQUEST_TYPE,
+    help_spans,
+    help_threshold,
+    HelpAlerts,
+    HelpBanner,
+    HelpMark,
+    HelpSpan,
     label_target,
     learner_summary,
     LiveState,
     parse_status,
     policy_summary,
+    RAISED,
+    robot_name,
     robot_of_namespace,
     source_name,
     stamp_seconds,
     Timeline,
     timeline_from_bag,
+    viability_from_bag,
+    viability_note,
+    ViabilityTrace,
 )
 
 SOURCE_COLORS = {Controller.POLICY: '#3a7bd5', Controller.HUMAN: '#f0932b',
@@ -65,6 +99,17 @@ SOURCE_COLORS = {Controller.POLICY: '#3a7bd5', Controller.HUMAN: '#f0932b',
 OUTCOME_COLORS = {Outcome.SUCCESS.label: '#2e9d4b', Outcome.FAILURE.label: '#d64541',
                   Outcome.DISCARDED.label: '#8c8c8c', Outcome.UNLABELLED.label: '#d0d0d0'}
 TAKEOVER_COLOR = '#f0932b'
+VIABILITY_COLOR = '#6c3fb5'   # apart from the sources' blue, orange and grey
+HELP_COLOR = '#c0392b'
+HELP_SPAN_COLOR = QColor(192, 57, 43, 45)   # see-through: the p_v line stays visible
+BANNER_STYLES = {
+    RAISED: (f'QFrame#helpBanner {{ background: {HELP_COLOR}; border-radius: 4px; }} '
+             'QLabel { color: white; font-weight: bold; }'),
+    CLEARED: ('QFrame#helpBanner { background: #e3f1e6; border: 1px solid #9ccfa8; '
+              'border-radius: 4px; } QLabel { color: #1e6b34; }'),
+}
+# While a help request stays open, the beep comes again after this long (s).
+ALERT_REPEAT_S = 10.0
 
 TABLE_COLUMNS = ('Episode', 'Outcome', 'Takeovers', 'Version', 'Steps', 'Duration', 'Started',
                  'Status', 'Labeler', 'Note')
@@ -114,25 +159,75 @@ class TimelineRow:
     highlighted: bool = False
 
 
+@dataclass(frozen=True)
+class ViabilityRow:
+    """The p_v strip under the timelines: one episode's p_v and its help requests.
+
+    `origin` is the time the strip starts at: that of the episode's timeline row, so both
+    share the time axis (None: the first point's stamp).
+    """
+
+    episode_id: str
+    caption: str
+    points: tuple[tuple[float, float], ...] = ()
+    spans: tuple[HelpSpan, ...] = ()
+    origin: float | None = None
+    threshold: float | None = None
+    note: str = ''
+
+    @property
+    def start(self) -> float | None:
+        if self.origin is not None:
+            return self.origin
+        return self.points[0][0] if self.points else None
+
+
 class TimelineView(QWidget):
-    """Intervention timelines, one row per episode, on a common time axis in seconds."""
+    """Intervention timelines, one row per episode, and a p_v strip, on one time axis (s)."""
 
     ROW_HEIGHT = 16
     ROW_GAP = 6
     TOP = 20
-    BOTTOM = 18
+    PV_HEIGHT = 50
+    PV_GAP = 6
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.rows: list[TimelineRow] = []
-        self.setMinimumHeight(self.TOP + self.BOTTOM + TIMELINE_ROWS * (self.ROW_HEIGHT
-                                                                        + self.ROW_GAP))
-        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.viability = ViabilityRow('', 'p_v')
+        # Room for TIMELINE_ROWS rows, and fewer when the window has no more (a help banner
+        # takes some): the p_v strip and the axis stay whole at the bottom.
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Maximum)
+
+    def _height(self, rows: int) -> int:
+        # The axis labels take a line of the font, whatever its size.
+        axis = 6 + self.fontMetrics().height() + 2
+        return (self.TOP + rows * (self.ROW_HEIGHT + self.ROW_GAP) + self.PV_GAP
+                + self.PV_HEIGHT + 4 + axis)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(600, self._height(TIMELINE_ROWS))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(300, self._height(2))
 
     def set_rows(self, rows: list[TimelineRow]) -> None:
         if rows != self.rows:
             self.rows = rows
             self.update()
+
+    def set_viability(self, row: ViabilityRow) -> None:
+        if row != self.viability:
+            self.viability = row
+            self.update()
+
+    def _span(self) -> float:
+        durations = [r.timeline.duration for r in self.rows if r.timeline]
+        pv, start = self.viability, self.viability.start
+        if pv.points and start is not None:
+            durations.append(pv.points[-1][0] - start)
+            durations += [(s.end if s.end is not None else s.start) - start for s in pv.spans]
+        return max(durations + [1.0])
 
     def paintEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
         painter = QPainter(self)
@@ -143,17 +238,19 @@ class TimelineView(QWidget):
         label_width = min(270, int(width * 0.38))
         left, right = label_width + 8, width - 22
         self._legend(painter, right)
-        if not self.rows:
-            painter.setPen(QColor('#808080'))
-            painter.drawText(QRectF(0, 0, width, height), Qt.AlignCenter,
-                             'no episode yet: timelines appear when the arbiter publishes '
-                             'intervention ticks or an episode is recorded')
-            painter.end()
-            return
-        span = max([r.timeline.duration for r in self.rows if r.timeline] + [1.0])
+        span = self._span()
         scale = (right - left) / span
         y = self.TOP
-        for row in self.rows:
+        axis_y = height - (6 + metrics.height() + 2)
+        strip_top = axis_y - 4 - self.PV_HEIGHT
+        fits = max(1, (strip_top - self.PV_GAP - self.TOP + self.ROW_GAP)
+                   // (self.ROW_HEIGHT + self.ROW_GAP))
+        if not self.rows:
+            painter.setPen(QColor('#808080'))
+            painter.drawText(QRectF(0, y, width, strip_top - self.PV_GAP - y), Qt.AlignCenter,
+                             'no episode yet: timelines appear when the arbiter publishes '
+                             'intervention ticks or an episode is recorded')
+        for row in self.rows[:fits]:
             if row.highlighted:
                 painter.fillRect(0, y - 3, width, self.ROW_HEIGHT + 6, QColor('#e8f0fb'))
             painter.fillRect(4, y + 4, 10, 10, QColor(OUTCOME_COLORS.get(row.outcome,
@@ -175,7 +272,9 @@ class TimelineView(QWidget):
                 painter.drawText(QRectF(left + 6, y, right - left - 6, self.ROW_HEIGHT),
                                  Qt.AlignVCenter | Qt.AlignLeft, row.note)
             y += self.ROW_HEIGHT + self.ROW_GAP
-        # Time axis under the rows.
+        self._viability_strip(painter, strip_top, left, right, label_width, scale)
+        y = axis_y
+        # Time axis under the rows and the strip: it is theirs.
         painter.setPen(QColor('#606060'))
         painter.drawLine(left, y, right, y)
         step = _nice_step(span, max(2, (right - left) // 80))
@@ -183,10 +282,93 @@ class TimelineView(QWidget):
         while tick <= span + 1e-9:
             x = left + tick * scale
             painter.drawLine(int(x), y, int(x), y + 4)
-            painter.drawText(QRectF(x - 30, y + 4, 60, 14), Qt.AlignHCenter | Qt.AlignTop,
-                             f'{tick:g} s')
+            painter.drawText(QRectF(x - 30, y + 4, 60, metrics.height()),
+                             Qt.AlignHCenter | Qt.AlignTop, f'{tick:g} s')
             tick += step
         painter.end()
+
+    def _viability_strip(self, painter: QPainter, top: int, left: float, right: float,
+                         label_width: int, scale: float) -> None:
+        pv = self.viability
+        height = self.PV_HEIGHT
+        bottom = top + height
+        metrics = painter.fontMetrics()
+        line = metrics.height()
+        bold = QFont(painter.font())
+        bold.setBold(True)
+        painter.setFont(bold)
+        painter.setPen(QColor(VIABILITY_COLOR))
+        painter.drawText(QRectF(20, top, label_width - 50, line), Qt.AlignLeft | Qt.AlignTop,
+                         'viability p_v')
+        painter.setFont(self.font())
+        painter.setPen(QColor('#505050'))
+        caption = metrics.elidedText(pv.caption, Qt.ElideMiddle, label_width - 50)
+        painter.drawText(QRectF(20, top + line, label_width - 50, line),
+                         Qt.AlignLeft | Qt.AlignTop, caption)
+        painter.fillRect(QRectF(left, top, right - left, height), QColor('#f7f5fb'))
+        for value in (0.0, 0.5, 1.0):
+            y = bottom - value * height
+            painter.setPen(QColor('#e2dcef'))
+            painter.drawLine(int(left), int(y), int(right), int(y))
+            painter.setPen(QColor('#707070'))
+            painter.drawText(QRectF(left - 40, y - line / 2, 36, line),
+                             Qt.AlignRight | Qt.AlignVCenter, f'{value:g}')
+        start = pv.start
+        last = pv.points[-1][0] if pv.points else start
+        # Annotations in a smaller font: the strip is only a few lines of text high.
+        small = QFont(self.font())
+        small.setPointSizeF(small.pointSizeF() * 0.85)
+        painter.setFont(small)
+        small_line = painter.fontMetrics().height()
+        if start is not None:
+            for span in pv.spans:
+                end = span.end if span.end is not None else max(last, span.start)
+                x0 = max(left, left + (span.start - start) * scale)
+                x1 = min(right, left + (end - start) * scale)
+                if x1 < left or x0 > right:
+                    continue
+                painter.fillRect(QRectF(x0, top, max(2.0, x1 - x0), height), HELP_SPAN_COLOR)
+                painter.fillRect(QRectF(x0, top, 2.0, height), QColor(HELP_COLOR))
+                text = f'help: {span.reason}'
+                if span.cleared_reason:
+                    text += f' \u2192 {span.cleared_reason}'
+                painter.setPen(QColor(HELP_COLOR))
+                painter.drawText(QRectF(x0 + 4, top, max(60.0, right - x0 - 4), small_line),
+                                 Qt.AlignLeft | Qt.AlignTop, text)
+        if pv.threshold is not None:
+            y = bottom - pv.threshold * height
+            pen = QPen(QColor(HELP_COLOR), 1, Qt.DashLine)
+            painter.setPen(pen)
+            painter.drawLine(int(left), int(y), int(right), int(y))
+            # Above the line when it is low, below it when high: inside the strip.
+            above = pv.threshold < 0.5
+            painter.drawText(QRectF(right - 200, y - small_line if above else y + 1, 198,
+                                    small_line),
+                             Qt.AlignRight | (Qt.AlignBottom if above else Qt.AlignTop),
+                             f'help below {pv.threshold:g}')
+        painter.setFont(self.font())
+        drawn = False
+        if start is not None and pv.points:
+            painter.setRenderHint(QPainter.Antialiasing, True)
+            painter.setPen(QPen(QColor(VIABILITY_COLOR), 1.6))
+            end = start + (right - left) / scale
+            for run in decimate(pv.points, start, end, int(right - left)):
+                points = [QPointF(left + (t - start) * scale,
+                                  bottom - min(1.0, max(0.0, v)) * height) for t, v in run]
+                if len(points) == 1:
+                    painter.drawEllipse(points[0], 1.5, 1.5)
+                else:
+                    painter.drawPolyline(QPolygonF(points))
+                drawn = True
+            painter.setRenderHint(QPainter.Antialiasing, False)
+        if pv.note:
+            painter.setPen(QColor('#707070'))
+            # Over the plot when nothing is drawn, else in its corner, out of the line's way.
+            area = (QRectF(left + 8, top, right - left - 16, height) if not drawn
+                    else QRectF(left + 8, bottom - line - 1, right - left - 16, line))
+            align = (Qt.AlignCenter if not drawn else Qt.AlignRight | Qt.AlignBottom)
+            painter.drawText(area, align, metrics.elidedText(pv.note, Qt.ElideRight,
+                                                             int(area.width())))
 
     def _legend(self, painter: QPainter, right: float) -> None:
         x = right
@@ -290,6 +472,37 @@ class VersionPlot(QWidget):
         painter.end()
 
 
+# Desktop notifications -----------------------------------------------------------------------
+
+class DesktopNotifier:
+    """Desktop notifications through `notify-send` where it is installed (Linux desktops).
+
+    Without it (or when it fails to start) notify() returns False and nothing else happens:
+    the banner and the beep still tell the operator. The program runs in the background;
+    finished ones are reaped on the next call.
+    """
+
+    def __init__(self, program: str | None = None) -> None:
+        self.program = program if program is not None else shutil.which('notify-send')
+        self._running: list[subprocess.Popen] = []
+
+    def notify(self, title: str, body: str, *, urgent: bool = True) -> bool:
+        """Show a notification; return False when there is no way to."""
+        self._running = [p for p in self._running if p.poll() is None]
+        if not self.program:
+            return False
+        command = [self.program, '-a', 'habc dashboard', '-u',
+                   'critical' if urgent else 'normal', title, body]
+        try:
+            self._running.append(subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True))
+        except OSError:
+            self.program = None  # gone or not runnable: stop trying
+            return False
+        return True
+
+
 # The dashboard -------------------------------------------------------------------------------
 
 def _key_value_table(rows: int = 0) -> QTableWidget:
@@ -333,6 +546,11 @@ class DashboardWidget(QWidget):
         self.ros = ros
         self.labeler = labeler
         self.live = LiveState()
+        self.alerts = HelpAlerts()
+        self.notifier = DesktopNotifier()
+        self.alerts_given = 0           # help requests the operator was alerted to
+        self._last_beep: float | None = None
+        self.shown_banner: HelpBanner | None = None
         self.index: EpisodeIndex | None = None
         self.index_path = expand_index_path(index_path)
         self.all_records: list[EpisodeRecord] = []
@@ -340,12 +558,14 @@ class DashboardWidget(QWidget):
         self.learner_status: dict[str, Any] = {}
         self.policy_status: dict[str, Any] = {}
         self.bag_timelines: dict[str, Timeline | str] = {}  # str: why there is none
+        self.bag_viability: dict[str, ViabilityTrace | str] = {}
         self.pending_label: tuple[str, str, float] | None = None
         self.last_message = ''
         self._index_problem = ''
         self._index_dirty = True
         self._timelines_pending = False  # bags left to read for the timeline view
         self._shown_controller: tuple[int | None, str] | None = None
+        self._shown_viability: tuple[str, str] | None = None
         self._shown_records: list[EpisodeRecord] | None = None
         self._drawn_revision = -1
         self._build()
@@ -392,6 +612,34 @@ class DashboardWidget(QWidget):
         top.addWidget(self.connection_label)
         root.addLayout(top)
 
+        # Hidden until a robot asks for help; above everything else, so it is not missed.
+        self.help_banner = QFrame()
+        self.help_banner.setObjectName('helpBanner')
+        banner_layout = QHBoxLayout(self.help_banner)
+        banner_layout.setContentsMargins(10, 4, 8, 4)
+        banner_layout.setSpacing(12)
+        self.help_heading = QLabel('HELP')
+        heading_font = QFont(self.font())
+        heading_font.setPointSizeF(heading_font.pointSizeF() * 1.4)
+        heading_font.setBold(True)
+        self.help_heading.setFont(heading_font)
+        banner_layout.addWidget(self.help_heading)
+        self.help_label = QLabel()
+        self.help_label.setWordWrap(True)
+        self.help_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        bold = QFont(self.font())
+        bold.setBold(True)
+        self.help_label.setFont(bold)
+        banner_layout.addWidget(self.help_label, 1)
+        self.follow_button = QPushButton()
+        self.follow_button.setFocusPolicy(Qt.NoFocus)
+        self.follow_button.setToolTip('Follow the robot that asks for help (its timeline and '
+                                      'p_v; labels go to its recorder)')
+        self.follow_button.clicked.connect(self._follow_help)
+        banner_layout.addWidget(self.follow_button)
+        self.help_banner.hide()
+        root.addWidget(self.help_banner)
+
         upper = QHBoxLayout()
         current = QGroupBox('Current episode')
         grid = QGridLayout(current)
@@ -405,12 +653,19 @@ class DashboardWidget(QWidget):
         self.controller_label = QLabel('-')
         self.controller_label.setAlignment(Qt.AlignCenter)
         self.episode_version_label = QLabel('-')
+        self.viability_label = QLabel('-')
+        # A long note (why there is no critic) wraps instead of widening the window.
+        self.viability_label.setWordWrap(True)
+        self.viability_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.viability_label.setToolTip("The critic's estimate p_v = P(success | state) for "
+                                        'the newest action chunk of the running policy')
         self.last_label = QLabel('-')
         self.last_label.setWordWrap(True)
         for row, (name, widget) in enumerate((
                 ('Episode', self.episode_label), ('Elapsed', self.elapsed_label),
                 ('In control', self.controller_label),
                 ('Policy version', self.episode_version_label),
+                ('Viability p_v', self.viability_label),
                 ('Last finished', self.last_label))):
             grid.addWidget(QLabel(name), row, 0, Qt.AlignTop)
             grid.addWidget(widget, row, 1)
@@ -518,6 +773,9 @@ class DashboardWidget(QWidget):
         self.live = LiveState()
         self.learner_status, self.policy_status = {}, {}
         self.pending_label = None
+        # The help requests of every robot stay: they are heard whichever one is followed.
+        # The banner is redrawn, though: its Follow button offers the robots not followed.
+        self.shown_banner = None
         if self.namespace_combo.findText(namespace) < 0:
             self.namespace_combo.addItem(namespace)
         self.namespace_combo.setCurrentIndex(self.namespace_combo.findText(namespace))
@@ -536,6 +794,7 @@ class DashboardWidget(QWidget):
         self.index_path = path
         self.index_edit.setText(str(path))
         self.bag_timelines.clear()
+        self.bag_viability.clear()
         self._reload_index()
 
     def selected_episode(self) -> str:
@@ -599,8 +858,15 @@ class DashboardWidget(QWidget):
 
     def poll(self) -> None:
         """Take what arrived over ROS and update the live parts (every poll_ms)."""
+        raised: list[str] = []
         for update in self.ros.poll():
-            self._apply(update)
+            if self._apply(update) == RAISED:
+                raised.append(update.namespace)
+        # Alert to requests still open after the batch: a latched request that was raised
+        # and cleared before this dashboard started arrives with its clearing, and is old.
+        for namespace in dict.fromkeys(raised):
+            if namespace in self.alerts.open:
+                self._alert(self.alerts.open[namespace])
         if self._index_dirty:
             self._reload_index()
         elif self._timelines_pending:
@@ -611,11 +877,17 @@ class DashboardWidget(QWidget):
         """Reread the index, discover robot namespaces, check the recorder (every refresh_ms)."""
         self._reload_index()
         try:
-            for namespace in self.ros.robot_namespaces():
+            namespaces = self.ros.robot_namespaces()
+            for namespace in namespaces:
                 if self.namespace_combo.findText(namespace) < 0:
                     self.namespace_combo.addItem(namespace)
+            # Every robot found is heard when it asks for help.
+            self.ros.watch_help(namespaces)
         except Exception:  # noqa: BLE001 - the graph query is a convenience only
             pass
+        if (self.alerts.open and self._last_beep is not None
+                and time.monotonic() - self._last_beep >= ALERT_REPEAT_S):
+            self._beep()  # still open: nobody has answered yet
         if self.ros.recorder_ready():
             self.connection_label.setText('<span style="color:#2e9d4b">&#9679;</span> '
                                           'recorder')
@@ -633,9 +905,15 @@ class DashboardWidget(QWidget):
                                   f' ({outcome}) within {LABEL_TIMEOUT_S:g} s; try again',
                                   error=True)
 
-    def _apply(self, update: Any) -> None:
+    def _apply(self, update: Any) -> str:
+        """Take one update; return RAISED or CLEARED when it opens or ends a help request."""
         msg = update.payload
-        if update.kind == 'intervention':
+        if update.kind == 'help':
+            return self._apply_help(update)
+        if update.kind == 'chunk':
+            stamp = stamp_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
+            self.live.on_chunk(stamp or self.ros.now(), float(msg.viability))
+        elif update.kind == 'intervention':
             stamp = stamp_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
             self.live.on_intervention(stamp or self.ros.now(), int(msg.source),
                                       int(msg.segment_id), msg.episode_id, msg.reason,
@@ -657,6 +935,7 @@ class DashboardWidget(QWidget):
         elif update.kind == 'policy_status':
             self.policy_status = parse_status(msg.data)
             self._show_status()
+            self._drawn_revision = -1  # the p_v strip shows its critic and threshold
         elif update.kind == 'label_result':
             if self.pending_label is not None and self.pending_label[0] == msg.episode_id:
                 self.pending_label = None
@@ -666,6 +945,65 @@ class DashboardWidget(QWidget):
             else:
                 self.show_message(f'recorder refused the label: {msg.message}', error=True)
             self._index_dirty = True
+        return ''
+
+    # Help requests -------------------------------------------------------------------------
+
+    def _apply_help(self, update: Any) -> str:
+        msg = update.payload
+        namespace = update.namespace or self.ros.namespace
+        stamp = stamp_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        mark = HelpMark(namespace, stamp or self.ros.now(), bool(msg.active), str(msg.reason),
+                        float(msg.viability), str(msg.policy_version), update.received)
+        change = self.alerts.on_help(mark)
+        if namespace == self.ros.namespace:
+            if mark.active:
+                # Its trace fills in p_v this dashboard did not see (it started late).
+                self.live.on_help_trace(list(msg.trace_stamps), list(msg.trace_viability))
+            self._drawn_revision = -1  # the strip marks the request
+        return change
+
+    def _alert(self, mark: HelpMark) -> None:
+        """Make sure the operator notices a new help request: beep, flash, notify."""
+        self.alerts_given += 1
+        self._beep()
+        # Flashes the window's task bar entry (or bounces the dock icon) until it is looked
+        # at; rqt's main window when the dashboard is a plugin.
+        QApplication.alert(self.window(), 0)
+        banner = self.alerts.banner(self.ros.now(), time.monotonic())
+        line = next((text for text, ns in zip(banner.lines, banner.namespaces, strict=True)
+                     if ns == mark.namespace), '')
+        self.notifier.notify(f'{robot_name(mark.namespace)} asks for help', line)
+
+    def _beep(self) -> None:
+        self._last_beep = time.monotonic()
+        QApplication.beep()
+
+    def _follow_help(self) -> None:
+        banner = self.shown_banner
+        if banner is not None:
+            others = [ns for ns in banner.namespaces if ns != self.ros.namespace]
+            if others:
+                self.set_namespace(others[0])
+
+    def _show_help(self) -> None:
+        banner = self.alerts.banner(self.ros.now(), time.monotonic())
+        if banner == self.shown_banner:
+            return
+        previous, self.shown_banner = self.shown_banner, banner
+        if not banner.level:
+            self.help_banner.hide()
+            return
+        if previous is None or previous.level != banner.level:
+            # Style sheets are costly to apply: only when the level changes.
+            self.help_banner.setStyleSheet(BANNER_STYLES[banner.level])
+        self.help_heading.setVisible(banner.level == RAISED)
+        self.help_label.setText('\n'.join(banner.lines))
+        others = [ns for ns in banner.namespaces if ns != self.ros.namespace]
+        self.follow_button.setVisible(banner.level == RAISED and bool(others))
+        if others:
+            self.follow_button.setText(f'Follow {robot_name(others[0])}')
+        self.help_banner.show()
 
     # Index ---------------------------------------------------------------------------------
 
@@ -803,7 +1141,34 @@ class DashboardWidget(QWidget):
             last += (f' ({format_duration(live.last_finished_duration)}, {live.num_steps} '
                      f'steps, {live.num_interventions} takeovers)')
         self.last_label.setText(last)
+        self._show_viability_label()
+        self._show_help()
         self._show_timelines()
+
+    def _show_viability_label(self) -> None:
+        live = self.live
+        problem = critic_problem(self.policy_status)
+        latest = live.viability.latest()
+        color = '#303030'
+        tip = ''
+        if latest is not None and math.isfinite(latest[1]):
+            text = f'{latest[1]:.2f}'
+            threshold = help_threshold(self.policy_status)
+            if threshold is not None and latest[1] < threshold:
+                # Only the colour says it here: the strip shows the threshold, and a longer
+                # text would wrap in this narrow column.
+                color = HELP_COLOR
+                tip = f'below the help threshold {threshold:g}'
+        elif live.timeline_episode or problem:
+            text = viability_note(live.viability, problem)
+            color = '#707070'
+        else:
+            text = '-'
+        if (text, color) != self._shown_viability:
+            self._shown_viability = (text, color)
+            self.viability_label.setText(text)
+            self.viability_label.setToolTip(tip or text)
+            self.viability_label.setStyleSheet(f'color: {color};')
 
     def _show_timelines(self, force: bool = False) -> None:
         if not force and self._drawn_revision == self.live.revision:
@@ -845,6 +1210,56 @@ class DashboardWidget(QWidget):
                                     highlighted=record.episode_id == selected))
         self._timelines_pending = pending
         self.timeline_view.set_rows(rows)
+        self.timeline_view.set_viability(self._viability_row(rows, selected))
+
+    def _viability_row(self, rows: list[TimelineRow], selected: str) -> ViabilityRow:
+        """Return the p_v strip of the selected episode, else the live one, else the newest."""
+        live_id = self.live.timeline_episode
+        episode_id = selected or live_id or (rows[0].episode_id if rows else '')
+        if not episode_id:
+            problem = critic_problem(self.policy_status)
+            return ViabilityRow('', 'no episode yet',
+                                note=f'no critic: {problem}' if problem else '')
+        origin = next((r.timeline.origin for r in rows
+                       if r.episode_id == episode_id and r.timeline is not None), None)
+        record = next((r for r in self.records if r.episode_id == episode_id), None)
+        finished = record is not None and record.status != RECORDING
+        recording = episode_id == self.live.episode_id
+        # What this dashboard saw while the episode ran, until a finished one is selected:
+        # then its bag, which also has the chunks that arrived before the dashboard did.
+        if episode_id == live_id and (recording or not selected or not finished):
+            series = self.live.viability
+            spans = [s for s in help_spans(self.alerts.events(self.ros.namespace))
+                     if origin is None or s.end is None or s.end >= origin]
+            return ViabilityRow(episode_id, f'{episode_id} ({"live" if recording else "ended"})',
+                                series.points(), tuple(spans), origin,
+                                help_threshold(self.policy_status),
+                                viability_note(series, critic_problem(self.policy_status)))
+        if not finished:
+            return ViabilityRow(episode_id, episode_id,
+                                note='recording elsewhere: its p_v shows once it has ended')
+        trace = self.bag_viability.get(episode_id)
+        if trace is None:
+            trace = self._load_bag_viability(record)
+        if isinstance(trace, str):
+            return ViabilityRow(episode_id, f'{episode_id} (recorded)', note=trace)
+        if origin is None and isinstance(self.bag_timelines.get(episode_id), Timeline):
+            origin = self.bag_timelines[episode_id].origin
+        note = trace.note
+        if not note and trace.source == HELP_REQUEST_TYPE:
+            note = ('p_v only around help requests (from their traces): policy/chunk was '
+                    'not recorded')
+        return ViabilityRow(episode_id, f'{episode_id} (recorded)', trace.points,
+                            tuple(help_spans(trace.help)), origin, None, note)
+
+    def _load_bag_viability(self, record: EpisodeRecord) -> ViabilityTrace | str:
+        try:
+            trace: ViabilityTrace | str = viability_from_bag(record.bag_path,
+                                                             record.episode_id)
+        except Exception as exc:  # noqa: BLE001 - one unreadable bag must not stop the view
+            trace = f'bag not readable: {exc}'
+        self.bag_viability[record.episode_id] = trace
+        return trace
 
     def _load_bag_timeline(self, record: EpisodeRecord) -> Timeline | str:
         try:

@@ -1,4 +1,4 @@
-"""The dashboard's plain model: timelines, live state, per-version stats (no Qt, no rclpy)."""
+"""The dashboard's plain model: timelines, live state, p_v, help alerts, stats (no Qt, rclpy)."""
 
 import json
 
@@ -10,6 +10,16 @@ from habc_episodes.index import EpisodeRecord
 from habc_episodes.stats import version_stats
 from habc_episodes.vocabulary import Controller, RecorderEvent
 from rqt_habc.model import (
+    CLEARED,
+    CLEARED_NOTE_S,
+    critic_problem,
+    decimate,
+    help_spans,
+    help_threshold,
+    HelpAlerts,
+    HelpBanner,
+    HelpMark,
+    HelpSpan,
     label_target,
     learner_summary,
     LiveState,
@@ -18,11 +28,16 @@ from rqt_habc.model import (
     parse_status,
     policy_summary,
     qualified,
+    RAISED,
+    robot_name,
     robot_of_namespace,
     Segment,
     segments_from_ticks,
     timeline_from_bag,
     TimelineBuilder,
+    viability_from_bag,
+    viability_note,
+    ViabilitySeries,
 )
 
 P, H, X = Controller.POLICY, Controller.HUMAN, Controller.HOLD
@@ -245,3 +260,201 @@ def test_robot_label_of_a_namespace_is_the_recorders_default():
     for namespace, label in (('/', 'robot'), ('/robot1', 'robot1'),
                              ('/lab/robot1', 'lab_robot1'), ('/a.b', 'a.b')):
         assert robot_of_namespace(namespace) == label
+
+
+# Viability and help requests --------------------------------------------------------------------
+
+def test_viability_series_orders_dedupes_and_caps():
+    series = ViabilitySeries(max_points=4)
+    assert series.latest() is None and not series.has_estimate()
+    assert series.add(10.0, float('nan'))   # no critic: a gap, not an estimate
+    assert not series.has_estimate()
+    assert series.add(10.2, 0.5) and series.add(10.1, 0.4)  # a trace reaching back
+    # The chunk of an observation a trace carried already: its stamp rounded to ns.
+    assert not series.add(10.2 + 4e-10, 0.9)
+    assert [p for p, _ in series.points()] == [10.0, 10.1, 10.2]
+    assert series.latest() == (10.2, 0.5) and series.has_estimate()
+    revision = series.revision
+    assert series.points() is series.points()  # one copy per revision
+    series.add(10.3, 0.6)
+    series.add(10.4, 0.7)  # five points: the oldest (the NaN) goes
+    assert series.revision == revision + 2
+    assert series.points() == ((10.1, 0.4), (10.2, 0.5), (10.3, 0.6), (10.4, 0.7))
+    series = ViabilitySeries(max_points=1)
+    series.add(1.0, 0.3)
+    series.add(2.0, float('nan'))
+    assert not series.has_estimate()  # the dropped point was the only estimate
+
+
+def test_live_viability_belongs_to_the_recording_episode():
+    live = LiveState()
+    live.on_chunk(99.0, 0.9)  # between episodes: no episode to show it with
+    assert len(live.viability) == 0
+    live.on_event(RecorderEvent.START, 'r-1', 100.0)
+    revision = live.revision
+    live.on_chunk(100.1, 0.8)
+    live.on_chunk(100.2, 0.7)
+    assert live.revision == revision + 2
+    # A help request's trace fills in what the dashboard missed, not before the start.
+    live.on_help_trace([99.5, 100.0, 100.15, 100.2], [0.1, 0.85, 0.75, 0.7])
+    assert live.viability.points() == ((100.0, 0.85), (100.1, 0.8), (100.15, 0.75),
+                                       (100.2, 0.7))
+    live.on_event(RecorderEvent.END, 'r-1', 101.0)
+    live.on_chunk(101.1, 0.2)  # after the end: not this episode's
+    assert len(live.viability) == 4
+    live.on_event(RecorderEvent.START, 'r-2', 110.0)
+    assert len(live.viability) == 0
+
+
+def _mark(ns, stamp, active, reason, p_v=0.2, received=0.0, version='3'):
+    return HelpMark(ns, stamp, active, reason, p_v, version, received)
+
+
+def test_help_alerts_raise_clear_and_say_why():
+    alerts = HelpAlerts()
+    assert alerts.banner(0.0, 0.0) == HelpBanner('')
+    # A clearing of a request raised before this dashboard's history: nothing to clear.
+    assert alerts.on_help(_mark('/robot1', 5.0, False, 'answered')) == ''
+    assert alerts.on_help(_mark('/robot1', 10.0, True, 'low', 0.12, received=1.0)) == RAISED
+    assert alerts.on_help(_mark('/robot1', 10.0, True, 'low', 0.12, received=1.1)) == ''
+    assert alerts.on_help(_mark('/', 12.0, True, 'stalled', 0.41, received=2.0)) == RAISED
+    banner = alerts.banner(now=74.5, received_now=3.0)
+    assert banner.level == RAISED and banner.namespaces == ('/robot1', '/')
+    assert banner.lines == (
+        'robot1 asks for help: p_v low (0.12), waiting 1:04 (policy 3)',
+        'robot (/) asks for help: p_v not rising (0.41), waiting 1:02 (policy 3)')
+    # A raise while one is open continues it: the request started at 10 s.
+    assert alerts.on_help(_mark('/robot1', 11.0, True, 'stalled')) == ''
+    assert alerts.open['/robot1'].stamp == 10.0
+    assert alerts.on_help(_mark('/robot1', 13.0, False, 'answered', received=4.0)) == CLEARED
+    assert alerts.banner(80.0, 4.0).namespaces == ('/',)  # open ones hide the cleared
+    assert alerts.on_help(_mark('/', 14.0, False, 'recovered', 0.52, received=5.0)) == CLEARED
+    banner = alerts.banner(80.0, 4.0 + CLEARED_NOTE_S)
+    assert banner.level == CLEARED
+    assert banner.lines == ('robot1: help request (p_v low) answered: a human took over',
+                            'robot (/): help request (p_v not rising) recovered: p_v back up '
+                            'to 0.52')
+    assert alerts.banner(80.0, 4.0 + CLEARED_NOTE_S + 0.1).lines == banner.lines[1:]
+    assert alerts.banner(80.0, 5.0 + CLEARED_NOTE_S + 0.1) == HelpBanner('')
+    assert [m.stamp for m in alerts.events('/robot1')] == [5.0, 10.0, 11.0, 13.0]
+    assert help_spans(alerts.events('/robot1')) == [HelpSpan(10.0, 13.0, 'low', 'answered',
+                                                             0.12)]
+    assert robot_name('/lab/r1') == 'lab_r1 (/lab/r1)'
+
+
+def test_help_spans_of_raises_and_clearings():
+    marks = [_mark('/', 1.0, False, 'reset'), _mark('/', 2.0, True, 'low', 0.1),
+             _mark('/', 3.0, False, 'recovered'), _mark('/', 5.0, True, 'stalled', 0.4)]
+    assert help_spans(marks) == [HelpSpan(2.0, 3.0, 'low', 'recovered', 0.1),
+                                 HelpSpan(5.0, None, 'stalled', '', 0.4)]
+    assert help_spans([]) == []
+
+
+def test_decimate_keeps_the_shape_and_breaks_at_nan():
+    nan = float('nan')
+    points = [(0.0, 0.5), (0.1, 0.9), (0.2, 0.1), (0.3, 0.4),   # bucket 0 of [0, 4)
+              (1.5, 0.6), (2.0, nan), (2.5, 0.3), (3.0, 0.35), (9.0, 1.0)]
+    assert decimate(points, 0.0, 4.0, 4) == [
+        [(0.0, 0.5), (0.1, 0.9), (0.2, 0.1), (0.3, 0.4), (1.5, 0.6)],
+        [(2.5, 0.3), (3.0, 0.35)]]
+    many = [(k * 0.001, (k % 7) / 7) for k in range(10_000)]
+    lines = decimate(many, 0.0, 10.0, 100)
+    assert len(lines) == 1 and len(lines[0]) <= 400
+    assert min(v for _, v in lines[0]) == 0.0 and max(v for _, v in lines[0]) == 6 / 7
+    assert decimate(points, 5.0, 8.0, 10) == []
+
+
+def test_critic_and_threshold_from_policy_status():
+    assert critic_problem({}) is None
+    assert critic_problem({'critic': 'ok'}) == ''
+    assert critic_problem({'critic': None}) == 'no policy loaded'
+    assert critic_problem({'critic': 'inline weights carry no critic'}) == (
+        'inline weights carry no critic')
+    assert critic_problem({'help': {'critic_problem': 'no critic head'}}) == 'no critic head'
+    assert help_threshold({'help': {'requested': False}}) is None
+    assert help_threshold({'help': {'threshold': 0.3}}) == 0.3
+    assert help_threshold({'help_threshold': 0.25}) == 0.25
+    assert help_threshold({'help_threshold': True}) is None
+    assert help_threshold({'help': {'threshold': 3}}) is None
+    assert dict(policy_summary({'active_version': '3', 'critic': 'ok'}))['critic'] == 'ok'
+    series = ViabilitySeries()
+    assert viability_note(series, None) == 'no p_v yet: no action chunk in this episode'
+    series.add(1.0, float('nan'))
+    assert viability_note(series, 'no critic head') == 'no critic: no critic head'
+    assert viability_note(series, None) == 'no critic (policy/status has not said why yet)'
+    series.add(2.0, 0.4)
+    assert viability_note(series, 'stale reason') == ''
+
+
+def _help_msg(typestore, stamp, active, reason, p_v, trace=()):
+    types = typestore.types
+    head = types['std_msgs/msg/Header'](stamp=types['builtin_interfaces/msg/Time'](
+        sec=int(stamp), nanosec=round((stamp % 1) * 1e9)), frame_id='')
+    return types['habc_msgs/msg/HelpRequest'](
+        header=head, active=active, reason=reason, policy_version='3', viability=p_v,
+        trace_stamps=np.array([t for t, _ in trace], dtype=np.float64),
+        trace_viability=np.array([v for _, v in trace], dtype=np.float32))
+
+
+def _chunk_msg(typestore, stamp, p_v):
+    types = typestore.types
+    head = types['std_msgs/msg/Header'](stamp=types['builtin_interfaces/msg/Time'](
+        sec=int(stamp), nanosec=round((stamp % 1) * 1e9)), frame_id='')
+    return types['habc_msgs/msg/ActionChunk'](
+        header=head, policy_version='3', chunk_id=0, horizon=1, action_dim=1,
+        joint_names=['a'], dt=0.02, actions=np.zeros(1, dtype=np.float32), skipped_steps=0,
+        late=False, inference_s=0.01, turnaround_s=0.01, viability=p_v,
+        efficiency_value=-3.0)
+
+
+def test_viability_of_a_recorded_bag_from_chunks_and_help_requests(tmp_path):
+    typestore = habc_typestore()
+    bag = tmp_path / 'e3'
+    values = [0.8, 0.5, 0.25, 0.2, 0.15, 0.6]
+    with EpisodeBagWriter(bag, typestore) as writer:
+        writer.add_topic('/robot1/policy/chunk', 'habc_msgs/msg/ActionChunk')
+        writer.add_topic('/robot1/help_request', 'habc_msgs/msg/HelpRequest')
+        for k, p_v in enumerate(values):
+            stamp = 100.0 + 0.5 * k
+            writer.write('/robot1/policy/chunk', int(stamp * 1e9) + 1000,
+                         _chunk_msg(typestore, stamp, p_v))
+        writer.write('/robot1/help_request', 101_600_000_000, _help_msg(
+            typestore, 101.5, True, 'low', 0.2, [(101.0, 0.25), (101.5, 0.2)]))
+        writer.write('/robot1/help_request', 102_100_000_000, _help_msg(
+            typestore, 102.0, False, 'answered', 0.15))
+    trace = viability_from_bag(bag, 'e3')
+    assert trace.source == 'habc_msgs/msg/ActionChunk' and trace.note == ''
+    assert [t for t, _ in trace.points] == pytest.approx([100.0 + 0.5 * k for k in range(6)])
+    assert [v for _, v in trace.points] == pytest.approx(values)
+    assert [(m.namespace, m.stamp, m.active, m.reason) for m in trace.help] == [
+        ('/robot1', 101.5, True, 'low'), ('/robot1', 102.0, False, 'answered')]
+    assert help_spans(trace.help) == [HelpSpan(101.5, 102.0, 'low', 'answered',
+                                               pytest.approx(0.2))]
+
+
+def test_viability_of_a_bag_without_chunks_or_critic(tmp_path):
+    typestore = habc_typestore()
+    only_help = tmp_path / 'e4'
+    with EpisodeBagWriter(only_help, typestore) as writer:
+        writer.add_topic('/help_request', 'habc_msgs/msg/HelpRequest')
+        writer.write('/help_request', 5, _help_msg(typestore, 50.0, True, 'stalled', 0.4,
+                                                   [(48.0, 0.41), (49.0, 0.4), (50.0, 0.4)]))
+    trace = viability_from_bag(only_help)
+    # The traces are all there is: policy/chunk was not recorded.
+    assert trace.source == 'habc_msgs/msg/HelpRequest' and trace.episode_id == 'e4'
+    assert [t for t, _ in trace.points] == [48.0, 49.0, 50.0]
+    assert trace.help[0].namespace == '/'
+    no_critic = tmp_path / 'e5'
+    with EpisodeBagWriter(no_critic, typestore) as writer:
+        writer.add_topic('/policy/chunk', 'habc_msgs/msg/ActionChunk')
+        writer.write('/policy/chunk', 5, _chunk_msg(typestore, 0.0, float('nan')))
+    trace = viability_from_bag(no_critic)
+    assert trace.note == 'no critic: the recorded chunks carry no p_v'
+    assert trace.points[0][0] == pytest.approx(5e-9)  # zero stamp: the receive time
+    nothing = tmp_path / 'e6'
+    with EpisodeBagWriter(nothing, typestore) as writer:
+        writer.add_topic('/intervention', 'habc_msgs/msg/InterventionState')
+    assert viability_from_bag(nothing).note == (
+        'no p_v in the bag: policy/chunk was not recorded and no help request was raised')
+    with pytest.raises(FileNotFoundError):
+        viability_from_bag(tmp_path / 'missing')

@@ -3,7 +3,9 @@
 One short episode (policy -> human -> policy) goes through EpisodeControl START/END; the
 dashboard shows it live, its Success button labels it through the recorder's real service
 (the label lands in the SQLite index), its F key relabels it, and the timeline of the
-recorded bag has the three segments.
+recorded bag has the three segments. The policy's chunks carry a falling p_v and a help
+request is raised before the takeover and answered by it: the recorder keeps both in the
+bag, and the dashboard shows the episode's p_v trace with the request marked.
 """
 
 import os
@@ -15,18 +17,21 @@ import pytest
 from rclpy.duration import Duration
 from ros_helpers import Child, ROOT
 
-from habc_common.qos import COMMANDS
+from habc_common.qos import COMMANDS, LATCHED_EVENTS
 from habc_episodes.index import EpisodeIndex
 from habc_episodes.vocabulary import Controller
-from habc_msgs.msg import ExecutedAction, InterventionState
+from habc_msgs.msg import ActionChunk, ExecutedAction, HelpRequest, InterventionState
 from habc_msgs.srv import EpisodeControl
-from rqt_habc.model import timeline_from_bag
+from rqt_habc.model import help_spans, HelpSpan, timeline_from_bag, viability_from_bag
 
 RECORDER = ROOT / 'install' / 'habc_policy' / 'lib' / 'habc_policy' / 'episode_recorder_node'
 P, H = Controller.POLICY, Controller.HUMAN
 # 5 ticks each of policy, human, policy at 50 Hz: segment boundaries at +0.1 s and +0.2 s.
 SCRIPT = [(P, 0)] * 5 + [(H, 1)] * 5 + [(P, 2)] * 5
 DT = 0.02
+# p_v of the chunk planned at each tick; help is asked at tick 3 and answered at tick 5.
+P_V = [0.9 - 0.05 * k for k in range(len(SCRIPT))]
+RAISE_AT, ANSWER_AT = 3, 5
 
 
 @pytest.mark.ros
@@ -58,6 +63,8 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, ros, tmp_path):
         intervention = node.create_publisher(InterventionState, f'/{ns}/intervention',
                                              COMMANDS)
         executed = node.create_publisher(ExecutedAction, f'/{ns}/executed_action', COMMANDS)
+        chunks = node.create_publisher(ActionChunk, f'/{ns}/policy/chunk', COMMANDS)
+        helps = node.create_publisher(HelpRequest, f'/{ns}/help_request', LATCHED_EVENTS)
         control = node.create_client(EpisodeControl, f'/{ns}/recorder/episode_control')
 
         dashboard = DashboardRos(namespace=ns, context=ros.context)
@@ -67,9 +74,12 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, ros, tmp_path):
         widget.show()
         widget.activateWindow()
         assert QTest.qWaitForWindowActive(widget, 2000)
-        # Recorder and dashboard both listen to `intervention`; the recorder to the rest.
+        # Recorder and dashboard both listen to `intervention`, `policy/chunk` and
+        # `help_request`; the recorder to the rest.
         pump(lambda: (dashboard.recorder_ready() and control.service_is_ready()
                       and intervention.get_subscription_count() >= 2
+                      and chunks.get_subscription_count() >= 2
+                      and helps.get_subscription_count() >= 2
                       and executed.get_subscription_count() >= 1),
              'the recorder and the dashboard matched')
 
@@ -93,6 +103,16 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, ros, tmp_path):
                                     policy_version='7', joint_names=['a'], positions=[0.1 * k])
             action.header.stamp = stamp
             executed.publish(action)
+            chunk = ActionChunk(policy_version='7', chunk_id=k, viability=P_V[k],
+                                efficiency_value=-float(len(SCRIPT) - k))
+            chunk.header.stamp = stamp
+            chunks.publish(chunk)
+            if k in (RAISE_AT, ANSWER_AT):
+                help_msg = HelpRequest(active=k == RAISE_AT,
+                                       reason='low' if k == RAISE_AT else 'answered',
+                                       policy_version='7', viability=P_V[k])
+                help_msg.header.stamp = stamp
+                helps.publish(help_msg)
             if k == 7:  # mid-takeover: the dashboard says the human drives
                 pump(lambda: widget.controller_label.text() == 'HUMAN (pedal)',
                      'HUMAN (pedal) on the dashboard')
@@ -107,7 +127,7 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, ros, tmp_path):
         # step count to wait on, and a CI run once saw it handle END before 10 queued ticks
         # (after a fixed 0.5 s). Acknowledged means in its reader's queue; its executor
         # takes queued messages before a service request that comes after them.
-        for publisher in (intervention, executed):
+        for publisher in (intervention, executed, chunks, helps):
             ros.wait_for(lambda p=publisher: p.wait_for_all_acked(Duration(seconds=1)),
                          f'acknowledgement of every tick on {publisher.topic_name}')
 
@@ -148,6 +168,22 @@ def test_dashboard_labels_a_real_recorded_episode(qapp, ros, tmp_path):
         assert timeline.duration == pytest.approx(15 * DT, abs=1e-6)
         shown = {r.episode_id: r for r in widget.timeline_view.rows}[episode_id]
         assert shown.timeline.segments == timeline.segments and shown.outcome == 'failure'
+
+        # The bag's p_v: one point per chunk at its tick, the request from tick 3 to 5.
+        trace = viability_from_bag(row.bag_path, episode_id)
+        assert trace.source == 'habc_msgs/msg/ActionChunk' and trace.note == ''
+        assert [t - timeline.origin for t, _ in trace.points] == pytest.approx(
+            [k * DT for k in range(len(SCRIPT))], abs=1e-6)
+        assert [v for _, v in trace.points] == pytest.approx(P_V, abs=1e-6)
+        spans = help_spans(trace.help)
+        assert spans == [HelpSpan(pytest.approx(t0 + RAISE_AT * DT, abs=1e-6),
+                                  pytest.approx(t0 + ANSWER_AT * DT, abs=1e-6), 'low',
+                                  'answered', pytest.approx(P_V[RAISE_AT], abs=1e-6))]
+        # The selected finished episode shows its recorded p_v, on its timeline's axis.
+        strip = widget.timeline_view.viability
+        assert (strip.episode_id, strip.caption) == (episode_id, f'{episode_id} (recorded)')
+        assert strip.points == trace.points and list(strip.spans) == spans
+        assert strip.origin == timeline.origin
         assert not widget.grab().isNull()
     finally:
         if widget is not None:

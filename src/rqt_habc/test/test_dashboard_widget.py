@@ -47,11 +47,18 @@ class FakeRos:
     def robot_namespaces(self):
         return ['/', '/robot2']
 
+    def watch_help(self, namespaces):
+        return []
+
     def now(self):
         return time.time()
 
-    def push(self, kind, **fields):
-        self.queue.append(Update(kind, SimpleNamespace(**fields), time.monotonic()))
+    def push(self, kind, namespace='', **fields):
+        self.queue.append(Update(kind, SimpleNamespace(**fields), time.monotonic(), namespace))
+
+    def push_help(self, namespace, t, active, reason, p_v=0.2):
+        self.push('help', namespace, header=stamp(t), active=active, reason=reason,
+                  policy_version='5', viability=p_v, trace_stamps=[], trace_viability=[])
 
 
 def stamp(t):
@@ -199,6 +206,41 @@ def test_namespace_selector_and_unreachable_recorder(qapp, tmp_path):
         assert not widget.label('success')
         assert widget.last_message.startswith('robot1-x not labelled: no episode recorder')
         assert widget.grab().width() == 1000
+    finally:
+        widget.shutdown()
+        widget.close()
+
+
+def test_help_banner_follows_the_robot_that_asks(qapp, tmp_path):
+    from python_qt_binding.QtCore import Qt
+    from python_qt_binding.QtTest import QTest
+
+    ros = FakeRos('robot1')
+    widget = make_widget(qapp, ros, tmp_path / 'none.sqlite')
+    try:
+        # Latched history of robot2 at start-up: raised and answered long ago, no alert.
+        ros.push_help('/robot2', 10.0, True, 'low')
+        ros.push_help('/robot2', 12.0, False, 'answered')
+        settle(qapp, widget, 1)
+        assert widget.alerts_given == 0 and widget.shown_banner.level == 'cleared'
+        assert widget.help_heading.isHidden() and widget.follow_button.isHidden()
+        now = time.time()
+        ros.push_help('/robot2', now, True, 'stalled', 0.35)
+        settle(qapp, widget, 1)
+        assert widget.alerts_given == 1
+        assert widget.help_label.text().startswith(
+            'robot2 asks for help: p_v not rising (0.35), waiting ')
+        assert not widget.follow_button.isHidden()
+        assert widget.follow_button.text() == 'Follow robot2'
+        QTest.mouseClick(widget.follow_button, Qt.LeftButton)
+        settle(qapp, widget, 1)
+        # Followed now: the banner stays (the request is open), the button has nothing to do.
+        assert ros.namespace == '/robot2' and widget.namespace_combo.currentText() == '/robot2'
+        assert not widget.help_banner.isHidden() and widget.follow_button.isHidden()
+        ros.push_help('/robot2', now + 1.0, False, 'recovered', 0.5)
+        settle(qapp, widget, 1)
+        assert widget.help_label.text() == ('robot2: help request (p_v not rising) recovered: '
+                                            'p_v back up to 0.50')
     finally:
         widget.shutdown()
         widget.close()
