@@ -2,7 +2,8 @@
 
 Imported by tests, not a fixture file. One tick k of an episode is: an Observation stamped
 start + k * 20 ms (joint state 0.01 k, one 8x8 view of value k), then the InterventionState
-and the ExecutedAction 1 us later (source of the tick, positions 0.01 k + 0.01).
+and the ExecutedAction 1 us later (source of the tick, positions 0.01 k + 0.01). Help requests
+(habc_msgs/HelpRequest on help_request), when given, go in at their stamps.
 """
 
 from collections.abc import Sequence
@@ -63,27 +64,44 @@ def intervention(stamp_ns: int, source: int, reason: str):
         episode_id='recorded', reason=reason)
 
 
+def help_request(stamp_ns: int, active: bool, reason: str, viability: float,
+                 policy_version: str = '1'):
+    return typestore().types['habc_msgs/msg/HelpRequest'](
+        header=_header(stamp_ns), active=active, reason=reason, policy_version=policy_version,
+        viability=viability, trace_stamps=np.zeros(0), trace_viability=np.zeros(0, np.float32))
+
+
 def write_episode(path: Path, sources: Sequence[int], reasons: Sequence[str] | None = None,
                   *, start_ns: int = 100 * SEC, namespace: str = '',
-                  early_action: bool = False) -> Path:
+                  early_action: bool = False,
+                  help_requests: Sequence[tuple[int, bool, str, float]] = ()) -> Path:
     """Write an episode bag with one tick per source; return its path.
 
     `early_action` adds an executed action 5 ms before the first observation, which the
-    learner skips (nothing a policy could have seen).
+    learner skips (nothing a policy could have seen). `help_requests`: (stamp ns, active,
+    reason, p_v) of HelpRequest messages, written after the ticks at their stamps.
     """
     reasons = list(reasons) if reasons is not None else [''] * len(sources)
     with EpisodeBagWriter(path, typestore(),
                           custom_data={'habc_instruction': 'transfer the cube'}) as writer:
         for name, msgtype in TOPICS.items():
             writer.add_topic(f'{namespace}/{name}', msgtype)
+        if help_requests:
+            writer.add_topic(f'{namespace}/help_request', 'habc_msgs/msg/HelpRequest')
+        messages = []
         if early_action:
             stamp = start_ns - 5_000_000
-            writer.write(f'{namespace}/executed_action', stamp, executed_action(stamp, 0, -1))
+            messages.append(('executed_action', stamp, executed_action(stamp, 0, -1)))
         for k, (source, reason) in enumerate(zip(sources, reasons, strict=True)):
             stamp = start_ns + k * TICK_NS
-            writer.write(f'{namespace}/observation', stamp, observation(stamp, k))
-            writer.write(f'{namespace}/intervention', stamp + 1000,
-                         intervention(stamp + 1000, source, reason))
-            writer.write(f'{namespace}/executed_action', stamp + 1000,
-                         executed_action(stamp + 1000, source, k))
+            messages.append(('observation', stamp, observation(stamp, k)))
+            messages.append(('intervention', stamp + 1000,
+                             intervention(stamp + 1000, source, reason)))
+            messages.append(('executed_action', stamp + 1000,
+                             executed_action(stamp + 1000, source, k)))
+        messages += [('help_request', stamp, help_request(stamp, active, reason, viability))
+                     for stamp, active, reason, viability in help_requests]
+        # In time order, as a recorder writes them (a stable sort: a tick's order stays).
+        for name, stamp, message in sorted(messages, key=lambda item: item[1]):
+            writer.write(f'{namespace}/{name}', stamp, message)
     return path

@@ -3,9 +3,13 @@
 The index is the SQLite file the episode recorder writes (<storage_dir>/episodes.sqlite,
 default ~/.habc/episodes/episodes.sqlite); each row names one episode bag.
 
-    list     a table of episodes, newest first, with filters
-    show     one episode: its row, its intervention segments read from the bag, and how the
-             credit assignment treats each segment (the learner's rules and defaults)
+    list     a table of episodes, newest first, with filters; REQ / SPONT: takeovers the
+             robot asked for (a help request was open, or the takeover answered it) and
+             spontaneous ones, HELP: the robot's help requests ('-': recorded before the
+             index kept them)
+    show     one episode: its row, its help requests (when raised, how cleared, answered by
+             whom), its intervention segments read from the bag, and how the credit
+             assignment treats each segment (the learner's rules and defaults)
     label    set or change an outcome in the index; the learner picks the change up at its
              next poll (no EpisodeEvent is published: for live dashboards label through the
              recorder's recorder/label_episode service instead)
@@ -26,6 +30,7 @@ import sys
 import time
 from typing import Any
 
+from habc_episodes.help_requests import ANSWERED, RECOVERED, UNANSWERED
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
 from habc_episodes.vocabulary import Controller, EpisodeStatus, LABEL_OUTCOMES, Outcome
 
@@ -83,7 +88,12 @@ def _time(seconds: float | None) -> str:
 
 # list ----------------------------------------------------------------------------------------
 
-LIST_COLUMNS = ('ID', 'OUTCOME', 'STATUS', 'STEPS', 'INTERV', 'POLICY', 'STARTED', 'DURATION')
+LIST_COLUMNS = ('ID', 'OUTCOME', 'STATUS', 'STEPS', 'INTERV', 'REQ', 'SPONT', 'HELP',
+                'POLICY', 'STARTED', 'DURATION')
+
+
+def _count(value: int | None) -> str:
+    return '-' if value is None else str(value)
 
 
 def list_rows(records: list[EpisodeRecord]) -> list[tuple[str, ...]]:
@@ -92,9 +102,34 @@ def list_rows(records: list[EpisodeRecord]) -> list[tuple[str, ...]]:
     for r in records:
         duration = f'{r.ended_at - r.started_at:.1f} s' if r.ended_at is not None else '-'
         rows.append((r.episode_id, r.outcome, r.status, str(r.num_steps),
-                     str(r.num_interventions), r.policy_version or '-', _time(r.started_at),
-                     duration))
+                     str(r.num_interventions), _count(r.num_requested_takeovers),
+                     _count(r.num_spontaneous_takeovers), _count(r.num_help_requests),
+                     r.policy_version or '-', _time(r.started_at), duration))
     return rows
+
+
+def help_lines(record: EpisodeRecord) -> list[str]:
+    """Return what `habc episodes show` says of an episode's help requests and takeovers."""
+    if not record.help_known:
+        what = ('not known yet (recording)' if record.status == EpisodeStatus.RECORDING.label
+                else 'not known (recorded before the index kept help requests)')
+        return [f'help         {what}']
+    lines = [f'takeovers    {record.num_requested_takeovers} requested, '
+             f'{record.num_spontaneous_takeovers} spontaneous',
+             f'help         {record.num_help_requests} request(s): '
+             + ', '.join(f'{record.help_count(o)} {o}'
+                         for o in (ANSWERED, RECOVERED, UNANSWERED))]
+    if record.help_requests:
+        def seconds(value: float | None) -> str:
+            return '-' if value is None else f'{value:.2f}'
+        rows = [(seconds(h.raised_at), h.reason or '-',
+                 '-' if h.p_v is None else f'{h.p_v:.2f}', seconds(h.cleared_at),
+                 h.cleared_reason or 'open', h.answered_by or '-', h.policy_version or '-')
+                for h in record.help_requests]
+        lines += ['', 'help requests (s from the first step):']
+        lines += format_table(('RAISED', 'REASON', 'P_V', 'CLEARED', 'HOW', 'BY', 'POLICY'),
+                              rows, right=(0, 2, 3)).splitlines()
+    return lines
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]],
@@ -292,6 +327,7 @@ def cmd_show(index: EpisodeIndex, args: argparse.Namespace) -> int:
     print(f'robot        {r.robot or "-"}')
     print(f'time         {_time(r.started_at)} - {_time(r.ended_at)}{duration}')
     print(f'bag          {bag}')
+    print('\n'.join(help_lines(r)))
     if problem:
         print(f'habc episodes: cannot read the segments: {problem}', file=sys.stderr)
         return 1

@@ -45,19 +45,58 @@ def storage(tmp_path):
 def test_list_prints_a_table_newest_first_with_filters(storage, capsys):
     assert habc_episodes('list', '--storage-dir', str(storage)) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ['ID', 'OUTCOME', 'STATUS', 'STEPS', 'INTERV', 'POLICY',
-                                'STARTED', 'DURATION']
+    assert lines[0].split() == ['ID', 'OUTCOME', 'STATUS', 'STEPS', 'INTERV', 'REQ', 'SPONT',
+                                'HELP', 'POLICY', 'STARTED', 'DURATION']
     started = datetime.fromtimestamp(1000.0).strftime('%Y-%m-%d %H:%M:%S')
     assert [line.split()[0] for line in lines[1:]] == ['ep-d', 'ep-c', 'ep-b', 'ep-a']
-    assert lines[4].split() == ['ep-a', 'success', 'complete', '13', '1', 'v1',
+    # Finished without help request counts (as before the index kept them): '-'.
+    assert lines[4].split() == ['ep-a', 'success', 'complete', '13', '1', '-', '-', '-', 'v1',
                                 *started.split(), '12.5', 's']
-    assert lines[1].split()[:6] == ['ep-d', 'unlabelled', 'recording', '0', '0', '-']
+    assert lines[1].split()[:9] == ['ep-d', 'unlabelled', 'recording', '0', '0', '-', '-',
+                                    '-', '-']
 
     assert habc_episodes('list', '--index', str(storage / 'episodes.sqlite'),
                          '--outcome', 'unlabelled', '--status', 'complete') == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ['ep-b']
     assert habc_episodes('list', '--storage-dir', str(storage), '--limit', '1', '--json') == 0
     assert [row['episode_id'] for row in json.loads(capsys.readouterr().out)] == ['ep-d']
+
+
+def test_list_and_show_tell_requested_from_spontaneous_takeovers(tmp_path, capsys):
+    from habc_episodes.episode_bags import episode_from_bag
+
+    # The robot asked for help at 20 ms, the pedal answered it at 60 ms (step 3); later the
+    # leader arm was pulled away without a request (step 7); a second request recovered.
+    start_ns, tick = 100 * 10**9, 20_000_000
+    sources = [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0]
+    reasons = ['start'] * 3 + ['engage'] * 2 + ['handback'] * 2 + ['deviation'] * 2 + [
+        'handback'] * 3
+    root = tmp_path / 'episodes'
+    bag = write_episode(root / 'bags' / 'ep-h', sources, reasons, start_ns=start_ns,
+                        help_requests=[(start_ns + tick, True, 'low', 0.125),
+                                       (start_ns + 3 * tick + 1000, False, 'answered', 0.125),
+                                       (start_ns + 10 * tick, True, 'stalled', 0.5),
+                                       (start_ns + 11 * tick, False, 'recovered', 0.5)])
+    summary = episode_from_bag(bag, 'failure', with_images=False).help
+    with EpisodeIndex(root / 'episodes.sqlite') as index:
+        index.create('ep-h', bag, 'transfer the cube', '1', started_at=1000.0)
+        index.finish('ep-h', 12, 2, ended_at=1001.0, help_summary=summary)
+    assert habc_episodes('list', '--storage-dir', str(root)) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:9] == ['ep-h', 'unlabelled', 'complete', '12', '2', '1', '1', '2', '1']
+
+    assert habc_episodes('show', 'ep-h', '--storage-dir', str(root)) == 0
+    out = capsys.readouterr().out
+    assert 'takeovers    1 requested, 1 spontaneous' in out
+    assert 'help         2 request(s): 1 answered, 1 recovered, 0 unanswered' in out
+    table = out[out.index('RAISED'):].splitlines()
+    assert [line.split() for line in table[1:3]] == [
+        ['0.02', 'low', '0.12', '0.06', 'answered', 'engage', '1'],
+        ['0.20', 'stalled', '0.50', '0.22', 'recovered', '-', '1']]
+    assert habc_episodes('show', 'ep-h', '--storage-dir', str(root), '--json') == 0
+    shown = json.loads(capsys.readouterr().out)['record']
+    assert shown['num_requested_takeovers'] == 1
+    assert shown['help_requests'][0]['answered_by'] == 'engage'
 
 
 def test_a_missing_index_is_not_created(tmp_path, capsys):

@@ -213,8 +213,7 @@ def read_index(path: str | Path) -> list[EpisodeRecord]:
         ValueError: not an episode index, or it cannot be read.
     """
     path = Path(path).resolve()
-    columns = ', '.join(f.name for f in fields(EpisodeRecord))
-    rows = None
+    rows = names = None
     # With a live writer (a -wal file beside it) mode=ro is needed to see its newest commits.
     # Without one, immutable=1 reads the file alone: mode=ro would leave empty -wal and -shm
     # files next to an index that nobody is writing.
@@ -223,7 +222,11 @@ def read_index(path: str | Path) -> list[EpisodeRecord]:
         try:
             db = sqlite3.connect(f'{path.as_uri()}?{options}', uri=True)
             try:
-                rows = db.execute(f'SELECT {columns} FROM episodes').fetchall()
+                # The columns this file has: an index of an older schema (its recorder not
+                # restarted since an upgrade of habc) lacks the newest, which then default.
+                present = {row[1] for row in db.execute('PRAGMA table_info(episodes)')}
+                names = [f.name for f in fields(EpisodeRecord) if f.name in present]
+                rows = db.execute(f'SELECT {", ".join(names) or "*"} FROM episodes').fetchall()
             finally:
                 db.close()
             break
@@ -234,7 +237,7 @@ def read_index(path: str | Path) -> list[EpisodeRecord]:
     if rows is None:
         raise ValueError(f'episode index {path} cannot be read: {error}')
     try:
-        return [EpisodeRecord(*row) for row in rows]
+        return [EpisodeRecord.from_row(dict(zip(names, row, strict=True))) for row in rows]
     except (TypeError, ValueError) as exc:
         raise ValueError(f'episode index {path}: a row cannot be read ({exc})') from None
 

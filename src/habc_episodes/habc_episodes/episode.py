@@ -14,6 +14,13 @@ import re
 
 import numpy as np
 
+from habc_episodes.help_requests import (
+    HelpRequestRecord,
+    HelpSummary,
+    mark_requested,
+    Takeover,
+    takeover_steps,
+)
 from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
 # Episode ids: <robot>-<UTC time>-<serial>, the robot label taken from the recorder's robot
@@ -49,6 +56,10 @@ class Episode:
         camera_shapes: (H, W) of each view's images as the cameras recorded them, before
             any resize for training (empty when not known); a policy trained on them
             records them (robot_fit).
+        help_requests: the robot's help requests (habc_episodes.help_requests; times in s
+            from the first step); empty when none were recorded (old or foreign bags).
+        takeovers: each takeover, requested or spontaneous; left empty, they are found in
+            `controllers` (who engaged them unknown) and marked against `help_requests`.
     """
 
     observations: dict[str, np.ndarray]
@@ -61,6 +72,8 @@ class Episode:
     timestamps: np.ndarray | None = None
     episode_id: str = ''
     camera_shapes: tuple[tuple[int, int], ...] = ()
+    help_requests: tuple[HelpRequestRecord, ...] = ()
+    takeovers: tuple[Takeover, ...] = ()
 
     def __post_init__(self) -> None:
         self.actions = np.asarray(self.actions, dtype=np.float32)
@@ -85,6 +98,13 @@ class Episode:
             self.timestamps = np.arange(n, dtype=np.float64)
         if not self.policy_versions:
             self.policy_versions = [''] * n
+        self.help_requests = tuple(self.help_requests)
+        self.takeovers = tuple(self.takeovers)
+        if not self.takeovers:
+            start = float(self.timestamps[0])
+            self.takeovers = mark_requested(self.help_requests, [
+                (float(self.timestamps[t]) - start, '', int(t))
+                for t in takeover_steps(self.controllers)])
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -98,6 +118,15 @@ class Episode:
         """Number of takeovers: switches into HUMAN control."""
         human = self.controllers == Controller.HUMAN
         return int(human[0]) + int(np.sum(human[1:] & ~human[:-1]))
+
+    @property
+    def help(self) -> HelpSummary:
+        """The help requests and the takeovers, requested or spontaneous.
+
+        Takeovers follow the recorder's rule (a HOLD inside a human run is not a new one),
+        so their count can be below num_interventions, which counts every entry into HUMAN.
+        """
+        return HelpSummary(self.help_requests, self.takeovers)
 
 
 def segment_ids(controllers: Sequence[int]) -> np.ndarray:

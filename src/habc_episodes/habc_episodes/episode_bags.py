@@ -55,6 +55,13 @@ from rosbags.rosbag2 import Reader
 
 from habc_episodes.bag_format import read_messages
 from habc_episodes.episode import Episode
+from habc_episodes.help_requests import (
+    HELP_REQUEST_TYPE,
+    HelpMessage,
+    HelpSummary,
+    summarize_help,
+    takeover_steps,
+)
 from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
 OBSERVATION_TYPE = 'habc_msgs/msg/Observation'
@@ -68,6 +75,11 @@ COMMAND_TYPES = (FLOAT_ARRAY_TYPE, JOINT_STATE_TYPE, TRAJECTORY_TYPE)
 BOOL_TYPE = 'std_msgs/msg/Bool'
 FLAG_TYPES = (BOOL_TYPE, INTERVENTION_STATE_TYPE)
 STRING_TYPE = 'std_msgs/msg/String'
+# Read beside the executed actions of a habc bag, in their namespace, when recorded: the
+# robot's help requests and (only then) the arbiter's intervention states, which say who
+# engaged each takeover (habc_episodes.help_requests).
+HELP_REQUEST_TOPIC = 'help_request'
+INTERVENTION_TOPIC = 'intervention'
 BAG_FILE_SUFFIXES = ('.mcap', '.db3')
 # empty_frames() maps image arrays of at least this many bytes (see there).
 _MAPPED_FRAMES_BYTES = 1 << 20
@@ -233,7 +245,8 @@ def episode_from_bag(bag_path: str | Path, outcome: str | Outcome, *,
     Returns:
         Episode with observations {'state': (T, S) float32 joint positions, 'images':
         (T, V, H, W, 3) uint8}, actions (T, D), controllers, policy versions and header
-        timestamps (s) per step.
+        timestamps (s) per step; for a habc bag that recorded help requests, the requests
+        and its takeovers, requested or spontaneous (Episode.help).
 
     Raises:
         FileNotFoundError: no bag at `bag_path`.
@@ -261,6 +274,7 @@ def _episode_from_habc_topics(path: Path, source: Path, reader: Reader,
                               allocate: Callable[[tuple[int, ...]], np.ndarray] | None
                               ) -> Episode:
     (observation_topic, action_topic), counts = _resolve_topics(path, topics, source, reader)
+    help_topic, state_topic = _help_topics(reader, action_topic)
     where = f'bag {path}'
     # Observations are reduced to what training keeps as they stream in (state, resized
     # images written into `frames`): holding every full message until the end would take the
@@ -268,14 +282,20 @@ def _episode_from_habc_topics(path: Path, source: Path, reader: Reader,
     frames = _FrameStore(counts[observation_topic], image_size, allocate)
     observations: list[_Observation] = []
     actions: list[tuple[int, object]] = []
-    for topic, _, message in _read_messages(path, source, reader,
-                                             [observation_topic, action_topic]):
+    help_messages: list[HelpMessage] = []
+    states: list[tuple[int, int, str]] = []  # (stamp, source, reason) of InterventionState
+    wanted = [t for t in (observation_topic, action_topic, help_topic, state_topic) if t]
+    for topic, log_time, message in _read_messages(path, source, reader, wanted):
         stamp = _stamp_ns(message.header.stamp)
         if topic == observation_topic:
             observations.append(_Observation.of(message, stamp, cameras, frames,
                                                 with_images, where))
-        else:
+        elif topic == action_topic:
             actions.append((stamp, message))
+        elif topic == help_topic:
+            help_messages.append(HelpMessage.of(message, log_time))
+        else:
+            states.append((stamp, int(message.source), str(message.reason)))
     # Python's sort is stable: equal stamps keep the order of the bag.
     observations.sort(key=lambda item: item.stamp)
     actions.sort(key=lambda item: item[0])
@@ -335,13 +355,57 @@ def _episode_from_habc_topics(path: Path, source: Path, reader: Reader,
     observations_out = {'state': state}
     if images is not None:
         observations_out['images'] = images
+    help_summary = _episode_help(help_messages, states, controllers, stamps)
     return Episode(observations=observations_out, actions=action_array,
                    controllers=controllers, outcome=Outcome.parse(outcome),
                    instruction=instruction, kind=kind,
                    policy_versions=[str(a.policy_version) for a in kept],
                    timestamps=np.array(stamps, dtype=np.float64) * 1e-9,
                    episode_id=episode_id,
-                   camera_shapes=used[0].camera_shapes if images is not None else ())
+                   camera_shapes=used[0].camera_shapes if images is not None else (),
+                   help_requests=help_summary.requests, takeovers=help_summary.takeovers)
+
+
+def _help_topics(reader: Reader, action_topic: str) -> tuple[str, str]:
+    """Return the help_request and intervention topics beside `action_topic` ('' if none).
+
+    Only the executed actions' own namespace counts: a bag of several robots holds one
+    help_request per robot. The intervention states (a message per tick) are read only
+    when help requests were recorded: they name who answered them, and a bag without any
+    has nothing to pair (its takeovers are all spontaneous).
+    """
+    available = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+    namespace = action_topic[:action_topic.rfind('/') + 1]
+
+    def sibling(name: str, msgtype: str) -> str:
+        topic = namespace + name
+        found = available.get(topic)
+        return topic if found is not None and found[0] == msgtype and found[1] > 0 else ''
+
+    help_topic = sibling(HELP_REQUEST_TOPIC, HELP_REQUEST_TYPE)
+    state_topic = sibling(INTERVENTION_TOPIC, INTERVENTION_STATE_TYPE) if help_topic else ''
+    return help_topic, state_topic
+
+
+def _episode_help(messages: list[HelpMessage], states: list[tuple[int, int, str]],
+                  controllers: Sequence[int], stamps: Sequence[int]) -> HelpSummary:
+    """Return the help requests and takeovers of an episode's steps (stamps in ns).
+
+    Without help messages the result is empty and the Episode finds its takeovers itself.
+    Who engaged a takeover is the reason of the newest intervention state at or before its
+    first step, when that state reports a human (as `habc episodes show` reads segments).
+    """
+    if not messages:
+        return HelpSummary()
+    states.sort(key=lambda item: item[0])
+    state_stamps = [stamp for stamp, _, _ in states]
+    moments = []
+    for step in takeover_steps(np.asarray(controllers, dtype=np.int8)):
+        stamp = stamps[int(step)]
+        k = bisect_right(state_stamps, stamp) - 1
+        by = states[k][2] if k >= 0 and states[k][1] == Controller.HUMAN else ''
+        moments.append((stamp * 1e-9, by, int(step)))
+    return summarize_help(messages, moments, stamps[0] * 1e-9)
 
 
 def bag_source(bag_path: str | Path) -> Path:

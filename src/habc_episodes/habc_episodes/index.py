@@ -6,6 +6,11 @@ database runs in WAL mode: readers never block the writer and vice versa. WAL ne
 processes to share one host's memory; it does not work on network file systems (NFS, SMB),
 so keep the index on a local disk and share the bags, not the index file.
 
+Since schema version 3 a row also keeps the robot's help requests (habc_episodes.help_requests):
+how many, how many takeovers were requested (a request was open, or the takeover answered
+it) and how many spontaneous, and each request's record (when raised, when cleared and why,
+by whom answered) as JSON. Rows finished before that have NULL counts: not known.
+
 Every write of a label takes the next value of a counter that only ever grows (`label_seq`).
 A learner remembers the largest sequence it consumed and asks `labelled_since(that)`: a
 relabelled episode comes back with a new, larger sequence, so it is seen again exactly once
@@ -14,13 +19,16 @@ per change and never counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+import json
 from pathlib import Path
 import sqlite3
 import threading
+from typing import Any
 
+from habc_episodes.help_requests import HelpRequestRecord, HelpSummary
 from habc_episodes.vocabulary import EpisodeStatus, LABEL_OUTCOMES, Outcome
 
 # The index stores outcomes and statuses as their text labels (vocabulary.py).
@@ -36,7 +44,7 @@ def _sql_list(labels: tuple[str, ...]) -> str:
 
 
 # Bump when the table layout changes and add a step to _MIGRATIONS (from version N to N+1).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _EPISODES_TABLE = f"""
 CREATE TABLE {{name}} (
@@ -58,33 +66,49 @@ CREATE TABLE {{name}} (
     labelled_at REAL,
     label_seq INTEGER UNIQUE
 )"""
-_SCHEMA = _EPISODES_TABLE.format(name='episodes') + """;
+# A new file gets the version 2 layout and then every later step, as an old file does: each
+# column is defined once, in the step that added it.
+_SCHEMA_V2 = _EPISODES_TABLE.format(name='episodes') + """;
 CREATE INDEX episodes_by_start ON episodes (started_at);
 CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
 INSERT INTO counters (name, value) VALUES ('label_seq', 0);
 """
 
-_COLUMNS = ('episode_id', 'bag_path', 'robot', 'instruction', 'outcome', 'labeler', 'note',
-            'num_steps', 'num_interventions', 'policy_version', 'status', 'started_at',
-            'ended_at', 'labelled_at', 'label_seq')
+_V2_COLUMNS = ('episode_id', 'bag_path', 'robot', 'instruction', 'outcome', 'labeler', 'note',
+               'num_steps', 'num_interventions', 'policy_version', 'status', 'started_at',
+               'ended_at', 'labelled_at', 'label_seq')
+_HELP_COLUMNS = ('num_help_requests', 'num_requested_takeovers', 'num_spontaneous_takeovers',
+                 'help_requests')
+_COLUMNS = _V2_COLUMNS + _HELP_COLUMNS
 _MIGRATIONS: dict[int, str] = {
     # Version 1 spelled "no label yet" 'unknown'; the vocabulary's one spelling is
     # 'unlabelled'. SQLite cannot change a CHECK constraint in place: rebuild the table.
     1: _EPISODES_TABLE.format(name='episodes_v2') + f""";
-INSERT INTO episodes_v2 ({', '.join(_COLUMNS)})
-    SELECT {', '.join(_COLUMNS).replace(
+INSERT INTO episodes_v2 ({', '.join(_V2_COLUMNS)})
+    SELECT {', '.join(_V2_COLUMNS).replace(
         'outcome,', "CASE outcome WHEN 'unknown' THEN 'unlabelled' ELSE outcome END,", 1)}
     FROM episodes;
 DROP TABLE episodes;
 ALTER TABLE episodes_v2 RENAME TO episodes;
 CREATE INDEX episodes_by_start ON episodes (started_at)""",
+    # Help requests: added columns keep every row; NULL counts say "recorded before help
+    # requests were kept" (not zero: nobody knows whether the robot asked).
+    2: """
+ALTER TABLE episodes ADD COLUMN num_help_requests INTEGER;
+ALTER TABLE episodes ADD COLUMN num_requested_takeovers INTEGER;
+ALTER TABLE episodes ADD COLUMN num_spontaneous_takeovers INTEGER;
+ALTER TABLE episodes ADD COLUMN help_requests TEXT NOT NULL DEFAULT '[]'""",
 }
 _SELECT = f'SELECT {", ".join(_COLUMNS)} FROM episodes'
 
 
 @dataclass(frozen=True)
 class EpisodeRecord:
-    """One row of the episode index; times are unix seconds."""
+    """One row of the episode index; times are unix seconds.
+
+    The help fields (schema version 3) are None and () for rows finished before help
+    requests were kept; `help_requests` times count from the episode's first step.
+    """
 
     episode_id: str
     bag_path: str
@@ -101,6 +125,30 @@ class EpisodeRecord:
     ended_at: float | None
     labelled_at: float | None
     label_seq: int | None
+    num_help_requests: int | None = None
+    num_requested_takeovers: int | None = None
+    num_spontaneous_takeovers: int | None = None
+    help_requests: tuple[HelpRequestRecord, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any] | Mapping[str, Any]) -> EpisodeRecord:
+        """Build a record from a row of columns named as the fields (a mapping: by name).
+
+        A mapping may lack the help columns (an index of an older schema); they default.
+        """
+        values = dict(row) if isinstance(row, Mapping) else dict(
+            zip([f.name for f in fields(cls)], row, strict=True))
+        values['help_requests'] = _help_records(values.get('help_requests', ()))
+        return cls(**values)
+
+    @property
+    def help_known(self) -> bool:
+        """True when the row says whether the robot asked for help (schema 3 and later)."""
+        return self.num_help_requests is not None
+
+    def help_count(self, outcome: str) -> int:
+        """Return how many requests ended so (help_requests.HELP_OUTCOMES)."""
+        return HelpSummary(self.help_requests).count(outcome)
 
     @property
     def trainable(self) -> bool:
@@ -110,6 +158,17 @@ class EpisodeRecord:
         'incomplete') counts only because a person labelled it after looking at it.
         """
         return self.outcome in _TRAINABLE_LABELS and self.status in _FINISHED_LABELS
+
+
+def _help_records(text: Any) -> tuple[HelpRequestRecord, ...]:
+    """Read the help_requests column (JSON list of records)."""
+    if isinstance(text, tuple | list):
+        return tuple(text)
+    try:
+        return tuple(HelpRequestRecord.from_dict(item) for item in json.loads(text or '[]'))
+    except (TypeError, ValueError, AttributeError):
+        # A cell edited by hand must not hide the row (or the whole index); its counts stay.
+        return ()
 
 
 class EpisodeIndex:
@@ -204,13 +263,16 @@ class EpisodeIndex:
 
     def finish(self, episode_id: str, num_steps: int, num_interventions: int, *,
                ended_at: float, complete: bool = True,
-               policy_version: str | None = None) -> EpisodeRecord:
+               policy_version: str | None = None,
+               help_summary: HelpSummary | None = None) -> EpisodeRecord:
         """Record the end of an episode and its counts.
 
         `complete=False` marks a recording that ended abnormally (an error, or a bag rescued
         after a crash) as 'incomplete'; an incomplete row may be finished again to fill in the
         counts once the bag has been recovered. `policy_version`, when given, replaces the
         stored one (the recorder fills it in when no version was known at the start).
+        `help_summary`, when given, stores the help requests and the requested and spontaneous
+        takeovers; without it they stay unknown (NULL).
 
         Raises:
             KeyError: no such episode.
@@ -236,6 +298,14 @@ class EpisodeIndex:
                        'policy_version = COALESCE(?, policy_version) WHERE episode_id = ?',
                        (int(num_steps), int(num_interventions), float(ended_at), status, seq,
                         policy_version, episode_id))
+            if help_summary is not None:
+                help = help_summary
+                db.execute('UPDATE episodes SET num_help_requests = ?, '
+                           'num_requested_takeovers = ?, num_spontaneous_takeovers = ?, '
+                           'help_requests = ? WHERE episode_id = ?',
+                           (len(help.requests), help.requested_takeovers,
+                            help.spontaneous_takeovers,
+                            json.dumps([r.to_dict() for r in help.requests]), episode_id))
         return self.get(episode_id)
 
     def label(self, episode_id: str, outcome: str | Outcome, labeler: str = '',
@@ -306,7 +376,7 @@ class EpisodeIndex:
                       f'AND status IN ({_sql_list(_FINISHED_LABELS)})')
         with self._lock:
             rows = self._db.execute(query + ' ORDER BY label_seq', (int(seq),)).fetchall()
-        return [EpisodeRecord(*row) for row in rows]
+        return [EpisodeRecord.from_row(row) for row in rows]
 
     def last_label_seq(self) -> int:
         """Return the largest label sequence handed out so far (0 before the first label)."""
@@ -345,7 +415,7 @@ class EpisodeIndex:
             args.append(int(limit))
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
-        return [EpisodeRecord(*row) for row in rows]
+        return [EpisodeRecord.from_row(row) for row in rows]
 
     # Internals -----------------------------------------------------------------------------
 
@@ -369,7 +439,7 @@ class EpisodeIndex:
         if row is None:
             raise KeyError(f'episode {episode_id!r} is not in the episode index {self.path}; '
                            'check the id (list() shows the recorded episodes)')
-        return EpisodeRecord(*row)
+        return EpisodeRecord.from_row(row)
 
     @staticmethod
     def _next_seq(db: sqlite3.Connection) -> int:
@@ -400,19 +470,20 @@ class EpisodeIndex:
     def _upgrade_schema(self) -> None:
         with self._write() as db:
             version = self._schema_version(db)
+            start = version
             if version == 0:
                 tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 if tables.fetchall():
                     raise ValueError(f'{self.path} is an SQLite database but not an episode '
                                      'index (it has tables but no schema version)')
                 # executescript() would commit the open transaction; run statement by statement.
-                for statement in _SCHEMA.split(';'):
+                for statement in _SCHEMA_V2.split(';'):
                     if statement.strip():
                         db.execute(statement)
-            else:
-                for step in range(version, SCHEMA_VERSION):
-                    for statement in _MIGRATIONS[step].split(';'):
-                        if statement.strip():
-                            db.execute(statement)
+                start = 2
+            for step in range(start, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step].split(';'):
+                    if statement.strip():
+                        db.execute(statement)
             if version != SCHEMA_VERSION:
                 db.execute(f'PRAGMA user_version = {SCHEMA_VERSION}')

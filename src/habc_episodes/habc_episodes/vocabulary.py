@@ -105,6 +105,29 @@ class RecorderEvent(enum.IntEnum):
     DISCARDED = 3  # excluded from training
 
 
+class HelpReason(enum.Enum):
+    """Why the robot raised or cleared a help request; = habc_msgs/HelpRequest.reason."""
+
+    LOW = 'low'              # raised: the viability p_v stayed below the threshold
+    STALLED = 'stalled'      # raised: p_v stopped rising
+    ANSWERED = 'answered'    # cleared: a human took over
+    RECOVERED = 'recovered'  # cleared: p_v recovered without help
+    RESET = 'reset'          # cleared: new weights, no critic, or a reset of the monitor
+
+    @property
+    def label(self) -> str:
+        return self.value
+
+    @classmethod
+    def labels(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+    @property
+    def raises(self) -> bool:
+        """True for the reasons of raising a request (low, stalled)."""
+        return self in (HelpReason.LOW, HelpReason.STALLED)
+
+
 class EpisodeKind(enum.IntEnum):
     """Where an episode comes from: D_SFT demonstrations or rollouts of the policy."""
 

@@ -1,9 +1,12 @@
 """Episodes from recorded bags: alignment of actions and observations, views, clear errors."""
 
+from episode_bags import SEC as BAG_SEC
+from episode_bags import TICK_NS, write_episode
 import numpy as np
 import pytest
 
 from habc_episodes.episode_bags import episode_from_bag, match_topic, TopicMapping
+from habc_episodes.help_requests import HelpRequestRecord, Takeover
 from habc_episodes.vocabulary import Controller, EpisodeKind, Outcome
 
 MS = 1_000_000
@@ -148,3 +151,71 @@ def test_an_ambiguous_topic_asks_for_an_absolute_name(tmp_path, bags):
         episode_from_bag(bag, 'success')
     episode = episode_from_bag(bag, 'success', topics=TopicMapping(observation='/b/observation'))
     assert len(episode) == 1
+
+
+# Help requests (issue 15): requested and spontaneous takeovers --------------------------------
+
+START_NS = 100 * BAG_SEC
+
+
+def tick_ns(k: int) -> int:
+    """Stamp of tick k's InterventionState and ExecutedAction (tests/episode_bags.py)."""
+    return START_NS + k * TICK_NS + 1000
+
+
+def test_a_request_answered_by_a_takeover_reads_back_with_its_record(tmp_path):
+    # p_v fell at tick 1's observation; the pedal took over at tick 3, which answered it
+    # (the policy node clears with the stamp of the first human tick).
+    sources = [0, 0, 0, 1, 1, 2, 1, 0, 0]
+    reasons = ['start'] * 3 + ['engage'] * 2 + ['watchdog', 'engage'] + ['handback'] * 2
+    bag = write_episode(tmp_path / 'asked', sources, reasons, start_ns=START_NS, help_requests=[
+        (START_NS + TICK_NS, True, 'low', 0.125), (tick_ns(3), False, 'answered', 0.125)])
+    episode = episode_from_bag(bag, 'success')
+    first = tick_ns(0) * 1e-9
+    (record,) = episode.help_requests
+    assert record == HelpRequestRecord(
+        raised_at=pytest.approx((START_NS + TICK_NS) * 1e-9 - first), reason='low',
+        p_v=0.125, cleared_at=pytest.approx(3 * TICK_NS * 1e-9), cleared_reason='answered',
+        answered_by='engage', policy_version='1')
+    # One takeover: the watchdog hold at step 5 is inside it.
+    assert episode.takeovers == (Takeover(pytest.approx(0.06), 'engage', True, 3),)
+    help_summary = episode.help
+    assert (help_summary.requested_takeovers, help_summary.spontaneous_takeovers) == (1, 0)
+
+
+def test_a_spontaneous_takeover_and_a_recovered_request(tmp_path):
+    # The leader arm was pulled away at tick 2 with no request open; later p_v stalled at
+    # tick 6 and recovered at tick 8 without help.
+    sources = [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    reasons = ['start'] * 2 + ['deviation'] * 2 + ['handback'] * 6
+    bag = write_episode(tmp_path / 'own', sources, reasons, start_ns=START_NS, help_requests=[
+        (START_NS + 6 * TICK_NS, True, 'stalled', 0.375),
+        (START_NS + 8 * TICK_NS, False, 'recovered', 0.5)])
+    episode = episode_from_bag(bag, 'failure')
+    (record,) = episode.help_requests
+    assert (record.reason, record.cleared_reason, record.answered_by, record.outcome) == (
+        'stalled', 'recovered', '', 'recovered')
+    assert record.raised_at == pytest.approx(6 * TICK_NS * 1e-9 - 1e-6)
+    assert episode.takeovers == (Takeover(pytest.approx(0.04), 'deviation', False, 2),)
+    assert (episode.help.requested_takeovers, episode.help.spontaneous_takeovers) == (0, 1)
+
+
+def test_an_old_bag_without_help_requests_reads_as_before(tmp_path):
+    bag = write_episode(tmp_path / 'old', [0, 0, 1, 1, 0], ['start'] * 2 + ['engage'] * 2
+                        + ['handback'], start_ns=START_NS)
+    episode = episode_from_bag(bag, 'success')
+    assert episode.help_requests == ()
+    # Its takeover is known from the steps, spontaneous; who engaged it is not read.
+    assert episode.takeovers == (Takeover(pytest.approx(0.04), '', False, 2),)
+    assert episode.num_interventions == 1 and len(episode) == 5
+
+
+def test_help_requests_come_from_the_executed_actions_namespace(tmp_path):
+    # A robot namespace: help_request and intervention are found beside executed_action.
+    bag = write_episode(tmp_path / 'ns', [0, 1, 1], ['start', 'engage', 'engage'],
+                        start_ns=START_NS, namespace='/robot2', help_requests=[
+                            (START_NS, True, 'low', 0.25),
+                            (tick_ns(1), False, 'answered', 0.25)])
+    episode = episode_from_bag(bag, 'success')
+    assert [r.answered_by for r in episode.help_requests] == ['engage']
+    assert episode.takeovers[0].requested

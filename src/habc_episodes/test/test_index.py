@@ -271,3 +271,96 @@ def test_a_version_1_index_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_p
     with EpisodeIndex(path, read_only=True) as reader:
         assert [r.episode_id for r in reader.labelled_since(0, trainable_only=False)] == [
             'done', 'old']
+
+
+# Schema version 3: help requests -------------------------------------------------------------
+
+def _version_2_index(path):
+    """Write an index as schema version 2 wrote it (no help request columns)."""
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE episodes (
+                episode_id TEXT PRIMARY KEY NOT NULL CHECK (episode_id != ''),
+                bag_path TEXT NOT NULL, robot TEXT NOT NULL DEFAULT '',
+                instruction TEXT NOT NULL DEFAULT '',
+                outcome TEXT NOT NULL DEFAULT 'unlabelled'
+                    CHECK (outcome IN ('unlabelled', 'success', 'failure', 'discarded')),
+                labeler TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '',
+                num_steps INTEGER NOT NULL DEFAULT 0,
+                num_interventions INTEGER NOT NULL DEFAULT 0,
+                policy_version TEXT NOT NULL DEFAULT '',
+                status TEXT NOT NULL DEFAULT 'recording'
+                    CHECK (status IN ('recording', 'complete', 'incomplete')),
+                started_at REAL NOT NULL, ended_at REAL, labelled_at REAL,
+                label_seq INTEGER UNIQUE);
+            CREATE INDEX episodes_by_start ON episodes (started_at);
+            CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+            INSERT INTO counters (name, value) VALUES ('label_seq', 1);
+            INSERT INTO episodes (episode_id, bag_path, outcome, labeler, note, num_steps,
+                                  num_interventions, policy_version, status, started_at,
+                                  ended_at, labelled_at, label_seq)
+                VALUES ('done', 'b1', 'success', 'alice', 'clean', 300, 2, '3', 'complete',
+                        1.0, 7.0, 8.0, 1);
+            INSERT INTO episodes (episode_id, bag_path, started_at) VALUES ('live', 'b2', 9.0);
+            PRAGMA user_version = 2;
+        """)
+
+
+def test_a_version_2_index_keeps_its_rows_and_gains_help_columns(tmp_path):
+    from habc_episodes.dataset import read_index
+    from habc_episodes.help_requests import HelpRequestRecord, HelpSummary, Takeover
+
+    path = tmp_path / 'episodes.sqlite'
+    _version_2_index(path)
+    # A reader that opens the file directly (habc train's labeller) reads it as it is.
+    old = {r.episode_id: r for r in read_index(path)}
+    assert (old['done'].num_interventions, old['done'].num_help_requests) == (2, None)
+    with pytest.raises(RuntimeError, match='older episode index schema version 2'):
+        EpisodeIndex(path, read_only=True)
+
+    with EpisodeIndex(path) as index:
+        done = index.get('done')
+        # Everything recorded stays; whether the robot asked for help is not known.
+        assert (done.outcome, done.labeler, done.note, done.num_steps, done.num_interventions,
+                done.policy_version, done.status, done.started_at, done.ended_at,
+                done.labelled_at, done.label_seq) == (
+            'success', 'alice', 'clean', 300, 2, '3', 'complete', 1.0, 7.0, 8.0, 1)
+        assert (done.num_help_requests, done.num_requested_takeovers,
+                done.num_spontaneous_takeovers, done.help_requests) == (None, None, None, ())
+        assert not done.help_known
+        assert index.last_label_seq() == 1
+
+        # The recording episode finishes under the new schema with its help requests.
+        asked = HelpRequestRecord(1.5, 'low', 0.2, 2.0, 'answered', 'engage', '3')
+        recovered = HelpRequestRecord(6.0, 'stalled', 0.4, 7.5, 'recovered', '', '3')
+        finished = index.finish('live', 400, 2, ended_at=20.0, help_summary=HelpSummary(
+            (asked, recovered), (Takeover(2.0, 'engage', True), Takeover(9.0, 'deviation',
+                                                                         False))))
+        assert (finished.num_help_requests, finished.num_requested_takeovers,
+                finished.num_spontaneous_takeovers) == (2, 1, 1)
+        assert finished.help_requests == (asked, recovered) and finished.help_known
+        assert [finished.help_count(o) for o in ('answered', 'recovered', 'unanswered')] == [
+            1, 1, 0]
+    with sqlite3.connect(path) as db:
+        assert db.execute('PRAGMA user_version').fetchone()[0] == SCHEMA_VERSION == 3
+    with EpisodeIndex(path, read_only=True) as reader:
+        assert [r.episode_id for r in reader.list()] == ['live', 'done']
+        assert reader.get('live').help_requests == (asked, recovered)
+    assert {r.episode_id: r.num_requested_takeovers for r in read_index(path)} == {
+        'done': None, 'live': 1}
+
+
+def test_help_counts_of_an_episode_without_requests_and_a_damaged_cell(index, tmp_path):
+    from habc_episodes.help_requests import HelpSummary, Takeover
+
+    index.create('a', '/bags/a', '', '1', started_at=1.0)
+    # A robot without a critic never asks: its takeovers are all spontaneous (known: 0).
+    record = index.finish('a', 100, 1, ended_at=2.0, help_summary=HelpSummary(
+        (), (Takeover(0.5, 'engage', False),)))
+    assert (record.num_help_requests, record.num_requested_takeovers,
+            record.num_spontaneous_takeovers, record.help_requests) == (0, 0, 1, ())
+    assert record.help_known
+    # A cell edited by hand into something unreadable hides neither the row nor its counts.
+    with sqlite3.connect(index.path) as db:
+        db.execute("UPDATE episodes SET help_requests = '{not json' WHERE episode_id = 'a'")
+    assert (index.get('a').help_requests, index.get('a').num_spontaneous_takeovers) == ((), 1)

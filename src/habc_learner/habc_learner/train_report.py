@@ -14,11 +14,15 @@ import numpy as np
 
 from habc_episodes.dataset import LoadResult, summarize_skipped
 from habc_episodes.episode import Episode, segments
+from habc_episodes.help_requests import ANSWERED, RECOVERED, UNANSWERED
 from habc_episodes.vocabulary import Controller, EpisodeKind
 from habc_learner.data import SampleBuffer, WeightCode
 
 # Who produced a step in the report: a controller, or a demonstration (D_SFT).
 SOURCES = (*Controller.labels(), 'demonstration')
+# Per-episode counts of help requests and takeovers that are summed into the data totals.
+HELP_KEYS = ('requested_takeovers', 'spontaneous_takeovers', 'help_requests',
+             f'help_{ANSWERED}', f'help_{RECOVERED}', f'help_{UNANSWERED}')
 
 
 def episode_row(path: Path, episode: Episode, label_source: str, size_bytes: int,
@@ -27,6 +31,16 @@ def episode_row(path: Path, episode: Episode, label_source: str, size_bytes: int
     controllers = episode.controllers
     runs = Counter(controller.name.lower() for _, _, controller in segments(controllers))
     stamps = episode.timestamps
+    # A demonstration is human throughout: no takeover of a policy.
+    help_summary = episode.help if episode.kind != EpisodeKind.DEMO else None
+    help_counts = dict.fromkeys(HELP_KEYS, 0)
+    if help_summary is not None:
+        help_counts.update({
+            'requested_takeovers': help_summary.requested_takeovers,
+            'spontaneous_takeovers': help_summary.spontaneous_takeovers,
+            'help_requests': len(help_summary.requests),
+            **{f'help_{outcome}': help_summary.count(outcome)
+               for outcome in (ANSWERED, RECOVERED, UNANSWERED)}})
     return {
         'bag': str(path), 'episode_id': episode.episode_id,
         'kind': 'demonstration' if episode.kind == EpisodeKind.DEMO else 'rollout',
@@ -41,6 +55,8 @@ def episode_row(path: Path, episode: Episode, label_source: str, size_bytes: int
                      for start, end, controller in segments(controllers)],
         'duration_s': float(stamps[-1] - stamps[0]) if len(stamps) else 0.0,
         'size_mb': size_bytes / 1e6, 'load_s': seconds,
+        **help_counts,
+        'help_request_records': [record.to_dict() for record in episode.help_requests],
     }
 
 
@@ -88,7 +104,7 @@ def build_report(*, command: str, result: LoadResult, buffer: SampleBuffer,
                         item.seconds) for item in result.loaded]
     totals = {key: int(sum(row[key] for row in rows))
               for key in ('steps', 'policy_steps', 'human_steps', 'hold_steps',
-                          'policy_segments', 'human_segments', 'hold_segments')}
+                          'policy_segments', 'human_segments', 'hold_segments', *HELP_KEYS)}
     return {
         'command': command,
         'mapping': mapping,
@@ -197,6 +213,12 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
                    data['policy_steps'], data['human_steps'], data['hold_steps'],
                    data['policy_segments'], data['human_segments'], data['bags_read_mb'],
                    data['load_s'], data['load_mb_per_s'] or 0.0]])
+    md += ['', f'Takeovers of rollouts: {data["requested_takeovers"]} requested (a help request '
+           f'of the robot was open, or the takeover answered it), '
+           f'{data["spontaneous_takeovers"]} spontaneous. Help requests: '
+           f'{data["help_requests"]} ({data[f"help_{ANSWERED}"]} answered, '
+           f'{data[f"help_{RECOVERED}"]} recovered without help, '
+           f'{data[f"help_{UNANSWERED}"]} unanswered).']
     md += ['', 'Outcomes: ' + (', '.join(f'{k} {v}' for k, v in sorted(data['outcomes'].items()))
                                or 'none'),
            '', 'Label sources (labels CSV > episode index > sidecar file): '
@@ -208,11 +230,13 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
         md += ['![steps per episode](plots/episodes.png)', '']
     md += ['### Episodes', '']
     md += _table(['episode', 'kind', 'outcome', 'label from', 'steps', 'policy', 'human',
-                  'hold', 'policy seg.', 'human seg.', 'duration s', 'MB', 'bag'],
+                  'hold', 'policy seg.', 'human seg.', 'req. takeovers', 'spont. takeovers',
+                  'help req.', 'duration s', 'MB', 'bag'],
                  [[r['episode_id'], r['kind'], r['outcome'], r['label_source'], r['steps'],
                    r['policy_steps'], r['human_steps'], r['hold_steps'],
-                   r['policy_segments'], r['human_segments'], r['duration_s'], r['size_mb'],
-                   r['bag']] for r in report['episodes']])
+                   r['policy_segments'], r['human_segments'], r['requested_takeovers'],
+                   r['spontaneous_takeovers'], r['help_requests'], r['duration_s'],
+                   r['size_mb'], r['bag']] for r in report['episodes']])
     md += ['', '### Skipped bags', '']
     if report['skipped']:
         md += _table(['bag', 'reason', 'what is wrong / what to do'],

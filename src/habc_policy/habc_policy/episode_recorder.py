@@ -12,6 +12,13 @@ arbiter stamps every executed step with the version of the policy command it exe
 a START records the version of the newest executed step, and an episode that started
 before any step had a version takes that of its first versioned step.
 
+Help requests (habc_msgs/HelpRequest on `help_request`) are recorded like any topic and
+also summarised into the episode's index row with the takeovers (habc_episodes.help_requests:
+which were requested, who answered each request). The request is latched by the policy node
+and raised at most once until cleared: a request still open when an episode starts was
+raised before its bag existed, so START writes that raise into the new bag first (at the
+time it was received), and the episode knows it was open.
+
 Crash recovery: rows this robot left 'recording' (a recorder that died mid-episode) are
 marked 'incomplete' and their bags made readable (habc_episodes.recovery); such episodes
 are never trained on unless someone labels them.
@@ -34,10 +41,16 @@ from habc_episodes.bag_format import (
     topic_summary,
 )
 from habc_episodes.episode import make_episode_id
+from habc_episodes.help_requests import (
+    HELP_REQUEST_TYPE,
+    HelpLog,
+    HelpMessage,
+    HelpSummary,
+    TakeoverDetector,
+)
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
 from habc_episodes.recovery import recover_bag
 from habc_episodes.vocabulary import (
-    Controller,
     EpisodeStatus,
     LABEL_OUTCOMES,
     Outcome,
@@ -145,14 +158,15 @@ class EpisodeCounts:
     """Count the steps and human takeovers of one episode.
 
     Steps are executed actions. A takeover is a switch of the executed source into HUMAN
-    from POLICY, ignoring HOLD in between: a watchdog hold while the human drives is not a
-    new takeover. An episode that starts under human control counts one.
+    from POLICY, ignoring HOLD in between (habc_episodes.help_requests.TakeoverDetector): a
+    watchdog hold while the human drives is not a new takeover. An episode that starts
+    under human control counts one.
     """
 
     def __init__(self) -> None:
         self.steps = 0
         self.interventions = 0
-        self._driver: int | None = None  # last executed source other than HOLD
+        self._takeovers = TakeoverDetector()
 
     def on_executed_action(self) -> None:
         """Count one executed action."""
@@ -160,11 +174,8 @@ class EpisodeCounts:
 
     def on_intervention_state(self, source: int) -> None:
         """Take the executed source of one InterventionState."""
-        if source == Controller.HOLD:
-            return
-        if source == Controller.HUMAN and self._driver != Controller.HUMAN:
+        if self._takeovers.on_source(source):
             self.interventions += 1
-        self._driver = source
 
 
 @dataclass
@@ -176,26 +187,39 @@ class BagSummary:
     end_ns: int | None
     # First non-empty ExecutedAction.policy_version.
     policy_version: str
+    # Help requests and takeovers, requested or spontaneous.
+    help: HelpSummary = HelpSummary()
 
 
 def count_bag(path: str | Path) -> BagSummary:
-    """Count the steps and takeovers of a recorded bag (e.g. one rescued after a crash).
+    """Count the steps, takeovers and help requests of a recorded bag (e.g. one rescued).
 
-    Only the ExecutedAction and InterventionState topics are deserialized.
+    Only the ExecutedAction, InterventionState and HelpRequest topics are deserialized.
     """
     topics, end_ns = topic_summary(path)
     wanted = [topic for topic, (msgtype, _) in topics.items()
-              if msgtype in (EXECUTED_ACTION, INTERVENTION_STATE)]
+              if msgtype in (EXECUTED_ACTION, INTERVENTION_STATE, HELP_REQUEST_TYPE)]
     counts = EpisodeCounts()
+    log = HelpLog()
     version = ''
     if wanted:
-        for _topic, _stamp, message in read_episode_messages(path, wanted):
+        for _topic, receive_ns, message in read_episode_messages(path, wanted):
+            if message.__msgtype__ == HELP_REQUEST_TYPE:
+                log.on_help(HelpMessage.of(message, receive_ns))
+                continue
+            stamp = _seconds(message.header.stamp)
             if message.__msgtype__ == EXECUTED_ACTION:
                 counts.on_executed_action()
+                log.on_step(stamp)
                 version = version or message.policy_version
             else:
                 counts.on_intervention_state(message.source)
-    return BagSummary(counts, end_ns, version)
+                log.on_source(stamp, message.source, message.reason)
+    return BagSummary(counts, end_ns, version, log.summary())
+
+
+def _seconds(stamp: object) -> float:
+    return int(stamp.sec) + int(stamp.nanosec) * 1e-9
 
 
 @dataclass(frozen=True)
@@ -266,6 +290,10 @@ class EpisodeRecorder:
         self.writer: EpisodeBagWriter | None = None
         self.episode: EpisodeRecord | None = None
         self.counts = EpisodeCounts()
+        self.help_log = HelpLog()
+        # The newest help request if it is open (raised, not cleared), recording or not:
+        # (topic, CDR data, receive stamp ns, message); what START carries into a new bag.
+        self._open_help: tuple[str, bytes, int, HelpMessage] | None = None
         self.last_episode_id = ''
         # Version of the newest executed step, recording or not: what a START records.
         self.latest_policy_version = ''
@@ -299,9 +327,11 @@ class EpisodeRecorder:
         for episode_id in pending:
             record = self.index.get(episode_id)
             summary = BagSummary(EpisodeCounts(), None, '')
+            recovered = False
             try:
                 report = recover_bag(record.bag_path)
                 summary = count_bag(record.bag_path)
+                recovered = True
                 result = Recovered(episode_id, True, (
                     f'episode {episode_id} was cut short (the recorder stopped mid-episode): '
                     f'bag recovered with {report.message_count} messages '
@@ -318,7 +348,8 @@ class EpisodeRecorder:
                                   summary.counts.interventions, ended_at=ended_at,
                                   complete=False,
                                   policy_version=(None if record.policy_version
-                                                  else summary.policy_version or None))
+                                                  else summary.policy_version or None),
+                                  help_summary=summary.help if recovered else None)
             except (KeyError, ValueError) as exc:
                 result = Recovered(episode_id, False,
                                    f'{result.message}; index not updated: {exc}')
@@ -336,13 +367,18 @@ class EpisodeRecorder:
         msgtype = self.topics[topic]
         self._heard.add(topic)
         message = None
-        if msgtype in (EXECUTED_ACTION, INTERVENTION_STATE):
+        if msgtype in (EXECUTED_ACTION, INTERVENTION_STATE, HELP_REQUEST_TYPE):
             try:
                 message = decode_cdr(self.typestore, msgtype, data)[0]
             except ValueError:
                 message = None  # the writer below reports malformed data
             if message is not None and msgtype == EXECUTED_ACTION and message.policy_version:
                 self.latest_policy_version = message.policy_version
+        help_message = None
+        if message is not None and msgtype == HELP_REQUEST_TYPE:
+            help_message = HelpMessage.of(message, stamp_ns)
+            self._open_help = ((topic, bytes(data), stamp_ns, help_message)
+                               if help_message.active else None)
         if self.writer is None:
             return None
         try:
@@ -354,8 +390,16 @@ class EpisodeRecorder:
             self.counts.on_executed_action()
             if not self.episode_policy_version:
                 self.episode_policy_version = self.latest_policy_version
+            # The first ticks may still carry the previous episode's id (the arbiter hears
+            # of START on its own): not a step of this one (as episode_bags reads it).
+            if message is not None and message.episode_id in ('', self.episode.episode_id):
+                self.help_log.on_step(_seconds(message.header.stamp))
         elif msgtype == INTERVENTION_STATE:
             self.counts.on_intervention_state(message.source)
+            self.help_log.on_source(_seconds(message.header.stamp), message.source,
+                                    message.reason)
+        elif help_message is not None:
+            self.help_log.on_help(help_message)
         return None
 
     def flush(self) -> str | None:
@@ -403,9 +447,14 @@ class EpisodeRecorder:
                                       custom_data=custom)
         except Exception as exc:  # rosbags raises its own error types
             return Reply(False, '', f'cannot create the bag {path}: {exc}')
+        help_log = HelpLog()
         try:
             for topic, msgtype in self.topics.items():
                 writer.add_topic(topic, msgtype)
+            if self._open_help is not None:
+                topic, data, stamp_ns, help_message = self._open_help
+                writer.write(topic, stamp_ns, data)
+                help_log.on_help(help_message)
             self.episode = self.index.create(
                 episode_id, path, instruction, self.latest_policy_version,
                 started_at=self._clock(), robot=self.robot)
@@ -418,6 +467,7 @@ class EpisodeRecorder:
             return Reply(False, '', f'cannot start episode {episode_id}: {exc}')
         self.writer = writer
         self.counts = EpisodeCounts()
+        self.help_log = help_log
         self.episode_policy_version = self.latest_policy_version
         self.last_episode_id = episode_id
         self._emit(RecorderEvent.START, self.episode)
@@ -512,7 +562,8 @@ class EpisodeRecorder:
             record = self.index.finish(
                 record.episode_id, self.counts.steps, self.counts.interventions,
                 ended_at=self._clock(), complete=complete and error is None,
-                policy_version=self.episode_policy_version or None)
+                policy_version=self.episode_policy_version or None,
+                help_summary=self.help_log.summary())
         except (KeyError, ValueError, sqlite3.Error) as exc:
             error = f'{error}; ' if error else ''
             error += f'index not updated: {exc}'

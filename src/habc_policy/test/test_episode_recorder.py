@@ -369,3 +369,89 @@ def test_shutdown_mid_episode_marks_it_incomplete(make, tmp_path):
     assert (row.status, row.num_steps) == ('incomplete', 1)
     # The bag was closed cleanly: it reads without recovery.
     assert count_bag(row.bag_path).counts.steps == 1
+
+
+# Help requests (issue 15) --------------------------------------------------------------------
+
+HELP = '/r/help_request'
+SEC = 1_000_000_000
+
+
+def header(stamp_ns: int):
+    return STORE.types['std_msgs/msg/Header'](stamp=STORE.types['builtin_interfaces/msg/Time'](
+        sec=stamp_ns // SEC, nanosec=stamp_ns % SEC), frame_id='')
+
+
+def help_request(stamp_ns: int, active: bool, reason: str, p_v: float = 0.25) -> bytes:
+    msgtype = 'habc_msgs/msg/HelpRequest'
+    return bytes(STORE.serialize_cdr(STORE.types[msgtype](
+        header=header(stamp_ns), active=active, reason=reason, policy_version='2',
+        viability=p_v, trace_stamps=np.zeros(0), trace_viability=np.zeros(0, np.float32)),
+        msgtype))
+
+
+def tick(recorder, stamp_ns: int, source: Controller, reason: str, episode_id: str) -> None:
+    """One control tick: the arbiter's InterventionState and ExecutedAction, received 1 ms on."""
+    recorder.on_message(INTERVENTION, cdr('habc_msgs/msg/InterventionState',
+                                          header=header(stamp_ns), source=int(source),
+                                          active=source == Controller.HUMAN, reason=reason),
+                        stamp_ns + 1_000_000)
+    recorder.on_message(EXECUTED, cdr('habc_msgs/msg/ExecutedAction', header=header(stamp_ns),
+                                      source=int(source), episode_id=episode_id,
+                                      policy_version='2', positions=np.zeros(1)),
+                        stamp_ns + 1_000_000)
+
+
+@pytest.fixture
+def help_recorder(tmp_path):
+    recorder = EpisodeRecorder(tmp_path / 'episodes', 'r',
+                               {**TOPICS, HELP: 'habc_msgs/msg/HelpRequest'}, clock=Clock())
+    yield recorder
+    recorder.close()
+
+
+def test_help_requests_go_into_the_bag_and_the_index_row(help_recorder, tmp_path):
+    recorder = help_recorder
+    t0 = 100 * SEC
+    ms = 1_000_000
+    # Raised between episodes (latched by the policy node): the next episode carries it.
+    recorder.on_message(HELP, help_request(t0 - 100 * ms, True, 'low', 0.125), t0 - 99 * ms)
+    episode_id = recorder.start().episode_id
+    tick(recorder, t0 - 20 * ms, Controller.POLICY, 'start', 'previous-episode')  # not a step
+    tick(recorder, t0, Controller.POLICY, 'start', episode_id)
+    tick(recorder, t0 + 20 * ms, Controller.HUMAN, 'engage', episode_id)
+    recorder.on_message(HELP, help_request(t0 + 20 * ms, False, 'answered'), t0 + 22 * ms)
+    tick(recorder, t0 + 40 * ms, Controller.HOLD, 'watchdog', episode_id)
+    tick(recorder, t0 + 60 * ms, Controller.HUMAN, 'engage', episode_id)
+    tick(recorder, t0 + 80 * ms, Controller.POLICY, 'handback', episode_id)
+    recorder.on_message(HELP, help_request(t0 + 80 * ms, True, 'stalled', 0.375), t0 + 81 * ms)
+    recorder.on_message(HELP, help_request(t0 + 100 * ms, False, 'recovered'), t0 + 101 * ms)
+    tick(recorder, t0 + 120 * ms, Controller.HUMAN, 'deviation', episode_id)
+    assert recorder.stop().accepted
+
+    row = index_row(tmp_path, episode_id)
+    assert (row.num_interventions, row.num_help_requests, row.num_requested_takeovers,
+            row.num_spontaneous_takeovers) == (2, 2, 1, 1)
+    first, second = row.help_requests
+    assert (first.reason, first.p_v, first.cleared_reason, first.answered_by) == (
+        'low', 0.125, 'answered', 'engage')
+    # Seconds from the episode's first step (t0), not the neighbouring episode's tick.
+    assert first.raised_at == pytest.approx(-0.1) and first.cleared_at == pytest.approx(0.02)
+    assert (second.reason, second.raised_at, second.cleared_reason, second.answered_by) == (
+        'stalled', pytest.approx(0.08), 'recovered', '')
+    # The bag holds the carried raise first, at the time it was received.
+    help_messages = [(stamp, msg.active, msg.reason)
+                     for _, stamp, msg in read_episode_messages(row.bag_path, [HELP])]
+    assert help_messages[0] == (t0 - 99 * ms, True, 'low') and len(help_messages) == 4
+    # A bag counted again (as after a crash) gives the same summary.
+    summary = count_bag(row.bag_path).help
+    assert summary.requests[0].answered_by == 'engage'
+    assert (summary.requested_takeovers, summary.spontaneous_takeovers) == (1, 1)
+
+    # The answered request is closed: the next episode starts with none open.
+    second_id = recorder.start().episode_id
+    tick(recorder, t0 + 500 * ms, Controller.POLICY, 'start', second_id)
+    recorder.stop()
+    later = index_row(tmp_path, second_id)
+    assert (later.num_help_requests, later.num_requested_takeovers,
+            later.num_spontaneous_takeovers) == (0, 0, 0)

@@ -263,6 +263,66 @@ def test_abort_discards_the_episode_and_keeps_its_bag(recorder, tmp_path):
     assert client.episode(END).accepted
 
 
+@pytest.mark.ros
+def test_a_help_request_answered_by_a_takeover_reaches_the_index_and_the_episode(recorder,
+                                                                               tmp_path):
+    from habc_episodes.episode_bags import episode_from_bag
+
+    node, client = recorder()
+    started = client.episode(START)
+    assert started.accepted, started.message
+    episode_id = started.episode_id
+
+    def stamp(ms: int) -> Time:
+        return Time(sec=200 + ms // 1000, nanosec=(ms % 1000) * 1_000_000)
+
+    sent = []
+    obs = Observation(instruction='stack')
+    obs.header.stamp = stamp(0)
+    obs.images = [Image(height=1, width=2, encoding='rgb8', step=6, data=bytes(6))]
+    obs.joint_state = JointState(name=['a'], position=[0.0])
+    sent.append(('observation', obs))
+    # The policy drives, asks for help at 40 ms (p_v low), the pedal takes over at 60 ms and
+    # the policy node clears the request with that tick's stamp; then a handback.
+    for k, (source, reason) in enumerate([(Controller.POLICY, 'start')] * 3
+                                         + [(Controller.HUMAN, 'engage')] * 2
+                                         + [(Controller.POLICY, 'handback')]):
+        state = InterventionState(active=source == Controller.HUMAN, source=int(source),
+                                  segment_id=0, episode_id=episode_id, reason=reason)
+        state.header.stamp = stamp(20 * k)
+        action = ExecutedAction(source=int(source), episode_id=episode_id, policy_version='4',
+                                joint_names=['a'], positions=[0.1 * k])
+        action.header.stamp = stamp(20 * k)
+        sent += [('intervention', state), ('executed_action', action)]
+    raised = HelpRequest(active=True, reason='low', policy_version='4', viability=0.125)
+    raised.header.stamp = stamp(40)
+    answered = HelpRequest(active=False, reason='answered', policy_version='4',
+                           viability=0.125)
+    answered.header.stamp = stamp(60)
+    sent += [('help_request', raised), ('help_request', answered)]
+    for topic, msg in sent:
+        client.pubs[topic].publish(msg)
+    client.ros.wait_for(lambda: node.recorder.writer.message_count == len(sent),
+                        f'{len(sent)} messages recorded')
+    ended = client.episode(END)
+    assert ended.accepted, ended.message
+
+    with EpisodeIndex(tmp_path / 'episodes' / 'episodes.sqlite', read_only=True) as index:
+        row = index.get(episode_id)
+    assert (row.num_interventions, row.num_help_requests, row.num_requested_takeovers,
+            row.num_spontaneous_takeovers) == (1, 1, 1, 0)
+    (record,) = row.help_requests
+    assert (record.reason, record.cleared_reason, record.answered_by) == (
+        'low', 'answered', 'engage')
+    assert record.raised_at == pytest.approx(0.04) and record.cleared_at == pytest.approx(0.06)
+
+    # The learner's reader finds the same in the bag.
+    episode = episode_from_bag(row.bag_path, 'success', with_images=False)
+    assert episode.help_requests == row.help_requests
+    (takeover,) = episode.takeovers
+    assert (takeover.step, takeover.by, takeover.requested) == (3, 'engage', True)
+
+
 def flushed_messages(bag: Path, scratch: Path) -> int:
     """Count the messages a live recorder has flushed to `bag` (recovering a copy)."""
     copy = scratch / 'flushed_copy'
