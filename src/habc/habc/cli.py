@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     'sim': ('habc_sim.cli', 'simulated robot tools: scripted expert success rates'),
     'bench': ('habc_sim.bench', "the paper's comparison in simulation, every method, seeds"),
     'train': ('habc_learner.train_cli', 'train a policy offline from bags (ros2 bag record too)'),
+    'calibrate': ('habc_learner.calibrate_cli',
+                  'help-request thresholds for a stated false-alarm rate, into a checkpoint'),
     'demo': ('habc.demo', 'the main job on the simulated robot: SFT if needed, then the '
              'closed loop with learner rounds'),
     'play': ('habc.play', 'replay bags on ROS topics like ros2 bag play, or as a new episode'),

@@ -19,12 +19,14 @@ after a takeover the monitor starts afresh and the human's states are not the po
 """
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from habc_policy.help_request import HelpRequestParams
 
 CALIBRATION_FILE = 'help_calibration.json'
 HYSTERESIS = 0.1       # clear_above = threshold + this (capped at 1): a request does not chatter
@@ -89,6 +91,17 @@ class HelpCalibration:
     detection_rate: float | None       # share of those the threshold raises on
     median_lead_s: float | None        # before a failure's end or takeover, when raised
     policy_version: str = ''
+
+    def apply(self, params: HelpRequestParams) -> HelpRequestParams:
+        """Return `params` with this calibrated low rule in place."""
+        return replace(params, help_threshold=self.help_threshold,
+                       help_clear_above=self.help_clear_above,
+                       help_below_for_s=self.help_below_for_s)
+
+    def describe(self) -> str:
+        """One line for the status: the threshold and its promise."""
+        return (f'calibrated {self.help_threshold:.3f} (false alarms <= '
+                f'{self.false_alarm_bound:.2f} on {self.calibration_successes} successes)')
 
     def save(self, folder: Path) -> Path:
         """Write this calibration into a checkpoint folder; return the file."""

@@ -20,7 +20,7 @@ clock. Not thread-safe: call it from one thread.
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import math
 
 from habc_common.params import param, validate_params
@@ -62,6 +62,10 @@ class HelpRequestParams:
     help_trace_s: float = param(
         5.0, 'Seconds of p_v history carried with each request event.', min=0.0,
         max=600.0)
+    help_use_calibration: bool = param(
+        True, 'When the checkpoint carries a calibrated threshold (help_calibration.json, '
+        'from habc calibrate), use it and its clear level and time instead of '
+        'help_threshold, help_clear_above and help_below_for_s.')
 
     def __post_init__(self) -> None:
         validate_params(self)
@@ -69,6 +73,12 @@ class HelpRequestParams:
             raise ValueError(f'parameter help_clear_above ({self.help_clear_above}) must be at '
                              f'least help_threshold ({self.help_threshold}): a request that '
                              'clears below its own threshold would chatter')
+
+
+def help_params(params: object) -> HelpRequestParams:
+    """Return the HelpRequestParams part of a node's parameters (which extend them)."""
+    return HelpRequestParams(**{f.name: getattr(params, f.name)
+                                for f in fields(HelpRequestParams)})
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from habc_msgs.msg import (
     PolicyUpdate,
 )
 from habc_policy.chunk_executor import ChunkExecutor
-from habc_policy.help_request import HelpEvent, HelpMonitor, RAISED
+from habc_policy.help_request import help_params, HelpEvent, HelpMonitor, RAISED
 from habc_policy.inference_schedule import InferenceScheduler, swap_now
 from habc_policy.policy_runtime import (
     ChunkResult,
@@ -146,7 +146,8 @@ class PolicyNode:
         # monitor is used under its lock from the inference and the executor threads.
         self.help_publisher = self.node.create_publisher(HelpRequest, 'help_request',
                                                          LATCHED_EVENTS)
-        self.help = HelpMonitor(self.params)
+        self.help = HelpMonitor(help_params(self.params))
+        self._help_source = 'parameter'   # or the active checkpoint's calibration
         self._help_lock = threading.Lock()
         self._help_version: PolicyVersion | None = None
 
@@ -265,8 +266,14 @@ class PolicyNode:
             with self._help_lock:
                 event = self.help.on_takeover(stamp.sec + stamp.nanosec * 1e-9)
             self._publish_help(event)
-        if source == InterventionState.SOURCE_HUMAN or (
-                source == InterventionState.SOURCE_HOLD and reason == 'idle'):
+        idle = source == InterventionState.SOURCE_HOLD and reason == 'idle'
+        if idle and previous != self._last_source:
+            # The episode is over: a request still open belongs to it, not to the next one.
+            stamp = msg.header.stamp
+            with self._help_lock:
+                event = self.help.reset(stamp.sec + stamp.nanosec * 1e-9)
+            self._publish_help(event)
+        if source == InterventionState.SOURCE_HUMAN or idle:
             if not self._paused:
                 self.log.info('human in control: inference paused' if reason != 'idle'
                               else 'no episode running: inference paused')
@@ -460,10 +467,25 @@ class PolicyNode:
                 problem = active.critic_problem if active is not None else 'no policy'
                 events += [self.help.reset(result.observation.stamp),
                            self.help.set_critic_problem(problem)]
+                self._apply_help_calibration(active)
             if result.accepted and not self._paused:
                 events.append(self.help.update(result.observation.stamp, result.viability))
         for event in events:
             self._publish_help(event, str(result.version))
+
+    def _apply_help_calibration(self, active: LoadedPolicy | None) -> None:
+        # Under the help lock: the thresholds of the weights now acting; the checkpoint's
+        # calibrated ones (habc calibrate) unless help_use_calibration is off.
+        params = help_params(self.params)
+        calibration = None if active is None else active.help_calibration
+        if calibration is not None and self.params.help_use_calibration:
+            self.help.params = calibration.apply(params)
+            self._help_source = calibration.describe()
+        else:
+            self.help.params = params
+            self._help_source = 'parameter'
+            if active is not None and active.help_calibration_problem:
+                self._help_source += f' ({active.help_calibration_problem})'
 
     def _publish_help(self, event: HelpEvent | None, version: str = '') -> None:
         if event is None or self._closed:
@@ -532,7 +554,9 @@ class PolicyNode:
             status['help'] = {'requested': request is not None,
                               'reason': None if request is None else request.reason,
                               'since': None if request is None else request.stamp,
-                              'critic_problem': self.help.critic_problem or None}
+                              'critic_problem': self.help.critic_problem or None,
+                              'threshold': self.help.params.help_threshold,
+                              'threshold_source': self._help_source}
         if self.scheduler is not None:
             with self._schedule_lock:
                 status['inference_turnaround_s'] = self.scheduler.latency_s

@@ -217,6 +217,10 @@ class LoadedPolicy:
     # The HABC critic trained with it (models.critic), loaded with the actor, or why not.
     critic: Any = None
     critic_problem: str = ''
+    # Its help threshold from `habc calibrate` (help_calibration.HelpCalibration), if any,
+    # or why the file could not be used.
+    help_calibration: Any = None
+    help_calibration_problem: str = ''
 
 
 @dataclass
@@ -630,10 +634,16 @@ class PolicyRuntime:
     def _attach_critic(self, loaded: LoadedPolicy, folder: Path) -> None:
         # The critic that was trained with these weights, from the same folder. A missing or
         # foreign critic is reported (policy/status), never a reason to refuse the actor.
+        from habc_policy.help_calibration import HelpCalibration
         from habc_policy.models.critic import load_policy_critic
 
         result = load_policy_critic(folder, loaded.policy)
         loaded.critic, loaded.critic_problem = result.critic, result.problem
+        if loaded.critic is not None:
+            try:
+                loaded.help_calibration = HelpCalibration.load(folder)
+            except ValueError as exc:
+                loaded.help_calibration_problem = str(exc)
 
     def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any]) -> tuple[float, float]:
         """Return (p_v, V_e) of the critic of `loaded` on model inputs (nan without one)."""

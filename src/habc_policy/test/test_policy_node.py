@@ -24,6 +24,7 @@ from habc_common.update_trust import (
     load_signing_key,
     UpdateClaim,
 )
+from habc_episodes.vocabulary import PolicyVersion
 from habc_msgs.msg import (
     ActionChunk,
     HelpRequest,
@@ -32,6 +33,7 @@ from habc_msgs.msg import (
     PolicyCommand,
     PolicyUpdate,
 )
+from habc_policy.help_calibration import HelpCalibration
 from habc_policy.image_convert import numpy_to_image
 from habc_policy.models.vla import SmallVLA, SmallVLAConfig
 from habc_policy.policy_node import PolicyNode
@@ -135,6 +137,11 @@ class Harness:
                                                  ('v5', '5', 2)]}
         for name in self.shas:  # each with a critic that finds success unlikely everywhere
             write_pessimistic_critic(checkpoints / name)
+        # v2 comes calibrated (habc calibrate): its threshold replaces the parameter's.
+        HelpCalibration(help_threshold=0.25, help_clear_above=0.35, help_below_for_s=1.0,
+                        target_false_alarm_rate=0.1, false_alarm_bound=0.09,
+                        calibration_successes=10, calibration_false_alarms=0.0, failures=3,
+                        detection_rate=1.0, median_lead_s=2.0).save(checkpoints / 'v2')
         # The learner's key pair, which the node trusts; checkpoints only from their folder.
         self.key = load_signing_key(create_key_pair(checkpoints / 'keys' / 'learner.key'))
         self.node = ros.create_node('policy_node_test')
@@ -524,3 +531,30 @@ def test_low_viability_raises_a_help_request_that_a_takeover_answers(harness):
     harness.publish_intervention(InterventionState.SOURCE_POLICY, 'handback')
     harness.wait_for(lambda: any(r.active for r in harness.help_requests[count:]),
                      'a new request after the handback (p_v is still ~0)')
+
+
+@pytest.mark.ros
+def test_the_checkpoints_calibrated_threshold_replaces_the_parameter(harness):
+    harness.wait_for(lambda: harness.status.get('active_version'), 'an active version')
+    number = PolicyVersion.parse(harness.status['active_version']).number
+    harness.update(number + 1, 'v2', harness.shas['v2'])
+    harness.wait_for(lambda: (harness.status.get('help') or {}).get('threshold') == 0.25,
+                     "v2's calibrated threshold")
+    assert harness.status['help']['threshold_source'].startswith('calibrated 0.250')
+    # v5 has no calibration: back to the parameter.
+    harness.update(number + 2, 'v5', harness.shas['v5'])
+    harness.wait_for(lambda: harness.status['help']['threshold_source'] == 'parameter',
+                     "v5's parameter threshold")
+    assert harness.status['help']['threshold'] == pytest.approx(0.3)
+
+
+@pytest.mark.ros
+def test_a_request_open_when_the_episode_ends_is_cleared(harness):
+    harness.wait_for(lambda: (harness.status.get('help') or {}).get('requested'),
+                     'an open help request')
+    count = len(harness.help_requests)
+    # The arbiter holds idle: no episode runs, so the open request is not the next one's.
+    harness.publish_intervention(InterventionState.SOURCE_HOLD, 'idle')
+    harness.wait_for(lambda: any(not r.active and r.reason == 'reset'
+                                 for r in harness.help_requests[count:]), 'reset')
+    harness.wait_for(lambda: not harness.status['help']['requested'], 'status cleared')
