@@ -232,3 +232,10 @@ def test_a_stalling_policy_asks_for_help_and_the_operator_answers(ros, tmp_path)
     assert [(m.active, m.reason) for m in in_bag][:2] == [(True, 'low'), (False, 'answered')], \
         [(m.active, m.reason) for m in in_bag]
     assert seconds(in_bag[0]) == pytest.approx(seconds(raised))
+    # The index keeps the request (when raised, when answered, by whom) and tells the
+    # requested takeover from a spontaneous one.
+    assert record.num_help_requests >= 1 and record.num_requested_takeovers >= 1
+    first = record.help_requests[0]
+    assert (first.reason, first.cleared_reason, first.answered_by) == ('low', 'answered',
+                                                                       'engage'), first
+    assert first.raised_at is not None and first.cleared_at >= first.raised_at

@@ -24,15 +24,16 @@ from dataclasses import dataclass, fields
 import math
 
 from habc_common.params import param, validate_params
+from habc_episodes.vocabulary import HelpReason
 
 RAISED = 'raised'
 CLEARED = 'cleared'
-# Reasons of a request, and of its clearing.
-LOW = 'low'
-STALLED = 'stalled'
-ANSWERED = 'answered'
-RECOVERED = 'recovered'
-RESET = 'reset'
+# Reasons of a request, and of its clearing (the vocabulary's HelpReason, as message text).
+LOW = HelpReason.LOW.value
+STALLED = HelpReason.STALLED.value
+ANSWERED = HelpReason.ANSWERED.value
+RECOVERED = HelpReason.RECOVERED.value
+RESET = HelpReason.RESET.value
 
 
 @dataclass(frozen=True)
