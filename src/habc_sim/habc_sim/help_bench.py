@@ -65,6 +65,7 @@ class HelpBenchProfile:
     episodes: int = 100
     false_alarm_rates: tuple[float, ...] = (0.05, 0.1, 0.2)
     below_for_s: float = 0.5
+    answers: tuple[str, ...] = ('take_over', 'judge')   # habc_sim.operator.Answer
     answer_probability: float = 1.0
     check_rate_hz: float = 0.05      # one spontaneous glance every 20 s on average
     check_steps: int = 50            # a glance watches 1 s (the stall detector's window)
@@ -78,9 +79,12 @@ FULL = HelpBenchProfile(
                      stage1_rounds=3, stage2_rounds=0))
 
 
-def mode_name(alpha: float) -> str:
-    """Name of the on-request mode at false-alarm rate alpha."""
-    return f'request@{alpha:g}'
+ANSWER_MODES = {'take_over': 'request', 'judge': 'judge'}
+
+
+def mode_name(alpha: float, answer: str = 'take_over') -> str:
+    """Name of the on-request mode at false-alarm rate alpha answering with `answer`."""
+    return f'{ANSWER_MODES[answer]}@{alpha:g}'
 
 
 def _scored(summary: dict) -> ScoredEpisode:
@@ -96,12 +100,19 @@ def _jobs(task: str, p: BenchProfile, checkpoint: Path, first: int, count: int,
             for i in range(count)]
 
 
-def run_cell(context: RunContext, hp: HelpBenchProfile, task: str, seed: int) -> dict:
-    """Train, calibrate and compare the watching modes for one task and seed."""
+def run_cell(context: RunContext, hp: HelpBenchProfile, task: str, seed: int,
+             train_from: Path | None = None) -> dict:
+    """Train (or take from `train_from`), calibrate and compare the watching modes."""
     p = hp.training
     cell = Cell(context, task, 'state', seed, list(p.methods))
-    cell.run()
-    checkpoint = cell.dir / 'habc' / f'round{p.stage1_rounds}'
+    if train_from is None:
+        cell.run()
+        checkpoint = cell.dir / 'habc' / f'round{p.stage1_rounds}'
+    else:
+        checkpoint = train_from / cell.dir.name / 'habc' / f'round{p.stage1_rounds}'
+        if not (checkpoint / 'critic.safetensors').is_file():
+            raise FileNotFoundError(f'--train-from: no HABC checkpoint with a critic at '
+                                    f'{checkpoint} (a run of the same profile and seeds)')
     out = {'task': task, 'seed': seed, 'checkpoint': str(checkpoint)}
 
     start = time.time()
@@ -138,16 +149,18 @@ def run_cell(context: RunContext, hp: HelpBenchProfile, task: str, seed: int) ->
     modes = {UNWATCHED: _jobs(task, p, checkpoint, first, hp.episodes),
              CONTINUOUS: _jobs(task, p, checkpoint, first, hp.episodes,
                                operator=operator + (('watch', 'continuous'),))}
-    for alpha, calibration in calibrations.items():
-        watch = (('watch', 'on_request'), ('answer_probability', hp.answer_probability),
-                 ('check_rate_hz', hp.check_rate_hz), ('check_steps', hp.check_steps))
-        help_params = (('help_threshold', calibration.help_threshold),
-                       ('help_clear_above', calibration.help_clear_above),
-                       ('help_below_for_s', calibration.help_below_for_s),
-                       ('help_stall_window_s', 0.0))  # the calibrated rule alone
-        modes[mode_name(alpha)] = _jobs(task, p, checkpoint, first, hp.episodes,
-                                        operator=operator + watch, viability=True,
-                                        help=help_params)
+    for answer in hp.answers:
+        for alpha, calibration in calibrations.items():
+            watch = (('watch', 'on_request'), ('answer', answer),
+                     ('answer_probability', hp.answer_probability),
+                     ('check_rate_hz', hp.check_rate_hz), ('check_steps', hp.check_steps))
+            help_params = (('help_threshold', calibration.help_threshold),
+                           ('help_clear_above', calibration.help_clear_above),
+                           ('help_below_for_s', calibration.help_below_for_s),
+                           ('help_stall_window_s', 0.0))  # the calibrated rule alone
+            modes[mode_name(alpha, answer)] = _jobs(
+                task, p, checkpoint, first, hp.episodes, operator=operator + watch,
+                viability=True, help=help_params)
     out['modes'] = {}
     for name, jobs in modes.items():
         results = context.episodes(jobs, f'{task} seed {seed}: {name}', 'modes')
@@ -213,14 +226,15 @@ def verdict(request: dict, continuous: dict, difference: tuple[float, float, flo
                     continuous['intervention_steps_per_success'])
     if mine is None or not theirs:
         return 'no successes to compare' if mine is None else 'continuous: no intervention'
-    cut = 1.0 - mine / theirs
+    change = mine / theirs - 1.0
     equal = difference[2] >= 0.0 and request['success_rate'] >= continuous['success_rate']
     worse = difference[2] < 0.0
     success_note = ('equal or better success' if equal else
-                    'lower success (the paired interval excludes 0)' if worse else
+                    f'success {100 * difference[0]:+.0f} points (the paired interval excludes 0)'
+                    if worse else
                     f'success {100 * difference[0]:+.0f} points, paired interval includes 0')
-    met = 'yes' if cut >= 0.5 and equal else 'no'
-    return f'{met}: {100 * cut:+.0f}% intervention steps per success, {success_note}'
+    met = 'yes' if change <= -0.5 and equal else 'no'
+    return f'{met}: intervention steps per success {100 * change:+.0f}%, {success_note}'
 
 
 def report(cells: list[dict], hp: HelpBenchProfile) -> str:
@@ -241,7 +255,7 @@ def report(cells: list[dict], hp: HelpBenchProfile) -> str:
             s = summaries[name]
             per = s['intervention_steps_per_success']
             against = '-'
-            if name.startswith('request@'):
+            if name not in (UNWATCHED, CONTINUOUS):
                 difference = paired_difference(pooled[name], pooled[CONTINUOUS])
                 against = verdict(s, summaries[CONTINUOUS], difference)
             lines.append(
@@ -346,6 +360,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--false-alarm-rates', type=float, nargs='+',
                         help='--help-requests: target false-alarm rates, one threshold each '
                         '(default 0.05 0.1 0.2)')
+    parser.add_argument('--answers', nargs='+', choices=list(ANSWER_MODES),
+                        help='--help-requests: how the on-request operator answers, one set of '
+                        'modes each: take_over (request@rate) and/or judge (judge@rate); '
+                        'default both')
+    parser.add_argument('--train-from', type=Path,
+                        help="--help-requests: take each seed's HABC checkpoint from this "
+                        'earlier run of the same profile instead of training again')
+    parser.add_argument('--report-only', action='store_true',
+                        help='--help-requests: rebuild help_requests.md and .png from the '
+                        "--out folder's help_requests.json (a finished or running run)")
     parser.add_argument('--check-rate', type=float,
                         help='--help-requests: spontaneous checks per second of the '
                         'on-request operator (default 0.05)')
@@ -376,6 +400,8 @@ def make_profile(args: argparse.Namespace) -> HelpBenchProfile:
         overrides['false_alarm_rates'] = tuple(args.false_alarm_rates)
     if args.check_rate is not None:
         overrides['check_rate_hz'] = args.check_rate
+    if args.answers:
+        overrides['answers'] = tuple(dict.fromkeys(args.answers))
     profile = replace(base, training=training, **overrides)
     if any(not 0 < a < 1 for a in profile.false_alarm_rates):
         raise ValueError('--false-alarm-rates must lie in (0, 1)')
@@ -389,6 +415,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from habc_sim.rollouts import WorkerPool
+    if args.report_only:
+        return write_report(args.out)
     try:
         hp = make_profile(args)
     except ValueError as exc:
@@ -400,34 +428,68 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     cells = []
+    command = f'habc bench {" ".join(sys.argv[2:])}'
     with WorkerPool(args.workers) as pool:
         context = RunContext(p, args.out, pool, not args.no_progress)
         for task in p.tasks:
             for seed in range(p.first_seed, p.first_seed + p.seeds):
-                cells.append(run_cell(context, hp, task, seed))
-                _write(args.out, hp, cells, context)
+                try:
+                    cells.append(run_cell(context, hp, task, seed, args.train_from))
+                except FileNotFoundError as exc:
+                    print(f'habc bench: {exc}', file=sys.stderr)
+                    return 2
+                _write(args.out, hp, cells, context, command)
     context.add_time('total_s', time.time() - start)
-    _write(args.out, hp, cells, context)
-    body = report(cells, hp)
-    header = (f'# habc bench --help-requests\n\nCommand: `habc bench {" ".join(sys.argv[2:])}`'
+    _write(args.out, hp, cells, context, command)
+    return write_report(args.out)
+
+
+def write_report(out: Path) -> int:
+    """Write help_requests.md and .png from out/help_requests.json; print the tables."""
+    path = out / 'help_requests.json'
+    try:
+        payload = json.loads(path.read_text())
+        cells, hp = payload['cells'], _profile_of(payload['profile'])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f'habc bench: cannot report from {path}: {exc}', file=sys.stderr)
+        return 2
+    if not cells:
+        print(f'habc bench: {path} holds no finished cell yet', file=sys.stderr)
+        return 2
+    p = hp.training
+    command = payload.get('command', 'habc bench --help-requests')
+    header = (f'# habc bench --help-requests\n\nCommand: `{command}`'
               f'\n\nPolicy and critic: SFT then {p.stage1_rounds} HABC rounds of '
               f'{p.rollouts_per_round} rollouts watched by the continuous operator. Thresholds '
               f'from {hp.calibration_episodes} tuning states per seed; p_v calibration on '
               f'{hp.heldout_episodes} held-out states; every mode on the same {hp.episodes} '
-              'other held-out states per seed. On request: requests answered with probability '
-              f'{hp.answer_probability:g} after the reaction delay ({p.operator_reaction_steps} '
-              f'steps), spontaneous checks at {hp.check_rate_hz:g} Hz of {hp.check_steps} steps '
-              f'each, the low rule alone (p_v below the threshold for {hp.below_for_s:g} s). '
-              f'Wall time {time.time() - start:.0f} s.\n')
-    (args.out / 'help_requests.md').write_text(header + body)
-    plot(cells, args.out / 'help_requests.png')
+              'other held-out states per seed. On request, the operator watches only while '
+              'the robot asks, plus spontaneous checks at '
+              f'{hp.check_rate_hz:g} Hz of {hp.check_steps} steps each. request@rate: asked, it '
+              f'takes over (probability {hp.answer_probability:g}) after the reaction delay '
+              f'({p.operator_reaction_steps} steps); judge@rate: asked, it watches with the '
+              "continuous watcher's detectors while the request is open. Requests from the "
+              f'low rule alone (p_v below the threshold for {hp.below_for_s:g} s). '
+              f"Wall time {payload['timing_s'].get('total_s', float('nan')):.0f} s.\n")
+    body = report(cells, hp)
+    (out / 'help_requests.md').write_text(header + body)
+    plot(cells, out / 'help_requests.png')
     print(body)
-    print(f'wrote {args.out}/help_requests.json, help_requests.md, help_requests.png')
+    print(f'wrote {out}/help_requests.json, help_requests.md, help_requests.png')
     return 0
 
 
-def _write(out: Path, hp: HelpBenchProfile, cells: list[dict], context: RunContext) -> None:
-    payload = {'profile': asdict(hp), 'timing_s': {k: round(v, 1) for k, v in
-                                                   sorted(context.timing.items())},
+def _profile_of(saved: dict) -> HelpBenchProfile:
+    # A profile back from its JSON (lists back to tuples).
+    def tuples(values: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return HelpBenchProfile(**{**tuples(saved), 'training': BenchProfile(
+        **tuples(saved['training']))})
+
+
+def _write(out: Path, hp: HelpBenchProfile, cells: list[dict], context: RunContext,
+           command: str) -> None:
+    payload = {'command': command, 'profile': asdict(hp),
+               'timing_s': {k: round(v, 1) for k, v in sorted(context.timing.items())},
                'training_results': context.results, 'cells': cells}
     (out / 'help_requests.json').write_text(json.dumps(payload, indent=1) + '\n')

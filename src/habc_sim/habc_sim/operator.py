@@ -11,11 +11,13 @@ policy -> human, and policy -> human -> policy.
 It watches in one of two ways (`OperatorConfig.watch`):
   continuous  every step, as a person who does nothing but watch this robot;
   on_request  only while the robot asks for help (habc_policy.help_request), plus
-              spontaneous checks at a low rate. Asked, the person comes over (the same
-              reaction delay) and takes over with `answer_probability`, deciding once per
-              request; in a check they judge with the continuous watcher's detectors,
-              whose stall window counts watched steps only (a glance cannot tell a stall).
-              The skill (the expert driving a takeover) and the hand-back are the same.
+              spontaneous checks at a low rate. Asked (`answer`), the person either comes
+              over and takes over (take_over: after the same reaction delay, with
+              `answer_probability`, deciding once per request), or watches the robot
+              while the request is open and judges with the continuous watcher's
+              detectors (judge). A spontaneous check judges the same way. The stall
+              window counts watched steps only (a glance cannot tell a stall). The skill
+              (the expert driving a takeover) and the hand-back are the same.
 `attention_steps` counts the steps the operator spent watching or driving.
 
 This core knows nothing about ROS; the simulation benchmark calls it in-process and the
@@ -43,6 +45,13 @@ class Watch(enum.StrEnum):
     ON_REQUEST = 'on_request'
 
 
+class Answer(enum.StrEnum):
+    """What the on-request operator does when asked (module docstring)."""
+
+    TAKE_OVER = 'take_over'   # trusts the robot: takes over after the reaction delay
+    JUDGE = 'judge'           # watches while the request is open, with the detectors
+
+
 # Why a takeover happened, besides a detector's name: the robot asked for help.
 HELP_REQUEST = 'help_request'
 
@@ -63,7 +72,8 @@ class OperatorConfig:
     max_takeovers: int = 2
     objects: tuple[str, ...] = field(default=('box',))
     watch: str = Watch.CONTINUOUS
-    answer_probability: float = 1.0    # on_request: take over when asked (after the delay)
+    answer: str = Answer.TAKE_OVER     # on_request: what the operator does when asked
+    answer_probability: float = 1.0    # on_request, take_over: take over when asked
     check_rate_hz: float = 0.0         # on_request: spontaneous checks per second (Poisson)
     check_steps: int = 50              # on_request: how long a spontaneous check watches
     step_s: float = 0.02               # one control step (s): converts check_rate_hz
@@ -76,6 +86,9 @@ class OperatorConfig:
         if self.watch not in Watch.__members__.values():
             raise ValueError(f'OperatorConfig.watch must be one of {[w.value for w in Watch]}, '
                              f'got {self.watch!r}')
+        if self.answer not in Answer.__members__.values():
+            raise ValueError(f'OperatorConfig.answer must be one of '
+                             f'{[a.value for a in Answer]}, got {self.answer!r}')
         if self.check_rate_hz < 0 or self.check_steps < 1 or self.step_s <= 0:
             raise ValueError('OperatorConfig: check_rate_hz >= 0, check_steps >= 1 and '
                              'step_s > 0')
@@ -177,7 +190,8 @@ class ScriptedOperator:
                     self._take_over(t, HELP_REQUEST)
                     took_over = True
                 elif self._attend(t, help_requested):
-                    self._watch(t, privileged)
+                    asked = help_requested and c.answer == Answer.JUDGE
+                    self._watch(t, privileged, HELP_REQUEST if asked else '')
             elif c.watch == Watch.CONTINUOUS or self.pending_takeover is not None:
                 self.attention_steps += 1  # a reaction under way; or watching all along
         else:
@@ -199,8 +213,9 @@ class ScriptedOperator:
         self.attention_steps += 1
         self.will_hand_back = bool(self.rng.random() < self.config.handback_probability)
 
-    def _watch(self, t: int, privileged: dict) -> None:
-        # Run the detectors on this step; one that fires may schedule a takeover.
+    def _watch(self, t: int, privileged: dict, cause: str = '') -> None:
+        # Run the detectors on this step; one that fires may schedule a takeover (whose
+        # cause is `cause` when given: the robot asked, the detector confirmed).
         c = self.config
         detector = self.detect(privileged, t)
         if detector is not None and detector not in self.declined:
@@ -208,7 +223,7 @@ class ScriptedOperator:
             self.fired.append((t, str(detector), act))
             if act:
                 self.pending_takeover = t + c.reaction_delay_steps
-                self._pending_cause = str(detector)
+                self._pending_cause = cause or str(detector)
             else:
                 # A person who decided to let this one go does not keep reconsidering.
                 self.declined.add(detector)
@@ -222,30 +237,42 @@ class ScriptedOperator:
         if self._request_since is None:
             self._request_since = t
             self.requests_seen += 1
+        if self.config.answer == Answer.JUDGE:
+            return False  # watched with the detectors instead (_attend)
         if self._request_decided or t - self._request_since < self.config.reaction_delay_steps:
             return False
         self._request_decided = True
         return bool(self.rng.random() < self.config.answer_probability)
 
     def _attend(self, t: int, help_requested: bool) -> bool:
-        # On request: count the steps spent coming to a request; return whether a
-        # spontaneous check watches step t (with the detectors). A request is the request
-        # path's alone: the person decides on it once, and a declined one is left alone.
+        # On request: count the steps spent coming to a request; return whether the
+        # detectors watch step t: a spontaneous check, or (answer judge) an open request.
+        # Answering take_over, a request is the request path's alone: the person decides on
+        # it once, and a declined one is left alone.
         c = self.config
-        if help_requested and not self._request_decided:
+        if help_requested and c.answer == Answer.JUDGE:
+            checking = True   # asked: watch with the detectors while the request is open
+        elif help_requested and not self._request_decided:
             self.attention_steps += 1
             self._attending = False
             return False
-        if t >= self._check_until and c.check_rate_hz > 0 and (
-                self.rng.random() < c.check_rate_hz * c.step_s):
-            self._check_until = t + c.check_steps
-        checking = t < self._check_until
+        else:
+            checking = self._checking(t, help_requested)
         if checking and not self._attending:
             self._history = []  # the stall window counts watched time only
         self._attending = checking
         if checking:
             self.attention_steps += 1
         return checking
+
+    def _checking(self, t: int, help_requested: bool) -> bool:
+        # Whether a spontaneous check (started now at check_rate_hz, or earlier) covers t;
+        # none starts while a request is open.
+        c = self.config
+        if (not help_requested and t >= self._check_until and c.check_rate_hz > 0
+                and self.rng.random() < c.check_rate_hz * c.step_s):
+            self._check_until = t + c.check_steps
+        return t < self._check_until
 
     def _progress(self, privileged: dict) -> bool:
         # Hand back only once the expert has the object in hand and lifted.

@@ -89,7 +89,8 @@ def _quick_bench(out, *extra):
                              '--out', str(out), '--no-progress', *extra],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((out / 'results.json').read_text())
+    name = 'help_requests.json' if '--help-requests' in extra else 'results.json'
+    return json.loads((out / name).read_text())
 
 
 @pytest.mark.timeout(900)  # ~20 s on an idle 2-core machine; minutes when it is loaded
@@ -171,3 +172,32 @@ def test_the_same_command_gives_the_same_numbers(tmp_path):
 
     assert numbers(both, 1) == numbers(alone, 1)
     assert numbers(both, 0) != numbers(alone, 1)  # the seeds are different experiments
+
+
+@pytest.mark.timeout(900)
+def test_quick_help_request_bench_end_to_end(tmp_path):
+    # A quick run's policy never succeeds, so nothing can be calibrated: the run says so and
+    # compares the modes it can (nobody watching, continuous watching) on the same states.
+    out, again = tmp_path / 'help', tmp_path / 'again'
+    _quick_bench(out, '--help-requests')
+    payload = json.loads((out / 'help_requests.json').read_text())
+    assert payload['command'].startswith('habc bench --quick')
+    cell, = payload['cells']
+    assert list(cell['modes']) == ['unwatched', 'continuous']
+    assert all('no successful episode' in problem for problem in cell['problems'])
+    unwatched, continuous = cell['modes']['unwatched'], cell['modes']['continuous']
+    assert [r['seed'] for r in unwatched] == [r['seed'] for r in continuous]
+    assert all(r['attention_steps'] == 0 for r in unwatched)
+    assert all(r['attention_steps'] == r['steps'] for r in continuous)
+    assert 0.0 <= cell['reliability']['brier'] <= 1.0
+    assert 'not calibrated' in (out / 'help_requests.md').read_text()
+    assert (out / 'help_requests.png').stat().st_size > 1000
+    # The same checkpoints again, without training: the same episodes.
+    _quick_bench(again, '--help-requests', '--train-from', str(out))
+    assert not (again / 'transfer_cube-state-seed0').exists()
+    repeat = json.loads((again / 'help_requests.json').read_text())['cells'][0]
+    assert repeat['modes'] == cell['modes']
+    (out / 'help_requests.md').unlink()
+    result = subprocess.run([sys.executable, '-m', 'habc.cli', 'bench', '--help-requests',
+                             '--report-only', '--out', str(out)], capture_output=True, text=True)
+    assert result.returncode == 0 and (out / 'help_requests.md').is_file()

@@ -131,3 +131,16 @@ def test_continuous_watching_counts_every_step_as_attention():
     for t in range(12):
         op.step(t, state())
     assert op.attention_steps == 12
+
+
+def test_on_request_judging_watches_only_while_asked_and_uses_the_detectors():
+    op = operator(watch='on_request', answer='judge', takeover_probability=1.0)
+    for t in range(20):                       # stalled, but nobody asked: nothing happens
+        assert op.step(t, state()) == (Controller.POLICY, False)
+    # Asked at 20: the operator watches; the stall needs 5 watched steps (fires at 24), then
+    # the reaction delay of 3: the takeover at 27, caused by the request.
+    controllers = [op.step(t, state(), help_requested=True)[0] for t in range(20, 30)]
+    assert op.fired == [(24, 'stall', True)] and controllers.index(Controller.HUMAN) == 7
+    assert op.causes == ['help_request'] and op.attention_steps == 10
+    with pytest.raises(ValueError, match='answer must be one of'):
+        OperatorConfig(answer='ignore')
