@@ -17,6 +17,7 @@ from pathlib import Path
 import sys
 
 from habc_common.update_trust import (
+    companions_digest,
     create_key_pair,
     DEFAULT_POLICY_NAME,
     DEFAULT_SIGNING_KEY,
@@ -95,8 +96,10 @@ def _sign(args: argparse.Namespace) -> int:
     sha256 = digest.hexdigest()
     key = load_signing_key(args.key)
     uri = str(folder)
+    # The critic and calibration beside the weights are signed with them (sign again after
+    # habc calibrate).
     token = encode_token(version, key.key_id, key.sign(
-        UpdateClaim(version, sha256, uri, args.policy_name)))
+        UpdateClaim(version, sha256, uri, args.policy_name, companions_digest(folder))))
     print(f'# {folder} as version {version} of policy {args.policy_name!r}, signed by key '
           f'{key.key_id}. In this order (weights_uri starts the load):')
     print(f'ros2 param set {args.node} expected_sha256 {sha256}')

@@ -49,19 +49,45 @@ class UntrustedUpdateError(Exception):
     """An update that must not drive the robot; str(exc) is the reason, for the status."""
 
 
+# Files beside the weights that the signature covers too, when present: the critic that
+# raises help requests and its calibrated threshold (habc calibrate).
+COMPANION_FILES = ('critic.safetensors', 'help_calibration.json')
+
+
+def companions_digest(folder: str | Path) -> str:
+    """Return the SHA-256 over a checkpoint's companion files ('' when it has none).
+
+    The digest covers each present file's name and content hash, in COMPANION_FILES order,
+    so adding, removing or changing one changes it.
+    """
+    lines = []
+    for name in COMPANION_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            lines.append(f'{name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n')
+    return hashlib.sha256(''.join(lines).encode()).hexdigest() if lines else ''
+
+
 @dataclass(frozen=True)
 class UpdateClaim:
-    """What a signature vouches for: this version of this policy is these weights, there."""
+    """What a signature vouches for: this version of this policy is these weights, there.
+
+    `companions_sha256` (companions_digest) vouches for the critic and calibration beside
+    the weights; a claim without it is the same bytes as before it existed.
+    """
 
     version: int
     sha256: str
     uri: str
     policy_name: str
+    companions_sha256: str = ''
 
     def signed_bytes(self) -> bytes:
         """Return the canonical bytes the signature covers."""
         body = {'version': int(self.version), 'sha256': self.sha256.lower(), 'uri': self.uri,
                 'policy_name': self.policy_name}
+        if self.companions_sha256:
+            body['companions_sha256'] = self.companions_sha256.lower()
         return SIGNATURE_CONTEXT + json.dumps(body, sort_keys=True,
                                               separators=(',', ':')).encode()
 

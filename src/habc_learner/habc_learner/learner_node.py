@@ -41,6 +41,7 @@ from habc_common.node_main import spin_node
 from habc_common.params import declare_node_parameters
 from habc_common.qos import LATCHED
 from habc_common.update_trust import (
+    companions_digest,
     ensure_key_pair,
     load_signing_key,
     public_path,
@@ -80,7 +81,9 @@ def policy_update_message(result: RoundResult, key: SigningKey,
     msg.uri = result.path.resolve().as_uri()  # file:///abs/dir, percent-encoded
     msg.policy_name = policy_name
     msg.key_id = key.key_id
-    msg.signature = list(key.sign(UpdateClaim(msg.version, msg.sha256, msg.uri, policy_name)))
+    # Over the critic and its calibration too: the robot trusts its help requests as much.
+    msg.signature = list(key.sign(UpdateClaim(msg.version, msg.sha256, msg.uri, policy_name,
+                                              companions_digest(result.path))))
     msg.metrics = [KeyValue(key=key, value=f'{value:.6g}' if isinstance(value, float)
                             else str(value))
                    for key, value in sorted(result.metrics.items())]

@@ -12,9 +12,15 @@ from ros_helpers import Child
 from std_msgs.msg import String
 
 from habc_common.qos import LATCHED
-from habc_common.update_trust import TrustList, UntrustedUpdateError, UpdateClaim
+from habc_common.update_trust import (
+    companions_digest,
+    TrustList,
+    UntrustedUpdateError,
+    UpdateClaim,
+)
 from habc_msgs.msg import PolicyUpdate
 from habc_policy.models.base import sha256_file
+from habc_policy.policy_runtime import resolve_checkpoint_dir
 
 pytestmark = pytest.mark.ros
 STEPS = 12
@@ -72,7 +78,11 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         child.wait_for('created the signing key pair')
         trust = TrustList([str(tmp_path / 'keys')])
         assert update.policy_name == 'habc'
-        claim = UpdateClaim(update.version, update.sha256, update.uri, update.policy_name)
+        # Over the weights and the critic beside them (companions_digest).
+        folder = resolve_checkpoint_dir(update.uri)
+        assert (folder / 'critic.safetensors').is_file()
+        claim = UpdateClaim(update.version, update.sha256, update.uri, update.policy_name,
+                            companions_digest(folder))
         assert trust.verify(claim, update.key_id, bytes(update.signature)) == update.key_id
         with pytest.raises(UntrustedUpdateError, match='does not match'):
             trust.verify(replace(claim, version=3), update.key_id, bytes(update.signature))

@@ -38,7 +38,7 @@ All times are seconds passed in by the caller.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import hashlib
 import math
 import os
@@ -55,6 +55,7 @@ from habc_common.checkpoints import LEARNER_WORK_DIR
 from habc_common.control_loop import ControlThreadParams
 from habc_common.params import param
 from habc_common.update_trust import (
+    companions_digest,
     decode_token,
     DEFAULT_KEY_DIR,
     DEFAULT_POLICY_NAME,
@@ -452,13 +453,14 @@ class PolicyRuntime:
                                    f'{self.newest_number()}')
             if not is_sha256(sha256):
                 raise WeightsError(f'sha256 {sha256!r} is not 64 hex digits')
-            self._check_claim(UpdateClaim(version, sha256, uri, policy_name), signer,
-                              bytes(signature))
+            companions = self._verify_claim(UpdateClaim(version, sha256, uri, policy_name),
+                                            signer, bytes(signature))
             if data:
                 loaded = self._load_inline(bytes(data), sha256.lower(), PolicyVersion(version))
             else:
                 loaded = self._load_checkpoint(uri, sha256, version=PolicyVersion(version),
-                                               require_sha=True, within_roots=True)
+                                               require_sha=True, within_roots=True,
+                                               signed_companions=companions)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(source, str(version), str(exc))
@@ -475,7 +477,7 @@ class PolicyRuntime:
         load under their own version, or above the active one with a 'manual-' tag.
         """
         try:
-            version = None
+            version, companions = None, None
             if self.gate.require_signature or signature_token:
                 try:
                     number, signer, signature = decode_token(signature_token)
@@ -488,16 +490,49 @@ class PolicyRuntime:
                     raise WeightsError(f'signed version {number} is not newer than '
                                        f'{self.newest_number()}; sign it with a higher '
                                        '--version')
-                self._check_claim(UpdateClaim(number, expected_sha256, uri,
-                                              self.gate.policy_name), signer, signature)
+                companions = self._verify_claim(UpdateClaim(number, expected_sha256, uri,
+                                                            self.gate.policy_name),
+                                                signer, signature)
                 version = PolicyVersion(number, MANUAL_TAG + expected_sha256.lower()[:12])
             loaded = self._load_checkpoint(uri, expected_sha256, version=version,
-                                           require_sha=False, manual=True, within_roots=True)
+                                           require_sha=False, manual=True, within_roots=True,
+                                           signed_companions=companions)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(uri, '', str(exc))
             raise
         return loaded
+
+    def _verify_claim(self, claim: UpdateClaim, signer: str, signature: bytes) -> str | None:
+        """Check an update's signature; return which companions it covers.
+
+        None: no signature is in play (companion files load as they are); otherwise the
+        companions_digest the signature covers ('' when it covers none: a checkpoint
+        calibrated or given a critic after it was signed, or an older signer).
+        """
+        if not (self.gate.require_signature or signature):
+            self._check_claim(claim, signer, signature)
+            return None
+        try:
+            companions = companions_digest(resolve_checkpoint_dir(claim.uri))
+        except (WeightsError, OSError):
+            companions = ''  # the load reports a bad URI
+        if companions:
+            try:
+                self._check_claim(replace(claim, companions_sha256=companions), signer,
+                                  signature)
+                return companions
+            except WeightsError:
+                pass  # perhaps signed over the weights alone: checked next
+        try:
+            self._check_claim(claim, signer, signature)
+        except WeightsError as exc:
+            if companions:
+                raise WeightsError(f'{exc} (the critic and help_calibration.json beside the '
+                                   'weights are signed with them: after habc calibrate, '
+                                   'sign again with habc keys sign)') from None
+            raise
+        return ''
 
     def _check_claim(self, claim: UpdateClaim, signer: str, signature: bytes) -> None:
         try:
@@ -586,7 +621,8 @@ class PolicyRuntime:
 
     def _load_checkpoint(self, uri: str, expected_sha256: str, version: PolicyVersion | None,
                          require_sha: bool, manual: bool = False,
-                         within_roots: bool = False) -> LoadedPolicy:
+                         within_roots: bool = False,
+                         signed_companions: str | None = None) -> LoadedPolicy:
         from habc_policy.models.base import load_policy, sha256_file, WEIGHTS_FILE
 
         folder = resolve_checkpoint_dir(uri)
@@ -628,15 +664,22 @@ class PolicyRuntime:
         elif version is None:
             version = own
         loaded = self._finish_load(policy, version, digest, str(folder))
-        self._attach_critic(loaded, folder)
+        self._attach_critic(loaded, folder, signed_companions)
         return loaded
 
-    def _attach_critic(self, loaded: LoadedPolicy, folder: Path) -> None:
+    def _attach_critic(self, loaded: LoadedPolicy, folder: Path,
+                       signed_companions: str | None = None) -> None:
         # The critic that was trained with these weights, from the same folder. A missing or
         # foreign critic is reported (policy/status), never a reason to refuse the actor.
+        # Under a signature, only the critic and calibration it covers (signed_companions).
         from habc_policy.help_calibration import HelpCalibration
         from habc_policy.models.critic import load_policy_critic
 
+        if signed_companions == '' and companions_digest(folder):
+            loaded.critic_problem = ("the update's signature does not cover the critic and "
+                                     'calibration beside the weights (changed after signing?'
+                                     ' sign again: habc keys sign); no help requests')
+            return
         result = load_policy_critic(folder, loaded.policy)
         loaded.critic, loaded.critic_problem = result.critic, result.problem
         if loaded.critic is not None:
@@ -644,6 +687,10 @@ class PolicyRuntime:
                 loaded.help_calibration = HelpCalibration.load(folder)
             except ValueError as exc:
                 loaded.help_calibration_problem = str(exc)
+        if signed_companions and companions_digest(folder) != signed_companions:
+            loaded.critic, loaded.help_calibration = None, None
+            loaded.critic_problem = ('the critic or calibration changed while it was loaded '
+                                     '(no longer what the update signed); no help requests')
 
     def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any]) -> tuple[float, float]:
         """Return (p_v, V_e) of the critic of `loaded` on model inputs (nan without one)."""

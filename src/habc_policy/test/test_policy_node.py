@@ -19,6 +19,7 @@ import torch
 from habc_common.params import check_parameter_file
 from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS, SENSOR_DATA
 from habc_common.update_trust import (
+    companions_digest,
     create_key_pair,
     encode_token,
     load_signing_key,
@@ -260,7 +261,8 @@ class Harness:
                            policy_name='habc')
         if signed:  # as the learner signs it
             msg.key_id = self.key.key_id
-            msg.signature = list(self.key.sign(UpdateClaim(version, sha256, msg.uri, 'habc')))
+            msg.signature = list(self.key.sign(UpdateClaim(
+                version, sha256, msg.uri, 'habc', companions_digest(self.checkpoints / name))))
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self.updates.publish(msg)
 
@@ -410,7 +412,8 @@ def test_weights_uri_parameter_goes_through_the_verified_path(harness):
     # As `habc keys sign` prints it: hash and signature first, then the URI.
     uri, sha = str(harness.checkpoints / 'v5'), harness.shas['v5']
     token = encode_token(5, harness.key.key_id,
-                         harness.key.sign(UpdateClaim(5, sha, uri, 'habc')))
+                         harness.key.sign(UpdateClaim(5, sha, uri, 'habc',
+                                                      companions_digest(uri))))
     node.set_parameters([Parameter('expected_sha256', value=sha)])
     node.set_parameters([Parameter('weights_signature', value=token)])
     node.set_parameters([Parameter('weights_uri', value=uri)])

@@ -12,6 +12,7 @@ from safetensors.torch import save as save_safetensors
 import torch
 
 from habc_common.update_trust import (
+    companions_digest,
     create_key_pair,
     encode_token,
     load_signing_key,
@@ -114,7 +115,8 @@ def offer(runtime: PolicyRuntime, version: int, sha256: str, uri: str = '', *,
           policy_name: str = 'habc'):
     """Offer a PolicyUpdate signed as the learner signs it (key None: unsigned)."""
     signer = TRUST[key] if key else None
-    signature = signer.sign(UpdateClaim(version, sha256, uri, policy_name)) if signer else b''
+    signature = (signer.sign(UpdateClaim(version, sha256, uri, policy_name, companions(uri)))
+                 if signer else b'')
     return runtime.offer_update(version, sha256, uri, data, fmt, policy_name,
                                 signer.key_id if signer else '', signature)
 
@@ -124,8 +126,17 @@ def offer_uri(runtime: PolicyRuntime, uri: str, sha256: str, version: int,
     """Set weights_uri with the signature token `habc keys sign` prints."""
     signer = TRUST[key]
     token = encode_token(version, signer.key_id,
-                         signer.sign(UpdateClaim(version, sha256, uri, 'habc')))
+                         signer.sign(UpdateClaim(version, sha256, uri, 'habc',
+                                                 companions(uri))))
     return runtime.offer_weights_uri(uri, sha256, token)
+
+
+def companions(uri: str) -> str:
+    """Return what the learner signs beside the weights ('' for a missing folder)."""
+    try:
+        return companions_digest(resolve_checkpoint_dir(uri)) if uri else ''
+    except WeightsError:
+        return ''
 
 
 def test_uris_resolve_to_checkpoint_folders(checkpoints, tmp_path):
@@ -822,3 +833,39 @@ def test_a_checkpoint_without_a_usable_critic_acts_and_says_why(tmp_path, case):
     assert expected in problem
     result = runtime.infer(observation(100.0))
     assert result.accepted and math.isnan(result.viability)
+
+
+def test_the_signature_covers_the_critic_and_calibration_beside_the_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from habc_policy.help_calibration import CALIBRATION_FILE
+    from habc_policy.models.critic import CRITIC_FILE, DualHeadCritic
+
+    make_checkpoint(tmp_path / 'sft', 'sft', 0)
+    sha = make_checkpoint(tmp_path / 'v2', '2', 1)
+    feature_dim = load_policy(tmp_path / 'v2').feature_dim
+    save_file(DualHeadCritic(feature_dim, 8, 1).state_dict(), str(tmp_path / 'v2' / CRITIC_FILE))
+    uri = str(tmp_path / 'v2')
+    signer = TRUST['trusted']
+    # Signed as the learner signs: weights, critic and all.
+    runtime = runtime_with(tmp_path / 'sft')
+    assert offer(runtime, 2, sha, uri).critic_problem == ''
+    # Signed over the weights alone (an older signer): the actor loads, the critic does not.
+    runtime = runtime_with(tmp_path / 'sft')
+    loaded = runtime.offer_update(2, sha, uri, b'', 'safetensors', 'habc', signer.key_id,
+                                  signer.sign(UpdateClaim(2, sha, uri, 'habc')))
+    assert loaded.critic is None and 'does not cover the critic' in loaded.critic_problem
+    # Calibrated after it was signed: the signature vouched for weights and critic together,
+    # and no longer matches: the update is refused, with what to do.
+    signature = signer.sign(UpdateClaim(2, sha, uri, 'habc',
+                                        companions_digest(tmp_path / 'v2')))
+    (tmp_path / 'v2' / CALIBRATION_FILE).write_text('{}')
+    runtime = runtime_with(tmp_path / 'sft')
+    with pytest.raises(WeightsError, match='sign again with habc keys sign'):
+        runtime.offer_update(2, sha, uri, b'', 'safetensors', 'habc', signer.key_id,
+                             signature)
+    assert runtime.status()['active_version'] == '1:sft'
+    # Signed again: the calibrated critic goes live with the weights.
+    loaded = offer(runtime, 2, sha, uri)
+    assert loaded.critic is not None and loaded.help_calibration is None
+    assert 'not a help calibration' in loaded.help_calibration_problem
