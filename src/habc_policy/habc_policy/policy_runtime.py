@@ -692,13 +692,20 @@ class PolicyRuntime:
             loaded.critic_problem = ('the critic or calibration changed while it was loaded '
                                      '(no longer what the update signed); no help requests')
 
-    def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any]) -> tuple[float, float]:
-        """Return (p_v, V_e) of the critic of `loaded` on model inputs (nan without one)."""
-        from habc_policy.models.critic import estimate
+    def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any],
+                  features: Any = None) -> tuple[float, float]:
+        """Return (p_v, V_e) of the critic of `loaded` on model inputs (nan without one).
+
+        `features`: the policy's encoding of these inputs, when the inference computed it.
+        """
+        from habc_policy.models.critic import estimate, estimate_from_features
 
         if loaded.critic is None:
             return math.nan, math.nan
-        p_v, v_e = estimate(loaded.policy, loaded.critic, self._batch(inputs))
+        if features is None:
+            p_v, v_e = estimate(loaded.policy, loaded.critic, self._batch(inputs))
+        else:
+            p_v, v_e = estimate_from_features(loaded.critic, features)
         return float(p_v[0]), float(v_e[0])
 
     def _load_inline(self, data: bytes, sha256: str, version: PolicyVersion) -> LoadedPolicy:
@@ -868,7 +875,11 @@ class PolicyRuntime:
         start_time = observation.stamp + self.period
         prefix, delay = self.guided_prefix(active.policy, start_time)
         started = time.monotonic()
-        if prefix is None:
+        features = None
+        if prefix is None and active.critic is not None:
+            # The chunk and the critic's features from one encoder pass.
+            actions, features = self._predict_with_features(active.policy, inputs)
+        elif prefix is None:
             actions = self._predict(active.policy, inputs)
         else:
             actions = np.asarray(active.policy.predict_action_chunk(
@@ -897,7 +908,7 @@ class PolicyRuntime:
         skipped = (0 if self.clock is None
                    else self.executor.past_due(start_time, actions.shape[0], self.clock()))
         # After the chunk is queued: the critic never delays the robot's plan.
-        p_v, v_e = self.viability(active, inputs)
+        p_v, v_e = self.viability(active, inputs, features)
         return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
                            accepted, latency, observation, skipped=skipped, late=late,
                            viability=p_v, efficiency_value=v_e)
@@ -933,6 +944,15 @@ class PolicyRuntime:
         with torch.inference_mode():
             chunk = policy.sample_chunks(batch)[0]
         return chunk.float().cpu().numpy()
+
+    def _predict_with_features(self, policy: Any, inputs: dict[str, Any]) -> tuple[np.ndarray,
+                                                                                    Any]:
+        import torch
+
+        batch = self._batch(inputs)
+        with torch.inference_mode():
+            chunks, features = policy.sample_chunks_and_features(batch)
+        return chunks[0].float().cpu().numpy(), features
 
 
 def _image_shape(config: Any) -> tuple[int, int]:

@@ -289,3 +289,23 @@ def test_small_vla_rejects_wrong_views_with_a_clear_error():
         policy.encode(batch)
     with pytest.raises(ValueError, match='num_views must be 1-3'):
         SmallVLAConfig(num_views=4)
+
+
+@pytest.mark.parametrize('kind', ['lowdim_flow', 'lowdim_chunk', 'vla_flow', 'vla_l2'])
+def test_chunks_and_critic_features_come_from_one_pass_and_match_the_two_calls(kind):
+    # The robot's critic reads the features of the observation the chunk was planned from.
+    torch.manual_seed(0)
+    if kind.startswith('lowdim'):
+        config = {'state_dim': 3, 'action_dim': 2, 'horizon': 4, 'hidden_dim': 32,
+                  'feature_dim': 16}
+        policy = (LowDimFlowPolicy(LowDimFlowConfig(**config)) if kind == 'lowdim_flow'
+                  else LowDimChunkPolicy(LowDimChunkConfig(**config)))
+        batch = lowdim_batch()
+    else:
+        policy = small_vla(action_head=kind[4:])
+        batch = vla_batch()
+    policy.eval()
+    chunks, features = policy.sample_chunks_and_features(
+        batch, torch.Generator().manual_seed(5))
+    expected = policy.sample_chunks(batch, torch.Generator().manual_seed(5))
+    assert torch.allclose(chunks, expected) and torch.allclose(features, policy.encode(batch))

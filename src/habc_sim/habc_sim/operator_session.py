@@ -27,7 +27,13 @@ from habc_common.params import param, validate_params
 from habc_episodes.vocabulary import Controller, Outcome
 from habc_sim.aloha import DT, TASK_OBJECTS
 from habc_sim.expert_mirror import ExpertMirror
-from habc_sim.operator import HELP_REQUEST, OperatorConfig, ScriptedOperator, Watch
+from habc_sim.operator import (
+    Answer,
+    HELP_REQUEST,
+    OperatorConfig,
+    ScriptedOperator,
+    Watch,
+)
 
 LABELER = 'scripted_operator'
 
@@ -49,10 +55,15 @@ class ScriptedOperatorParams:
     takeover_probability: float = param(
         0.5, 'Probability of taking over when a detector (stall, drop, bad approach) fires.',
         min=0.0, max=1.0)
+    answer: str = param(
+        'take_over', "watch 'on_request': what the operator does when the robot asks: "
+        "'take_over' (after reaction_delay_steps, with answer_probability) or 'judge' "
+        '(watch with the detectors while the request is open; takeover_probability).',
+        choices=tuple(a.value for a in Answer))
     answer_probability: float = param(
-        1.0, "watch 'on_request': probability of taking over when the robot asks for help "
-        '(reaction_delay_steps after the request opened; once per request).',
-        min=0.0, max=1.0)
+        1.0, "watch 'on_request', answer 'take_over': probability of taking over when the "
+        'robot asks for help (reaction_delay_steps after the request opened; once per '
+        'request).', min=0.0, max=1.0)
     check_rate_hz: float = param(
         0.0, "watch 'on_request': spontaneous checks per second of robot time (Poisson) "
         'while no request is open; a check runs the detectors for check_steps ticks. 0: '
@@ -513,7 +524,7 @@ class OperatorSession:
         config = OperatorConfig(
             objects=TASK_OBJECTS[task], reaction_delay_steps=p.reaction_delay_steps,
             takeover_probability=p.takeover_probability,
-            handback_probability=p.handback_probability, watch=p.watch,
+            handback_probability=p.handback_probability, watch=p.watch, answer=p.answer,
             answer_probability=p.answer_probability, check_rate_hz=p.check_rate_hz,
             check_steps=p.check_steps, step_s=DT)
         self._episode_start_ns = start_ns

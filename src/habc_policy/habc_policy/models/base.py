@@ -135,6 +135,17 @@ class Policy(nn.Module, ABC):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Predicted action chunks (B, H, D) in robot units."""
 
+    def sample_chunks_and_features(self, batch: dict[str, Any],
+                                   generator: torch.Generator | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `sample_chunks(batch, generator)` and `encode(batch)` (eval mode).
+
+        The robot's critic reads the features of the observation it acts on. A model whose
+        chunks come from the same encoder pass overrides this to share it; the default runs
+        the encoder twice.
+        """
+        return self.sample_chunks(batch, generator), self.encode(batch)
+
     def sample_guided_chunks(self, batch: dict[str, Any], prefix: torch.Tensor,
                              weights: torch.Tensor, generator: torch.Generator | None = None,
                              max_guidance: float = 5.0) -> torch.Tensor:

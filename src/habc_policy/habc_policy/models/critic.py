@@ -81,7 +81,14 @@ def estimate(policy: Any, critic: DualHeadCritic, batch: dict[str, Any]
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return p_v = sigmoid(z_v(s)) and V_e(s), each (B,), of a batch of observations."""
     with torch.inference_mode():
-        z_v, v_e = critic(policy.encode(batch).float())
+        return estimate_from_features(critic, policy.encode(batch))
+
+
+def estimate_from_features(critic: DualHeadCritic, features: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return p_v and V_e, each (B,), from the policy's features of the observations."""
+    with torch.inference_mode():
+        z_v, v_e = critic(features.float())
     return torch.sigmoid(z_v), v_e
 
 

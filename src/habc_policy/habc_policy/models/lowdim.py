@@ -110,11 +110,17 @@ class LowDimFlowPolicy(Policy):
     @torch.no_grad()
     def sample_chunks(self, batch: dict[str, Any],
                       generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample_chunks_and_features(batch, generator)[0]
+
+    @torch.no_grad()
+    def sample_chunks_and_features(self, batch: dict[str, Any],
+                                   generator: torch.Generator | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encode(batch)
         shape = (features.shape[0], self.config.horizon, self.config.action_dim)
         x = euler_sample(self._velocity_fn(features), shape, self.config.num_inference_steps,
                          features.device, generator, self.config.noise_scale)
-        return x * self.actions_std + self.actions_mean
+        return x * self.actions_std + self.actions_mean, features
 
     @torch.no_grad()
     def sample_guided_chunks(self, batch: dict[str, Any], prefix: torch.Tensor,
@@ -182,5 +188,12 @@ class LowDimChunkPolicy(Policy):
     @torch.no_grad()
     def sample_chunks(self, batch: dict[str, Any],
                       generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample_chunks_and_features(batch, generator)[0]
+
+    @torch.no_grad()
+    def sample_chunks_and_features(self, batch: dict[str, Any],
+                                   generator: torch.Generator | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
         del generator  # deterministic
-        return self._predict(self.encode(batch)) * self.actions_std + self.actions_mean
+        features = self.encode(batch)
+        return self._predict(features) * self.actions_std + self.actions_mean, features

@@ -332,13 +332,21 @@ class SmallVLA(Policy):
     @torch.no_grad()
     def sample_chunks(self, batch: dict[str, Any],
                       generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample_chunks_and_features(batch, generator)[0]
+
+    @torch.no_grad()
+    def sample_chunks_and_features(self, batch: dict[str, Any],
+                                   generator: torch.Generator | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One image/text/state pass for the chunk and the critic's features.
         context = self.context_tokens(batch)
+        features = self._features(context)
         if self.config.action_head == 'l2':
-            return self._regress(context) * self.actions_std + self.actions_mean
+            return self._regress(context) * self.actions_std + self.actions_mean, features
         shape = (context.shape[0], self.config.horizon, self.config.action_dim)
         x = euler_sample(self._velocity_fn(context), shape, self.config.num_inference_steps,
                          context.device, generator)
-        return x * self.actions_std + self.actions_mean
+        return x * self.actions_std + self.actions_mean, features
 
     @torch.no_grad()
     def sample_guided_chunks(self, batch: dict[str, Any], prefix: torch.Tensor,
