@@ -164,15 +164,10 @@ def timeline_from_bag(path: str | Path, episode_id: str = '') -> Timeline:
         ValueError: the bag has neither topic.
     """
     # Imported here: rosbags is only needed once a past episode is shown.
-    from habc_episodes.bag_format import read_episode_messages, topic_summary
+    from habc_episodes.bag_format import read_episode_messages
 
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f'episode bag {path} does not exist')
-    by_type: dict[str, list[str]] = {}
-    for topic, (msgtype, count) in topic_summary(path)[0].items():
-        if count:
-            by_type.setdefault(msgtype, []).append(topic)
+    by_type = _topics_by_type(path)
     topics = by_type.get(INTERVENTION_TYPE) or by_type.get(EXECUTED_ACTION_TYPE)
     if not topics:
         raise ValueError(f'bag {path} has no {INTERVENTION_TYPE} or {EXECUTED_ACTION_TYPE} '
@@ -510,15 +505,10 @@ def viability_from_bag(path: str | Path, episode_id: str = '') -> ViabilityTrace
     Raises:
         FileNotFoundError: no bag at `path`.
     """
-    from habc_episodes.bag_format import read_episode_messages, topic_summary
+    from habc_episodes.bag_format import read_episode_messages
 
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f'episode bag {path} does not exist')
-    by_type: dict[str, list[str]] = {}
-    for topic, (msgtype, count) in topic_summary(path)[0].items():
-        if count:
-            by_type.setdefault(msgtype, []).append(topic)
+    by_type = _topics_by_type(path)
     chunk_topics = by_type.get(CHUNK_TYPE, [])[:1]
     help_topics = by_type.get(HELP_REQUEST_TYPE, [])[:1]
     chunks = ViabilitySeries(max_points=2**62)
@@ -793,3 +783,21 @@ def robot_of_namespace(namespace: str) -> str:
 def filter_robot(records: Sequence[Any], robot: str | None) -> list[Any]:
     """Return the records of `robot` (all of them for None)."""
     return [r for r in records if robot is None or r.robot == robot]
+
+
+def _topics_by_type(path: Path) -> dict[str, list[str]]:
+    """Return the bag's topics that hold messages, by message type.
+
+    Raises:
+        FileNotFoundError: no bag at `path`.
+    """
+    # Imported here: rosbags is only needed once a past episode is shown.
+    from habc_episodes.bag_format import topic_summary
+
+    if not path.is_dir():
+        raise FileNotFoundError(f'episode bag {path} does not exist')
+    by_type: dict[str, list[str]] = {}
+    for topic, (msgtype, count) in topic_summary(path)[0].items():
+        if count:
+            by_type.setdefault(msgtype, []).append(topic)
+    return by_type
