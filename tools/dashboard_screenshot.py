@@ -7,20 +7,27 @@
 What is real and what is staged:
   - a real episode_recorder_node (its own process, namespace /robot1, a temporary storage
     folder) records two episodes published here at 50 Hz, as the teleop arbiter would
-    publish them (policy -> human -> policy, then one still running with the human in
-    control); the first is labelled by clicking the dashboard's Success button, which goes
-    through the recorder's label service into the SQLite index;
+    publish them (policy -> human -> policy, then one still running: policy, a watchdog
+    hold, policy, human, policy); the first is labelled by clicking the dashboard's Success
+    button, which goes through the recorder's label service into the SQLite index;
+  - the policy's ActionChunks (10 Hz while the human does not drive) carry a staged
+    viability p_v (no policy or critic runs here); in the running episode it falls below the
+    help threshold, and the policy node's own rule (habc_policy.help_request.HelpMonitor)
+    raises a help request (latched on help_request, as the policy node publishes it) that the
+    human's takeover answers; after the handback p_v recovers;
   - the earlier rounds (policy versions 1 to 3) are seeded straight into the same index and
     bag folder with the recorder's own classes (EpisodeIndex, EpisodeBagWriter), so that
     the table, the timelines and the per-version plot have some history;
   - learner/status and policy/status are published here with the fields the learner and
-    the policy node publish (no training runs).
+    the policy node publish (no training runs; the critic 'ok', a calibrated help threshold,
+    and the open request while it is open).
 Runs in its own ROS domain (random, unless ROS_DOMAIN_ID is set) on localhost only, so it
-cannot disturb a running robot. Takes about 20 s.
+cannot disturb a running robot. Takes about 25 s.
 """
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 import random
@@ -41,6 +48,39 @@ HISTORY = [('1', [('failure', 4), ('failure', 3), ('success', 2), ('failure', 4)
            ('3', [('success', 1), ('success', 0), ('failure', 2), ('success', 1),
                   ('success', 1)])]
 LIVE_VERSION = '4'
+# The policy publishes a chunk every CHUNK_TICKS control ticks (10 Hz at 50 Hz).
+CHUNK_TICKS = 5
+# The help threshold as `habc calibrate` would have set it (policy/status shows its source).
+HELP_THRESHOLD = 0.3
+HELP_SOURCE = 'calibrated 0.300 (false alarms <= 0.10 on 60 successes)'
+
+
+def smooth(t: float, t0: float, t1: float, v0: float, v1: float) -> float:
+    """Return v0 before t0, v1 after t1 and a smoothstep between them."""
+    x = min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+    return v0 + (v1 - v0) * x * x * (3.0 - 2.0 * x)
+
+
+def wobble(t: float) -> float:
+    """Return a small deterministic wiggle, so a staged p_v is not drawn with a ruler."""
+    return 0.006 * math.sin(11.0 * t) + 0.004 * math.sin(29.0 * t + 1.0)
+
+
+def finished_viability(t: float) -> float:
+    """p_v of the first episode at `t` s: confident throughout (the takeover was unasked)."""
+    return smooth(t, 0.0, 4.4, 0.71, 0.88) + wobble(t)
+
+
+def live_viability(t: float) -> float:
+    """p_v of the running episode at `t` s from its start.
+
+    Rising while the grasp goes well, then falling below HELP_THRESHOLD (the cube slips)
+    fast enough that the low rule asks before the stall rule would; after the handback at
+    4.9 s it recovers from where the human left the robot.
+    """
+    if t < 4.9:
+        return smooth(t, 2.0, 3.0, smooth(t, 0.0, 2.0, 0.72, 0.85), 0.24) + wobble(t)
+    return smooth(t, 4.9, 6.3, 0.46, 0.79) + wobble(t)
 
 
 def seed_history(storage: Path, now: float) -> None:
@@ -187,9 +227,10 @@ def render(storage: Path, out: Path, width: int, height: int) -> int:
     from rclpy.executors import SingleThreadedExecutor
     from std_msgs.msg import String
 
-    from habc_common.qos import COMMANDS, LATCHED
-    from habc_msgs.msg import ActionChunk, ExecutedAction, InterventionState
+    from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS
+    from habc_msgs.msg import ActionChunk, ExecutedAction, HelpRequest, InterventionState
     from habc_msgs.srv import EpisodeControl
+    from habc_policy.help_request import HelpMonitor, HelpRequestParams, RAISED
     from rqt_habc.ros_adapter import DashboardRos
     from rqt_habc.widget import DashboardWidget
 
@@ -222,18 +263,33 @@ def render(storage: Path, out: Path, width: int, height: int) -> int:
                 'executed_action': node.create_publisher(
                     ExecutedAction, f'/{NAMESPACE}/executed_action', COMMANDS)}
         chunk = node.create_publisher(ActionChunk, f'/{NAMESPACE}/policy/chunk', COMMANDS)
+        help_request = node.create_publisher(HelpRequest, f'/{NAMESPACE}/help_request',
+                                             LATCHED_EVENTS)
         learner = node.create_publisher(String, f'/{NAMESPACE}/learner/status', LATCHED)
         policy = node.create_publisher(String, f'/{NAMESPACE}/policy/status', LATCHED)
         control = node.create_client(EpisodeControl, f'/{NAMESPACE}/recorder/episode_control')
         if not pump(lambda: control.service_is_ready() and ros.recorder_ready()
                     and pubs['intervention'].get_subscription_count() >= 2
-                    and chunk.get_subscription_count() >= 1):
+                    and chunk.get_subscription_count() >= 2
+                    and help_request.get_subscription_count() >= 2):
             raise RuntimeError('the recorder is not reachable')
-        policy.publish(String(data=json.dumps({
-            'active_version': LIVE_VERSION, 'active_number': 4, 'staged_version': None,
-            'last_update': {'source': 'policy/update', 'version': LIVE_VERSION,
-                            'result': 'active', 'reason': 'verified sha256, swapped at a '
-                            'chunk boundary'}})))
+
+        def publish_policy_status(request=None) -> None:
+            """Publish policy/status as the policy node does (on every help event too)."""
+            policy.publish(String(data=json.dumps({
+                'active_version': LIVE_VERSION, 'active_number': 4, 'staged_version': None,
+                'last_update': {'source': 'policy/update', 'version': LIVE_VERSION,
+                                'result': 'active', 'reason': '',
+                                'sha256': '3f9c2a7e51d04b8c'},
+                'critic': 'ok', 'executing_version': LIVE_VERSION,
+                'help': {'requested': request is not None,
+                         'reason': None if request is None else request.reason,
+                         'since': None if request is None else request.stamp,
+                         'critic_problem': None, 'threshold': HELP_THRESHOLD,
+                         'threshold_source': HELP_SOURCE},
+                'waiting': None, 'stamp': time.time()})))
+
+        publish_policy_status()
         learner.publish(String(data=json.dumps({
             'state': 'idle', 'version': 4, 'round': 3, 'episodes': 16, 'pending': 1,
             'episodes_per_round': 4, 'method': 'habc', 'metrics': {
@@ -250,16 +306,35 @@ def render(storage: Path, out: Path, width: int, height: int) -> int:
                 raise RuntimeError(result.message)
             return result.episode_id
 
-        def drive(episode_id: str, plan: list[tuple[int, float, str]]) -> None:
+        def publish_help(event) -> None:
+            """Publish a help event as the policy node does (habc_policy.policy_node)."""
+            if event is None:
+                return
+            msg = HelpRequest(active=event.kind == RAISED, reason=event.reason,
+                              policy_version=LIVE_VERSION, viability=float(event.p_v))
+            msg.header.stamp.sec = int(event.stamp)
+            msg.header.stamp.nanosec = int(round((event.stamp % 1.0) * 1e9)) % 1_000_000_000
+            msg.trace_stamps = [t for t, _ in event.trace]
+            msg.trace_viability = [float(v) for _, v in event.trace]
+            help_request.publish(msg)
+            publish_policy_status(event if msg.active else None)
+
+        def drive(episode_id: str, plan: list[tuple[int, float, str]], viability) -> None:
             """Publish 50 Hz ticks: plan is (source, seconds, reason) per segment.
 
             Stamps are the tick times of a 50 Hz control loop; a tick is published once
-            its time has come (late on a busy machine, but the stamps stay regular).
+            its time has come (late on a busy machine, but the stamps stay regular). While
+            the human does not drive, every CHUNK_TICKS-th tick also brings an ActionChunk
+            planned from that tick's observation, with p_v `viability(seconds from the
+            start)`; the policy node's help rule watches it and the takeovers.
             """
+            monitor = HelpMonitor(HelpRequestParams(help_threshold=HELP_THRESHOLD))
             tick = 0
             start = time.time()
+            chunk_id = 0
+            ticks = sum(round(seconds * RATE_HZ) for _, seconds, _ in plan)  # V_e: steps left
             for segment, (source, seconds, reason) in enumerate(plan):
-                for _ in range(round(seconds * RATE_HZ)):
+                for n in range(round(seconds * RATE_HZ)):
                     now = start + tick / RATE_HZ
                     pump(lambda now=now: time.time() >= now)
                     state = InterventionState(active=source == 1, source=source,
@@ -267,6 +342,7 @@ def render(storage: Path, out: Path, width: int, height: int) -> int:
                                               reason=reason)
                     state.header.stamp.sec, state.header.stamp.nanosec = (
                         int(now), int(now % 1 * 1e9))
+                    stamp = state.header.stamp.sec + state.header.stamp.nanosec * 1e-9
                     action = ExecutedAction(source=source, segment_id=segment,
                                             episode_id=episode_id,
                                             policy_version=LIVE_VERSION,
@@ -274,15 +350,25 @@ def render(storage: Path, out: Path, width: int, height: int) -> int:
                     action.header = state.header
                     pubs['intervention'].publish(state)
                     pubs['executed_action'].publish(action)
+                    if source == 1 and n == 0:
+                        publish_help(monitor.on_takeover(stamp))  # answers an open request
+                    elif source != 1 and tick % CHUNK_TICKS == 0:
+                        chunk_id += 1
+                        p_v = min(1.0, max(0.0, viability(tick / RATE_HZ)))
+                        msg = ActionChunk(policy_version=LIVE_VERSION, chunk_id=chunk_id,
+                                          horizon=1, action_dim=1, joint_names=['j0'],
+                                          dt=1.0 / RATE_HZ, actions=[0.01 * tick],
+                                          viability=p_v,
+                                          efficiency_value=float(tick - ticks))
+                        msg.header = state.header
+                        chunk.publish(msg)
+                        publish_help(monitor.update(stamp, p_v))
                     tick += 1
 
-        # The policy's chunks carry its version; the recorder stamps each START with it.
-        chunk.publish(ActionChunk(policy_version=LIVE_VERSION, chunk_id=1, horizon=1,
-                                  action_dim=1, joint_names=['j0'], dt=1.0 / RATE_HZ,
-                                  actions=[0.0]))
-        pump(lambda: False, timeout=0.3)
         finished = send(EpisodeControl.Request.COMMAND_START)
-        drive(finished, [(0, 1.8, 'policy'), (1, 1.1, 'pedal'), (0, 1.5, 'policy')])
+        # Reasons as the arbiter gives them (habc_policy.arbiter.ArbiterOutput.reason).
+        drive(finished, [(0, 1.8, 'start'), (1, 1.1, 'engage'), (0, 1.5, 'handback')],
+              finished_viability)
         pump(lambda: False, timeout=0.3)
         send(EpisodeControl.Request.COMMAND_END)
         if not pump(lambda: widget.target()[0] == finished):
@@ -294,8 +380,10 @@ def render(storage: Path, out: Path, width: int, height: int) -> int:
             raise RuntimeError(f'label not confirmed: {widget.last_message}')
 
         live = send(EpisodeControl.Request.COMMAND_START)
-        drive(live, [(0, 1.4, 'policy'), (2, 0.12, 'watchdog'), (0, 0.9, 'policy'),
-                     (1, 0.9, 'leader_deviation')])
+        # p_v falls below the threshold in the second policy stretch: the robot asks for
+        # help (low) and the human's takeover answers it; p_v recovers after the handback.
+        drive(live, [(0, 1.4, 'start'), (2, 0.12, 'watchdog'), (0, 2.48, 'start'),
+                     (1, 0.9, 'engage'), (0, 1.4, 'handback')], live_viability)
         pump(lambda: False, timeout=0.8)  # bag timelines load a couple per poll
         out.parent.mkdir(parents=True, exist_ok=True)
         if not widget.grab().save(str(out)):
