@@ -492,4 +492,5 @@ def _write(out: Path, hp: HelpBenchProfile, cells: list[dict], context: RunConte
     payload = {'command': command, 'profile': asdict(hp),
                'timing_s': {k: round(v, 1) for k, v in sorted(context.timing.items())},
                'training_results': context.results, 'cells': cells}
-    (out / 'help_requests.json').write_text(json.dumps(payload, indent=1) + '\n')
+    # Compact: every episode of every mode is in it (help_requests.md is the readable part).
+    (out / 'help_requests.json').write_text(json.dumps(payload, separators=(',', ':')) + '\n')
