@@ -98,8 +98,9 @@ def _sign(args: argparse.Namespace) -> int:
     uri = str(folder)
     # The critic and calibration beside the weights are signed with them (sign again after
     # habc calibrate).
+    companions = companions_digest(folder)
     token = encode_token(version, key.key_id, key.sign(
-        UpdateClaim(version, sha256, uri, args.policy_name, companions_digest(folder))))
+        UpdateClaim(version, sha256, uri, args.policy_name, companions)), companions)
     print(f'# {folder} as version {version} of policy {args.policy_name!r}, signed by key '
           f'{key.key_id}. In this order (weights_uri starts the load):')
     print(f'ros2 param set {args.node} expected_sha256 {sha256}')

@@ -48,8 +48,8 @@ def test_init_show_and_sign(habc, tmp_path):
                                          ['/robot1/policy', 'weights_signature'],
                                          ['/robot1/policy', 'weights_uri']]
     sha, token, uri = (c[5] for c in commands)
-    version, signer, signature = decode_token(token)
-    assert (version, signer, uri) == (7, key_id, str(checkpoint))
+    version, signer, signature, companions = decode_token(token)
+    assert (version, signer, uri, companions) == (7, key_id, str(checkpoint), '')
     # What the policy node checks: the trusted key over exactly this claim.
     trust = TrustList([str(keys)])
     assert trust.verify(UpdateClaim(7, sha, uri, 'habc'), signer, signature) == key_id

@@ -54,18 +54,34 @@ class UntrustedUpdateError(Exception):
 COMPANION_FILES = ('critic.safetensors', 'help_calibration.json')
 
 
-def companions_digest(folder: str | Path) -> str:
-    """Return the SHA-256 over a checkpoint's companion files ('' when it has none).
+def read_companions(folder: str | Path) -> dict[str, bytes]:
+    """Return the contents of a checkpoint's companion files that exist, by name.
+
+    Read once: what is hashed is what is loaded (a file swapped between the two cannot slip
+    in).
+    """
+    contents = {}
+    for name in COMPANION_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            contents[name] = path.read_bytes()
+    return contents
+
+
+def companions_digest_of(contents: dict[str, bytes]) -> str:
+    """Return the SHA-256 over companion file contents ('' when there are none).
 
     The digest covers each present file's name and content hash, in COMPANION_FILES order,
     so adding, removing or changing one changes it.
     """
-    lines = []
-    for name in COMPANION_FILES:
-        path = Path(folder) / name
-        if path.is_file():
-            lines.append(f'{name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n')
+    lines = [f'{name} {hashlib.sha256(contents[name]).hexdigest()}\n'
+             for name in COMPANION_FILES if name in contents]
     return hashlib.sha256(''.join(lines).encode()).hexdigest() if lines else ''
+
+
+def companions_digest(folder: str | Path) -> str:
+    """Return the SHA-256 over a checkpoint folder's companion files ('' when it has none)."""
+    return companions_digest_of(read_companions(folder))
 
 
 @dataclass(frozen=True)
@@ -297,20 +313,30 @@ def check_under_roots(path: str | Path, roots: Iterable[str | Path],
     return resolved
 
 
-def encode_token(version: int, signer: str, signature: bytes) -> str:
-    """Return the weights_signature parameter text: `<version>.<key id>.<signature hex>`."""
-    return f'{int(version)}.{signer}.{bytes(signature).hex()}'
+def encode_token(version: int, signer: str, signature: bytes, companions: str = '') -> str:
+    """Return the weights_signature parameter text.
+
+    `<version>.<key id>.<signature hex>`, then `.<companions sha256>` when the signature
+    covers a critic and calibration beside the weights.
+    """
+    token = f'{int(version)}.{signer}.{bytes(signature).hex()}'
+    return f'{token}.{companions}' if companions else token
 
 
-def decode_token(token: str) -> tuple[int, str, bytes]:
-    """Parse a weights_signature token (ValueError with what is wrong)."""
+def decode_token(token: str) -> tuple[int, str, bytes, str]:
+    """Parse a weights_signature token into (version, key id, signature, companions sha256).
+
+    Raises:
+        ValueError: a malformed token, with what is wrong.
+    """
     parts = token.strip().split('.')
-    if len(parts) != 3:
-        raise ValueError('weights_signature must be <version>.<key id>.<signature hex> (from '
-                         '`habc keys sign`)')
-    version, signer, signature = parts
+    if len(parts) not in (3, 4):
+        raise ValueError('weights_signature must be <version>.<key id>.<signature hex>'
+                         '[.<companions sha256>] (from `habc keys sign`)')
+    version, signer, signature = parts[:3]
+    companions = parts[3] if len(parts) == 4 else ''
     try:
-        return int(version), signer, bytes.fromhex(signature)
+        return int(version), signer, bytes.fromhex(signature), companions
     except ValueError:
         raise ValueError('weights_signature: the version must be an integer and the '
                          'signature hex digits') from None

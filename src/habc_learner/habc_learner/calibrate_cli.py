@@ -11,13 +11,22 @@ help_calibration.json, which the policy node applies with the weights (parameter
 help_use_calibration).
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from habc_episodes.vocabulary import Controller, Outcome
+from habc_policy.help_calibration import MAX_BELOW_FOR_S
+
+if TYPE_CHECKING:  # torch-heavy: imported by run() only
+    from habc_episodes.episode import Episode
+    from habc_policy.models.base import Policy
+    from habc_policy.models.critic import DualHeadCritic
 
 HELP = """Calibrate the help-request threshold of a checkpoint on labelled episodes.
 
@@ -42,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='seconds p_v must stay below the threshold (the node parameter '
                         'help_below_for_s; default 0.5)')
     parser.add_argument('--every', type=int, default=10, dest='every_steps',
-                        help='score every N-th step, as the node infers every execute_steps '
+                        help='score every N-th control step: how often the policy node '
+                        'estimates p_v, once per inference (about every execute_steps '
+                        'steps, or the chunk length with schedule_inference). Sparser '
+                        'sampling on the robot than here raises more often than stated '
                         '(default 10)')
     parser.add_argument('--labels', type=Path, help='labels CSV (bag,outcome[,note])')
     parser.add_argument('--index', action='append', default=[], metavar='FILE',
@@ -60,7 +72,8 @@ def _error(message: str) -> int:
     return 2
 
 
-def viability_trace(episode, policy, critic, every_steps: int) -> tuple[tuple, float]:
+def _viability_trace(episode: Episode, policy: Policy, critic: DualHeadCritic,
+                     every_steps: int) -> tuple[tuple[tuple[float, float], ...], float]:
     """Return the (stamp, p_v) trace of the policy-driven steps, and where that stretch ends.
 
     The stretch runs up to the first takeover (or the episode's last step); stamps are
@@ -97,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.false_alarm_rate < 1.0:
         return _error(f'--false-alarm-rate must lie in (0, 1), got {args.false_alarm_rate}')
-    if args.every_steps < 1 or args.below_for_s < 0:
-        return _error('--every must be >= 1 and --below-for >= 0')
+    if args.every_steps < 1 or not 0 <= args.below_for_s <= MAX_BELOW_FOR_S:
+        return _error(f'--every must be >= 1 and --below-for in [0, {MAX_BELOW_FOR_S:g}] s')
     folder = args.checkpoint.expanduser()
     try:
         policy = load_policy(folder)
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     for episode in result.episodes:
         if episode.outcome not in (Outcome.SUCCESS, Outcome.FAILURE):
             continue
-        trace, end = viability_trace(episode, policy, critic.critic, args.every_steps)
+        trace, end = _viability_trace(episode, policy, critic.critic, args.every_steps)
         took_over = bool(np.any(np.asarray(episode.controllers) == Controller.HUMAN))
         # Only the policy's own successes may set the threshold; a rescued episode needed help.
         scored.append(ScoredEpisode(episode.outcome == Outcome.SUCCESS and not took_over,

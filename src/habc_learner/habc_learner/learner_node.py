@@ -82,8 +82,9 @@ def policy_update_message(result: RoundResult, key: SigningKey,
     msg.policy_name = policy_name
     msg.key_id = key.key_id
     # Over the critic and its calibration too: the robot trusts its help requests as much.
+    msg.companions_sha256 = companions_digest(result.path)
     msg.signature = list(key.sign(UpdateClaim(msg.version, msg.sha256, msg.uri, policy_name,
-                                              companions_digest(result.path))))
+                                              msg.companions_sha256)))
     msg.metrics = [KeyValue(key=key, value=f'{value:.6g}' if isinstance(value, float)
                             else str(value))
                    for key, value in sorted(result.metrics.items())]

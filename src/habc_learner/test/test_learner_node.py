@@ -78,11 +78,12 @@ def test_learner_node_publishes_version_2_and_republishes_it_after_a_restart(
         child.wait_for('created the signing key pair')
         trust = TrustList([str(tmp_path / 'keys')])
         assert update.policy_name == 'habc'
-        # Over the weights and the critic beside them (companions_digest).
+        # Over the weights and the critic beside them (companions_digest), carried along.
         folder = resolve_checkpoint_dir(update.uri)
         assert (folder / 'critic.safetensors').is_file()
+        assert update.companions_sha256 == companions_digest(folder)
         claim = UpdateClaim(update.version, update.sha256, update.uri, update.policy_name,
-                            companions_digest(folder))
+                            update.companions_sha256)
         assert trust.verify(claim, update.key_id, bytes(update.signature)) == update.key_id
         with pytest.raises(UntrustedUpdateError, match='does not match'):
             trust.verify(replace(claim, version=3), update.key_id, bytes(update.signature))

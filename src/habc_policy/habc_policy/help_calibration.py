@@ -29,6 +29,7 @@ import numpy as np
 from habc_policy.help_request import HelpRequestParams
 
 CALIBRATION_FILE = 'help_calibration.json'
+MAX_BELOW_FOR_S = 60.0  # = HelpRequestParams.help_below_for_s's limit
 HYSTERESIS = 0.1       # clear_above = threshold + this (capped at 1): a request does not chatter
 
 
@@ -57,7 +58,7 @@ def conformal_threshold(scores: Sequence[float], alpha: float) -> tuple[float, f
     """Return (tau, bound): the threshold for false-alarm rate alpha and its exact bound.
 
     bound = (k - 1) / (n + 1) <= alpha. With alpha below 1 / (n + 1) no episode may raise:
-    tau = 0 (never) and bound 0.
+    tau = 0 (never) and bound 0; with alpha of n / (n + 1) or more, (1, 1): no promise.
 
     Raises:
         ValueError: no scores, or alpha outside (0, 1).
@@ -72,8 +73,9 @@ def conformal_threshold(scores: Sequence[float], alpha: float) -> tuple[float, f
     k = math.floor(alpha * (n + 1)) + 1
     if k == 1:
         return 0.0, 0.0
-    tau = 1.0 if k > n else min(1.0, ordered[k - 1])
-    return tau, (k - 1) / (n + 1)
+    if k > n:
+        return 1.0, 1.0  # a rate this high promises nothing: every episode may raise
+    return min(1.0, ordered[k - 1]), (k - 1) / (n + 1)
 
 
 @dataclass(frozen=True)
@@ -92,15 +94,29 @@ class HelpCalibration:
     median_lead_s: float | None        # before a failure's end or takeover, when raised
     policy_version: str = ''
 
+    def __post_init__(self) -> None:
+        # A file edited by hand must not reach the monitor with thresholds it refuses.
+        if not (0.0 <= self.help_threshold <= self.help_clear_above <= 1.0
+                and 0.0 <= self.help_below_for_s <= MAX_BELOW_FOR_S
+                and 0.0 < self.target_false_alarm_rate < 1.0
+                and 0.0 <= self.false_alarm_bound <= 1.0):
+            raise ValueError('thresholds out of range: 0 <= help_threshold <= '
+                             f'help_clear_above <= 1, 0 <= help_below_for_s <= '
+                             f'{MAX_BELOW_FOR_S:g}, rates in [0, 1]')
+
     def apply(self, params: HelpRequestParams) -> HelpRequestParams:
-        """Return `params` with this calibrated low rule in place."""
+        """Return `params` with this calibrated low rule in place, and the stall rule off.
+
+        The false-alarm bound is the low rule's: a stall rule beside it would raise on
+        successes the calibration never counted.
+        """
         return replace(params, help_threshold=self.help_threshold,
                        help_clear_above=self.help_clear_above,
-                       help_below_for_s=self.help_below_for_s)
+                       help_below_for_s=self.help_below_for_s, help_stall_window_s=0.0)
 
     def describe(self) -> str:
         """One line for the status: the threshold and its promise."""
-        return (f'calibrated {self.help_threshold:.3f} (false alarms <= '
+        return (f'calibrated {self.help_threshold:.3f} (low rule only; false alarms <= '
                 f'{self.false_alarm_bound:.2f} on {self.calibration_successes} successes)')
 
     def save(self, folder: Path) -> Path:
@@ -120,8 +136,21 @@ class HelpCalibration:
         if not path.is_file():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f'{path} is unreadable ({exc})') from None
+        return cls.from_text(text, path)
+
+    @classmethod
+    def from_text(cls, text: str, path: Path | str = CALIBRATION_FILE) -> 'HelpCalibration':
+        """Parse a calibration file's text (`path` names it in errors).
+
+        Raises:
+            ValueError: not a help calibration, or thresholds out of range.
+        """
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
             raise ValueError(f'{path} is not a help calibration ({exc}); run habc calibrate '
                              'again') from None
 

@@ -297,12 +297,13 @@ class PolicyNode:
     def update_callback(self, msg: PolicyUpdate) -> None:
         version, sha256, uri, fmt = msg.version, msg.sha256, msg.uri, msg.format
         data, signature = bytes(msg.data), bytes(msg.signature)
-        name, signer = msg.policy_name, msg.key_id
+        name, signer, companions = msg.policy_name, msg.key_id, msg.companions_sha256
         self.log.info(f'policy update {version} received ({uri or f"{len(data)} bytes inline"})'
                       ': verifying')
         self._loader.submit(self._load, f'policy update {version}',
                             lambda: self.runtime.offer_update(version, sha256, uri, data, fmt,
-                                                              name, signer, signature))
+                                                              name, signer, signature,
+                                                              companions))
 
     def _check_parameters(self, parameters: list) -> SetParametersResult:
         # Cheap checks answer `ros2 param set` at once; hashing and loading run afterwards.
@@ -457,35 +458,36 @@ class PolicyNode:
         timing['late_chunks'] += int(msg.late)
 
     def _update_help(self, result: ChunkResult) -> None:
-        # Inference thread: the viability of the observation this chunk was planned from.
+        # Inference thread: the viability of the observation this chunk was planned from,
+        # judged with the settings of the weights that planned it.
         events = []
         with self._help_lock:
             if result.version != self._help_version:
                 # New weights bring their own critic (or none): the history starts again.
-                self._help_version = result.version
-                active = self.runtime.active
-                problem = active.critic_problem if active is not None else 'no policy'
                 events += [self.help.reset(result.observation.stamp),
-                           self.help.set_critic_problem(problem)]
-                self._apply_help_calibration(active)
-            if result.accepted and not self._paused:
+                           self.help.set_critic_problem(result.critic_problem)]
+                self._apply_help_calibration(result)
+                self._help_version = result.version
+            # An observation from before a takeover or handback is not this stretch's.
+            if (result.accepted and not self._paused
+                    and result.observation.stamp >= self._not_before):
                 events.append(self.help.update(result.observation.stamp, result.viability))
         for event in events:
             self._publish_help(event, str(result.version))
 
-    def _apply_help_calibration(self, active: LoadedPolicy | None) -> None:
-        # Under the help lock: the thresholds of the weights now acting; the checkpoint's
-        # calibrated ones (habc calibrate) unless help_use_calibration is off.
+    def _apply_help_calibration(self, result: ChunkResult) -> None:
+        # Under the help lock: the thresholds of the weights that planned the chunk; their
+        # checkpoint's calibrated ones (habc calibrate) unless help_use_calibration is off.
         params = help_params(self.params)
-        calibration = None if active is None else active.help_calibration
+        calibration = result.help_calibration
         if calibration is not None and self.params.help_use_calibration:
             self.help.params = calibration.apply(params)
             self._help_source = calibration.describe()
         else:
             self.help.params = params
             self._help_source = 'parameter'
-            if active is not None and active.help_calibration_problem:
-                self._help_source += f' ({active.help_calibration_problem})'
+            if result.help_calibration_problem:
+                self._help_source += f' ({result.help_calibration_problem})'
 
     def _publish_help(self, event: HelpEvent | None, version: str = '') -> None:
         if event is None or self._closed:

@@ -38,7 +38,7 @@ All times are seconds passed in by the caller.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 import hashlib
 import math
 import os
@@ -55,10 +55,11 @@ from habc_common.checkpoints import LEARNER_WORK_DIR
 from habc_common.control_loop import ControlThreadParams
 from habc_common.params import param
 from habc_common.update_trust import (
-    companions_digest,
+    companions_digest_of,
     decode_token,
     DEFAULT_KEY_DIR,
     DEFAULT_POLICY_NAME,
+    read_companions,
     UntrustedUpdateError,
     UpdateClaim,
     UpdateGate,
@@ -263,9 +264,15 @@ class ChunkResult:
     turnaround_s: float = math.nan
     cold: bool = False
     # The critic's viability p_v = P(success | observation) and efficiency value V_e (control
-    # steps, <= 0) for the active weights; nan without a critic.
+    # steps, <= 0) of the weights that planned the chunk; nan without a critic.
     viability: float = math.nan
     efficiency_value: float = math.nan
+    # Those weights' critic problem ('' with a critic) and help calibration (or None, and
+    # why): the help monitor's settings follow the weights that produced p_v, not the ones
+    # active when the chunk arrives.
+    critic_problem: str = ''
+    help_calibration: Any = None
+    help_calibration_problem: str = ''
 
 
 @dataclass
@@ -437,12 +444,13 @@ class PolicyRuntime:
 
     def offer_update(self, version: int, sha256: str, uri: str = '', data: bytes = b'',
                      fmt: str = 'safetensors', policy_name: str = '', signer: str = '',
-                     signature: bytes = b'') -> LoadedPolicy:
+                     signature: bytes = b'', companions_sha256: str = '') -> LoadedPolicy:
         """Verify and load a PolicyUpdate's weights and stage them for the next swap.
 
         In order: format, a version above the node's, the signature over (version, sha256,
-        uri, policy_name) by a trusted key, the URI under the checkpoint roots, then the
-        weights' hash and the load (update_trust says why each).
+        uri, policy_name, companions_sha256) by a trusted key, the URI under the checkpoint
+        roots, then the weights' hash and the load (update_trust says why each). The critic
+        and calibration beside the weights load only when they match companions_sha256.
         """
         source = uri or 'inline'
         try:
@@ -453,14 +461,15 @@ class PolicyRuntime:
                                    f'{self.newest_number()}')
             if not is_sha256(sha256):
                 raise WeightsError(f'sha256 {sha256!r} is not 64 hex digits')
-            companions = self._verify_claim(UpdateClaim(version, sha256, uri, policy_name),
-                                            signer, bytes(signature))
+            claim = UpdateClaim(version, sha256, uri, policy_name, companions_sha256)
+            self._check_claim(claim, signer, bytes(signature))
+            signed = self._signed_companions(claim, signature)
             if data:
                 loaded = self._load_inline(bytes(data), sha256.lower(), PolicyVersion(version))
             else:
                 loaded = self._load_checkpoint(uri, sha256, version=PolicyVersion(version),
                                                require_sha=True, within_roots=True,
-                                               signed_companions=companions)
+                                               signed_companions=signed)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(source, str(version), str(exc))
@@ -477,10 +486,10 @@ class PolicyRuntime:
         load under their own version, or above the active one with a 'manual-' tag.
         """
         try:
-            version, companions = None, None
+            version, signed = None, None
             if self.gate.require_signature or signature_token:
                 try:
-                    number, signer, signature = decode_token(signature_token)
+                    number, signer, signature, companions = decode_token(signature_token)
                 except ValueError as exc:
                     raise WeightsError(f'weights_uri needs a signature: {exc}') from None
                 if not is_sha256(expected_sha256):
@@ -490,49 +499,26 @@ class PolicyRuntime:
                     raise WeightsError(f'signed version {number} is not newer than '
                                        f'{self.newest_number()}; sign it with a higher '
                                        '--version')
-                companions = self._verify_claim(UpdateClaim(number, expected_sha256, uri,
-                                                            self.gate.policy_name),
-                                                signer, signature)
+                claim = UpdateClaim(number, expected_sha256, uri, self.gate.policy_name,
+                                    companions)
+                self._check_claim(claim, signer, signature)
+                signed = self._signed_companions(claim, signature)
                 version = PolicyVersion(number, MANUAL_TAG + expected_sha256.lower()[:12])
             loaded = self._load_checkpoint(uri, expected_sha256, version=version,
                                            require_sha=False, manual=True, within_roots=True,
-                                           signed_companions=companions)
+                                           signed_companions=signed)
             self._stage(loaded)
         except WeightsError as exc:
             self.record_rejection(uri, '', str(exc))
             raise
         return loaded
 
-    def _verify_claim(self, claim: UpdateClaim, signer: str, signature: bytes) -> str | None:
-        """Check an update's signature; return which companions it covers.
-
-        None: no signature is in play (companion files load as they are); otherwise the
-        companions_digest the signature covers ('' when it covers none: a checkpoint
-        calibrated or given a critic after it was signed, or an older signer).
-        """
-        if not (self.gate.require_signature or signature):
-            self._check_claim(claim, signer, signature)
-            return None
-        try:
-            companions = companions_digest(resolve_checkpoint_dir(claim.uri))
-        except (WeightsError, OSError):
-            companions = ''  # the load reports a bad URI
-        if companions:
-            try:
-                self._check_claim(replace(claim, companions_sha256=companions), signer,
-                                  signature)
-                return companions
-            except WeightsError:
-                pass  # perhaps signed over the weights alone: checked next
-        try:
-            self._check_claim(claim, signer, signature)
-        except WeightsError as exc:
-            if companions:
-                raise WeightsError(f'{exc} (the critic and help_calibration.json beside the '
-                                   'weights are signed with them: after habc calibrate, '
-                                   'sign again with habc keys sign)') from None
-            raise
-        return ''
+    def _signed_companions(self, claim: UpdateClaim, signature: bytes) -> str | None:
+        # After the claim was checked: the companions digest a signature vouches for ('' for
+        # none), or None when no signature is in play (companion files load as they are).
+        if self.gate.require_signature or signature:
+            return claim.companions_sha256.lower()
+        return None
 
     def _check_claim(self, claim: UpdateClaim, signer: str, signature: bytes) -> None:
         try:
@@ -671,26 +657,27 @@ class PolicyRuntime:
                        signed_companions: str | None = None) -> None:
         # The critic that was trained with these weights, from the same folder. A missing or
         # foreign critic is reported (policy/status), never a reason to refuse the actor.
-        # Under a signature, only the critic and calibration it covers (signed_companions).
-        from habc_policy.help_calibration import HelpCalibration
-        from habc_policy.models.critic import load_policy_critic
+        # Under a signature, only the critic and calibration it covers (signed_companions):
+        # each file is read once, and the bytes hashed are the bytes loaded.
+        from habc_policy.help_calibration import CALIBRATION_FILE, HelpCalibration
+        from habc_policy.models.critic import CRITIC_FILE, load_policy_critic
 
-        if signed_companions == '' and companions_digest(folder):
-            loaded.critic_problem = ("the update's signature does not cover the critic and "
-                                     'calibration beside the weights (changed after signing?'
-                                     ' sign again: habc keys sign); no help requests')
+        contents = read_companions(folder)
+        if signed_companions is not None and companions_digest_of(contents) != signed_companions:
+            loaded.critic_problem = (
+                'the critic and calibration beside the weights are not the ones the update '
+                'signed (changed after signing? sign again with habc keys sign, or the '
+                'learner publishes them); acting without help requests')
             return
-        result = load_policy_critic(folder, loaded.policy)
+        result = load_policy_critic(folder, loaded.policy, contents.get(CRITIC_FILE))
         loaded.critic, loaded.critic_problem = result.critic, result.problem
-        if loaded.critic is not None:
+        if loaded.critic is not None and CALIBRATION_FILE in contents:
             try:
-                loaded.help_calibration = HelpCalibration.load(folder)
+                loaded.help_calibration = HelpCalibration.from_text(
+                    contents[CALIBRATION_FILE].decode('utf-8', 'replace'),
+                    folder / CALIBRATION_FILE)
             except ValueError as exc:
                 loaded.help_calibration_problem = str(exc)
-        if signed_companions and companions_digest(folder) != signed_companions:
-            loaded.critic, loaded.help_calibration = None, None
-            loaded.critic_problem = ('the critic or calibration changed while it was loaded '
-                                     '(no longer what the update signed); no help requests')
 
     def viability(self, loaded: LoadedPolicy, inputs: dict[str, Any],
                   features: Any = None) -> tuple[float, float]:
@@ -911,7 +898,10 @@ class PolicyRuntime:
         p_v, v_e = self.viability(active, inputs, features)
         return ChunkResult(actions, active.version, chunk_id, start_time, self.period, names,
                            accepted, latency, observation, skipped=skipped, late=late,
-                           viability=p_v, efficiency_value=v_e)
+                           viability=p_v, efficiency_value=v_e,
+                           critic_problem=active.critic_problem,
+                           help_calibration=active.help_calibration,
+                           help_calibration_problem=active.help_calibration_problem)
 
     def guided_prefix(self, policy: Any, start_time: float) -> tuple[np.ndarray | None, int]:
         """Return the real-time chunking prefix of a chunk first due at start_time, and d.

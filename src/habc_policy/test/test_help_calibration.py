@@ -104,3 +104,27 @@ def test_reliability_by_hand():
     low, high = result['bins']
     assert (low['count'], low['success_share']) == (2, 0.5)
     assert high['mean_p_v'] == pytest.approx(0.85) and high['success_share'] == 1.0
+
+
+def test_a_rate_too_high_for_the_sample_promises_nothing():
+    # n = 3, alpha 0.8: k = floor(3.2) + 1 = 4 > n: every episode may raise.
+    assert conformal_threshold([0.2, 0.5, 0.7], 0.8) == (1.0, 1.0)
+
+
+def test_a_calibration_applies_only_its_low_rule_and_refuses_bad_thresholds():
+    calibration = HelpCalibration(
+        help_threshold=0.2, help_clear_above=0.3, help_below_for_s=1.0,
+        target_false_alarm_rate=0.1, false_alarm_bound=0.09, calibration_successes=10,
+        calibration_false_alarms=0.1, failures=2, detection_rate=0.5, median_lead_s=1.0)
+    params = calibration.apply(HelpRequestParams())
+    assert (params.help_threshold, params.help_clear_above, params.help_below_for_s) == \
+        (0.2, 0.3, 1.0)
+    assert params.help_stall_window_s == 0.0     # its false alarms were never counted
+    assert 'low rule only' in calibration.describe()
+    for bad in ({'help_threshold': 0.5}, {'help_below_for_s': 90.0},
+                {'target_false_alarm_rate': 1.0}):
+        fields = {**calibration.__dict__, **bad}
+        with pytest.raises(ValueError, match='out of range'):
+            HelpCalibration(**fields)
+    with pytest.raises(ValueError, match='not a help calibration'):
+        HelpCalibration.from_text('{"help_threshold": 0.5, "help_clear_above": 0.2}')

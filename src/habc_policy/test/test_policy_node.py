@@ -261,8 +261,9 @@ class Harness:
                            policy_name='habc')
         if signed:  # as the learner signs it
             msg.key_id = self.key.key_id
-            msg.signature = list(self.key.sign(UpdateClaim(
-                version, sha256, msg.uri, 'habc', companions_digest(self.checkpoints / name))))
+            msg.companions_sha256 = companions_digest(self.checkpoints / name)
+            msg.signature = list(self.key.sign(UpdateClaim(version, sha256, msg.uri, 'habc',
+                                                           msg.companions_sha256)))
         msg.header.stamp = self.node.get_clock().now().to_msg()
         self.updates.publish(msg)
 
@@ -411,9 +412,9 @@ def test_weights_uri_parameter_goes_through_the_verified_path(harness):
         harness.status.get('last_update') or {}).get('reason', ''), 'rejection: unsigned')
     # As `habc keys sign` prints it: hash and signature first, then the URI.
     uri, sha = str(harness.checkpoints / 'v5'), harness.shas['v5']
+    digest = companions_digest(uri)
     token = encode_token(5, harness.key.key_id,
-                         harness.key.sign(UpdateClaim(5, sha, uri, 'habc',
-                                                      companions_digest(uri))))
+                         harness.key.sign(UpdateClaim(5, sha, uri, 'habc', digest)), digest)
     node.set_parameters([Parameter('expected_sha256', value=sha)])
     node.set_parameters([Parameter('weights_signature', value=token)])
     node.set_parameters([Parameter('weights_uri', value=uri)])

@@ -115,19 +115,20 @@ def offer(runtime: PolicyRuntime, version: int, sha256: str, uri: str = '', *,
           policy_name: str = 'habc'):
     """Offer a PolicyUpdate signed as the learner signs it (key None: unsigned)."""
     signer = TRUST[key] if key else None
-    signature = (signer.sign(UpdateClaim(version, sha256, uri, policy_name, companions(uri)))
+    digest = companions(uri)
+    signature = (signer.sign(UpdateClaim(version, sha256, uri, policy_name, digest))
                  if signer else b'')
     return runtime.offer_update(version, sha256, uri, data, fmt, policy_name,
-                                signer.key_id if signer else '', signature)
+                                signer.key_id if signer else '', signature, digest)
 
 
 def offer_uri(runtime: PolicyRuntime, uri: str, sha256: str, version: int,
               key: str = 'trusted'):
     """Set weights_uri with the signature token `habc keys sign` prints."""
     signer = TRUST[key]
+    digest = companions(uri)
     token = encode_token(version, signer.key_id,
-                         signer.sign(UpdateClaim(version, sha256, uri, 'habc',
-                                                 companions(uri))))
+                         signer.sign(UpdateClaim(version, sha256, uri, 'habc', digest)), digest)
     return runtime.offer_weights_uri(uri, sha256, token)
 
 
@@ -847,25 +848,29 @@ def test_the_signature_covers_the_critic_and_calibration_beside_the_weights(tmp_
     save_file(DualHeadCritic(feature_dim, 8, 1).state_dict(), str(tmp_path / 'v2' / CRITIC_FILE))
     uri = str(tmp_path / 'v2')
     signer = TRUST['trusted']
+
+    def update(digest: str, signed_digest: str | None = None):
+        signature = signer.sign(UpdateClaim(2, sha, uri, 'habc', signed_digest
+                                            if signed_digest is not None else digest))
+        runtime = runtime_with(tmp_path / 'sft')
+        return runtime.offer_update(2, sha, uri, b'', 'safetensors', 'habc', signer.key_id,
+                                    signature, digest)
+
     # Signed as the learner signs: weights, critic and all.
-    runtime = runtime_with(tmp_path / 'sft')
-    assert offer(runtime, 2, sha, uri).critic_problem == ''
+    signed = companions_digest(tmp_path / 'v2')
+    assert update(signed).critic is not None
     # Signed over the weights alone (an older signer): the actor loads, the critic does not.
-    runtime = runtime_with(tmp_path / 'sft')
-    loaded = runtime.offer_update(2, sha, uri, b'', 'safetensors', 'habc', signer.key_id,
-                                  signer.sign(UpdateClaim(2, sha, uri, 'habc')))
-    assert loaded.critic is None and 'does not cover the critic' in loaded.critic_problem
-    # Calibrated after it was signed: the signature vouched for weights and critic together,
-    # and no longer matches: the update is refused, with what to do.
-    signature = signer.sign(UpdateClaim(2, sha, uri, 'habc',
-                                        companions_digest(tmp_path / 'v2')))
+    loaded = update('')
+    assert loaded.critic is None and 'not the ones the update signed' in loaded.critic_problem
+    # Calibrated after it was signed: the weights still act, without help requests.
     (tmp_path / 'v2' / CALIBRATION_FILE).write_text('{}')
-    runtime = runtime_with(tmp_path / 'sft')
-    with pytest.raises(WeightsError, match='sign again with habc keys sign'):
-        runtime.offer_update(2, sha, uri, b'', 'safetensors', 'habc', signer.key_id,
-                             signature)
-    assert runtime.status()['active_version'] == '1:sft'
-    # Signed again: the calibrated critic goes live with the weights.
-    loaded = offer(runtime, 2, sha, uri)
+    loaded = update(signed)
+    assert loaded.critic is None and 'habc keys sign' in loaded.critic_problem
+    # A digest other than the signed one is a signature that does not match: refused.
+    with pytest.raises(WeightsError, match='does not match'):
+        update(companions_digest(tmp_path / 'v2'), signed_digest=signed)
+    # Signed again with the calibration: both go live (the calibration here is malformed,
+    # which the status reports, and the critic still raises with the parameter threshold).
+    loaded = update(companions_digest(tmp_path / 'v2'))
     assert loaded.critic is not None and loaded.help_calibration is None
     assert 'not a help calibration' in loaded.help_calibration_problem

@@ -224,8 +224,10 @@ def verdict(request: dict, continuous: dict, difference: tuple[float, float, flo
     """Whether a mode halves intervention steps per success at equal or better success."""
     mine, theirs = (request['intervention_steps_per_success'],
                     continuous['intervention_steps_per_success'])
-    if mine is None or not theirs:
-        return 'no successes to compare' if mine is None else 'continuous: no intervention'
+    if mine is None or theirs is None:
+        return 'no successes to compare'
+    if not theirs:
+        return 'continuous: no intervention steps to cut'
     change = mine / theirs - 1.0
     equal = difference[2] >= 0.0 and request['success_rate'] >= continuous['success_rate']
     worse = difference[2] < 0.0

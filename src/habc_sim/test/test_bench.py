@@ -201,3 +201,36 @@ def test_quick_help_request_bench_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, '-m', 'habc.cli', 'bench', '--help-requests',
                              '--report-only', '--out', str(out)], capture_output=True, text=True)
     assert result.returncode == 0 and (out / 'help_requests.md').is_file()
+
+
+def _rows(successes, human_steps, attention=0, requests=0):
+    return [{'seed': i, 'success': bool(s), 'steps': 100, 'interventions': int(h > 0),
+             'human_steps': h, 'attention_steps': attention, 'help_requests': requests,
+             'requested_takeovers': 0, 'spontaneous_takeovers': int(h > 0)}
+            for i, (s, h) in enumerate(zip(successes, human_steps, strict=True))]
+
+
+def test_help_bench_pools_a_mode_and_compares_it_pairwise_by_hand():
+    from habc_sim.help_bench import mode_summary, paired_difference, verdict
+
+    # Continuous: 3 of 4 succeed, 90 human steps -> 30 per success; attention every step.
+    continuous = _rows([1, 1, 1, 0], [30, 0, 60, 0], attention=100)
+    summary = mode_summary(continuous)
+    assert (summary['successes'], summary['intervention_steps_per_success']) == (3, 30.0)
+    assert summary['attention_s_per_episode'] == pytest.approx(2.0)   # 100 steps at 50 Hz
+    assert summary['attention_share'] == 1.0 and summary['interventions_per_episode'] == 0.5
+    # On request: the same 3 successes with 30 human steps -> 10 per success (-67%).
+    halved = _rows([1, 1, 1, 0], [0, 0, 30, 0], attention=20)
+    difference = paired_difference(halved, continuous)
+    assert difference[:1] == (0.0,) and difference[1] == difference[2] == 0.0
+    assert verdict(mode_summary(halved), summary, difference).startswith(
+        'yes: intervention steps per success -67%, equal or better success')
+    # One success fewer, on a state the continuous watcher saved: d = (0, 0, -1, 0),
+    # mean -0.25, sd 0.5, half-width 1.96 * 0.5 / 2 = 0.49: the interval includes 0.
+    worse = _rows([1, 1, 0, 0], [0, 0, 0, 0])
+    difference = paired_difference(worse, continuous)
+    assert difference == pytest.approx((-0.25, -0.74, 0.24))
+    assert verdict(mode_summary(worse), summary, difference).startswith(
+        'no: intervention steps per success -100%, success -25 points, paired interval')
+    assert verdict(mode_summary(_rows([0, 0], [5, 5])), summary, difference) == \
+        'no successes to compare'

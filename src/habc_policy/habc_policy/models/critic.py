@@ -66,12 +66,15 @@ def efficiency_scale(folder: Path) -> float:
         return 100.0
 
 
-def load_policy_critic(folder: Path, policy: Any) -> LoadedCritic:
-    """Load the critic saved with `policy` in `folder`, on the policy's device, or say why not."""
+def load_policy_critic(folder: Path, policy: Any, data: bytes | None = None) -> LoadedCritic:
+    """Load the critic saved with `policy` in `folder`, on the policy's device, or say why not.
+
+    `data`: the critic file's bytes, already read (None: read them from the folder).
+    """
     feature_dim = getattr(policy, 'feature_dim', None)
     if feature_dim is None:
         return LoadedCritic(None, f'{type(policy).__name__} has no critic features')
-    loaded = load_critic(folder, feature_dim, efficiency_scale(folder))
+    loaded = load_critic(folder, feature_dim, efficiency_scale(folder), data)
     if loaded.critic is not None:
         loaded.critic.to(next(policy.parameters()).device)
     return loaded
@@ -92,21 +95,23 @@ def estimate_from_features(critic: DualHeadCritic, features: torch.Tensor
     return torch.sigmoid(z_v), v_e
 
 
-def load_critic(folder: Path, feature_dim: int, value_scale: float = 100.0) -> LoadedCritic:
+def load_critic(folder: Path, feature_dim: int, value_scale: float = 100.0,
+                data: bytes | None = None) -> LoadedCritic:
     """Load folder/critic.safetensors as a DualHeadCritic over features of feature_dim.
 
     The architecture is read from the tensors' shapes. A missing file, another critic
     (a baseline's value network), or one trained on features of another size gives no
-    critic and a problem that says which; it never raises for those.
+    critic and a problem that says which; it never raises for those. `data`: the file's
+    bytes, already read by the caller (None: read the file).
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     path = Path(folder) / CRITIC_FILE
-    if not path.is_file():
+    if data is None and not path.is_file():
         return LoadedCritic(None, f'no {CRITIC_FILE} in {folder} (a checkpoint trained '
                             'without HABC, or copied without its critic)')
     try:
-        state = load_file(str(path))
+        state = load_file(str(path)) if data is None else load(data)
     except Exception as exc:  # a damaged file is a problem to report, not a crash
         return LoadedCritic(None, f'{path} is unreadable: {type(exc).__name__}: {exc}')
     linear = sorted(int(m.group(1)) for key in state
