@@ -186,6 +186,9 @@ def timeline_from_bag(path: str | Path, episode_id: str = '') -> Timeline:
 
 # p_v points kept per live episode: chunks at 10 Hz for more than an hour.
 MAX_VIABILITY_POINTS = 50_000
+# Longer than this without a p_v (a takeover, a hold) is drawn as a gap, not a line across
+# it: chunks come several times a second while the policy drives.
+MAX_VIABILITY_GAP_S = 1.0
 # A help request's trace point and the chunk of the same observation differ by the rounding
 # of the chunk's header stamp to nanoseconds; this close, two points are one.
 _SAME_STAMP_S = 1e-6
@@ -394,25 +397,32 @@ class HelpAlerts:
 
 
 def decimate(points: Sequence[tuple[float, float]], start: float, end: float,
-             buckets: int) -> list[list[tuple[float, float]]]:
+             buckets: int, max_gap_s: float = MAX_VIABILITY_GAP_S
+             ) -> list[list[tuple[float, float]]]:
     """Return the runs of finite points with `start` <= stamp <= `end`, for drawing.
 
-    A NaN p_v ends a run (no estimate: a gap in the line). Of the points that fall into one
-    of `buckets` equal slices of the time range (a pixel column), the first, lowest, highest
-    and last are kept: an hour of chunks draws as fast as a minute and looks the same.
+    A NaN p_v ends a run (no estimate: a gap in the line), and so does a gap of more than
+    `max_gap_s` between two points (no inference: a human drove, or the robot held). Of the
+    points that fall into one of `buckets` equal slices of the time range (a pixel column),
+    the first, lowest, highest and last are kept: an hour of chunks draws as fast as a
+    minute and looks the same.
     """
     width = (end - start) / max(1, buckets) if end > start else 1.0
     runs: list[list[list[tuple[float, float]]]] = []
     groups: list[list[tuple[float, float]]] = []
     bucket = None
+    previous = None
     for stamp, value in points:
         if stamp < start or stamp > end:
             continue
-        if not math.isfinite(value):
+        if not math.isfinite(value) or (previous is not None
+                                        and stamp - previous > max_gap_s):
             if groups:
                 runs.append(groups)
                 groups = []
             bucket = None
+        previous = stamp if math.isfinite(value) else None
+        if not math.isfinite(value):
             continue
         slot = int((stamp - start) / width)
         if slot != bucket:

@@ -354,8 +354,12 @@ def test_decimate_keeps_the_shape_and_breaks_at_nan():
     nan = float('nan')
     points = [(0.0, 0.5), (0.1, 0.9), (0.2, 0.1), (0.3, 0.4),   # bucket 0 of [0, 4)
               (1.5, 0.6), (2.0, nan), (2.5, 0.3), (3.0, 0.35), (9.0, 1.0)]
-    assert decimate(points, 0.0, 4.0, 4) == [
+    assert decimate(points, 0.0, 4.0, 4, max_gap_s=10.0) == [
         [(0.0, 0.5), (0.1, 0.9), (0.2, 0.1), (0.3, 0.4), (1.5, 0.6)],
+        [(2.5, 0.3), (3.0, 0.35)]]
+    # 1.2 s without a p_v (a takeover) is a gap too, with the default 1 s.
+    assert decimate(points, 0.0, 4.0, 4) == [
+        [(0.0, 0.5), (0.1, 0.9), (0.2, 0.1), (0.3, 0.4)], [(1.5, 0.6)],
         [(2.5, 0.3), (3.0, 0.35)]]
     many = [(k * 0.001, (k % 7) / 7) for k in range(10_000)]
     lines = decimate(many, 0.0, 10.0, 100)
