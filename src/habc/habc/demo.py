@@ -262,11 +262,11 @@ def plot(rows: list[VersionRow], path: Path) -> None:
     rates = [r.success_rate for r in rows]
     intervals = [wilson_interval(r.successes, r.episodes) for r in rows]
     # Points with their interval, not bars: a 0% version stays visible, with how little
-    # its few episodes say.
-    ax.errorbar(versions, rates, yerr=[[rate - low for rate, (low, _) in zip(rates, intervals,
-                                                                              strict=True)],
-                                       [high - rate for rate, (_, high) in zip(rates, intervals,
-                                                                               strict=True)]],
+    # its few episodes say. Clipped at 0: at 100% the Wilson bound can round to just
+    # below the rate, and matplotlib refuses a negative error.
+    below = [max(0.0, rate - low) for rate, (low, _) in zip(rates, intervals, strict=True)]
+    above = [max(0.0, high - rate) for rate, (_, high) in zip(rates, intervals, strict=True)]
+    ax.errorbar(versions, rates, yerr=[below, above],
                 fmt='o', color='tab:green', capsize=4, label='success (Wilson 95%)')
     for version, rate, row in zip(versions, rates, rows, strict=True):
         ax.annotate(f'{row.successes}/{row.episodes}', (version, rate), fontsize=8,

@@ -27,6 +27,9 @@ def test_wilson_interval_by_hand():
     low, high = wilson_interval(8, 10)
     assert math.isclose(low, 0.4902, abs_tol=1e-3) and math.isclose(high, 0.9433, abs_tol=1e-3)
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    # 6 of 6 rounded to 0.9999999999999999 and broke `habc demo`'s error bars.
+    assert all(wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
+               for n in range(1, 200))
 
 
 def test_seed_interval_by_hand():
