@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from habc_episodes.vocabulary import Controller, Outcome
+from habc_learner.train_cli import add_bag_reading_arguments, bag_reading
 from habc_policy.help_calibration import MAX_BELOW_FOR_S
 
 if TYPE_CHECKING:  # torch-heavy: imported by run() only
@@ -56,12 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         'steps, or the chunk length with schedule_inference). Sparser '
                         'sampling on the robot than here raises more often than stated '
                         '(default 10)')
-    parser.add_argument('--labels', type=Path, help='labels CSV (bag,outcome[,note])')
-    parser.add_argument('--index', action='append', default=[], metavar='FILE',
-                        help='episode index (episodes.sqlite) to label bags from; repeatable '
-                        '(default: the one beside the bags)')
-    parser.add_argument('--mapping', type=Path,
-                        help='topic mapping YAML for bags of `ros2 bag record` (habc train)')
+    add_bag_reading_arguments(parser)
     parser.add_argument('--dry-run', action='store_true',
                         help='print the calibration, do not write it into the checkpoint')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -102,8 +98,7 @@ def _viability_trace(episode: Episode, policy: Policy, critic: DualHeadCritic,
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate and write the checkpoint's help_calibration.json; 0 on success, 2 on bad input."""
-    from habc_episodes.dataset import Labeller, load_bags
-    from habc_episodes.episode_bags import TopicMapping
+    from habc_episodes.dataset import load_bags
     from habc_policy.help_calibration import calibrate, ScoredEpisode
     from habc_policy.models.base import load_policy
     from habc_policy.models.critic import load_policy_critic
@@ -122,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if critic.critic is None:
         return _error(f'{folder}: {critic.problem}; calibrate a checkpoint trained with HABC')
     try:
-        topics = TopicMapping.from_yaml(args.mapping) if args.mapping else TopicMapping()
-        labeller = Labeller(args.labels, args.index)
+        topics, labeller = bag_reading(args)
         views = getattr(policy.config, 'num_views', None)
         result = load_bags(args.bags, labeller=labeller, topics=topics,
                            image_size=getattr(policy.config, 'image_size', None),

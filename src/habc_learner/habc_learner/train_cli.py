@@ -80,12 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='bags, or directories searched for bags (rollouts)')
     data.add_argument('--demos', nargs='+', default=[], metavar='PATH',
                       help='demonstration bags (D_SFT; need no label)')
-    data.add_argument('--mapping', metavar='FILE',
-                      help='topic mapping YAML for bags of standard topics (default: the '
-                      'habc topics observation and executed_action)')
-    data.add_argument('--labels', metavar='FILE', help='labels CSV: bag,outcome[,note]')
-    data.add_argument('--index', action='append', default=[], metavar='FILE',
-                      help='episode index (episodes.sqlite) to label bags from; repeatable')
+    add_bag_reading_arguments(data)
     data.add_argument('--cameras', type=int, nargs='+', metavar='I',
                       help='habc bags: indices into Observation.images of the views to use')
     data.add_argument('--load-workers', type=_positive_int, metavar='N',
@@ -149,6 +144,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
+def add_bag_reading_arguments(group: argparse._ActionsContainer) -> None:
+    """Add --mapping, --labels and --index: how bags are read and labelled.
+
+    `habc train` and `habc calibrate` share them; `bag_reading(args)` turns them into the
+    reader's settings.
+    """
+    group.add_argument('--mapping', metavar='FILE',
+                       help='topic mapping YAML for bags of standard topics (default: the '
+                       'habc topics observation and executed_action)')
+    group.add_argument('--labels', metavar='FILE', help='labels CSV: bag,outcome[,note]')
+    group.add_argument('--index', action='append', default=[], metavar='FILE',
+                       help='episode index (episodes.sqlite) to label bags from; repeatable')
+
+
+def bag_reading(args: argparse.Namespace) -> tuple[TopicMapping, Labeller]:
+    """Return the topic mapping and labeller of add_bag_reading_arguments' options.
+
+    Raises:
+        ValueError: a mapping or labels file that is not one (the message names it).
+    """
+    topics = TopicMapping.from_yaml(args.mapping) if args.mapping else TopicMapping()
+    return topics, Labeller(args.labels, args.index)
+
+
 def _error(message: str) -> int:
     print(f'habc train: {message}', file=sys.stderr)
     return 2
@@ -185,8 +204,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return _error(problem)
     try:
-        topics = TopicMapping.from_yaml(args.mapping) if args.mapping else TopicMapping()
-        labeller = Labeller(args.labels, args.index)
+        topics, labeller = bag_reading(args)
     except ValueError as exc:
         return _error(str(exc))
     out = args.out.expanduser().resolve()
