@@ -734,7 +734,7 @@ class PolicyRuntime:
             inputs = self._dummy_input(policy)
             self._predict(policy, inputs)
             started = time.monotonic()
-            warm_up = self._predict(policy, inputs)
+            warm_up, _ = self._predict(policy, inputs)
             warmup_s = time.monotonic() - started
         except Exception as exc:  # a model that cannot run must not go live
             raise WeightsError(f'{source}: warm-up inference failed: '
@@ -863,11 +863,10 @@ class PolicyRuntime:
         prefix, delay = self.guided_prefix(active.policy, start_time)
         started = time.monotonic()
         features = None
-        if prefix is None and active.critic is not None:
-            # The chunk and the critic's features from one encoder pass.
-            actions, features = self._predict_with_features(active.policy, inputs)
-        elif prefix is None:
-            actions = self._predict(active.policy, inputs)
+        if prefix is None:
+            # With a critic: the chunk and the critic's features from one encoder pass.
+            actions, features = self._predict(active.policy, inputs,
+                                              with_features=active.critic is not None)
         else:
             actions = np.asarray(active.policy.predict_action_chunk(
                 inputs, prefix=prefix, delay=delay, max_guidance=self.max_guidance),
@@ -927,21 +926,18 @@ class PolicyRuntime:
                 else torch.as_tensor(np.ascontiguousarray(value), device=self.device)[None]
                 for key, value in inputs.items()}
 
-    def _predict(self, policy: Any, inputs: dict[str, Any]) -> np.ndarray:
+    def _predict(self, policy: Any, inputs: dict[str, Any],
+                 with_features: bool = False) -> tuple[np.ndarray, Any]:
+        """Return the (H, D) chunk, and the policy's features of the inputs (or None)."""
         import torch
 
         batch = self._batch(inputs)
+        features = None
         with torch.inference_mode():
-            chunk = policy.sample_chunks(batch)[0]
-        return chunk.float().cpu().numpy()
-
-    def _predict_with_features(self, policy: Any, inputs: dict[str, Any]) -> tuple[np.ndarray,
-                                                                                    Any]:
-        import torch
-
-        batch = self._batch(inputs)
-        with torch.inference_mode():
-            chunks, features = policy.sample_chunks_and_features(batch)
+            if with_features:
+                chunks, features = policy.sample_chunks_and_features(batch)
+            else:
+                chunks = policy.sample_chunks(batch)
         return chunks[0].float().cpu().numpy(), features
 
 

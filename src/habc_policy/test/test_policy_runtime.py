@@ -433,12 +433,12 @@ def test_worker_swaps_only_between_inferences(checkpoints):
     inside, release = threading.Event(), threading.Event()
     predict = runtime._predict
 
-    def gated_predict(policy, inputs):
+    def gated_predict(policy, inputs, **options):
         # Only the worker's inferences wait (the loader's warm-up must not).
         if threading.current_thread().name == 'policy_inference':
             inside.set()
             assert release.wait(10)
-        return predict(policy, inputs)
+        return predict(policy, inputs, **options)
 
     runtime._predict = gated_predict
     done = threading.Semaphore(0)
