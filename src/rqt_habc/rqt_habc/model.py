@@ -29,12 +29,12 @@ import statistics
 from typing import Any
 
 from habc_episodes.episode import robot_label
+from habc_episodes.help_requests import HELP_REQUEST_TYPE, HelpMessage
 from habc_episodes.vocabulary import Controller, RecorderEvent
 
 INTERVENTION_TYPE = 'habc_msgs/msg/InterventionState'
 EXECUTED_ACTION_TYPE = 'habc_msgs/msg/ExecutedAction'
 CHUNK_TYPE = 'habc_msgs/msg/ActionChunk'
-HELP_REQUEST_TYPE = 'habc_msgs/msg/HelpRequest'
 
 # Where the recorder's default storage_dir puts its episode index.
 DEFAULT_INDEX = '~/.habc/episodes/episodes.sqlite'
@@ -533,8 +533,9 @@ def viability_from_bag(path: str | Path, episode_id: str = '') -> ViabilityTrace
             chunks.add(stamp, math.nan if p_v is None else float(p_v))
             continue
         namespace = topic[:-len('/help_request')] if topic.endswith('/help_request') else ''
-        marks.append(HelpMark(namespace or '/', stamp, bool(msg.active), str(msg.reason),
-                              float(msg.viability), str(msg.policy_version)))
+        request = HelpMessage.of(msg, log_time)
+        marks.append(HelpMark(namespace or '/', request.stamp, request.active, request.reason,
+                              request.p_v, request.policy_version))
         for t, v in zip(msg.trace_stamps, msg.trace_viability, strict=False):
             traces.add(float(t), float(v))
     episode_id = episode_id or path.name

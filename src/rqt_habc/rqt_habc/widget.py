@@ -61,6 +61,7 @@ from python_qt_binding.QtWidgets import (
     QWidget,
 )
 
+from habc_episodes.help_requests import HELP_REQUEST_TYPE
 from habc_episodes.index import EpisodeIndex, EpisodeRecord
 from habc_episodes.stats import version_stats, VersionStats
 from habc_episodes.vocabulary import Controller, EpisodeStatus, Outcome, RecorderEvent
@@ -70,7 +71,6 @@ from rqt_habc.model import (
     decimate,
     DEFAULT_INDEX,
     filter_robot,
-    HELP_REQUEST_TYPE,
     help_spans,
     help_threshold,
     HelpAlerts,
