@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 import json
 import math
@@ -30,6 +30,7 @@ from typing import Any
 
 from habc_episodes.episode import robot_label
 from habc_episodes.help_requests import HELP_REQUEST_TYPE, HelpMessage
+from habc_episodes.stats import version_stats, VersionStats
 from habc_episodes.vocabulary import Controller, RecorderEvent
 
 INTERVENTION_TYPE = 'habc_msgs/msg/InterventionState'
@@ -812,3 +813,284 @@ def _topics_by_type(path: Path) -> dict[str, list[str]]:
         if count:
             by_type.setdefault(msgtype, []).append(topic)
     return by_type
+
+
+# Fleet ---------------------------------------------------------------------------------------
+
+# Relative topics whose publisher shows that a robot stack runs in a namespace: the policy
+# node's status and the arbiter's ticks. Live means a publisher, not a name: a topic's name
+# stays in the graph while any endpoint has it, this dashboard's own subscriptions included.
+LIVE_TOPICS = ('policy/status', 'intervention')
+# Where `habc launch fleet` keeps each robot's store: <storage_root>/<robot>/episodes.sqlite.
+DEFAULT_FLEET_ROOT = '~/.habc/fleet'
+INDEX_NAME = 'episodes.sqlite'
+# Per-version cells of the fleet table show the newest few versions; the tooltip all.
+FLEET_VERSIONS_SHOWN = 3
+FLEET_COLUMNS = ('Robot', 'Episode', 'In control', 'Policy',
+                 'Per version (newest first)')
+
+
+def live_topic_candidates(topic_names: Iterable[str]) -> list[str]:
+    """Return the names among `topic_names` that are a LIVE_TOPICS topic of some namespace."""
+    return sorted(name for name in set(topic_names)
+                  if any(name == f'/{t}' or name.endswith(f'/{t}') for t in LIVE_TOPICS))
+
+
+def live_namespaces(publisher_counts: Mapping[str, int]) -> list[str]:
+    """Return the namespaces whose LIVE_TOPICS topics have a publisher, sorted.
+
+    `publisher_counts` maps fully qualified topic names to their number of publishers.
+    """
+    published = [name for name, count in publisher_counts.items() if count > 0]
+    found: set[str] = set()
+    for topic in LIVE_TOPICS:
+        found.update(namespaces_with(published, topic))
+    return sorted(found)
+
+
+def selector_items(live: Iterable[str], followed: str) -> list[str]:
+    """Return the namespace selector's entries: the live robots and the followed one, sorted.
+
+    The followed namespace stays listed when its robot is gone, so that the selection does
+    not jump to another robot by itself.
+    """
+    return sorted({*live, followed})
+
+
+@dataclass
+class RobotLive:
+    """The newest state of one robot of the fleet: a few values, however long it runs."""
+
+    episode_id: str = ''        # recording now ('' between episodes)
+    last_ended_id: str = ''
+    episode_version: str = ''   # the policy version the recorder named at START
+    source: int | None = None
+    reason: str = ''
+    tick_received: float | None = None  # time.monotonic() of the newest arbiter tick
+    active_version: str = ''    # policy/status active_version ('' before it said)
+    status_error: str = ''
+
+
+class FleetLive:
+    """The live state of every robot the dashboard watches, from their light topics.
+
+    Fed with each robot's recorder/events, intervention ticks and policy/status; keeps only
+    the newest state per robot (RobotLive), so memory stays flat however long robots run.
+    """
+
+    def __init__(self) -> None:
+        self.robots: dict[str, RobotLive] = {}
+        self.revision = 0  # grows on every change that shows in the fleet table
+
+    def robot(self, namespace: str) -> RobotLive:
+        """Return the state of the robot in `namespace` (a new, empty one at first)."""
+        return self.robots.setdefault(namespace, RobotLive())
+
+    def on_event(self, namespace: str, event: int, episode_id: str,
+                 policy_version: str = '') -> None:
+        """Take one EpisodeEvent of the robot in `namespace`."""
+        robot = self.robot(namespace)
+        if event == RecorderEvent.START:
+            robot.episode_id, robot.episode_version = episode_id, policy_version
+        elif event == RecorderEvent.END:
+            if episode_id == robot.episode_id:
+                robot.episode_id = ''
+            robot.last_ended_id = episode_id
+            robot.episode_version = policy_version or robot.episode_version
+        elif not robot.episode_id and not robot.last_ended_id:
+            # A label or discard as the latched event of a recorder that ran before this
+            # dashboard: the episode it names has ended, and it is the newest one known.
+            robot.last_ended_id = episode_id
+        else:
+            return
+        self.revision += 1
+
+    def on_intervention(self, namespace: str, source: int, episode_id: str, reason: str,
+                        received: float) -> None:
+        """Take one InterventionState tick of the robot in `namespace` (received: monotonic)."""
+        robot = self.robot(namespace)
+        stale = (robot.tick_received is None
+                 or received - robot.tick_received > STALE_AFTER_S)
+        if (source, reason) != (robot.source, robot.reason) or stale:
+            self.revision += 1  # the table shows it; a tick like the last one changes nothing
+        robot.source, robot.reason, robot.tick_received = source, reason, received
+        if episode_id and not robot.episode_id and episode_id != robot.last_ended_id:
+            # START was missed (latched events hold only the newest): the arbiter knows it.
+            robot.episode_id = episode_id
+            self.revision += 1
+
+    def on_policy_status(self, namespace: str, status: dict[str, Any]) -> None:
+        """Take the parsed policy/status of the robot in `namespace`."""
+        robot = self.robot(namespace)
+        active = status.get('active_version')
+        robot.active_version = '' if active is None else str(active)
+        robot.status_error = str(status.get('error') or '')
+        self.revision += 1
+
+    def retain(self, namespaces: Iterable[str]) -> list[str]:
+        """Forget the robots not in `namespaces` (gone from the graph); return them."""
+        keep = set(namespaces)
+        gone = [ns for ns in self.robots if ns not in keep]
+        for namespace in gone:
+            del self.robots[namespace]
+        self.revision += bool(gone)
+        return gone
+
+
+def robot_controller(robot: RobotLive, received_now: float) -> tuple[int | None, str]:
+    """Return (source or None, text) of who controls the robot now.
+
+    The text is 'policy', 'human (engage)' (the arbiter's reason), 'idle' (held between
+    episodes), or why it is not known (source None then); `received_now` is
+    time.monotonic().
+    """
+    if robot.source is None or robot.tick_received is None:
+        return None, 'no arbiter ticks yet'
+    age = received_now - robot.tick_received
+    if age > STALE_AFTER_S:
+        return None, f'no arbiter ticks for {age:.0f} s'
+    if robot.source == Controller.HOLD and robot.reason == 'idle':
+        return robot.source, 'idle'  # the arbiter holds between episodes
+    name = source_name(robot.source)
+    return robot.source, f'{name} ({robot.reason})' if robot.reason else name
+
+
+def _rate(stat: VersionStats) -> str:
+    if stat.success_rate is None:
+        return f'none labelled of {stat.episodes}'
+    return f'{100 * stat.success_rate:.0f}% ({stat.successes}/{stat.labelled})'
+
+
+def _takeovers(stat: VersionStats) -> str:
+    per = stat.takeovers_per_episode
+    return '-' if per is None else f'{per:.2g} (n={stat.episodes})'
+
+
+def version_summary(stats: Sequence[VersionStats],
+                    shown: int | None = FLEET_VERSIONS_SHOWN) -> str:
+    """Return 'v4: 80% (4/5), 0.4/ep; v3: ...' for the newest `shown` versions.
+
+    `stats` in the order the versions ran (version_stats' order). Newest first: a cell too
+    narrow for all cuts the oldest; those left out are counted at the end. '-' without
+    any finished episode.
+    """
+    if not stats:
+        return '-'
+    newest = list(stats)[::-1] if shown is None else list(stats)[::-1][:shown]
+    parts = [f'v{s.version}: {_rate(s)}, '
+             + ('-' if s.takeovers_per_episode is None
+                else f'{s.takeovers_per_episode:.2g}/ep') for s in newest]
+    older = len(stats) - len(newest)
+    return '; '.join(parts) + (f'; +{older} older' if older else '')
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    """One row of the fleet table: a live robot, what it does, and its stats per version."""
+
+    namespace: str
+    robot: str                # as the banner names it ('robot1')
+    episode_id: str           # the running episode, else the last that ended ('': none)
+    running: bool
+    controller: str
+    source: int | None        # Controller of `controller` (None: unknown or stale)
+    version: str              # the active policy version ('-' unknown)
+    versions: str             # the newest versions
+    versions_detail: str      # every version, one per line
+
+    def cells(self) -> tuple[str, ...]:
+        """Return the texts of the row's cells, in FLEET_COLUMNS order."""
+        return (self.robot, self.episode, self.controller, self.version, self.versions)
+
+    @property
+    def episode_state(self) -> str:
+        """Return ' (running)', ' (ended)' or '' (no episode known)."""
+        return '' if not self.episode_id else ' (running)' if self.running else ' (ended)'
+
+    @property
+    def episode(self) -> str:
+        """Return 'id (running)', 'id (ended)' or '-'."""
+        return f'{self.episode_id}{self.episode_state}' if self.episode_id else '-'
+
+
+def records_by_robot(records: Iterable[Any]) -> dict[str, list[Any]]:
+    """Return index records grouped by their `robot` column, each group in the given order."""
+    groups: dict[str, list[Any]] = {}
+    for record in records:
+        groups.setdefault(record.robot, []).append(record)
+    return groups
+
+
+def stats_by_robot(records: Iterable[Any]) -> dict[str, list[VersionStats]]:
+    """Return version_stats() of index records per value of their `robot` column."""
+    return {robot: version_stats(group) for robot, group in records_by_robot(records).items()}
+
+
+def fleet_rows(namespaces: Iterable[str], fleet: FleetLive,
+               stats: Mapping[str, Sequence[VersionStats]],
+               received_now: float) -> list[FleetRow]:
+    """Return a fleet table row per robot namespace, sorted by namespace.
+
+    `stats` is stats_by_robot() of the index records: a robot's episodes are the rows whose
+    `robot` column is its recorder's default label (robot_of_namespace). The policy column
+    is the version policy/status names active, else the version the running (or last)
+    episode started with. `received_now` is time.monotonic().
+    """
+    rows = []
+    for namespace in sorted(set(namespaces)):
+        robot = fleet.robots.get(namespace, RobotLive())
+        versions = stats.get(robot_of_namespace(namespace), ())
+        version = robot.active_version or robot.episode_version
+        source, text = robot_controller(robot, received_now)
+        rows.append(FleetRow(
+            namespace, robot_name(namespace), robot.episode_id or robot.last_ended_id,
+            bool(robot.episode_id), text, source,
+            (version or '-') + (f' ({robot.status_error})' if robot.status_error else ''),
+            version_summary(versions), '\n'.join(
+                f'v{s.version}: success {_rate(s)}, takeovers/episode {_takeovers(s)}, '
+                f'{s.discarded} discarded' for s in versions[::-1]) or 'no finished episode'))
+    return rows
+
+
+# Several stores ------------------------------------------------------------------------------
+
+def fleet_index_paths(root: Path) -> list[Path]:
+    """Return the stores under a fleet storage root: <root>/*/episodes.sqlite, sorted."""
+    return sorted(p for p in root.glob(f'*/{INDEX_NAME}') if p.is_file())
+
+
+def fleet_root_problem(root: Path) -> str:
+    """Say why a fleet root gave no store, naming what was searched (for the message line)."""
+    where = f'{root}/*/{INDEX_NAME}'
+    if not root.is_dir():
+        return (f'fleet root {root} does not exist (searched {where}); give the storage_root '
+                'of `habc launch fleet` (default ~/.habc/fleet)')
+    return (f"no episode index under the fleet root yet (searched {where}); each robot's "
+            'recorder creates <storage_root>/<robot>/episodes.sqlite when it starts')
+
+
+def index_sources(paths: Iterable[Path | None]) -> list[Path]:
+    """Return `paths` without None and without repeats of one file (first wins), in order."""
+    seen: set[Path] = set()
+    sources = []
+    for path in paths:
+        if path is None:
+            continue
+        key = path.resolve() if path.exists() else path
+        if key not in seen:
+            seen.add(key)
+            sources.append(path)
+    return sources
+
+
+def merge_records(groups: Iterable[Sequence[Any]]) -> list[Any]:
+    """Return the records of several indexes as one list, newest first (as EpisodeIndex.list).
+
+    An episode id found in more than one index is kept once (the first index's row): the
+    same store given twice, or a store copied beside the live one, must not count twice.
+    """
+    merged: dict[str, Any] = {}
+    for records in groups:
+        for record in records:
+            merged.setdefault(record.episode_id, record)
+    return sorted(merged.values(), key=lambda r: (r.started_at, r.episode_id), reverse=True)

@@ -2,9 +2,10 @@
 
 It subscribes to one robot namespace (`intervention`, `recorder/events`, `policy/chunk`,
 `policy/status`, `learner/status`), to `help_request` of every robot it is told to watch (a
-robot that asks for help must be heard whichever one the dashboard follows), calls the
-recorder's `recorder/label_episode` service, and hands every received message to the widget
-as an `Update` through a queue. The queue is what lets the
+robot that asks for help must be heard whichever one the dashboard follows), to the light
+topics of every live robot for the fleet view (`intervention`, `recorder/events`,
+`policy/status`), calls the recorder's `recorder/label_episode` service, and hands every
+received message to the widget as an `Update` through a queue. The queue is what lets the
 same widget run in two settings: standalone, where this adapter owns its node and the widget
 spins it from a QTimer (`poll()`), and inside rqt, where rqt_gui_py owns the node and spins
 it in its own thread while the widget only drains the queue.
@@ -26,7 +27,13 @@ from habc_common.qos import COMMANDS, LATCHED, LATCHED_EVENTS
 from habc_episodes.vocabulary import LABEL_OUTCOMES
 from habc_msgs.msg import ActionChunk, EpisodeEvent, HelpRequest, InterventionState
 from habc_msgs.srv import LabelEpisode
-from rqt_habc.model import namespaces_with, normalize_namespace, qualified
+from rqt_habc.model import (
+    live_namespaces,
+    live_topic_candidates,
+    namespaces_with,
+    normalize_namespace,
+    qualified,
+)
 
 # recorder/events is latched with depth 1 on the recorder's side; a deeper reader queue
 # keeps events sent back to back (END, then LABELLED) until they are taken, and
@@ -46,7 +53,9 @@ class Update:
     """One thing that arrived, and time.monotonic() at its arrival.
 
     `kind` is 'intervention', 'event', 'chunk', 'learner_status', 'policy_status',
-    'label_result' or 'help' (whose `namespace` says which robot asks).
+    'label_result' or 'help' (whose `namespace` says which robot asks), and for the fleet
+    view 'fleet_intervention', 'fleet_event' and 'fleet_policy_status' (of the robot in
+    `namespace`, whichever is followed).
     """
 
     kind: str
@@ -66,7 +75,11 @@ class LabelResult:
 
 
 class DashboardRos:
-    """Subscriptions and the label client of one robot namespace, behind a queue."""
+    """Subscriptions and the label client of one robot namespace, behind a queue.
+
+    Besides the followed robot: the help requests of every robot it is told to watch
+    (watch_help) and the light topics of every robot of the fleet view (watch_fleet).
+    """
 
     def __init__(self, node: Node | None = None, namespace: str = '/',
                  context: Context | None = None) -> None:
@@ -92,6 +105,7 @@ class DashboardRos:
         self._generation = 0
         self._entities: list[Any] = []
         self._help_subscriptions: dict[str, Any] = {}  # namespace -> help_request
+        self._fleet_subscriptions: dict[str, list[Any]] = {}  # namespace -> its light topics
         self._label_client = None
         self.namespace = '/'
         self.set_namespace(namespace)
@@ -152,6 +166,45 @@ class DashboardRos:
     def watched_help(self) -> list[str]:
         """Return the namespaces whose help requests this adapter hears, sorted."""
         return sorted(self._help_subscriptions)
+
+    def watch_fleet(self, namespaces: list[str]) -> tuple[list[str], list[str]]:
+        """Hear the light topics of exactly the robots in `namespaces`; return (added, removed).
+
+        A robot gone from the list (no longer live) loses its subscriptions, so the fleet
+        view holds only running robots however many came and went.
+        """
+        wanted = {normalize_namespace(ns) for ns in namespaces}
+        removed = sorted(set(self._fleet_subscriptions) - wanted)
+        for namespace in removed:
+            for subscription in self._fleet_subscriptions.pop(namespace):
+                self.node.destroy_subscription(subscription)
+        added = sorted(wanted - set(self._fleet_subscriptions))
+        for namespace in added:
+            # The QoS of each publisher: COMMANDS ticks, latched events and status (a robot
+            # that ran before the dashboard still shows its episode and version).
+            self._fleet_subscriptions[namespace] = [
+                self.node.create_subscription(
+                    InterventionState, qualified(namespace, 'intervention'),
+                    self._fleet_taker('fleet_intervention', namespace), COMMANDS),
+                self.node.create_subscription(
+                    EpisodeEvent, qualified(namespace, 'recorder/events'),
+                    self._fleet_taker('fleet_event', namespace), EVENTS_QOS),
+                self.node.create_subscription(
+                    String, qualified(namespace, 'policy/status'),
+                    self._fleet_taker('fleet_policy_status', namespace), LATCHED),
+            ]
+        return added, removed
+
+    def watched_fleet(self) -> list[str]:
+        """Return the namespaces whose light topics the fleet view hears, sorted."""
+        return sorted(self._fleet_subscriptions)
+
+    def _fleet_taker(self, kind: str, namespace: str):
+        def take(msg: Any) -> None:
+            self._activity += 1
+            # No generation: the fleet view is about every robot, followed or not.
+            self._queue.put((None, Update(kind, msg, time.monotonic(), namespace)))
+        return take
 
     def _taker(self, kind: str):
         generation = self._generation
@@ -241,6 +294,16 @@ class DashboardRos:
         names = [name for name, _types in self.node.get_topic_names_and_types()]
         return sorted(set(namespaces_with(names)) | set(namespaces_with(names, 'help_request')))
 
+    def live_robots(self) -> list[str]:
+        """Return the namespaces where a robot stack runs now, sorted.
+
+        Those with a publisher on `policy/status` or `intervention` (model.LIVE_TOPICS):
+        publishers, since the names stay in the graph while this dashboard subscribes.
+        """
+        names = [name for name, _types in self.node.get_topic_names_and_types()]
+        return live_namespaces({topic: self.node.count_publishers(topic)
+                                for topic in live_topic_candidates(names)})
+
     def now(self) -> float:
         """Return the node clock's time in seconds (ROS time, as the message stamps)."""
         return self.node.get_clock().now().nanoseconds * 1e-9
@@ -251,6 +314,7 @@ class DashboardRos:
         for subscription in self._help_subscriptions.values():
             self.node.destroy_subscription(subscription)
         self._help_subscriptions.clear()
+        self.watch_fleet([])
         if self.owns_node:
             self.executor.shutdown()
             self.node.destroy_node()

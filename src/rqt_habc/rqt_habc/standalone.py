@@ -3,6 +3,10 @@
 Shows the robot in --namespace (switchable in the window) and the episode index the
 recorder writes (--index, <storage_dir>/episodes.sqlite). Labels go through the recorder's
 `recorder/label_episode` service, so a recorder must run in that namespace to label.
+Fleet (`habc launch fleet robots:=N`): --fleet-root ~/.habc/fleet reads every robot's store
+(<root>/<robot>/episodes.sqlite); the Fleet tab shows each live robot (its episode, who
+controls it, its policy version, success and takeovers per version); select one to follow
+it. --index may be given several times.
 Keys: S success, F failure, D discard (the selected episode, else the one that ended last).
 Under full ROS the same widget runs inside rqt: `rqt --standalone rqt_habc` (Plugins >
 Robot Tools > HABC Dashboard), or `ros2 run rqt_habc dashboard`.
@@ -16,7 +20,7 @@ import os
 import signal
 import sys
 
-from rqt_habc.model import DEFAULT_INDEX
+from rqt_habc.model import DEFAULT_FLEET_ROOT, DEFAULT_INDEX
 
 HELP = __doc__
 
@@ -33,10 +37,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the dashboard's options (shared by `habc dashboard` and the rqt plugin)."""
     parser.add_argument('--namespace', '-n', default='/',
                         help="robot namespace to follow, e.g. robot1 (default '/')")
-    parser.add_argument('--index', default=DEFAULT_INDEX,
-                        help=f'episode index of the recorder (default {DEFAULT_INDEX})')
+    parser.add_argument('--index', action='append', default=None, metavar='PATH',
+                        help='episode index of a recorder; give it again to read several '
+                             f'(default {DEFAULT_INDEX}, none with --fleet-root)')
+    parser.add_argument('--fleet-root', default=None, metavar='DIR',
+                        help='storage root of a fleet: reads every DIR/*/episodes.sqlite, '
+                             f'also those created later (`habc launch fleet`: '
+                             f'{DEFAULT_FLEET_ROOT})')
     parser.add_argument('--labeler', default=None,
                         help='name stored with each label (default: the login name)')
+
+
+def index_options(index: list[str] | None,
+                  fleet_root: str | None) -> tuple[str | None, list[str]]:
+    """Return (the index shown in the window, the other indexes) of the --index options.
+
+    Without --index: the recorder's default index, or none when a fleet root is given (a
+    fleet's stores are under it).
+    """
+    if not index:
+        return (None if fleet_root else DEFAULT_INDEX), []
+    return index[0], list(index[1:])
 
 
 def _display_problem() -> str | None:
@@ -68,12 +89,23 @@ def run(args: argparse.Namespace, ros_args: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f'habc dashboard: --namespace: {exc}', file=sys.stderr)
         return 2
+    index, extra_indexes = index_options(args.index, args.fleet_root)
+    if args.fleet_root:
+        from rqt_habc.model import fleet_index_paths, fleet_root_problem
+        from rqt_habc.widget import expand_index_path
+        root = expand_index_path(args.fleet_root)
+        if not fleet_index_paths(root):
+            # Not fatal: the robots may not have started yet; the window says it too, until
+            # their recorders have created their stores.
+            print(f'habc dashboard: --fleet-root: {fleet_root_problem(root)}', file=sys.stderr)
     app = QApplication.instance() or QApplication([sys.argv[0]])
     rclpy.init(args=['habc_dashboard', *(ros_args or [])])
     ros = widget = None
     try:
         ros = DashboardRos(namespace=namespace)
-        widget = DashboardWidget(ros, args.index, labeler=args.labeler or default_labeler())
+        widget = DashboardWidget(ros, index, extra_indexes=extra_indexes,
+                                 fleet_root=args.fleet_root,
+                                 labeler=args.labeler or default_labeler())
         widget.resize(1000, 700)
         widget.show()
         # Qt's loop runs C++; the poll timer brings Python back often enough to see Ctrl-C.

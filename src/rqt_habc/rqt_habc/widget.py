@@ -6,6 +6,14 @@ the one selected in the table, read from its bag), the recent episodes of the in
 one to relabel it), the Success / Failure / Discard buttons (keys S, F, D) with a note, the
 policy and learner status, and success rate and takeovers per policy version.
 
+The Fleet tab beside the episode table has a row per live robot (a namespace where a policy
+or an arbiter publishes): its current episode, who controls it, its active policy version,
+and success rate and takeovers per policy version from its episodes in the index. Several
+stores are read at once (an index path, more of them, and every
+<fleet root>/*/episodes.sqlite); a robot's episodes are the rows with its `robot` label.
+Selecting a robot's row follows it, as the namespace selector (which lists the live robots)
+does.
+
 When a robot asks for help (habc_msgs/HelpRequest on its `help_request`), a red banner names
 it, the reason and p_v, the window beeps (again every ALERT_REPEAT_S while the request is
 open) and asks the desktop for attention, and `notify-send` shows a notification where it is
@@ -19,6 +27,7 @@ label service, so labels live in one place and survive restarts of the dashboard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 import math
@@ -57,6 +66,7 @@ from python_qt_binding.QtWidgets import (
     QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -71,22 +81,32 @@ from rqt_habc.model import (
     decimate,
     DEFAULT_INDEX,
     filter_robot,
+    FLEET_COLUMNS,
+    fleet_index_paths,
+    fleet_root_problem,
+    fleet_rows,
+    FleetLive,
+    FleetRow,
     help_spans,
     help_threshold,
     HelpAlerts,
     HelpBanner,
     HelpMark,
     HelpSpan,
+    index_sources,
     label_target,
     learner_summary,
     LiveState,
+    merge_records,
     parse_status,
     policy_summary,
     RAISED,
     robot_name,
     robot_of_namespace,
+    selector_items,
     source_name,
     stamp_seconds,
+    stats_by_robot,
     Timeline,
     timeline_from_bag,
     viability_from_bag,
@@ -114,6 +134,10 @@ ALERT_REPEAT_S = 10.0
 TABLE_COLUMNS = ('Episode', 'Outcome', 'Takeovers', 'Version', 'Steps', 'Duration', 'Started',
                  'Status', 'Labeler', 'Note')
 TABLE_ROWS = 50
+# The fleet table's Episode column (long ids) is cut at this width (the tooltip has it all),
+# so the per-version column stays in view.
+FLEET_EPISODE_WIDTH = 220
+FOLLOWED_COLOR = '#e8f0fb'  # the followed robot's row, as its timeline row
 TIMELINE_ROWS = 5
 # Bags read per refresh: reading one takes a moment, so the window stays responsive.
 BAG_LOADS_PER_REFRESH = 2
@@ -134,6 +158,12 @@ def format_duration(seconds: float | None) -> str:
 def expand_index_path(path: str | Path) -> Path:
     """Expand ~ and $VARIABLES, as the recorder does with its storage_dir."""
     return Path(os.path.expandvars(os.path.expanduser(str(path))))
+
+
+def _optional_path(path: str | Path | None) -> Path | None:
+    """Return expand_index_path(path), or None for None or an empty text."""
+    return None if path is None or not str(path).strip() else expand_index_path(
+        str(path).strip())
 
 
 def _nice_step(span: float, target_ticks: int) -> float:
@@ -536,10 +566,16 @@ def _fill_key_values(table: QTableWidget, rows: list[tuple[str, str]]) -> None:
 class DashboardWidget(QWidget):
     """The labelling dashboard of one robot namespace (switchable) and one episode index."""
 
-    def __init__(self, ros: Any, index_path: str | Path = DEFAULT_INDEX, *,
-                 labeler: str = '', poll_ms: int = 50, refresh_ms: int = 2000,
+    def __init__(self, ros: Any, index_path: str | Path | None = DEFAULT_INDEX, *,
+                 extra_indexes: Sequence[str | Path] = (),
+                 fleet_root: str | Path | None = None, labeler: str = '',
+                 poll_ms: int = 50, refresh_ms: int = 2000,
                  parent: QWidget | None = None) -> None:
-        """Show the robot that `ros` (a DashboardRos) follows and the index at `index_path`."""
+        """Show the robot that `ros` (a DashboardRos) follows, the fleet, and their episodes.
+
+        Episodes are read from the index at `index_path` (None or '': none), those in
+        `extra_indexes` and every <fleet_root>/*/episodes.sqlite, all read-only.
+        """
         super().__init__(parent)
         self.setObjectName('HabcDashboard')
         self.setWindowTitle('habc dashboard')
@@ -551,8 +587,15 @@ class DashboardWidget(QWidget):
         self.alerts_given = 0           # help requests the operator was alerted to
         self._last_beep: float | None = None
         self.shown_banner: HelpBanner | None = None
-        self.index: EpisodeIndex | None = None
-        self.index_path = expand_index_path(index_path)
+        self.index_path = _optional_path(index_path)
+        self.extra_index_paths = [expand_index_path(p) for p in extra_indexes]
+        self.fleet_root = _optional_path(fleet_root)
+        self.indexes: dict[Path, EpisodeIndex] = {}  # open stores by path
+        self.fleet = FleetLive()
+        self.live_namespaces: list[str] = []  # robots found running in the graph
+        self.fleet_stats: dict[str, list[VersionStats]] = {}  # by the index's robot label
+        self.fleet_shown: list[FleetRow] | None = None  # the rows the fleet table shows
+        self._fleet_revision = -1
         self.all_records: list[EpisodeRecord] = []
         self.records: list[EpisodeRecord] = []  # shown ones: newest first, robot filter
         self.learner_status: dict[str, Any] = {}
@@ -562,6 +605,7 @@ class DashboardWidget(QWidget):
         self.pending_label: tuple[str, str, float] | None = None
         self.last_message = ''
         self._index_problem = ''
+        self.index_problems: list[str] = []
         self._index_dirty = True
         self._timelines_pending = False  # bags left to read for the timeline view
         self._shown_controller: tuple[int | None, str] | None = None
@@ -602,12 +646,17 @@ class DashboardWidget(QWidget):
         top.addWidget(self.robot_only)
         top.addSpacing(12)
         top.addWidget(QLabel('Index'))
-        self.index_edit = QLineEdit(str(self.index_path))
+        self.index_edit = QLineEdit('' if self.index_path is None else str(self.index_path))
         self.index_edit.setToolTip('The episode index (SQLite) the recorder writes: '
                                    '<storage_dir>/episodes.sqlite')
+        self.index_edit.setPlaceholderText('no single index: the fleet root only')
         self.index_edit.editingFinished.connect(
             lambda: self.set_index_path(self.index_edit.text()))
         top.addWidget(self.index_edit, 1)
+        # The other stores read (more --index paths, the fleet root's); hidden without any.
+        self.stores_label = QLabel()
+        self.stores_label.hide()
+        top.addWidget(self.stores_label)
         self.connection_label = QLabel()
         top.addWidget(self.connection_label)
         root.addLayout(top)
@@ -717,7 +766,10 @@ class DashboardWidget(QWidget):
         timeline_layout.addWidget(self.timeline_view)
         left.addWidget(timeline_box)
 
-        episodes_box = QGroupBox('Recent episodes (select one to relabel it)')
+        # The followed robot's episodes and the whole fleet share the room under the
+        # timelines: both are tables an operator reads one at a time.
+        self.tabs = QTabWidget()
+        episodes_box = QWidget()
         episodes_layout = QVBoxLayout(episodes_box)
         episodes_layout.setContentsMargins(4, 4, 4, 4)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
@@ -730,7 +782,24 @@ class DashboardWidget(QWidget):
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.itemSelectionChanged.connect(self._selection_changed)
         episodes_layout.addWidget(self.table)
-        left.addWidget(episodes_box, 1)
+        self.tabs.addTab(episodes_box, 'Recent episodes (select one to relabel it)')
+        self.fleet_table = QTableWidget(0, len(FLEET_COLUMNS))
+        self.fleet_table.setHorizontalHeaderLabels(FLEET_COLUMNS)
+        self.fleet_table.verticalHeader().setVisible(False)
+        self.fleet_table.verticalHeader().setDefaultSectionSize(
+            self.fontMetrics().height() + 6)
+        self.fleet_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.fleet_table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.fleet_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.fleet_table.horizontalHeader().setStretchLastSection(True)
+        self.fleet_table.horizontalHeaderItem(len(FLEET_COLUMNS) - 1).setToolTip(
+            'per policy version, newest first: success rate of the labelled episodes '
+            '(successes/labelled) and takeovers per finished episode; hover a cell for '
+            'every version')
+        self.fleet_table.setToolTip('Every live robot; select one to follow it')
+        self.fleet_table.itemSelectionChanged.connect(self._fleet_selection_changed)
+        self.tabs.addTab(self.fleet_table, 'Fleet')
+        left.addWidget(self.tabs, 1)
 
         status = QGroupBox('Policy and learner')
         status_layout = QVBoxLayout(status)
@@ -782,19 +851,24 @@ class DashboardWidget(QWidget):
         self._update_robot_filter_text()
         self._show_status()
         self._reload_index()
+        self._select_fleet_row()
         self.show_message(f'following robot namespace {namespace}')
         return True
 
-    def set_index_path(self, path: str | Path) -> None:
-        """Read the episode index at `path` from now on."""
-        path = expand_index_path(path)
-        if path == self.index_path and self.index is not None:
+    def set_index_path(self, path: str | Path | None) -> None:
+        """Read the episode index at `path` from now on (None or '': none but the others)."""
+        path = _optional_path(path)
+        if path == self.index_path and (path is None or path in self.indexes):
             return
-        self._close_index()
         self.index_path = path
-        self.index_edit.setText(str(path))
+        self.index_edit.setText('' if path is None else str(path))
         self.bag_timelines.clear()
         self.bag_viability.clear()
+        self._reload_index()
+
+    def set_fleet_root(self, root: str | Path | None) -> None:
+        """Read every <root>/*/episodes.sqlite from now on (None or '': no fleet root)."""
+        self.fleet_root = _optional_path(root)
         self._reload_index()
 
     def selected_episode(self) -> str:
@@ -852,7 +926,7 @@ class DashboardWidget(QWidget):
         """Stop the timers and close the index (the owner closes the ROS adapter)."""
         self.poll_timer.stop()
         self.refresh_timer.stop()
-        self._close_index()
+        self._close_indexes()
 
     # Periodic work -------------------------------------------------------------------------
 
@@ -871,20 +945,29 @@ class DashboardWidget(QWidget):
             self._reload_index()
         elif self._timelines_pending:
             self._show_timelines(force=True)
+        if self.fleet.revision != self._fleet_revision:
+            self._fill_fleet()
         self._show_live()
 
     def refresh(self) -> None:
         """Reread the index, discover robot namespaces, check the recorder (every refresh_ms)."""
         self._reload_index()
         try:
-            namespaces = self.ros.robot_namespaces()
-            for namespace in namespaces:
-                if self.namespace_combo.findText(namespace) < 0:
-                    self.namespace_combo.addItem(namespace)
-            # Every robot found is heard when it asks for help.
-            self.ros.watch_help(namespaces)
+            live: list[str] = self.ros.live_robots()
+        except Exception:  # noqa: BLE001 - the graph query is a convenience only
+            live = self.live_namespaces  # as last seen: a failed query removes no robot
+        self.live_namespaces = live
+        self.ros.watch_fleet(live)
+        self.fleet.retain(live)
+        self._update_selector(live)
+        try:
+            # Every robot found is heard when it asks for help, also one that only has a
+            # recorder or help requests left in the graph.
+            self.ros.watch_help(sorted({*live, *self.ros.robot_namespaces()}))
         except Exception:  # noqa: BLE001 - the graph query is a convenience only
             pass
+        # Also without news: 'no arbiter ticks for N s' grows while a robot is silent.
+        self._fill_fleet()
         if (self.alerts.open and self._last_beep is not None
                 and time.monotonic() - self._last_beep >= ALERT_REPEAT_S):
             self._beep()  # still open: nobody has answered yet
@@ -910,6 +993,9 @@ class DashboardWidget(QWidget):
         msg = update.payload
         if update.kind == 'help':
             return self._apply_help(update)
+        if update.kind.startswith('fleet_'):
+            self._apply_fleet(update)
+            return ''
         if update.kind == 'chunk':
             stamp = stamp_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
             self.live.on_chunk(stamp or self.ros.now(), float(msg.viability))
@@ -946,6 +1032,104 @@ class DashboardWidget(QWidget):
                 self.show_message(f'recorder refused the label: {msg.message}', error=True)
             self._index_dirty = True
         return ''
+
+    # Fleet ---------------------------------------------------------------------------------
+
+    def _apply_fleet(self, update: Any) -> None:
+        msg, namespace = update.payload, update.namespace
+        if update.kind == 'fleet_intervention':
+            self.fleet.on_intervention(namespace, int(msg.source), msg.episode_id, msg.reason,
+                                       update.received)
+        elif update.kind == 'fleet_event':
+            self.fleet.on_event(namespace, int(msg.event), msg.episode_id, msg.policy_version)
+            # An episode ended or was labelled: that robot's success rates change.
+            self._index_dirty = True
+        elif update.kind == 'fleet_policy_status':
+            self.fleet.on_policy_status(namespace, parse_status(msg.data))
+
+    def _update_selector(self, live: list[str]) -> None:
+        """List the live robots in the namespace selector, keeping what the user picked."""
+        items = selector_items(live, self.ros.namespace)
+        combo = self.namespace_combo
+        if [combo.itemText(i) for i in range(combo.count())] == items:
+            return
+        typed = combo.currentText()  # the edit text: a namespace being typed stays
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(items)
+        combo.setCurrentIndex(items.index(self.ros.namespace))
+        if typed != self.ros.namespace:
+            combo.setEditText(typed)
+        combo.blockSignals(False)
+
+    def fleet_rows(self) -> list[FleetRow]:
+        """Return the fleet table's rows now: one per live robot."""
+        return fleet_rows(self.live_namespaces, self.fleet, self.fleet_stats, time.monotonic())
+
+    def _fill_fleet(self) -> None:
+        self._fleet_revision = self.fleet.revision
+        rows = self.fleet_rows()
+        if rows == self.fleet_shown:
+            return  # unchanged: keep the rows (and whatever the mouse is doing with them)
+        self.fleet_shown = rows
+        table = self.fleet_table
+        table.blockSignals(True)
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            followed = row.namespace == self.ros.namespace
+            for column, value in enumerate(row.cells()):
+                item = QTableWidgetItem(value)
+                item.setToolTip(value)
+                if column == 1 and row.episode_id:
+                    # Cut in the middle (ids differ at their ends), keeping the state.
+                    metrics = table.fontMetrics()
+                    state = row.episode_state
+                    item.setText(metrics.elidedText(
+                        row.episode_id, Qt.ElideMiddle,
+                        FLEET_EPISODE_WIDTH - 14 - metrics.horizontalAdvance(state)) + state)
+                if followed:
+                    item.setBackground(QBrush(QColor(FOLLOWED_COLOR)))
+                if column == 0:
+                    item.setData(Qt.UserRole, row.namespace)
+                    item.setToolTip(f'namespace {row.namespace}: '
+                                    + ('followed' if followed else 'select to follow it'))
+                    font = item.font()
+                    font.setBold(followed)
+                    item.setFont(font)
+                elif column == 2 and row.source is not None:
+                    item.setBackground(QBrush(QColor(SOURCE_COLORS.get(row.source,
+                                                                       '#606060'))))
+                    item.setForeground(QBrush(QColor('white')))
+                elif column == len(FLEET_COLUMNS) - 1:
+                    item.setToolTip(row.versions_detail)
+                table.setItem(r, column, item)
+        # The followed row is marked by its colour, not by a selection: a selection's
+        # highlight would hide the colour of who controls that robot.
+        table.clearSelection()
+        table.blockSignals(False)
+        for column in range(len(FLEET_COLUMNS) - 1):
+            table.resizeColumnToContents(column)
+        table.setColumnWidth(1, min(table.columnWidth(1), FLEET_EPISODE_WIDTH))
+        self.tabs.setTabText(self.tabs.indexOf(table), f'Fleet ({len(rows)} live)')
+
+    def followed_fleet_row(self) -> int:
+        """Return the fleet table's row of the followed robot (-1 when it is not live)."""
+        return next((r for r, row in enumerate(self.fleet_shown or ())
+                     if row.namespace == self.ros.namespace), -1)
+
+    def _select_fleet_row(self) -> None:
+        """Mark the followed robot's row: redraw the table (a click's selection goes)."""
+        self.fleet_shown = None
+        self._fill_fleet()
+
+    def _fleet_selection_changed(self) -> None:
+        rows = self.fleet_table.selectionModel().selectedRows()
+        if not rows:
+            return
+        item = self.fleet_table.item(rows[0].row(), 0)
+        namespace = '' if item is None else str(item.data(Qt.UserRole))
+        if namespace and namespace != self.ros.namespace:
+            self.set_namespace(namespace)
 
     # Help requests -------------------------------------------------------------------------
 
@@ -1007,39 +1191,68 @@ class DashboardWidget(QWidget):
 
     # Index ---------------------------------------------------------------------------------
 
-    def _open_index(self) -> EpisodeIndex | None:
-        if self.index is None:
-            if not self.index_path.is_file():
-                self._index_problem = (f'no episode index at {self.index_path} yet (the '
-                                       'recorder creates it when it starts)')
-                return None
-            try:
-                self.index = EpisodeIndex(self.index_path, read_only=True)
-            except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
-                self._index_problem = f'cannot open the episode index {self.index_path}: {exc}'
-                return None
-        self._index_problem = ''
-        return self.index
+    def index_paths(self) -> list[Path]:
+        """Return the stores read now: the index, the extra ones and the fleet root's."""
+        fleet = fleet_index_paths(self.fleet_root) if self.fleet_root is not None else []
+        return index_sources([self.index_path, *self.extra_index_paths, *fleet])
 
-    def _close_index(self) -> None:
-        if self.index is not None:
-            self.index.close()
-            self.index = None
+    def _read_indexes(self) -> tuple[list[EpisodeRecord], list[str]]:
+        """Return the records of every store, newest first, and what went wrong with any."""
+        paths = self.index_paths()
+        for path in [p for p in self.indexes if p not in paths]:
+            self.indexes.pop(path).close()
+        problems, groups = [], []
+        for path in paths:
+            index = self.indexes.get(path)
+            if index is None:
+                if not path.is_file():
+                    problems.append(f'no episode index at {path} yet (the recorder creates it '
+                                    'when it starts)')
+                    continue
+                try:
+                    index = self.indexes[path] = EpisodeIndex(path, read_only=True)
+                except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
+                    problems.append(f'cannot open the episode index {path}: {exc}')
+                    continue
+            try:
+                groups.append(index.list())
+            except sqlite3.Error as exc:
+                problems.append(f'cannot read the episode index {path}: {exc}')
+                self.indexes.pop(path).close()  # opened afresh next time
+        if self.fleet_root is not None and not fleet_index_paths(self.fleet_root):
+            problems.append(fleet_root_problem(self.fleet_root))
+        elif not paths:
+            problems.append('no episode index given: pass --index or --fleet-root')
+        self._show_stores(paths)
+        return merge_records(groups), problems
+
+    def _show_stores(self, paths: list[Path]) -> None:
+        others = [p for p in paths if p != self.index_path]
+        self.stores_label.setVisible(bool(others) or self.fleet_root is not None)
+        # Short: the index field beside it needs the room; the tooltip names them all.
+        text = f'+{len(others)}' if self.index_path is not None else f'{len(others)}'
+        text += ' store' + ('s' if len(others) != 1 else '')
+        self.stores_label.setText(text)
+        tip = [f'fleet root {self.fleet_root} (every */episodes.sqlite)'] if (
+            self.fleet_root is not None) else []
+        self.stores_label.setToolTip('\n'.join(tip + [str(p) for p in others]
+                                               or ['no store found yet']))
+
+    def _close_indexes(self) -> None:
+        for index in self.indexes.values():
+            index.close()
+        self.indexes.clear()
 
     def _reload_index(self) -> None:
         self._index_dirty = False
-        index = self._open_index()
-        records: list[EpisodeRecord] = []
-        if index is not None:
-            try:
-                records = index.list()
-            except sqlite3.Error as exc:
-                self._index_problem = f'cannot read the episode index: {exc}'
-                self._close_index()
+        records, self.index_problems = self._read_indexes()
+        self._index_problem = '; '.join(self.index_problems)
         robot = robot_of_namespace(self.ros.namespace) if self.robot_only.isChecked() else None
         self.all_records = records
         self.records = filter_robot(records, robot)
         self.plot.set_stats(version_stats(self.records))
+        self.fleet_stats = stats_by_robot(records)
+        self._fleet_revision = -1  # the fleet rows show these stats
         self._fill_table()
         self._show_timelines(force=True)
         if self._index_problem:

@@ -14,15 +14,23 @@ from rqt_habc.model import (
     CLEARED_NOTE_S,
     critic_problem,
     decimate,
+    fleet_index_paths,
+    fleet_root_problem,
+    fleet_rows,
+    FleetLive,
     help_spans,
     help_threshold,
     HelpAlerts,
     HelpBanner,
     HelpMark,
     HelpSpan,
+    index_sources,
     label_target,
     learner_summary,
+    live_namespaces,
+    live_topic_candidates,
     LiveState,
+    merge_records,
     namespaces_with,
     normalize_namespace,
     parse_status,
@@ -33,8 +41,12 @@ from rqt_habc.model import (
     robot_of_namespace,
     Segment,
     segments_from_ticks,
+    selector_items,
+    STALE_AFTER_S,
+    stats_by_robot,
     timeline_from_bag,
     TimelineBuilder,
+    version_summary,
     viability_from_bag,
     viability_note,
     ViabilitySeries,
@@ -462,3 +474,139 @@ def test_viability_of_a_bag_without_chunks_or_critic(tmp_path):
         'no p_v in the bag: policy/chunk was not recorded and no help request was raised')
     with pytest.raises(FileNotFoundError):
         viability_from_bag(tmp_path / 'missing')
+
+
+# Fleet ------------------------------------------------------------------------------------------
+
+def test_live_robots_are_namespaces_whose_policy_or_arbiter_publishes():
+    topics = ['/robot1/policy/status', '/robot1/intervention', '/robot2/intervention',
+              '/robot3/policy/status', '/policy/update', '/learner/status',
+              '/robot1/recorder/events', '/lab/r4/policy/status', '/robot5/policy/chunk']
+    assert live_topic_candidates(topics) == [
+        '/lab/r4/policy/status', '/robot1/intervention', '/robot1/policy/status',
+        '/robot2/intervention', '/robot3/policy/status']
+    # /robot3's name is only there for this dashboard's own subscription: no publisher.
+    counts = {'/lab/r4/policy/status': 1, '/robot1/intervention': 1,
+              '/robot1/policy/status': 1, '/robot2/intervention': 1,
+              '/robot3/policy/status': 0}
+    assert live_namespaces(counts) == ['/lab/r4', '/robot1', '/robot2']
+    # A single robot without a namespace is the root; the fleet learner at the root is not.
+    assert live_namespaces({'/intervention': 1, '/policy/update': 1}) == ['/']
+    assert selector_items(['/robot2', '/robot1'], '/robot1') == ['/robot1', '/robot2']
+    assert selector_items(['/robot2'], '/robot9') == ['/robot2', '/robot9']  # stays listed
+
+
+def test_fleet_live_keeps_the_newest_state_of_each_robot():
+    fleet = FleetLive()
+    fleet.on_event('/robot1', RecorderEvent.START, 'robot1-a', '3')
+    assert fleet.robots['/robot1'].episode_id == 'robot1-a'
+    fleet.on_intervention('/robot1', P, 'robot1-a', 'start', received=10.0)
+    revision = fleet.revision
+    for k in range(100):  # ticks like the last one: nothing to redraw
+        fleet.on_intervention('/robot1', P, 'robot1-a', 'start', received=10.0 + 0.02 * k)
+    assert fleet.revision == revision
+    fleet.on_intervention('/robot1', H, 'robot1-a', 'engage', received=12.0)
+    assert fleet.revision == revision + 1
+    # After a silence the next tick redraws even unchanged ('no arbiter ticks' goes).
+    fleet.on_intervention('/robot1', H, 'robot1-a', 'engage', received=12.0 + 2 * STALE_AFTER_S)
+    assert fleet.revision == revision + 2
+    fleet.on_event('/robot1', RecorderEvent.END, 'robot1-a', '3')
+    robot1 = fleet.robots['/robot1']
+    assert (robot1.episode_id, robot1.last_ended_id) == ('', 'robot1-a')
+    # A tick of the ended episode (it was in flight) does not restart it.
+    fleet.on_intervention('/robot1', X, 'robot1-a', 'idle', received=13.0)
+    assert robot1.episode_id == ''
+    # A START missed (latched events keep one): the arbiter's tick names the episode.
+    fleet.on_intervention('/robot1', P, 'robot1-b', 'start', received=14.0)
+    assert robot1.episode_id == 'robot1-b'
+    # A dashboard that starts after a label gets only that latched event.
+    fleet.on_event('/robot2', RecorderEvent.LABELLED, 'robot2-x')
+    assert fleet.robots['/robot2'].last_ended_id == 'robot2-x'
+    fleet.on_event('/robot2', RecorderEvent.START, 'robot2-y', '4')
+    fleet.on_event('/robot2', RecorderEvent.LABELLED, 'robot2-x')  # relabel of an old one
+    assert fleet.robots['/robot2'].episode_id == 'robot2-y'
+    fleet.on_policy_status('/robot2', {'active_version': 4, 'staged_version': None})
+    assert fleet.robots['/robot2'].active_version == '4'
+    assert fleet.retain(['/robot2']) == ['/robot1'] and list(fleet.robots) == ['/robot2']
+
+
+def test_fleet_rows_per_robot_with_hand_counted_stats():
+    records = [
+        record('robot1-1', '1', 'success', 1, 10.0, robot='robot1'),
+        record('robot1-2', '1', 'failure', 3, 11.0, robot='robot1'),
+        record('robot1-3', '2', 'success', 0, 12.0, robot='robot1'),
+        record('robot1-4', '2', 'success', 1, 13.0, robot='robot1'),
+        record('robot1-5', '2', 'unlabelled', 2, 14.0, robot='robot1'),
+        record('robot2-1', '2', 'failure', 4, 20.0, robot='robot2'),
+        record('robot2-2', '2', 'discarded', 9, 21.0, robot='robot2'),
+        record('other-1', '2', 'success', 0, 22.0, robot='other'),  # not live: no row
+    ]
+    stats = stats_by_robot(records)
+    fleet = FleetLive()
+    fleet.on_event('/robot1', RecorderEvent.START, 'robot1-6', '2')
+    fleet.on_intervention('/robot1', H, 'robot1-6', 'engage', received=100.0)
+    fleet.on_policy_status('/robot1', {'active_version': '2'})
+    fleet.on_event('/robot2', RecorderEvent.END, 'robot2-2', '2')
+    fleet.on_intervention('/robot2', X, '', 'idle', received=100.2)
+    rows = fleet_rows(['/robot2', '/robot1', '/robot3'], fleet, stats, received_now=100.5)
+    assert [r.namespace for r in rows] == ['/robot1', '/robot2', '/robot3']
+    robot1, robot2, robot3 = rows
+    # robot1, v1: 1 of 2 labelled succeeded, (1 + 3) / 2 takeovers; v2: 2 of 2 labelled,
+    # (0 + 1 + 2) / 3 takeovers (the unlabelled episode counts for takeovers). Newest first.
+    assert robot1.cells() == (
+        'robot1', 'robot1-6 (running)', 'human (engage)', '2',
+        'v2: 100% (2/2), 1/ep; v1: 50% (1/2), 2/ep')
+    assert robot1.versions_detail == (
+        'v2: success 100% (2/2), takeovers/episode 1 (n=3), 0 discarded\n'
+        'v1: success 50% (1/2), takeovers/episode 2 (n=2), 0 discarded')
+    assert robot1.source == H
+    # robot2: no policy/status yet, the version of its last episode; the discarded one
+    # says nothing about the policy.
+    assert robot2.cells() == (
+        'robot2', 'robot2-2 (ended)', 'idle', '2', 'v2: 0% (0/1), 4/ep')
+    assert robot2.versions_detail == (
+        'v2: success 0% (0/1), takeovers/episode 4 (n=1), 1 discarded')
+    assert robot3.cells() == ('robot3', '-', 'no arbiter ticks yet', '-', '-')
+    assert robot3.source is None and robot3.versions_detail == 'no finished episode'
+    # Silent for longer than STALE_AFTER_S: not known who controls it.
+    stale = fleet_rows(['/robot1'], fleet, stats, received_now=100.0 + STALE_AFTER_S + 2.2)
+    assert stale[0].controller == 'no arbiter ticks for 3 s' and stale[0].source is None
+    # The single-robot store: namespace '/', robot label 'robot'.
+    single = fleet_rows(['/'], FleetLive(), stats_by_robot(
+        [record('robot-1', '1', 'success', 0, 1.0, robot='robot')]), 0.0)
+    assert single[0].robot == 'robot (/)'
+    assert single[0].versions == 'v1: 100% (1/1), 0/ep'
+
+
+def test_version_summary_keeps_the_newest_versions():
+    stats = version_stats([record(str(v), str(v), 'success', 0, float(v)) for v in range(1, 6)]
+                          + [record('x', '5', 'unlabelled', 3, 9.0)])
+    assert version_summary(stats, shown=2) == (
+        'v5: 100% (1/1), 1.5/ep; v4: 100% (1/1), 0/ep; +3 older')
+    assert version_summary(version_stats([record('y', '7', 'unlabelled', 1, 1.0)])) == (
+        'v7: none labelled of 1, 1/ep')
+    assert version_summary([]) == '-'
+
+
+def test_fleet_stores_and_merged_records(tmp_path):
+    root = tmp_path / 'fleet'
+    assert 'does not exist' in fleet_root_problem(root)
+    assert f'searched {root}/*/episodes.sqlite' in fleet_root_problem(root)
+    (root / 'robot2').mkdir(parents=True)
+    assert fleet_index_paths(root) == []
+    assert fleet_root_problem(root).startswith('no episode index under the fleet root yet')
+    for robot in ('robot2', 'robot1'):
+        (root / robot).mkdir(exist_ok=True)
+        (root / robot / 'episodes.sqlite').write_bytes(b'')
+    (root / 'notes').mkdir()
+    stores = fleet_index_paths(root)
+    assert stores == [root / 'robot1' / 'episodes.sqlite', root / 'robot2' / 'episodes.sqlite']
+    # The same file named twice (directly and through the root) is read once.
+    again = tmp_path / 'fleet' / 'robot1' / '..' / 'robot1' / 'episodes.sqlite'
+    assert index_sources([None, again, *stores]) == [again, stores[1]]
+    first = [record('robot1-2', '1', 'success', 0, 5.0), record('robot1-1', '1', '', 0, 1.0)]
+    second = [record('robot2-1', '1', 'failure', 0, 3.0),
+              record('robot1-2', '9', 'failure', 0, 5.0)]  # a copy: the first store's wins
+    merged = merge_records([first, second])
+    assert [(r.episode_id, r.policy_version) for r in merged] == [
+        ('robot1-2', '1'), ('robot2-1', '1'), ('robot1-1', '1')]

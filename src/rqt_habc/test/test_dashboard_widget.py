@@ -9,6 +9,7 @@ import time
 from types import ModuleType, SimpleNamespace
 import xml.etree.ElementTree as ET
 
+from habc_episodes.index import EpisodeIndex
 from habc_episodes.vocabulary import Controller, RecorderEvent
 from rqt_habc.model import (
     normalize_namespace,
@@ -27,6 +28,8 @@ class FakeRos:
         self.queue = []
         self.labels = []
         self.ready = True
+        self.live = ['/', '/robot2']
+        self.fleet = []
 
     def poll(self):
         out, self.queue = self.queue, []
@@ -46,6 +49,15 @@ class FakeRos:
 
     def robot_namespaces(self):
         return ['/', '/robot2']
+
+    def live_robots(self):
+        return list(self.live)
+
+    def watch_fleet(self, namespaces):
+        added = sorted(set(namespaces) - set(self.fleet))
+        removed = sorted(set(self.fleet) - set(namespaces))
+        self.fleet = sorted(namespaces)
+        return added, removed
 
     def watch_help(self, namespaces):
         return []
@@ -192,8 +204,23 @@ def test_namespace_selector_and_unreachable_recorder(qapp, tmp_path):
         assert 'no episode index at' in widget.last_message
         widget.refresh()
         assert widget.namespace_combo.findText('/robot2') >= 0  # discovered
+        assert ros.fleet == ['/', '/robot2']  # the fleet view hears both
         assert widget.set_namespace('robot1/')
         assert ros.namespace == '/robot1' and widget.namespace_combo.currentText() == '/robot1'
+        # The selector lists the live robots: a robot gone leaves it, the followed one
+        # stays although it is not live, and the selection stays on it.
+        ros.live = ['/robot2', '/robot3']
+        widget.refresh()
+        combo = widget.namespace_combo
+        assert [combo.itemText(i) for i in range(combo.count())] == [
+            '/robot1', '/robot2', '/robot3']
+        assert combo.currentText() == '/robot1' and ros.fleet == ['/robot2', '/robot3']
+        # A namespace being typed is not overwritten by a refresh.
+        combo.setEditText('/robot')
+        ros.live = ['/robot2']
+        widget.refresh()
+        assert combo.count() == 2 and combo.currentText() == '/robot'
+        combo.setEditText('/robot1')
         assert widget.robot_only.text() == "only robot 'robot1'"
         assert not widget.set_namespace('robot 1')
         assert 'not a ROS namespace' in widget.last_message and ros.namespace == '/robot1'
@@ -246,6 +273,30 @@ def test_help_banner_follows_the_robot_that_asks(qapp, tmp_path):
         widget.close()
 
 
+def test_fleet_root_without_stores_says_what_was_searched(qapp, tmp_path):
+    from rqt_habc.widget import DashboardWidget
+
+    root = tmp_path / 'fleet'
+    root.mkdir()
+    widget = DashboardWidget(FakeRos('robot1'), '', fleet_root=root, poll_ms=20,
+                             refresh_ms=200)
+    try:
+        assert widget.index_paths() == []
+        assert widget.last_message == (
+            f'no episode index under the fleet root yet (searched {root}/*/episodes.sqlite); '
+            "each robot's recorder creates <storage_root>/<robot>/episodes.sqlite when it "
+            'starts')
+        # A store that appears later (a robot started) is read on the next refresh.
+        with EpisodeIndex(root / 'robot1' / 'episodes.sqlite') as index:
+            index.create('robot1-1', root / 'robot1' / 'bags' / 'robot1-1', 'task', '1',
+                         started_at=1.0, robot='robot1')
+        widget.refresh()
+        assert [r.episode_id for r in widget.records] == ['robot1-1']
+    finally:
+        widget.shutdown()
+        widget.close()
+
+
 # Packaging -------------------------------------------------------------------------------------
 
 def test_plugin_xml_is_installed_and_exported():
@@ -290,7 +341,11 @@ class _FakeNode:
         self.clients.remove(client.srv_name)
 
     def get_topic_names_and_types(self):
-        return [('/robot3/recorder/events', ['habc_msgs/msg/EpisodeEvent'])]
+        return [('/robot3/recorder/events', ['habc_msgs/msg/EpisodeEvent']),
+                ('/robot4/policy/status', ['std_msgs/msg/String'])]
+
+    def count_publishers(self, topic):
+        return 1
 
     def get_clock(self):
         return SimpleNamespace(now=lambda: SimpleNamespace(nanoseconds=0))
@@ -321,9 +376,16 @@ def test_rqt_plugin_wiring_with_a_stand_in_rqt_gui_py(qapp, monkeypatch, tmp_pat
     assert '/robot1/intervention' in node.subscriptions
     assert '/learner/status' in node.subscriptions  # a shared learner at the root
     assert node.clients == ['/robot1/recorder/label_episode']
+    widget.refresh()
+    # The live robot /robot4 is in the selector and its light topics are heard; /robot3
+    # (a recorder only) is heard when it asks for help.
+    assert widget.namespace_combo.findText('/robot4') >= 0
+    assert {'/robot4/intervention', '/robot4/recorder/events', '/robot4/policy/status',
+            '/robot3/help_request', '/robot4/help_request'} <= set(node.subscriptions)
     saved = _FakeSettings()
     plugin.save_settings(_FakeSettings(), saved)
     assert saved.values['namespace'] == '/robot1'
+    assert saved.values['fleet_root'] == ''
     # The command line wins over a saved namespace; a saved index path is taken.
     plugin.restore_settings(_FakeSettings(), _FakeSettings({
         'namespace': '/robot7', 'index_path': str(tmp_path / 'x.sqlite')}))
@@ -333,6 +395,23 @@ def test_rqt_plugin_wiring_with_a_stand_in_rqt_gui_py(qapp, monkeypatch, tmp_pat
     assert node.subscriptions == [] and node.clients == []
     widget.close()
 
+    # A fleet: every store under the root and no single index; a saved one is not mixed in.
+    added.clear()
+    plugin = HabcDashboard(SimpleNamespace(
+        node=_FakeNode(), argv=lambda: ['--fleet-root', str(tmp_path / 'fleet')],
+        serial_number=lambda: 1, add_widget=added.append))
+    widget = added[0]
+    assert (widget.index_path, widget.fleet_root) == (None, tmp_path / 'fleet')
+    plugin.restore_settings(_FakeSettings(), _FakeSettings({
+        'index_path': str(tmp_path / 'x.sqlite'), 'fleet_root': ''}))
+    assert widget.index_path is None
+    saved = _FakeSettings()
+    plugin.save_settings(_FakeSettings(), saved)
+    assert (saved.values['index_path'], saved.values['fleet_root']) == (
+        '', str(tmp_path / 'fleet'))
+    plugin.shutdown_plugin()
+    widget.close()
+
 
 def test_habc_dashboard_subcommand():
     env = {k: v for k, v in os.environ.items()
@@ -340,7 +419,7 @@ def test_habc_dashboard_subcommand():
     helped = subprocess.run([sys.executable, '-m', 'habc.cli', 'dashboard', '--help'],
                             capture_output=True, text=True, env=env, timeout=120)
     assert helped.returncode == 0 and '--namespace' in helped.stdout
-    assert '--index' in helped.stdout
+    assert '--index' in helped.stdout and '--fleet-root' in helped.stdout
     headless = subprocess.run([sys.executable, '-m', 'habc.cli', 'dashboard'],
                               capture_output=True, text=True, env=env, timeout=120)
     assert headless.returncode == 2
