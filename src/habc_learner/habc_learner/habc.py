@@ -7,15 +7,44 @@ Symbols (spec/habc.md):
     g_t       the state-adaptive gate, in (0, 2)
 Each function takes and returns tensors of matching shape, so every equation can be checked
 by hand; `gate_diagnostics` returns the numbers worth logging.
+
+Under data-parallel training (habc_learner.distributed) each process holds one shard of the
+minibatch. The functions that average over the minibatch (Eq. 1, 4, 8) then take a
+`ShardSum`, which turns a shard's statistic into the whole minibatch's: their normalisers
+(B, the mask counts, Eq. 8's c) are those of the global batch, not of the shard.
 """
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 
-def weighted_bc_loss(per_sample_loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: L = (1/B) sum_i w_i * l_i, the weighted behaviour-cloning loss of the actor."""
-    return (w.detach() * per_sample_loss).mean()
+class ShardSum:
+    """Sum of a statistic over the shards of one minibatch; this default has one shard.
+
+    `reduce(x)` returns the sum of the detached statistic `x` over all shards (here: `x`).
+    A mean over the minibatch is then computed on each shard as
+        shards * (sum over the shard) / (global count),
+    because DistributedDataParallel averages the shards' gradients (divides by `shards`):
+    the averaged gradient is exactly that of (global sum) / (global count).
+    """
+
+    shards: int = 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+ONE_SHARD = ShardSum()
+
+
+def weighted_bc_loss(per_sample_loss: torch.Tensor, w: torch.Tensor,
+                     reduce: ShardSum = ONE_SHARD) -> torch.Tensor:
+    """Eq. 1: L = (1/B) sum_i w_i * l_i, the weighted behaviour-cloning loss of the actor.
+
+    B is the global minibatch size when the batch is sharded (`reduce`).
+    """
+    b = reduce(per_sample_loss.new_tensor(float(per_sample_loss.shape[0])))
+    return reduce.shards * (w.detach() * per_sample_loss).sum() / b.clamp(min=1.0)
 
 
 def efficiency_target(v_e_next: torch.Tensor, is_terminal_success: torch.Tensor) -> torch.Tensor:
@@ -27,23 +56,29 @@ def efficiency_target(v_e_next: torch.Tensor, is_terminal_success: torch.Tensor)
                        -1.0 + v_e_next.detach())
 
 
-def viability_loss(z_v: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def viability_loss(z_v: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                   reduce: ShardSum = ONE_SHARD) -> torch.Tensor:
     """Eq. 4, first term: binary cross-entropy of z_v against y over labelled windows."""
     losses = F.binary_cross_entropy_with_logits(z_v, torch.nan_to_num(y), reduction='none')
-    return masked_mean(losses, mask)
+    return masked_mean(losses, mask, reduce)
 
 
 def efficiency_loss(v_e: torch.Tensor, y_e: torch.Tensor, mask: torch.Tensor,
-                    delta: float = 1.0) -> torch.Tensor:
+                    delta: float = 1.0, reduce: ShardSum = ONE_SHARD) -> torch.Tensor:
     """Eq. 4, second term: Huber(V_e, y_e) (delta = 1) over windows of successful episodes."""
     losses = F.huber_loss(v_e, y_e.detach(), reduction='none', delta=delta)
-    return masked_mean(losses, mask)
+    return masked_mean(losses, mask, reduce)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where mask is true; 0 (with a gradient path) when the mask is empty."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor,
+                reduce: ShardSum = ONE_SHARD) -> torch.Tensor:
+    """Mean of `values` where mask is true; 0 (with a gradient path) when the mask is empty.
+
+    The count is the global batch's when the batch is sharded (`reduce`).
+    """
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    count = reduce(mask.sum().detach()).clamp(min=1.0)
+    return reduce.shards * (values * mask).sum() / count
 
 
 def viability_advantage(z_v_t: torch.Tensor, z_v_next: torch.Tensor) -> torch.Tensor:
@@ -71,18 +106,21 @@ def gate(z_v_t: torch.Tensor, a_v: torch.Tensor, a_e: torch.Tensor) -> torch.Ten
 
 
 def normalize_weights(w: torch.Tensor, is_sft: torch.Tensor, valid: torch.Tensor,
-                      eps: float = 1e-6) -> torch.Tensor:
+                      eps: float = 1e-6, reduce: ShardSum = ONE_SHARD) -> torch.Tensor:
     """Eq. 8: unit-mean normalisation over the valid non-SFT samples of the minibatch.
 
     c = mean(w~ over valid non-SFT samples); w = w~ / max(c, eps). SFT samples keep weight 1;
-    invalid samples get 0.
+    invalid samples get 0. With a sharded batch (`reduce`), c is the global batch's mean.
     """
     is_sft, valid = is_sft.bool(), valid.bool()
     rollout = valid & ~is_sft
-    if rollout.any():
-        c = w[rollout].mean().clamp(min=eps)
-    else:
-        c = torch.ones((), dtype=w.dtype, device=w.device)
+    w = w.detach()
+    # Both sums are reduced on every shard, even one without rollout samples: the other
+    # shards wait for it.
+    total = reduce(torch.where(rollout, w, torch.zeros_like(w)).sum())
+    count = reduce(rollout.sum().to(w.dtype))
+    c = torch.where(count > 0, (total / count.clamp(min=1.0)).clamp(min=eps),
+                    torch.ones_like(total))
     normalised = torch.where(is_sft, torch.ones_like(w), w / c)
     return torch.where(valid, normalised, torch.zeros_like(w))
 

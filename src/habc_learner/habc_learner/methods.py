@@ -38,6 +38,8 @@ from habc_learner.habc import (
     gate,
     masked_mean,
     normalize_weights,
+    ONE_SHARD,
+    ShardSum,
     viability_advantage,
     viability_loss,
     weighted_bc_loss,
@@ -175,6 +177,41 @@ class Algorithm:
         # Features of s_{t+1} reuse what a frozen backbone computed for the same frame
         # before (inert for a policy with no cacheable features; rows x width floats).
         self.feature_cache = FeatureCache(feature_cache_rows)
+        # Data-parallel training (`distribute`): the grad-enabled forwards run through
+        # DistributedDataParallel modules, and the minibatch means use global sums.
+        self._actor_ddp: torch.nn.Module | None = None
+        self._critic_ddp: torch.nn.Module | None = None
+        self.reduce: ShardSum = ONE_SHARD
+
+    def distribute(self, device: str = 'cpu') -> 'Algorithm':
+        """Train data-parallel in the current process group (habc_learner.distributed).
+
+        Actor and critic forwards run through DistributedDataParallel, which averages the
+        gradients over the processes during backward (so clipping after it sees the same
+        gradients everywhere) and starts every process from rank 0's weights; the
+        minibatch means of the losses and Eq. 8 use the global batch's counts.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        from habc_learner.distributed import GlobalBatchSum
+
+        ids = [torch.device(device).index] if device.startswith('cuda') else None
+        # find_unused_parameters: policies and methods differ in what one loss touches
+        # (habc_v leaves the efficiency head idle, the 'l2' head the noise inputs); the
+        # graph walk it costs is small next to the forward. Buffers (normalisation
+        # statistics) never change in training: no broadcast per forward.
+        options = {'device_ids': ids, 'find_unused_parameters': True,
+                   'broadcast_buffers': False}
+        self._actor_ddp = DistributedDataParallel(_ActorLoss(self.policy), **options)
+        if self.critic is not None:
+            self._critic_ddp = DistributedDataParallel(self.critic, **options)
+        self.reduce = GlobalBatchSum()
+        return self
+
+    def _critic_forward(self, features: torch.Tensor):
+        """Run the critic's grad-enabled forward (through DDP when data-parallel)."""
+        critic = self._critic_ddp if self._critic_ddp is not None else self.critic
+        return critic(features)
 
     def to(self, device: torch.device | str) -> 'Algorithm':
         """Move the critic and its target copy to `device` (the policy's owner moves it)."""
@@ -191,6 +228,9 @@ class Algorithm:
         """
         if self.method != Method.HABC:
             raise ValueError(f'HABC+IR branches from HABC, not from {self.method.value}')
+        if self.reduce is not ONE_SHARD:
+            raise ValueError('HABC+IR cannot branch from data-parallel training; branch '
+                             'first, then distribute')
         branch = copy.deepcopy(self)
         branch.config = replace(self.config, method=Method.HABC_IR, ir_start_step=start_step)
         branch.method = Method.HABC_IR
@@ -249,12 +289,22 @@ class Algorithm:
                 n_demo = int(round(batch_size * self.config.dagger_demo_fraction))
                 return np.concatenate([rng.choice(demos, n_demo),
                                        rng.choice(interventions, batch_size - n_demo)])
+        return rng.choice(self.sample_pool(table), batch_size)
+
+    def sample_pool(self, table: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the indices of the samples minibatches come from (actor or critic).
+
+        Imit-DAgger's 50/50 draw from two pools is `sample_indices`' alone.
+
+        Raises:
+            ValueError: no sample at all (the message says what the method needs).
+        """
         pool = np.flatnonzero(self.actor_mask(table) | self.critic_mask(table))
         if len(pool) == 0:
             needs = 'demonstrations' if self.method == Method.SFT else 'labelled episodes'
             raise ValueError(f'no training samples for method {self.method.value}: it needs '
                              f'{needs}')
-        return rng.choice(pool, batch_size)
+        return pool
 
     def prepare(self, buffer: SampleBuffer, rng: np.random.Generator) -> None:
         """Once the buffer is known: pick Imit-Recap's held-out episodes."""
@@ -283,13 +333,16 @@ class Algorithm:
     # --- one gradient step --------------------------------------------------------------
     def update(self, batch: dict, step: int) -> dict[str, float]:
         """One gradient step of actor (and critic); return metrics."""
-        features, per_sample = self.policy.features_and_loss(batch['obs'])
+        if self._actor_ddp is not None:
+            features, per_sample = self._actor_ddp(batch['obs'])
+        else:
+            features, per_sample = self.policy.features_and_loss(batch['obs'])
         # The actor's pass computed s_t's frame features anyway: s_{t+1} lookups reuse them.
         self.feature_cache.store(self.policy, batch['obs'], features)
         stats: dict[str, float] = {}
         w, critic_loss = self.compute_weights(batch, features.detach(), step, stats)
         actor_valid = batch['masks']['actor']
-        actor_loss = weighted_bc_loss(per_sample, w)
+        actor_loss = weighted_bc_loss(per_sample, w, self.reduce)
 
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -305,7 +358,8 @@ class Algorithm:
             stats['losses/critic'] = critic_loss.item()
 
         stats['losses/actor'] = actor_loss.item()
-        stats['losses/bc_unweighted'] = masked_mean(per_sample.detach(), actor_valid).item()
+        stats['losses/bc_unweighted'] = masked_mean(per_sample.detach(), actor_valid,
+                                                    self.reduce).item()
         valid_rollout = actor_valid & ~batch['is_sft']
         if valid_rollout.any():
             stats['weights/zero_share'] = (w[valid_rollout] <= 1e-8).float().mean().item()
@@ -343,20 +397,22 @@ class Algorithm:
             else:
                 w, critic_loss = self._value_weights(batch, features, next_features, step,
                                                      stats)
-        return normalize_weights(w, batch['is_sft'], actor_valid, self.config.eps), critic_loss
+        return (normalize_weights(w, batch['is_sft'], actor_valid, self.config.eps, self.reduce),
+                critic_loss)
 
     def _habc_weights(self, batch, f_t, f_next, f_adv, step, stats):
         c = self.config
-        z_v_t, v_e_t = self.critic(f_t)
+        z_v_t, v_e_t = self._critic_forward(f_t)
         with torch.no_grad():
             z_v_next, v_e_next = self.target_critic(f_next)
         labelled = batch['trains_viability']
-        loss_v = viability_loss(z_v_t, batch['label'], labelled)
+        loss_v = viability_loss(z_v_t, batch['label'], labelled, self.reduce)
         critic_loss = loss_v
         stats['losses/viability'] = loss_v.item()
         if self.method != Method.HABC_V:
             y_e = efficiency_target(v_e_next, batch['terminal_success'])
-            loss_e = efficiency_loss(v_e_t, y_e, batch['trains_efficiency'])
+            loss_e = efficiency_loss(v_e_t, y_e, batch['trains_efficiency'],
+                                     reduce=self.reduce)
             critic_loss = critic_loss + loss_e
             stats['losses/efficiency'] = loss_e.item()
 
@@ -433,21 +489,22 @@ class Algorithm:
         reward, mc = batch['reward'], batch['mc_return']
         critic_mask = batch['masks']['critic']
         if self.method == Method.IMIT_RECAP:
-            logits = self.critic(f_t)
+            logits = self._critic_forward(f_t)
             v_t = self.critic.expected_value(logits)
             with torch.no_grad():
                 v_next = self.target_critic.expected_value(self.target_critic(f_next))
             target = c.recap_mc_mix * mc + (1 - c.recap_mc_mix) * (
                 reward + c.gamma * not_done * v_next)
-            critic_loss = masked_mean(self.critic.loss(logits, target), critic_mask)
+            critic_loss = masked_mean(self.critic.loss(logits, target), critic_mask,
+                                      self.reduce)
         else:
-            v_t = self.critic(f_t)
+            v_t = self._critic_forward(f_t)
             with torch.no_grad():
                 v_next = self.target_critic(f_next)
             target = c.recap_mc_mix * mc + (1 - c.recap_mc_mix) * (
                 reward + c.gamma * not_done * v_next)
             critic_loss = masked_mean(F.mse_loss(v_t, target.detach(), reduction='none'),
-                                      critic_mask)
+                                      critic_mask, self.reduce)
         stats['losses/value'] = critic_loss.item()
         with torch.no_grad():
             residual = self._residual(batch, f_t, f_next, v_t.detach(), v_next)
@@ -533,3 +590,21 @@ class Algorithm:
                                   self._state_value(self.target_critic, f_next))
         keep = self.config.recap_keep_fraction
         self.recap_threshold = float(torch.quantile(residual, 1.0 - keep))
+
+
+class _ActorLoss(torch.nn.Module):
+    """The actor's grad-enabled forward as a module, for DistributedDataParallel.
+
+    DDP's hooks fire only through a module's forward, and the policy's is
+    `features_and_loss`, not `forward`.
+    """
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        features, per_sample = self.policy.features_and_loss(obs)
+        # The critic reads the features detached: returned detached, DDP does not wait for
+        # gradients of parameters that only the features reach.
+        return features.detach(), per_sample

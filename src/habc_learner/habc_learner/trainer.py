@@ -1,4 +1,9 @@
-"""The training loop: minibatches, progress bar, TensorBoard scalars, checkpoints, seeds."""
+"""The training loop: minibatches, progress bar, TensorBoard scalars, checkpoints, seeds.
+
+In a process that torchrun started and that joined the process group
+(habc_learner.distributed.init_from_env), the trainer trains data-parallel: see
+docs/distributed.md.
+"""
 
 from collections.abc import Callable
 import copy
@@ -13,9 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from habc_episodes.vocabulary import PolicyVersion
+from habc_learner import distributed
 from habc_learner.data import SampleBuffer
 from habc_learner.feature_cache import DEFAULT_MAX_ROWS
-from habc_learner.methods import Algorithm, MethodConfig
+from habc_learner.methods import Algorithm, Method, MethodConfig
+from habc_policy.models.flow_matching import sharded_noise, ShardedNoise
 
 
 @dataclass(frozen=True)
@@ -56,27 +63,44 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _seed(*parts: int) -> int:
+    """Return a 63-bit seed mixed from `parts` (seed, step, rank): unrelated streams."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
 class Trainer:
-    """Train one policy with one method on a buffer of episodes."""
+    """Train one policy with one method on a buffer of episodes.
+
+    Data-parallel when the process group is up (habc_learner.distributed): every process
+    builds the same trainer; each takes batch_size / K of every minibatch through a
+    DistributedSampler over the method's sample pool; rank 0 alone logs and writes.
+    """
 
     def __init__(self, policy, buffer: SampleBuffer, method: MethodConfig,
                  train: TrainConfig = TrainConfig(), log_dir: Path | None = None,
                  progress: bool = True, algorithm: Algorithm | None = None) -> None:
         self.rng = seed_everything(train.seed)
+        self.distributed = distributed.is_initialized()
+        if self.distributed:
+            self._check_distributable(method, train)
         self.policy = policy.to(train.device)
         self.buffer = buffer
         self.method = method
         self.train_config = train
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         if train.normalize_from_data and policy.version == 'untrained':
             self._normalize_from(buffer)
         self.algorithm = algorithm or Algorithm(policy, method, train.actor_lr, train.critic_lr,
                                                 train.grad_clip, train.feature_cache_rows)
         self.algorithm.to(train.device)
+        if self.distributed:
+            self.algorithm.distribute(train.device)
+        self._batches: distributed.ShardedBatches | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.writer = None
-        if log_dir is not None:
+        if log_dir is not None and distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(log_dir))
 
@@ -85,12 +109,40 @@ class Trainer:
 
         `algorithm` is the branch's own (e.g. `Algorithm.branch_with_intervention_reweighting`).
         """
+        if self.distributed:
+            raise ValueError('a data-parallel trainer cannot branch: train the branch in its '
+                             'own run')
         other = Trainer(algorithm.policy, self.buffer.copy(), algorithm.config, self.train_config,
                         log_dir, self.progress, algorithm)
         other.step = self.step
         other.rng = copy.deepcopy(self.rng)
         other.history = list(self.history)
         return other
+
+    @staticmethod
+    def _check_distributable(method: MethodConfig, train: TrainConfig) -> None:
+        k = distributed.world_size()
+        if train.batch_size % k:
+            raise ValueError(f'batch size {train.batch_size} is not a multiple of the {k} '
+                             'processes: each takes an equal share of every minibatch')
+        if Method(method.method) == Method.IMIT_DAGGER:
+            raise ValueError('imit_dagger draws its minibatches 50/50 from two pools, which '
+                             'data-parallel training does not shard: train it in one process')
+
+    def _indices(self, table: dict[str, np.ndarray]) -> np.ndarray:
+        """Return this process's sample indices of the next minibatch."""
+        if not self.distributed:
+            return self.algorithm.sample_indices(table, self.train_config.batch_size, self.rng)
+        pool = self.algorithm.sample_pool(table)
+        if self._batches is None or not np.array_equal(self._batches.pool, pool):
+            # A new pool (more episodes, a new round): the passes go on from the same count,
+            # so a round never replays the last round's order.
+            epoch = self._batches.epoch if self._batches is not None else 0
+            self._batches = distributed.ShardedBatches(
+                pool, self.train_config.batch_size, self.train_config.seed,
+                distributed.rank(), distributed.world_size())
+            self._batches.epoch = epoch
+        return self._batches.next()
 
     def _normalize_from(self, buffer: SampleBuffer) -> None:
         stats = {}
@@ -108,9 +160,13 @@ class Trainer:
         step), e.g. to report progress where no progress bar is shown.
         """
         steps = steps or self.train_config.steps
+        seed = self.train_config.seed
         # The torch stream (flow-matching noise, dropout) of these steps depends only on the
-        # seed and the step count, not on what ran before in this process.
-        torch.manual_seed(self.train_config.seed * 1_000_003 + self.step)
+        # seed and the step count, not on what ran before in this process. Data-parallel
+        # processes each have their own stream (augmentation, dropout): one shared stream
+        # would give every process's k-th sample the same random shift.
+        torch.manual_seed(_seed(seed, self.step, distributed.rank()) if self.distributed
+                          else seed * 1_000_003 + self.step)
         table = self.buffer.table
         actor_mask = self.algorithm.actor_mask(table)
         critic_mask = self.algorithm.critic_mask(table)
@@ -122,17 +178,27 @@ class Trainer:
         self.policy.train()
         for done, _ in enumerate(bar, 1):
             self.algorithm.refresh(self.buffer, self.step, device)
-            indices = self.algorithm.sample_indices(table, self.train_config.batch_size,
-                                                    self.rng)
+            indices = self._indices(table)
             batch = self.buffer.batch(indices, device)
             batch['masks'] = {'actor': torch.as_tensor(actor_mask[indices], device=device),
                               'critic': torch.as_tensor(critic_mask[indices], device=device)}
-            stats = self.algorithm.update(batch, self.step)
+            if self.distributed:
+                # Flow-matching noise of the global batch, seeded by (seed, step) alike on
+                # every process, each keeping its rows: the noise a sample gets does not
+                # depend on the number of processes.
+                generator = torch.Generator(device=device).manual_seed(_seed(seed, self.step))
+                noise = ShardedNoise(generator, distributed.rank(), distributed.world_size())
+                with sharded_noise(noise):
+                    stats = self.algorithm.update(batch, self.step)
+            else:
+                stats = self.algorithm.update(batch, self.step)
             self.step += 1
             window.append(stats)
             # `done`, not self.step: the step count runs on over several fit() calls (rounds).
             if self.step % self.train_config.log_every == 0 or done == steps:
-                summary = _mean_stats(window)
+                # Every process logs at the same steps: the mean over processes is a
+                # collective (the global batch's losses; see mean_over_ranks).
+                summary = distributed.mean_over_ranks(_mean_stats(window))
                 window = []
                 summary['step'] = self.step
                 self.history.append(summary)
@@ -142,17 +208,27 @@ class Trainer:
                     for key, value in summary.items():
                         if key != 'step':
                             self.writer.add_scalar(key, value, self.step)
-                if on_log is not None:
+                if on_log is not None and distributed.is_main():
                     on_log(summary)
         if self.writer is not None:
             self.writer.flush()
         return self.history[-1] if self.history else {}
 
     def save_checkpoint(self, directory: Path, version: PolicyVersion) -> dict[str, str]:
-        """Write policy (safetensors + config), critic weights and metrics; return hashes."""
+        """Write policy (safetensors + config), critic weights and metrics; return hashes.
+
+        Data-parallel: rank 0 writes (every process holds the same weights), the others wait
+        for it and return its answer.
+        """
         directory = Path(directory)
         version = str(PolicyVersion.parse(version))
         self.policy.version = version
+        if not self.distributed:
+            return self._write_checkpoint(directory, version)
+        info = self._write_checkpoint(directory, version) if distributed.is_main() else None
+        return distributed.broadcast_object(info)
+
+    def _write_checkpoint(self, directory: Path, version: str) -> dict[str, str]:
         sha = self.policy.save(directory)
         if self.algorithm.critic is not None:
             state = {k: v.detach().cpu().contiguous()

@@ -11,9 +11,16 @@ prefix Y, and each Euler step is guided towards it (inpainting with PiGDM guidan
 `prefix_weights` is the paper's soft mask W (Eq. 5), `guided_euler_sample` its Algorithm 1
 (Eq. 1-4). The equations below use the paper's symbols, with its time convention (the same as
 this module's: tau = 0 noise, tau = 1 data).
+
+Data-parallel training (habc_learner.distributed) splits each minibatch over processes;
+`sharded_noise` makes the training noise of `flow_matching_loss` the same for a sample
+whatever the number of processes (see ShardedNoise).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 import math
 
 import torch
@@ -42,14 +49,71 @@ def masked_mse(predicted: torch.Tensor, target: torch.Tensor, action_mask: torch
     return (error * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
 
 
+@dataclass(frozen=True)
+class ShardedNoise:
+    """The training noise of one shard of a minibatch split over `shards` processes.
+
+    Shard r holds the global batch's rows r, r + K, r + 2K, ... (K = shards; the order in
+    which torch's DistributedSampler deals samples out). Each shard draws the noise of the
+    whole global batch from `generator`, seeded alike on every shard, and keeps its rows:
+    every sample gets the noise it gets in a one-process run of the same global batch.
+    The cost is K times the (small) noise tensors of one shard.
+    """
+
+    generator: torch.Generator
+    shard: int = 0
+    shards: int = 1
+
+    def randn(self, shape: tuple[int, ...], device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+        """Return normal noise: this shard's rows of a (shards * shape[0], ...) draw."""
+        return self._rows(torch.randn, shape, device, dtype)
+
+    def rand(self, shape: tuple[int, ...], device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Return uniform [0, 1) noise: this shard's rows of a (shards * shape[0], ...) draw."""
+        return self._rows(torch.rand, shape, device, dtype)
+
+    def _rows(self, draw, shape, device, dtype) -> torch.Tensor:
+        full = (shape[0] * self.shards, *shape[1:])
+        return draw(full, generator=self.generator, device=device,
+                    dtype=dtype)[self.shard::self.shards]
+
+
+# Set by the trainer around one data-parallel gradient step; a context variable because the
+# noise is drawn deep inside each policy's loss, which knows nothing of shards.
+_SHARDED_NOISE: ContextVar[ShardedNoise | None] = ContextVar('habc_sharded_noise',
+                                                             default=None)
+
+
+@contextmanager
+def sharded_noise(noise: ShardedNoise) -> Iterator[ShardedNoise]:
+    """Within the block, `flow_matching_loss` without a generator draws from `noise`."""
+    token = _SHARDED_NOISE.set(noise)
+    try:
+        yield noise
+    finally:
+        _SHARDED_NOISE.reset(token)
+
+
 def flow_matching_loss(velocity_fn: VelocityFn, actions: torch.Tensor, action_mask: torch.Tensor,
                        dim_mask: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample velocity MSE (B,), averaged over the valid chunk steps and dimensions."""
+    """Per-sample velocity MSE (B,), averaged over the valid chunk steps and dimensions.
+
+    The noise eps and flow times tau come from `generator`, else from the ShardedNoise of an
+    enclosing `sharded_noise` block, else from torch's global stream.
+    """
     batch = actions.shape[0]
-    eps = torch.randn(actions.shape, generator=generator, device=actions.device,
-                      dtype=actions.dtype)
-    tau = torch.rand((batch,), generator=generator, device=actions.device, dtype=actions.dtype)
+    shard = _SHARDED_NOISE.get() if generator is None else None
+    if shard is not None:
+        eps = shard.randn(actions.shape, actions.device, actions.dtype)
+        tau = shard.rand((batch,), actions.device, actions.dtype)
+    else:
+        eps = torch.randn(actions.shape, generator=generator, device=actions.device,
+                          dtype=actions.dtype)
+        tau = torch.rand((batch,), generator=generator, device=actions.device,
+                         dtype=actions.dtype)
     x_tau = (1.0 - tau[:, None, None]) * eps + tau[:, None, None] * actions
     return masked_mse(velocity_fn(x_tau, tau), actions - eps, action_mask, dim_mask)
 
