@@ -10,12 +10,14 @@ input is never modified.
 
 import argparse
 from collections import Counter
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict
 import json
 import os
 from pathlib import Path
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 from habc_episodes.dataset import Labeller, load_bags, LoadResult
 from habc_episodes.episode_bags import TopicMapping
 from habc_episodes.vocabulary import PolicyVersion, STARTUP_VERSION
+from habc_learner import distributed
 from habc_learner.data import HumanWindowTargets
 from habc_learner.methods import AdvantageNetwork, Method, MethodConfig
 from habc_learner.policies import fit_problems, new_policy
@@ -67,6 +70,11 @@ examples:
       --method sft --out runs/vla_sft --policy-config '{"prefix_layers": 16}'
   habc train --bags /data/teleop --demos /data/demos --mapping robot.yaml \\
       --labels labels.csv --method habc --out runs/offline2 --steps 2000
+  habc train --bags ~/.habc/episodes --method habc --out runs/ddp --nproc 2  # 2 processes
+
+--nproc K trains data-parallel in K processes on this machine (torchrun; gloo on CPU, NCCL
+and one GPU each with --device cuda): each takes batch-size / K samples of every minibatch,
+so the result is that of one process up to float32 summation order (docs/distributed.md).
 """
 
 # What an offline-trained checkpoint is: the start-up number, tagged as trained offline.
@@ -139,6 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="policy version stored in the checkpoint: a number, or "
                           "'number:tag' (default %(default)s: a start-up checkpoint that the "
                           "learner's versions 2, 3, ... replace)")
+    parallel = parser.add_argument_group('data-parallel training (docs/distributed.md)')
+    parallel.add_argument('--nproc', type=_positive_int, default=1, metavar='K',
+                          help='train in K processes under torchrun (1: in this process, as '
+                          'always); --batch-size must be a multiple of K')
+    parallel.add_argument('--ddp', action='store_true',
+                          help='train data-parallel even with --nproc 1: the one-process '
+                          'reference of a --nproc K run (the same sampler and noise)')
     parser.add_argument('--force', action='store_true',
                         help='replace a checkpoint already in --out')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -196,10 +211,85 @@ def _backbone_problem(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train and write checkpoint, logs and report; 0 on success, 2 on unusable input."""
+    """Train and write checkpoint, logs and report; 0 on success, 2 on unusable input.
+
+    With --nproc K > 1 (or --ddp) outside torchrun, start K copies of this command under
+    torchrun and return its exit code; inside torchrun, be one of them.
+    """
     for name in ('steps', 'batch_size', 'horizon', 'image_size'):
         if getattr(args, name) < 1:
             return _error(f'--{name.replace("_", "-")} must be >= 1')
+    parallel = args.nproc > 1 or args.ddp
+    if parallel and args.batch_size % args.nproc:
+        return _error(f'--batch-size {args.batch_size} must be a multiple of --nproc '
+                      f'{args.nproc}: each process takes an equal share')
+    if distributed.launched_by_torchrun():
+        return _run_in_group(args)
+    if parallel:
+        return _launch(args)
+    return _run(args)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this command in --nproc processes under torchrun (loopback only)."""
+    command = distributed.torchrun_command(args.nproc, 'habc_learner.train_cli',
+                                           _arguments(args))
+    if not args.quiet:
+        print(f'habc train: starting {args.nproc} processes under torchrun', flush=True)
+    return subprocess.run(command, env=distributed.loopback_environment()).returncode
+
+
+def _run_in_group(args: argparse.Namespace) -> int:
+    """One of torchrun's processes: join the group; rank 0 alone prints and writes."""
+    import torch
+    device = args.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args.device = distributed.init_from_env(device).device
+    with ExitStack() as quiet:
+        if not distributed.is_main():
+            # The same messages K times help nobody; an exception still reaches stderr
+            # (it leaves this block first).
+            args.quiet = True
+            sink = quiet.enter_context(open(os.devnull, 'w'))
+            quiet.enter_context(redirect_stdout(sink))
+            quiet.enter_context(redirect_stderr(sink))
+        try:
+            return _run(args)
+        finally:
+            distributed.destroy()
+
+
+def _arguments(args: argparse.Namespace) -> list[str]:
+    """Return the `habc train` arguments (after `train`) of `args` for torchrun's processes.
+
+    Without --nproc and --ddp: torchrun's parser would take --nproc for an abbreviation of
+    its --nproc-per-node, and its processes know they are data-parallel anyway.
+    """
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ('help', 'nproc', 'ddp'):
+            continue
+        flag, value = action.option_strings[0], getattr(args, action.dest, None)
+        if value is None or value is False or value == [] or value == {}:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            argv += [item for v in value for item in (flag, str(v))]
+        elif isinstance(value, list):
+            argv += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the bags, train and write (in this process, one of a group or alone)."""
     problem = _backbone_problem(args)
     if problem:
         return _error(problem)
@@ -315,9 +405,13 @@ def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMa
 
     # Written aside, then moved: a crash never leaves a half-written checkpoint in place.
     scratch = out / f'.{CHECKPOINT_DIR}.tmp'
-    if scratch.exists():
+    if scratch.exists() and distributed.is_main():
         shutil.rmtree(scratch)
+    distributed.barrier()
+    # Data-parallel: rank 0 writes, every process gets its hash; the rest is rank 0's.
     info = trainer.save_checkpoint(scratch, version=args.version)
+    if not distributed.is_main():
+        return 0
     checkpoint = out / CHECKPOINT_DIR
     if checkpoint.exists():
         shutil.rmtree(checkpoint)
@@ -328,6 +422,7 @@ def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMa
         'policy_config': asdict(policy.config),
         'init': str(args.init) if args.init else '', 'steps': args.steps,
         'batch_size': args.batch_size, 'seconds': seconds,
+        'processes': distributed.world_size(),
         'samples_per_s': args.steps * args.batch_size / seconds if seconds > 0 else 0.0,
         'device': device, 'checkpoint': str(checkpoint), 'sha256': info['sha256'],
         'version': str(args.version), 'tensorboard': str(out / TENSORBOARD_DIR),

@@ -260,3 +260,52 @@ def test_a_failed_round_raises_with_its_last_output(round_data, tmp_path):
     with pytest.raises(ValueError, match='unknown fields'):
         run_round({**spec, 'train': {'stepz': 3}}, 2, tmp_path / 'work', lambda line: None)
     assert json.loads((tmp_path / 'work' / 'round_spec.json').read_text())['version'] == '2'
+
+
+# (c) habc train --nproc 2 --------------------------------------------------------------------
+
+def parse_train(argv: list[str]):
+    from habc.cli import build_parser
+    return build_parser().parse_args(['train', *argv])
+
+
+def test_the_relaunched_command_has_the_same_arguments(tmp_path):
+    from habc_learner.train_cli import _arguments
+
+    args = parse_train(['--bags', 'a', 'b', '--method', 'habc', '--out', str(tmp_path),
+                        '--nproc', '2', '--warmup-steps', '0', '--index', 'x.sqlite',
+                        '--index', 'y.sqlite', '--policy-config', '{"hidden_dim": 64}',
+                        '--quiet', '--version', '4:offline'])
+    again = parse_train(_arguments(args))
+    # All but --nproc, which torchrun's processes need not (and its parser cannot) see.
+    assert again.nproc == 1
+    assert {k: v for k, v in vars(again).items() if k not in ('run', 'nproc')} == {
+        k: v for k, v in vars(args).items() if k not in ('run', 'nproc')}
+    assert again.warmup_steps == 0 and again.index == ['x.sqlite', 'y.sqlite']
+
+
+def test_habc_train_nproc_2_writes_a_loadable_checkpoint(tmp_path, typestore, init_checkpoint,
+                                                         capfd):
+    bags = tmp_path / 'bags'
+    for name, sources, outcome in (('ok', [POLICY] * 20, 'success'),
+                                   ('rescued', [POLICY] * 6 + [HUMAN] * 8 + [POLICY] * 6,
+                                    'success'),
+                                   ('failed', [POLICY] * 16, 'failure')):
+        write_episode(bags / name, typestore, sources, episode_id=name)
+        (bags / name / 'outcome.yaml').write_text(f'outcome: {outcome}\n')
+    out = tmp_path / 'out'
+    argv = ['--bags', str(bags), '--method', 'habc', '--out', str(out), '--steps', '4',
+            '--batch-size', '8', '--init', str(init_checkpoint), '--quiet', '--nproc', '2',
+            '--device', 'cpu', '--load-workers', '1']
+    args = parse_train(argv)
+    assert args.run(args) == 0
+    loaded = load_policy(out / 'checkpoint')
+    assert loaded.version == '1:offline'
+    assert (out / 'checkpoint' / 'critic.safetensors').is_file()
+    report = json.loads((out / 'report.json').read_text())
+    assert report['training']['processes'] == 2 and report['history'][-1]['step'] == 4
+    printed = capfd.readouterr().out
+    assert printed.count('checkpoint: ') == 1  # rank 0 alone reports
+    # A batch the processes cannot share equally is refused before anything starts.
+    odd = parse_train([*argv[:-6], '--batch-size', '7', '--nproc', '2', '--force'])
+    assert odd.run(odd) == 2
