@@ -122,7 +122,7 @@ def main() -> None:
             subprocess.run(command, env={**env, 'PYTHONPATH': os.pathsep.join(filter(None, path))},
                            check=True)
             rows.append(json.loads(result.read_text()))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            print(table(rows).splitlines()[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {'command': ' '.join(['python', 'benchmarks/ddp_bench.py', *sys.argv[1:]]),
             'model': 'small VLA (2 x 96 px views, horizon 50), method habc',
