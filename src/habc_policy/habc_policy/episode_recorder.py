@@ -26,11 +26,14 @@ are never trained on unless someone labels them.
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+import fcntl
 import os
 from pathlib import Path
 import re
 import shutil
+import socket
 import sqlite3
+from typing import TextIO
 
 from habc_common.params import param, validate_params
 from habc_episodes.bag_format import (
@@ -240,6 +243,38 @@ class Recovered:
     message: str
 
 
+def claim_robot(storage_dir: Path, robot: str) -> TextIO:
+    """Hold the store's lock of robot `robot` while this recorder runs; return the lock file.
+
+    Several robots may record into one store: the index's robot column tells their episodes
+    apart, and each recorder recovers only its own robot's rows after a crash. Two recorders
+    under one robot label could not be told apart, and each would mark the other's live
+    recording incomplete: the second is refused. (flock: released when the process dies.)
+
+    Raises:
+        ValueError: another running recorder records into this store as `robot`.
+    """
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    path = storage_dir / f'.recorder-{robot}.lock'
+    lock = open(path, 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process'
+        lock.close()
+        raise ValueError(
+            f'{storage_dir} already has a running recorder for robot {robot!r} ({holder}): '
+            "two robots cannot record into one store under one robot label (the index's "
+            'robot column could not tell their episodes apart). Give this robot its own '
+            'namespace or robot parameter, or its own storage_dir') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    return lock
+
+
 class EpisodeRecorder:
     """Start, end, label and recover episodes: bags and index rows (see the module docstring).
 
@@ -282,9 +317,11 @@ class EpisodeRecorder:
         self._clock = clock
         self._on_event = on_event or (lambda event, record: None)
         self.typestore = habc_typestore()
+        self._robot_lock = claim_robot(self.storage_dir, robot)
         try:
             self.index = EpisodeIndex(self.storage_dir / INDEX_FILE)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
+            self._robot_lock.close()
             raise ValueError(f'cannot open the episode index in {self.storage_dir}: '
                              f'{exc}') from exc
         self.writer: EpisodeBagWriter | None = None
@@ -534,6 +571,7 @@ class EpisodeRecorder:
             warning = (f'shut down while recording: episode {episode_id} marked '
                        f'incomplete{"; " + error if error else ""}')
         self.index.close()
+        self._robot_lock.close()
         return warning
 
     # Helpers ------------------------------------------------------------------------------

@@ -319,7 +319,9 @@ def test_crash_recovery_marks_incomplete_and_keeps_what_was_flushed(make, tmp_pa
         crashed.on_message(EXECUTED, executed(version='4', k=k), 100 + k)
     assert crashed.flush() is None
     crashed.on_message(EXECUTED, executed(version='4', k=99), 200)  # never flushed
-    # The process dies here: no END, no close; the row stays 'recording'.
+    # The process dies here: no END, no close; the row stays 'recording'. Its store lock
+    # goes with the process (flock), as it goes here with the file.
+    crashed._robot_lock.close()
     bag = Path(index_row(tmp_path, episode_id).bag_path)
     assert not (bag / 'metadata.yaml').exists()
 
@@ -352,6 +354,7 @@ def test_an_unrecoverable_bag_is_reported_and_the_rest_goes_on(make, tmp_path):
     bag = Path(index_row(tmp_path, episode_id).bag_path)
     for path in bag.iterdir():
         path.write_bytes(b'garbage')
+    crashed._robot_lock.close()  # the process died
     restarted, _ = make()
     (result,) = restarted.recover()
     assert not result.ok and episode_id in result.message and 'marked incomplete' in result.message
@@ -455,3 +458,14 @@ def test_help_requests_go_into_the_bag_and_the_index_row(help_recorder, tmp_path
     later = index_row(tmp_path, second_id)
     assert (later.num_help_requests, later.num_requested_takeovers,
             later.num_spontaneous_takeovers) == (0, 0, 0)
+
+
+def test_a_second_recorder_for_the_same_robot_and_store_is_refused(make, tmp_path):
+    first, _ = make()
+    with pytest.raises(ValueError, match="running recorder for robot 'r'.*own namespace"):
+        EpisodeRecorder(tmp_path / 'episodes', 'r', TOPICS, clock=Clock())
+    # Another robot may share the store: the robot column tells their episodes apart.
+    other = EpisodeRecorder(tmp_path / 'episodes', 'r2', TOPICS, clock=Clock())
+    other.close()
+    first.close()
+    EpisodeRecorder(tmp_path / 'episodes', 'r', TOPICS, clock=Clock()).close()
