@@ -365,8 +365,11 @@ class UpdateGate:
     def check_claim(self, claim: UpdateClaim, signer: str, signature: bytes) -> str:
         """Return the signer's key id ('' unsigned and allowed); raise UntrustedUpdateError."""
         if claim.policy_name != self.policy_name and (signature or self.require_signature):
-            raise UntrustedUpdateError(f'update for policy {claim.policy_name!r}; this node '
-                                       f'runs {self.policy_name!r}')
+            raise UntrustedUpdateError(
+                f'update for policy {claim.policy_name!r}; this node runs '
+                f'{self.policy_name!r}: a learner of another fleet publishes on this topic '
+                '(give each fleet its own policy_name, and its own ROS_DOMAIN_ID or topic), '
+                "or set this node's policy_name if the policy was renamed")
         if not self.require_signature and not signature:
             return ''
         return self.trust.verify(claim, signer, signature)
