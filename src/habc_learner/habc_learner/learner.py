@@ -29,7 +29,8 @@ episode relabelled success <-> failure is re-credited and one relabelled 'discar
 removed (both rebuild the buffer). A relabel does not count as a new episode.
 """
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 import json
 import os
@@ -49,7 +50,9 @@ from habc_learner.policies import fit_problems
 from habc_policy.models.base import LEROBOT_PREFIX, load_policy, sha256_file, WEIGHTS_FILE
 
 STATE_FILE = 'learner_state.json'
-STATE_FORMAT = 1
+# 2: one label cursor per episode store (format 1 had one cursor, for index_path).
+STATE_FORMAT = 2
+READABLE_STATE_FORMATS = (1, 2)
 CHECKPOINT_DIR = 'checkpoints'
 # PolicyUpdate.format of a checkpoint folder (model.safetensors + config.json) at the URI.
 CHECKPOINT_FORMAT = 'safetensors'
@@ -62,6 +65,10 @@ class LearnerParams:
     index_path: str = param('~/.habc/episodes/episodes.sqlite',
                             'Episode index (SQLite) the recorder writes: <storage_dir>/'
                             'episodes.sqlite. ~ and $VARIABLES are expanded.')
+    index_paths: list[str] = param(
+        [], 'Episode indices of several robots (a fleet: one store per robot), read instead '
+        'of index_path; the learner trains on the episodes of all of them, and a store that '
+        'is missing or unreadable is reported and skipped without holding up the others.')
     work_dir: str = param(checkpoints.LEARNER_WORK_DIR, 'Learner state, checkpoints and '
                           'TensorBoard logs '
                           '(~ and $VARIABLES are expanded).')
@@ -99,6 +106,11 @@ class LearnerParams:
                            'added to every round as D_SFT; empty = none.')
     seed: int = param(0, 'Seed of the minibatch sampling.', min=0)
     device: str = param('cpu', "Torch device for training, e.g. 'cpu' or 'cuda'.")
+    nproc: int = param(
+        1, 'Processes a round trains in: above 1 each round runs data-parallel under '
+        'torchrun --nproc-per-node nproc (DDP: gloo on cpu, NCCL on cuda, one GPU per '
+        'process; habc_learner.round_worker); the node stays the only publisher of '
+        'PolicyUpdate. Optimizer moments then start afresh every round.', min=1, max=64)
     signing_key: str = param(DEFAULT_SIGNING_KEY, 'Ed25519 private key that signs every '
                              'PolicyUpdate (policy nodes apply only signed ones). Created with '
                              'its .pub beside it on the first start when missing.')
@@ -106,14 +118,25 @@ class LearnerParams:
                              "(the policy nodes' policy_name).")
 
     def __post_init__(self) -> None:
-        if self.cameras is None:
-            # declare_node_parameters reads an empty-list default without an override back
-            # as None (rclpy declares it by type only); None means the default here.
-            object.__setattr__(self, 'cameras', [])
+        for name in ('cameras', 'index_paths'):
+            if getattr(self, name) is None:
+                # declare_node_parameters reads an empty-list default without an override
+                # back as None (rclpy declares it by type only); None means the default here.
+                object.__setattr__(self, name, [])
         validate_params(self)
+        stores = [store_key(path) for path in self.index_paths]
+        repeated = sorted({key for key in stores if stores.count(key) > 1})
+        if repeated:
+            raise ValueError(f'parameter index_paths names {repeated} more than once; each '
+                             'robot store once')
         if any(c < 0 for c in self.cameras):
             raise ValueError(f'parameter cameras of LearnerParams must hold indices >= 0, got '
                              f'{self.cameras}')
+
+
+    def store_paths(self) -> list[Path]:
+        """Return the episode indices the learner reads (index_paths, else index_path)."""
+        return [expand_path(path) for path in (self.index_paths or [self.index_path])]
 
 
 @dataclass(frozen=True)
@@ -136,13 +159,16 @@ class _Entry:
     episode: Episode
     outcome: str
     bag_path: str
+    robot: str = ''
+    store: str = ''
 
 
 @dataclass
 class _State:
     version: str = ''  # PolicyVersion text; '' before the first round: the init checkpoint's
     round: int = 0
-    cursor: int = 0
+    cursor: int = 0  # format 1 only: the cursor of index_path
+    cursors: dict[str, int] = field(default_factory=dict)  # store_key -> label_seq
     checkpoint: str = ''
     sha256: str = ''
     trainer_step: int = 0
@@ -197,7 +223,13 @@ class Learner:
         self.version = PolicyVersion.parse(state.version or self.policy.version)
         self._clean_checkpoints(self.version)
         self.round = state.round
-        self.cursor = state.cursor
+        # One label cursor per store; a format-1 state's single cursor was index_path's.
+        self.cursors: dict[str, int] = dict(state.cursors)
+        if state.cursor and not state.cursors:
+            self.cursors[store_key(params.index_path)] = state.cursor
+        # Per store: why it could not be read at the last poll (cleared once it reads).
+        self.store_problems: dict[str, str] = {}
+        self._new_by_robot: Counter[str] = Counter()
         self.sha256 = state.sha256
         self.checkpoint = checkpoint
         self.metrics = dict(state.metrics)
@@ -249,9 +281,9 @@ class Learner:
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f'{self.state_path} is unreadable ({exc}); restore it or delete it '
                              'to start over from init_checkpoint') from exc
-        if data.get('format') != STATE_FORMAT:
+        if data.get('format') not in READABLE_STATE_FORMATS:
             raise ValueError(f'{self.state_path} has format {data.get("format")!r}, this code '
-                             f'reads format {STATE_FORMAT}')
+                             f'reads formats {list(READABLE_STATE_FORMATS)}')
         known = set(_State.__dataclass_fields__)
         state = _State(**{k: v for k, v in data.items() if k in known})
         if not (self.work_dir / state.checkpoint / 'model.safetensors').is_file():
@@ -265,15 +297,16 @@ class Learner:
             'format': STATE_FORMAT,
             'version': str(self.version),
             'round': self.round,
-            'cursor': self.cursor,
+            'cursors': self.cursors,
             'checkpoint': str(self.checkpoint),
             'sha256': self.sha256,
             'method': self.params.method,
-            'trainer_step': self.trainer.step if self.trainer is not None else 0,
+            'trainer_step': self.trainer.step if self.trainer is not None else self._trainer_step,
             'metrics': self.metrics,
             'written_at': self.written_at,
             'episodes': [{'episode_id': episode_id, 'outcome': entry.outcome,
-                          'bag_path': entry.bag_path}
+                          'bag_path': entry.bag_path, 'robot': entry.robot,
+                          'store': entry.store}
                          for episode_id, entry in self._episodes.items()],
             'rejected': self.rejected,
         }
@@ -303,54 +336,39 @@ class Learner:
                 shutil.rmtree(path)
 
     # --- episodes ---------------------------------------------------------------------------
-    def poll(self, index: Any) -> list[str]:
-        """Take the label changes since the cursor from `index`; return the ids added.
+    def poll(self, indexes: Any | Sequence[Any]) -> list[str]:
+        """Take the label changes since each store's cursor; return the ids added.
 
+        `indexes` is one EpisodeIndex or several (a fleet: one store per robot), each with
+        its own cursor, so each episode is taken exactly once per label change, across
+        restarts too. A store that cannot be read now is kept in `store_problems` and
+        skipped; the others are read as usual (a robot that is down stalls nobody).
         The first call also rebuilds the buffer of a restarted learner (bags are read again).
         Episodes whose bag cannot be used are logged and kept in `rejected` with the reason;
         they are retried when they are labelled again.
         """
+        indexes = [indexes] if not isinstance(indexes, Sequence) else list(indexes)
         if not self._restored:
-            self._restore(index)
+            self._restore()
         added: list[str] = []
         rebuild = False
-        for record in index.labelled_since(self.cursor, trainable_only=False):
-            self.cursor = max(self.cursor, int(record.label_seq or 0))
-            episode_id = record.episode_id
-            entry = self._episodes.get(episode_id)
-            if not record.trainable:
-                if entry is not None:
-                    del self._episodes[episode_id]
-                    rebuild = True
-                    self._log(f'episode {episode_id} is now {record.outcome} '
-                              f'({record.status}): removed from the buffer')
-                continue
-            if entry is not None:
-                if entry.outcome != record.outcome:
-                    self._log(f'episode {episode_id} relabelled {entry.outcome} -> '
-                              f'{record.outcome}')
-                    entry.outcome = record.outcome
-                    entry.episode = replace(entry.episode, outcome=record.outcome)
-                    rebuild = True
-                continue
-            bag_path = _resolve_bag(record.bag_path, Path(index.path))
+        for index in indexes:
+            key = store_key(index.path)
             try:
-                episode = self._load(bag_path, record.outcome, episode_id, record.instruction)
-            except Exception as exc:  # noqa: BLE001 - one bad bag must not stop the learner
+                records = index.labelled_since(self.cursors.get(key, 0), trainable_only=False)
+            except Exception as exc:  # noqa: BLE001 - one robot's store must not stop the rest
                 reason = f'{type(exc).__name__}: {exc}'
-                if record.status == EpisodeStatus.INCOMPLETE.label:
-                    reason += (' (its recording was cut short: habc_episodes.recovery.'
-                               'recover_bag rescues such a bag)')
-                self.rejected[episode_id] = reason
-                self._log(f'episode {episode_id} skipped: {reason}')
+                if self.store_problems.get(key) != reason:
+                    self._log(f'episode store {index.path} unreadable, skipped: {reason}')
+                self.store_problems[key] = reason
                 continue
-            self.rejected.pop(episode_id, None)
-            self._episodes[episode_id] = _Entry(episode, record.outcome, str(bag_path))
-            if not rebuild:
-                self.buffer.add(episode)
-            added.append(episode_id)
-            self._log(f'episode {episode_id} added ({record.outcome}, {len(episode)} steps, '
-                      f'{episode.num_interventions} interventions)')
+            self.store_problems.pop(key, None)
+            for record in records:
+                self.cursors[key] = max(self.cursors.get(key, 0), int(record.label_seq or 0))
+                changed, new = self._take(record, index, key)
+                rebuild = rebuild or changed
+                if new:
+                    added.append(record.episode_id)
         cap = self.params.max_episodes
         if cap and len(self._episodes) > cap:
             # Insertion order is arrival order: the oldest leave first.
@@ -365,13 +383,58 @@ class Learner:
             self._stalled = False
         return added
 
+    def _take(self, record: Any, index: Any, key: str) -> tuple[bool, bool]:
+        """Apply one label change of store `key`; return (buffer to rebuild, episode added)."""
+        episode_id = record.episode_id
+        entry = self._episodes.get(episode_id)
+        if entry is not None and entry.store and entry.store != key:
+            # Ids carry the robot and its clock: the same id in two stores is a copied store.
+            self._log(f'episode {episode_id} of {index.path} is already in the buffer from '
+                      f'{entry.store}: ignored (copied stores hold the same episodes)')
+            return False, False
+        if not record.trainable:
+            if entry is None:
+                return False, False
+            del self._episodes[episode_id]
+            self._log(f'episode {episode_id} is now {record.outcome} ({record.status}): '
+                      'removed from the buffer')
+            return True, False
+        if entry is not None:
+            if entry.outcome == record.outcome:
+                return False, False
+            self._log(f'episode {episode_id} relabelled {entry.outcome} -> {record.outcome}')
+            entry.outcome = record.outcome
+            entry.episode = replace(entry.episode, outcome=record.outcome)
+            return True, False
+        bag_path = _resolve_bag(record.bag_path, Path(index.path))
+        try:
+            episode = self._load(bag_path, record.outcome, episode_id, record.instruction)
+        except Exception as exc:  # noqa: BLE001 - one bad bag must not stop the learner
+            reason = f'{type(exc).__name__}: {exc}'
+            if record.status == EpisodeStatus.INCOMPLETE.label:
+                reason += (' (its recording was cut short: habc_episodes.recovery.'
+                           'recover_bag rescues such a bag)')
+            self.rejected[episode_id] = reason
+            self._log(f'episode {episode_id} skipped: {reason}')
+            return False, False
+        self.rejected.pop(episode_id, None)
+        # Rows always name their robot since the recorder writes them; a hand-made one
+        # without counts as the robot of its store's folder.
+        robot = record.robot or Path(index.path).parent.name
+        self._episodes[episode_id] = _Entry(episode, record.outcome, str(bag_path), robot, key)
+        self.buffer.add(episode)
+        self._new_by_robot[robot] += 1
+        self._log(f'episode {episode_id} of {robot} added ({record.outcome}, {len(episode)} '
+                  f'steps, {episode.num_interventions} interventions)')
+        return False, True
+
     def ready(self) -> bool:
         """Return True when enough new episodes arrived for a round."""
         return (self._restored and not self._stalled
                 and self._new_since_round >= self.params.episodes_per_round
                 and len(self.buffer) > 0)
 
-    def _restore(self, index: Any) -> None:
+    def _restore(self) -> None:
         if self.params.demos_dir:
             self._demos = self._load_demos(expand_path(self.params.demos_dir))
         for item in self._to_restore:
@@ -383,7 +446,8 @@ class Learner:
                 self.rejected[episode_id] = reason
                 self._log(f'episode {episode_id} could not be reloaded, dropped: {reason}')
                 continue
-            self._episodes[episode_id] = _Entry(episode, outcome, item['bag_path'])
+            self._episodes[episode_id] = _Entry(episode, outcome, item['bag_path'],
+                                                item.get('robot', ''), item.get('store', ''))
         self._to_restore = []
         self._rebuild_buffer()
         self._restored = True
@@ -472,6 +536,9 @@ class Learner:
         p = self.params
         target, round_index = PolicyVersion(self.version.number + 1), self.round + 1
         try:
+            if p.nproc > 1:
+                return self._finish_round(*self._train_distributed(target, on_progress),
+                                          target, round_index)
             if self.trainer is None:
                 self.trainer = self._make_trainer()
             self.trainer.buffer = self.buffer
@@ -494,25 +561,98 @@ class Learner:
             directory, sha = self._write_checkpoint(target)
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics['round/seconds'] = time.monotonic() - started
-            metrics['round/episodes'] = float(len(self._episodes))
-            metrics['round/samples'] = float(len(self.buffer))
-            written_at = time.time()
-            # The state goes to disk before this object changes: if writing it fails, the
-            # round never happened (and the unpublished folder is overwritten next time).
-            self._write_state(self._state_dict(
-                version=str(target), round=round_index, checkpoint=str(directory.relative_to(
-                    self.work_dir)), sha256=sha, metrics=metrics, written_at=written_at))
+            return self._finish_round(directory, sha, metrics, target, round_index)
         except BaseException:
             self._stalled = True
             raise
+
+    def _finish_round(self, directory: Path, sha: str, metrics: dict[str, float],
+                      target: PolicyVersion, round_index: int) -> RoundResult:
+        """Record a round whose checkpoint is in place: state file first, then this object."""
+        metrics['round/samples'] = float(len(self.buffer))
+        metrics.update(self.episode_metrics())
+        written_at = time.time()
+        # The state goes to disk before this object changes: if writing it fails, the
+        # round never happened (and the unpublished folder is overwritten next time).
+        self._write_state(self._state_dict(
+            version=str(target), round=round_index, checkpoint=str(directory.relative_to(
+                self.work_dir)), sha256=sha, metrics=metrics, written_at=written_at))
         self.version, self.round = target, round_index
         self.sha256, self.checkpoint, self.metrics = sha, directory, metrics
         self.written_at = written_at
         self._new_since_round = 0
+        self._new_by_robot.clear()
         self._log(f'round {round_index}: version {target} written to {directory} '
                   f'(sha256 {sha[:12]}..., {metrics["round/seconds"]:.1f} s)')
         return RoundResult(target, sha, directory, metrics, round_index, len(self._episodes),
                            written_at)
+
+    def _train_distributed(self, target: PolicyVersion,
+                           on_progress: Callable[[int, int, dict[str, float]], None] | None
+                           ) -> tuple[Path, str, dict[str, float]]:
+        """Train the round in `nproc` torchrun processes; return (folder, sha256, metrics).
+
+        The processes start from the current checkpoint (policy and critic) and read the
+        buffer's bags again; rank 0 writes the checkpoint, which is renamed into place here.
+        """
+        from dataclasses import asdict
+
+        from habc_learner.round_worker import run_round
+        from habc_learner.trainer import TrainConfig
+
+        p = self.params
+        root = self.work_dir / CHECKPOINT_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final, scratch = root / f'v{target.number}', root / f'.v{target.number}.tmp'
+        train = TrainConfig(steps=p.steps_per_round, batch_size=p.batch_size,
+                            actor_lr=p.actor_lr, critic_lr=p.critic_lr,
+                            seed=p.seed + self.round, log_every=min(50, p.steps_per_round),
+                            device=p.device, normalize_from_data=False)
+        critic = self.checkpoint / 'critic.safetensors'
+        spec = {'init_checkpoint': str(self.checkpoint),
+                'episodes': [{'bag_path': entry.bag_path, 'outcome': entry.outcome,
+                              'episode_id': episode_id,
+                              'instruction': entry.episode.instruction}
+                             for episode_id, entry in self._episodes.items()],
+                'demos_dir': str(expand_path(p.demos_dir)) if p.demos_dir else '',
+                'cameras': list(p.cameras), 'image_size': p.image_size,
+                'method': asdict(self.method_config), 'train': asdict(train),
+                'start_step': self._trainer_step, 'output': str(scratch),
+                'version': str(target), 'log_dir': str(self.work_dir / 'tensorboard')}
+        if critic.is_file() and self._critic_path is None:
+            # As in-process: a critic counts only if this learner trained it for this
+            # method (the SFT checkpoint's, or another method's, starts afresh).
+            spec['init_checkpoint'] = str(self._without_critic(scratch))
+        self._log(f'round {self.round + 1}: training version {target} in {p.nproc} torchrun '
+                  f'processes on {len(self._episodes)} episodes ({self._new_since_round} new)')
+        started = time.monotonic()
+        try:
+            result = run_round(spec, p.nproc, self.work_dir / 'round', self._log)
+        finally:
+            if spec['init_checkpoint'] != str(self.checkpoint):
+                shutil.rmtree(spec['init_checkpoint'], ignore_errors=True)
+        seconds = time.monotonic() - started
+        if final.exists():
+            shutil.rmtree(final)  # left by a round whose state was never written
+        os.replace(scratch, final)
+        self._trainer_step = int(result['step'])
+        self._critic_path = final / 'critic.safetensors'
+        metrics = {k: float(v) for k, v in result['metrics'].items()}
+        metrics['round/seconds'] = seconds
+        metrics['round/processes'] = float(result['world_size'])
+        if on_progress is not None:
+            on_progress(p.steps_per_round, p.steps_per_round, metrics)
+        return final, result['sha256'], metrics
+
+    def _without_critic(self, scratch: Path) -> Path:
+        # A copy of the start checkpoint without its critic, beside the round's output (a
+        # scratch name: a kill leaves it to _clean_checkpoints).
+        folder = scratch.with_name(scratch.name.removesuffix('.tmp') + '.init.tmp')
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(self.checkpoint, folder,
+                        ignore=shutil.ignore_patterns('critic.safetensors'))
+        return folder
 
     def _write_checkpoint(self, version: PolicyVersion) -> tuple[Path, str]:
         root = self.work_dir / CHECKPOINT_DIR
@@ -527,6 +667,31 @@ class Learner:
         return final, info['sha256']
 
     # --- reporting --------------------------------------------------------------------------
+    def episode_metrics(self) -> dict[str, float]:
+        """Per-robot and pooled statistics of the buffer's episodes, for the round's metrics.
+
+        `robot/<robot>/...` and `round/...`: episodes, the new ones since the last round,
+        success rate and interventions per episode.
+        """
+        groups: dict[str, list[_Entry]] = {}
+        for entry in self._episodes.values():
+            groups.setdefault(entry.robot or 'unknown', []).append(entry)
+        metrics: dict[str, float] = {}
+        for prefix, entries, new in (
+                [('round', list(self._episodes.values()), sum(self._new_by_robot.values()))]
+                + [(f'robot/{robot}', entries, self._new_by_robot[robot])
+                   for robot, entries in sorted(groups.items())]):
+            count = len(entries)
+            metrics[f'{prefix}/episodes'] = float(count)
+            metrics[f'{prefix}/new_episodes'] = float(new)
+            if count:
+                metrics[f'{prefix}/success_rate'] = sum(
+                    entry.outcome == Outcome.SUCCESS.label for entry in entries) / count
+                metrics[f'{prefix}/interventions_per_episode'] = sum(
+                    entry.episode.num_interventions for entry in entries) / count
+        metrics['round/robots'] = float(len(groups))
+        return metrics
+
     def status(self, state: str = 'idle', **extra: Any) -> dict[str, Any]:
         """Return the learner's status as a JSON-ready dict ('idle' or 'training')."""
         return {'state': state, 'version': str(self.version), 'round': self.round,
@@ -534,6 +699,10 @@ class Learner:
                 'episodes_per_round': self.params.episodes_per_round,
                 'demos': len(self._demos), 'samples': len(self.buffer),
                 'rejected': len(self.rejected), 'evicted': self.evicted,
+                'robots': dict(Counter(entry.robot for entry in self._episodes.values())),
+                'stores': {key: {'cursor': self.cursors.get(key, 0),
+                                 'problem': self.store_problems.get(key, '')}
+                           for key in sorted(set(self.cursors) | set(self.store_problems))},
                 'method': self.params.method,
                 'sha256': self.sha256, 'checkpoint': str(self.checkpoint),
                 'metrics': self.metrics, **extra}
@@ -550,6 +719,11 @@ class Learner:
 def has_state(work_dir: str) -> bool:
     """Return True when `work_dir` holds a learner state: a restart needs no checkpoint."""
     return (expand_path(work_dir) / STATE_FILE).is_file()
+
+
+def store_key(path: str | Path) -> str:
+    """Return the name a store's cursor is kept under: its index file, absolute."""
+    return str(expand_path(str(path)))
 
 
 def expand_path(path: str) -> Path:

@@ -5,8 +5,10 @@ the first start; habc_common.update_trust), since policy nodes apply only signed
 
 Topics: publishes `policy/update` (habc_msgs/PolicyUpdate, latched) after every round and
 `learner/status` (std_msgs/String with JSON, latched: state 'waiting' | 'idle' | 'training',
-version, round, episodes, pending, last metrics, and progress while training). It reads the
-episode index (SQLite, `index_path`) and the bags it names; it subscribes to nothing.
+version, round, episodes, pending, episodes per robot, per-store cursors and problems, last
+metrics, and progress while training). It reads the episode index (SQLite, `index_path`), or
+in a fleet every robot's (`index_paths`), and the bags they name; it subscribes to nothing.
+A store that does not exist yet or cannot be read is skipped and retried at every poll.
 
 Starting point. After a restart the node resumes from `work_dir`; on a first start it needs
 the SFT checkpoint: `init_checkpoint`, or, left empty, the newest one `habc demo` trained
@@ -25,6 +27,7 @@ restarted meanwhile catches up. The logic lives in habc_learner.learner.Learner.
 from dataclasses import replace
 import json
 from pathlib import Path
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -113,9 +116,10 @@ class LearnerNode:
         # Training shares the machine with the robot-side nodes: cap its CPU threads.
         torch.set_num_threads(compute_threads(self.params.torch_threads))
         self.learner: Learner | None = None
-        self.index_path = expand_path(self.params.index_path)
-        # Opened read-only once the recorder has created it (the learner never writes it).
-        self.index: EpisodeIndex | None = None
+        # One index per robot store (index_paths), else index_path; each is opened read-only
+        # once its recorder has created it (the learner never writes them).
+        self.store_paths = self.params.store_paths()
+        self.indexes: dict[Path, EpisodeIndex] = {}
         self.update_publisher = self.node.create_publisher(PolicyUpdate, 'policy/update',
                                                            LATCHED)
         self.status_publisher = self.node.create_publisher(String, 'learner/status', LATCHED)
@@ -172,8 +176,8 @@ class LearnerNode:
         origin = (f', starting from {found} (init_checkpoint was empty: the newest `habc demo` '
                   'checkpoint)' if found is not None else '')
         logger.info(f'ready: version {learner.version}, method {self.params.method}, '
-                    f'{self.params.episodes_per_round} episodes per round, index '
-                    f'{self.index_path}, work_dir {learner.work_dir}{origin}')
+                    f'{self.params.episodes_per_round} episodes per round, '
+                    f'{_stores_text(self.store_paths)}, work_dir {learner.work_dir}{origin}')
         return True
 
     def _no_checkpoint_reason(self) -> str:
@@ -232,16 +236,14 @@ class LearnerNode:
         try:
             if self.learner is None and not self._start():
                 return  # no checkpoint yet: the status says why
-            if self.index is None:
-                try:
-                    self.index = EpisodeIndex(self.index_path, read_only=True)
-                except FileNotFoundError:
-                    self.publish_status('idle', waiting=f'no episode index at {self.index_path} '
-                                        'yet (the recorder creates it when it starts)')
-                    return
-            added = self.learner.poll(self.index)
+            missing = self._open_indexes()
+            added = self.learner.poll(list(self.indexes.values()))
+            if missing and not self.indexes:
+                self.publish_status('idle', waiting=f'no episode index at {missing} yet (the '
+                                    'recorder creates it when it starts)')
+                return
             if added:
-                self.publish_status('idle')
+                self.publish_status('idle', **({'missing_stores': missing} if missing else {}))
             if not self.learner.ready() or self._closing.is_set():
                 return
             started = time.monotonic()
@@ -269,13 +271,40 @@ class LearnerNode:
             except Exception:  # noqa: BLE001 - already shutting down
                 pass
 
+    def _open_indexes(self) -> list[str]:
+        """Open the stores whose index exists now; return those still missing.
+
+        A robot that has not started yet (or whose store is gone) is simply not read: the
+        learner trains on the others and picks it up once its recorder has created it.
+        """
+        missing = []
+        for path in self.store_paths:
+            if path in self.indexes:
+                continue
+            try:
+                self.indexes[path] = EpisodeIndex(path, read_only=True)
+                self.node.get_logger().info(f'reading episode store {path}')
+            except FileNotFoundError:
+                missing.append(str(path))
+            except (RuntimeError, ValueError, sqlite3.Error) as exc:
+                missing.append(str(path))
+                self.node.get_logger().error(f'episode store {path} cannot be read: {exc}',
+                                             throttle_duration_sec=60.0)
+        return missing
+
     def close(self) -> None:
         """Let a running poll finish briefly; a round cut short is redone after a restart."""
         self._closing.set()
         if self._worker is not None:
             self._worker.join(timeout=2.0)
-        if self.index is not None:
-            self.index.close()
+        for index in self.indexes.values():
+            index.close()
+
+
+def _stores_text(paths: list[Path]) -> str:
+    if len(paths) == 1:
+        return f'index {paths[0]}'
+    return f'{len(paths)} episode stores ({", ".join(str(p) for p in paths)})'
 
 
 def main(args: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+import sqlite3
 
 import pytest
 from safetensors.torch import load_file
@@ -57,7 +58,7 @@ def test_a_round_writes_version_2(tmp_path, init_checkpoint, episode_bag, index,
     state = state_of(tmp_path)
     assert state['version'] == '2' and state['round'] == 1
     assert state['checkpoint'] == 'checkpoints/v2' and state['sha256'] == result.sha256
-    assert state['cursor'] == index.last_label_seq()
+    assert state['cursors'] == {str(index.path.resolve()): index.last_label_seq()}
     assert [e['episode_id'] for e in state['episodes']] == ['ep-1', 'ep-2']
     assert state['trainer_step'] == 3
     assert not learner.ready() and learner.poll(index) == []
@@ -286,3 +287,118 @@ def test_the_parameter_file_matches_the_declaration():
     root = Path(__file__).resolve().parents[3]
     (params,) = check_parameter_file(LearnerParams, root / 'config' / 'params' / 'learner.yaml')
     assert params.episodes_per_round == 2 and params.torch_threads == 0  # half the CPUs
+
+
+def fleet_store(tmp_path, robot):
+    """Open robot `robot`'s own store <tmp_path>/fleet/<robot>/episodes.sqlite."""
+    from habc_episodes.index import EpisodeIndex
+    return EpisodeIndex(tmp_path / 'fleet' / robot / 'episodes.sqlite')
+
+
+def add_robot_episode(store, episode_bag, robot, name, outcome, interventions, now):
+    store.create(name, str(episode_bag(name, [POLICY] * STEPS)), 'transfer the cube', '1',
+                 started_at=now, robot=robot)
+    store.finish(name, STEPS, interventions, ended_at=now + 1.0)
+    store.label(name, outcome, 'test', now=now + 2.0)
+
+
+def test_a_fleet_learner_reads_every_robots_store_once_and_reports_each_robot(
+        tmp_path, init_checkpoint, episode_bag):
+    stores = {robot: fleet_store(tmp_path, robot) for robot in ('robot1', 'robot2')}
+    missing = tmp_path / 'fleet' / 'robot3' / 'episodes.sqlite'  # a robot not up yet
+    params = make_params(tmp_path, init_checkpoint, episodes_per_round=3, index_paths=[
+        str(store.path) for store in stores.values()] + [str(missing)])
+    add_robot_episode(stores['robot1'], episode_bag, 'robot1', 'r1-a', 'success', 1, 1000.0)
+    add_robot_episode(stores['robot2'], episode_bag, 'robot2', 'r2-a', 'failure', 2, 1000.0)
+    learner = Learner(params)
+    assert learner.poll(list(stores.values())) == ['r1-a', 'r2-a']
+    assert not learner.ready()  # 2 of 3: robot2 alone moves the round on
+    add_robot_episode(stores['robot2'], episode_bag, 'robot2', 'r2-b', 'success', 0, 1010.0)
+    # The same label sequence numbers in both stores: each store has its own cursor.
+    assert [s.last_label_seq() for s in stores.values()] == [1, 2]
+    assert learner.poll(list(stores.values())) == ['r2-b'] and learner.ready()
+    result = learner.train_round()
+    metrics = result.metrics
+    assert metrics['round/episodes'] == 3 and metrics['round/new_episodes'] == 3
+    assert metrics['round/robots'] == 2
+    assert metrics['robot/robot1/episodes'] == 1 and metrics['robot/robot2/episodes'] == 2
+    assert metrics['robot/robot1/success_rate'] == 1.0
+    assert metrics['robot/robot2/success_rate'] == 0.5
+    # Interventions are counted in the bags, where these robots drove alone.
+    assert metrics['robot/robot2/interventions_per_episode'] == 0.0
+    assert learner.status()['robots'] == {'robot1': 1, 'robot2': 2}
+
+    # A restart takes nothing twice and, later, only what is new in each store.
+    restarted = Learner(params)
+    assert restarted.poll(list(stores.values())) == []
+    add_robot_episode(stores['robot1'], episode_bag, 'robot1', 'r1-b', 'success', 0, 1020.0)
+    assert restarted.poll(list(stores.values())) == ['r1-b']
+    assert restarted.episode_ids == ['r1-a', 'r2-a', 'r2-b', 'r1-b']
+    state = state_of(tmp_path)
+    assert state['cursors'] == {str(stores['robot1'].path.resolve()): 1,
+                                str(stores['robot2'].path.resolve()): 2}
+    assert {e['episode_id']: e['robot'] for e in state['episodes']} == {
+        'r1-a': 'robot1', 'r2-a': 'robot2', 'r2-b': 'robot2'}
+
+
+def test_an_unreadable_store_is_skipped_and_a_copied_one_counts_nothing_twice(
+        tmp_path, init_checkpoint, episode_bag):
+    good = fleet_store(tmp_path, 'robot1')
+    add_robot_episode(good, episode_bag, 'robot1', 'r1-a', 'success', 0, 1000.0)
+    copy_path = tmp_path / 'fleet' / 'copy' / 'episodes.sqlite'
+    copy_path.parent.mkdir(parents=True)
+    good.close()
+    copy_path.write_bytes(good.path.read_bytes())
+    from habc_episodes.index import EpisodeIndex
+    good, copy = EpisodeIndex(good.path), EpisodeIndex(copy_path)
+    learner = Learner(make_params(tmp_path, init_checkpoint,
+                                  index_paths=[str(good.path), str(copy_path)]))
+    assert learner.poll([good, copy]) == ['r1-a']  # the copy's row is the same episode
+    # The copy goes bad (its table dropped behind the learner's back): it is skipped and
+    # reported; the good store is read on.
+    with sqlite3.connect(copy_path) as db:
+        db.execute('DROP TABLE episodes')
+    add_robot_episode(good, episode_bag, 'robot1', 'r1-b', 'failure', 0, 1010.0)
+    assert learner.poll([copy, good]) == ['r1-b']
+    assert 'no such table' in learner.store_problems[str(copy_path.resolve())]
+    assert learner.ready()
+
+
+def test_a_format_1_state_keeps_its_cursor_for_index_path(tmp_path, init_checkpoint,
+                                                          episode_bag, index, labelled):
+    params = make_params(tmp_path, init_checkpoint)
+    add_episode(episode_bag, labelled, 'ep-1')
+    add_episode(episode_bag, labelled, 'ep-2')
+    learner = Learner(params)
+    learner.poll(index)
+    learner.train_round()
+    state = state_of(tmp_path)
+    state['format'], state['cursor'] = 1, state.pop('cursors')[str(index.path.resolve())]
+    (tmp_path / 'learner' / STATE_FILE).write_text(json.dumps(state))
+    add_episode(episode_bag, labelled, 'ep-3')
+    assert Learner(params).poll(index) == ['ep-3']
+
+
+def test_the_same_store_twice_is_refused(tmp_path, init_checkpoint):
+    with pytest.raises(ValueError, match='more than once'):
+        make_params(tmp_path, init_checkpoint, index_paths=['~/a/episodes.sqlite',
+                                                            '~/a/../a/episodes.sqlite'])
+
+
+def test_a_round_trains_in_two_torchrun_processes_and_the_learner_publishes_it(
+        tmp_path, init_checkpoint, episode_bag, index, labelled):
+    add_episode(episode_bag, labelled, 'ep-1', 'success')
+    add_episode(episode_bag, labelled, 'ep-2', 'failure', [POLICY] * STEPS)
+    learner = Learner(make_params(tmp_path, init_checkpoint, nproc=2))
+    learner.poll(index)
+    progress = []
+    result = learner.train_round(on_progress=lambda *args: progress.append(args))
+    directory = tmp_path / 'learner' / 'checkpoints' / 'v2'
+    assert result.path == directory and result.metrics['round/processes'] == 2
+    assert result.sha256 == sha256_file(directory / 'model.safetensors')
+    assert load_policy(directory).version == '2' and (directory / 'critic.safetensors').is_file()
+    assert progress[-1][:2] == (3, 3) and 'losses/actor' in result.metrics
+    assert result.metrics['round/episodes'] == 2
+    state = state_of(tmp_path)
+    assert state['trainer_step'] == 3 and state['version'] == '2'
+    assert not list((tmp_path / 'learner' / 'checkpoints').glob('.*'))  # no scratch left
