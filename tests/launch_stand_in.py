@@ -48,6 +48,26 @@ class Node(_Recorder):
     pass
 
 
+class EmitEvent(_Recorder):
+    pass
+
+
+class RegisterEventHandler(_Recorder):
+    pass
+
+
+class OnProcessExit(_Recorder):
+    pass
+
+
+class ShutdownProcess(_Recorder):
+    pass
+
+
+def matches_action(action):
+    return ('matches', action)
+
+
 class LaunchContext:
     def __init__(self, launch_configurations):
         self.launch_configurations = dict(launch_configurations)
@@ -58,14 +78,24 @@ def install(monkeypatch) -> None:
     launch = types.ModuleType('launch')
     launch.LaunchDescription = LaunchDescription
     actions = types.ModuleType('launch.actions')
-    for cls in (DeclareLaunchArgument, LogInfo, OpaqueFunction, SetEnvironmentVariable,
-                Shutdown):
+    for cls in (DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction,
+                RegisterEventHandler, SetEnvironmentVariable, Shutdown):
         setattr(actions, cls.__name__, cls)
     launch.actions = actions
+    handlers = types.ModuleType('launch.event_handlers')
+    handlers.OnProcessExit = OnProcessExit
+    events = types.ModuleType('launch.events')
+    events.matches_action = matches_action
+    process = types.ModuleType('launch.events.process')
+    process.ShutdownProcess = ShutdownProcess
     launch_ros = types.ModuleType('launch_ros')
     ros_actions = types.ModuleType('launch_ros.actions')
     ros_actions.Node = Node
     launch_ros.actions = ros_actions
     for name, module in (('launch', launch), ('launch.actions', actions),
+                         ('launch.event_handlers', handlers), ('launch.events', events),
+                         ('launch.events.process', process),
                          ('launch_ros', launch_ros), ('launch_ros.actions', ros_actions)):
         monkeypatch.setitem(sys.modules, name, module)
+    # habc.ros_launch imports these: load it afresh against the stand-ins.
+    monkeypatch.delitem(sys.modules, 'habc.ros_launch', raising=False)

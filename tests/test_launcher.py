@@ -135,20 +135,25 @@ nodes:
     assert code == 0, launcher.output
 
 
-def _load_launch_file(monkeypatch):
+def _load_launch_file(monkeypatch, name: str = 'bringup'):
     launch_stand_in.install(monkeypatch)
-    spec = importlib.util.spec_from_file_location('bringup_launch',
-                                                  ROOT / 'launch' / 'bringup.launch.py')
+    spec = importlib.util.spec_from_file_location(f'{name}_launch',
+                                                  ROOT / 'launch' / f'{name}.launch.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.mark.parametrize('overrides', [{}, {'namespace': 'robot1', 'use_learner': 'false',
-                                            'use_scripted_operator': 'false',
-                                            'checkpoint': '/runs/x/sft'}])
-def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, overrides):
-    launch_file = _load_launch_file(monkeypatch)
+@pytest.mark.parametrize('name, overrides, count', [
+    ('bringup', {}, 7),
+    ('bringup', {'namespace': 'robot1', 'use_learner': 'false', 'use_scripted_operator': 'false',
+                 'checkpoint': '/runs/x/sft'}, 5),
+    ('fleet', {}, 13),
+    ('fleet', {'robots': 'left,right,top', 'use_scripted_operator': 'false',
+               'checkpoint': '/runs/x/sft'}, 16)])
+def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, name, overrides,
+                                                               count):
+    launch_file = _load_launch_file(monkeypatch, name)
     entities = launch_file.generate_launch_description().entities
     declared = {e.name: e.kwargs['default_value'] for e in entities
                 if isinstance(e, launch_stand_in.DeclareLaunchArgument)}
@@ -169,21 +174,39 @@ def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, over
          n.kwargs['on_exit'] is not None)
         for n in launch_nodes]
 
-    # The pip launcher: what `habc launch bringup --dry-run` would start.
-    description = load_description(description_path('bringup'))
+    # The pip launcher: what `habc launch <name> --dry-run` would start.
+    description = load_description(description_path(name))
     assert Path(declared['description']).samefile(description.path)
     from_pip_launcher = [
         (n.name, n.package, n.executable, n.namespace,
          tuple(str(p) for p in n.parameters)
          + ((dict(n.parameter_values),) if n.parameter_values else ()),
-         n.remappings, n.required)
+         n.remappings, n.required and not n.group)
         for n in resolve(description, overrides)]
     assert from_launch_file == from_pip_launcher
-    assert len(from_pip_launcher) == (5 if overrides else 7)
+    assert len(from_pip_launcher) == count
+    # A robot's required node stops that robot's stack only, as `habc launch` does.
+    handlers = [a.args[0] for a in actions
+                if isinstance(a, launch_stand_in.RegisterEventHandler)]
+    stacks = {}
+    for node in resolve(description, overrides):
+        stacks.setdefault(node.group, []).append(node)
+    expected = sum(sum(n.required for n in nodes) for group, nodes in stacks.items() if group)
+    assert len(handlers) == expected
+    for handler in handlers:
+        target = handler.kwargs['target_action']
+        stopped = [e.kwargs['event'].kwargs['process_matcher'][1]
+                   for e in handler.kwargs['on_exit']
+                   if isinstance(e, launch_stand_in.EmitEvent)]
+        namespace = target.kwargs['namespace']
+        assert stopped and all(n.kwargs['namespace'] == namespace and n is not target
+                               for n in stopped)
+        assert len(stopped) == len([n for n in launch_nodes
+                                    if n.kwargs['namespace'] == namespace]) - 1
 
     # And the command lines the pip launcher runs carry exactly those settings.
     dry_run = subprocess.run(
-        [sys.executable, '-m', 'habc.cli', 'launch', 'bringup', '--dry-run',
+        [sys.executable, '-m', 'habc.cli', 'launch', name, '--dry-run',
          *[f'{k}:={v}' for k, v in overrides.items()]],
         capture_output=True, text=True, env=ros_env(), check=True).stdout.splitlines()
     assert len(dry_run) == len(from_launch_file)

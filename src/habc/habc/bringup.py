@@ -10,16 +10,26 @@ import json
 import os
 from pathlib import Path
 import re
+import string
 from typing import Any
 
 import yaml
 
 from habc_common import checkpoints, update_trust
+from habc_episodes.episode import robot_label
 
 TRUE_WORDS = {'true', '1', 'yes', 'on'}
 FALSE_WORDS = {'false', '0', 'no', 'off'}
 _NODE_KEYS = {'name', 'package', 'executable', 'parameters', 'remappings', 'namespace',
-              'required', 'enabled_if', 'argument_parameters', 'nice'}
+              'required', 'enabled_if', 'argument_parameters', 'nice', 'per_robot',
+              'robot_parameters'}
+# A fleet description declares this argument: how many robots (robot1..robotN), or their
+# names. Its `per_robot` nodes start once per robot, in the robot's namespace.
+ROBOTS_ARGUMENT = 'robots'
+# Placeholders of robot_parameters templates besides the description's arguments: the robot's
+# name (its namespace) and its position in the fleet (1, 2, ...).
+ROBOT_PLACEHOLDERS = ('robot', 'robot_index')
+_ROBOT_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,11 @@ class NodeSpec:
     argument_parameters: tuple[tuple[str, str], ...] = ()
     # Niceness the process starts with (0-19; higher yields the CPU to the others).
     nice: int = 0
+    # Started once per robot of a fleet, in that robot's namespace.
+    per_robot: bool = False
+    # (parameter, template): '{robot}', '{robot_index}' and '{<argument>}' are filled in; a
+    # shared node's template that names {robot} becomes the list over every robot.
+    robot_parameters: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,9 @@ class ResolvedNode:
     # Parameters set by launch arguments (`-p name:=value`, after the parameter files).
     parameter_values: tuple[tuple[str, Any], ...] = ()
     nice: int = 0
+    # The robot whose stack this node belongs to ('' for a fleet's shared nodes and in a
+    # one-robot bringup). A required node takes down its own robot's stack only.
+    group: str = ''
 
     @property
     def full_name(self) -> str:
@@ -150,13 +168,30 @@ def load_description(path: Path) -> BringupDescription:
         if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
             _fail(path, f'{where}: nice must be an integer from 0 to 19 (the niceness the '
                   f'process starts with; higher yields the CPU to the others), got {nice!r}')
+        per_robot = entry.get('per_robot', False)
+        if not isinstance(per_robot, bool):
+            _fail(path, f'{where}: per_robot must be true or false, got {per_robot!r}')
+        if per_robot and ROBOTS_ARGUMENT not in argument_names:
+            _fail(path, f'{where} is per_robot, but the description declares no '
+                  f'{ROBOTS_ARGUMENT!r} argument (how many robots, or their names)')
+        templates = entry.get('robot_parameters') or {}
+        if not isinstance(templates, dict):
+            _fail(path, f'{where}: robot_parameters maps parameter names to templates such '
+                  f"as '{{storage_root}}/{{robot}}', got {templates!r}")
+        known = argument_names | set(ROBOT_PLACEHOLDERS)
+        for parameter, template in templates.items():
+            unknown = sorted(_placeholders(str(template)) - known)
+            if unknown:
+                _fail(path, f'{where}: robot_parameters.{parameter} names {unknown}, which '
+                      f'are neither arguments nor {list(ROBOT_PLACEHOLDERS)}')
         nodes.append(NodeSpec(
             name=str(entry['name']), package=str(entry['package']),
             executable=str(entry['executable']), parameters=tuple(parameters),
             remappings=tuple(remappings), namespace=str(entry.get('namespace') or ''),
             required=bool(entry.get('required', False)), enabled_if=enabled_if,
             argument_parameters=tuple((str(k), str(v)) for k, v in mapping.items()),
-            nice=nice))
+            nice=nice, per_robot=per_robot,
+            robot_parameters=tuple((str(k), str(v)) for k, v in templates.items())))
 
     names = [n.name for n in nodes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -165,6 +200,46 @@ def load_description(path: Path) -> BringupDescription:
     return BringupDescription(name=str(data.get('name', path.stem)),
                               description=str(data.get('description', '')), path=path,
                               arguments=tuple(arguments), nodes=tuple(nodes))
+
+
+def _placeholders(template: str) -> set[str]:
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    except ValueError as exc:
+        raise DescriptionError(f'template {template!r}: {exc}') from None
+
+
+def _render(template: str, values: dict[str, str]) -> Any:
+    # A value that renders to an integer is an integer (seeds); anything else is text.
+    text = template.format(**values)
+    return int(text) if re.fullmatch(r'-?[0-9]+', text) else text
+
+
+def robot_names(value: str) -> list[str]:
+    """Return the robots `robots:=` names: a count N (robot1..robotN) or comma-separated names.
+
+    Raises:
+        DescriptionError: no robot, a name that is not a ROS namespace token, or a name given
+            twice (two robots in one namespace would share every topic and service).
+    """
+    text = str(value).strip()
+    if re.fullmatch(r'[0-9]+', text):
+        names = [f'robot{i}' for i in range(1, int(text) + 1)]
+    else:
+        names = [name.strip().strip('/') for name in text.split(',') if name.strip()]
+    if not names:
+        raise DescriptionError(f'{ROBOTS_ARGUMENT}:={value!r} names no robot: give a count '
+                               '(robots:=2) or names (robots:=left,right)')
+    for name in names:
+        if not _ROBOT_NAME.fullmatch(name):
+            raise DescriptionError(f'{ROBOTS_ARGUMENT}:={value!r}: {name!r} is not a robot '
+                                   'namespace (a letter or _, then letters, digits and _)')
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DescriptionError(f'{ROBOTS_ARGUMENT}:={value!r}: robot namespace(s) {repeated} '
+                               'given twice; two robots in one namespace would share every '
+                               'topic, service and episode id: give each its own name')
+    return names
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -208,7 +283,13 @@ CHECKPOINT_ARGUMENT = 'checkpoint'
 
 def resolve(description: BringupDescription,
             overrides: dict[str, str] | None = None) -> list[ResolvedNode]:
-    """Apply argument values: drop disabled nodes and make namespaces absolute."""
+    """Apply argument values: drop disabled nodes and make namespaces absolute.
+
+    In a fleet description (one that declares `robots`) every `per_robot` node starts once
+    per robot in the namespace <namespace>/<robot>, with its /clock remapped into that
+    namespace (each simulated robot keeps its own time); the shared nodes (the learner) run
+    on the wall clock, since a fleet has no single simulated time.
+    """
     values = argument_values(description, overrides)
     robot_namespace = values.get('namespace', '')
     extra: tuple[Path, ...] = ()
@@ -218,22 +299,79 @@ def resolve(description: BringupDescription,
             raise DescriptionError(f'{PARAMS_FILE_ARGUMENT}:={values[PARAMS_FILE_ARGUMENT]}: '
                                    f'no such parameter file ({extra_file})')
         extra = (extra_file,)
+    robots = robot_names(values[ROBOTS_ARGUMENT]) if ROBOTS_ARGUMENT in values else None
     sim_time = _sim_time(values)
-    clock = () if sim_time is None else ((SIM_TIME_ARGUMENT, sim_time),)
     resolved = []
+    # A fleet's robot stacks start one robot after another, then the shared nodes.
+    stacks: dict[str, list[ResolvedNode]] = {robot: [] for robot in robots or []}
     for spec in description.nodes:
         if spec.enabled_if and not parse_bool(spec.enabled_if, values[spec.enabled_if]):
             continue
-        resolved.append(ResolvedNode(
+        arguments = tuple((parameter, values[argument])
+                          for parameter, argument in spec.argument_parameters
+                          if values[argument])
+        node = ResolvedNode(
             name=spec.name, package=spec.package, executable=spec.executable,
             parameters=spec.parameters + extra, remappings=spec.remappings,
             namespace=join_namespace(robot_namespace, spec.namespace),
             required=spec.required, argument_parameters=spec.argument_parameters,
-            parameter_values=clock + tuple((parameter, values[argument])
-                                           for parameter, argument in spec.argument_parameters
-                                           if values[argument]),
-            nice=spec.nice))
-    return trust_own_learner(resolved)
+            nice=spec.nice)
+        if robots is None or not spec.per_robot:
+            shared_time = sim_time if robots is None or sim_time is None else False
+            clock = () if shared_time is None else ((SIM_TIME_ARGUMENT, shared_time),)
+            fleet = tuple((parameter, [_render(template, {**values, 'robot': robot,
+                                                          'robot_index': str(index)})
+                                       for index, robot in enumerate(robots or [], 1)])
+                          if 'robot' in _placeholders(template)
+                          else (parameter, _render(template, values))
+                          for parameter, template in spec.robot_parameters)
+            resolved.append(replace(node, parameter_values=clock + fleet + arguments))
+            continue
+        clock = () if sim_time is None else ((SIM_TIME_ARGUMENT, sim_time),)
+        for index, robot in enumerate(robots, 1):
+            filled = {**values, 'robot': robot, 'robot_index': str(index)}
+            own = tuple((parameter, _render(template, filled))
+                        for parameter, template in spec.robot_parameters)
+            namespace = join_namespace(robot_namespace, robot, spec.namespace)
+            stacks[robot].append(replace(
+                node, namespace=namespace, group=robot,
+                remappings=spec.remappings + (('/clock', join_namespace(namespace, 'clock')),),
+                parameter_values=clock + own + arguments))
+    nodes = trust_own_learner([node for stack in stacks.values() for node in stack]
+                              + resolved)
+    check_stores(nodes)
+    return nodes
+
+
+# (package, executable) of the episode recorder, whose stores check_stores compares.
+RECORDER_NODE = ('habc_policy', 'episode_recorder_node')
+DEFAULT_STORAGE_DIR = '~/.habc/episodes'
+
+
+def check_stores(nodes: list[ResolvedNode]) -> None:
+    """Refuse two recorders that would write one store under one robot label.
+
+    Several robots may share a store: the index's robot column tells their episodes apart
+    (and each recorder recovers only its own robot's rows after a crash). Under one label
+    they could not be told apart, and each would mark the other's live recording incomplete.
+
+    Raises:
+        DescriptionError: naming both nodes, the store and what to change.
+    """
+    seen: dict[tuple[Path, str], ResolvedNode] = {}
+    for node in nodes:
+        if (node.package, node.executable) != RECORDER_NODE:
+            continue
+        storage = update_trust.expand(str(_node_value(node, 'storage_dir',
+                                                      DEFAULT_STORAGE_DIR))).resolve()
+        label = robot_label(str(_node_value(node, 'robot', '') or ''), node.namespace)
+        other = seen.setdefault((storage, label), node)
+        if other is not node:
+            raise DescriptionError(
+                f'{other.full_name} and {node.full_name} would both record into {storage} as '
+                f"robot {label!r}: the index's robot column could not tell their episodes "
+                "apart. Give each robot its own store (storage_dir, or the fleet's "
+                "storage_root) or its own robot label (the recorder's robot parameter)")
 
 
 # (package, executable) of the nodes whose trust trust_own_learner wires.

@@ -1,11 +1,13 @@
 """`habc launch`: the pip-environment stand-in for `ros2 launch` (no rclpy).
 
 Starts the executables of a bringup description with the same parameters, remaps and
-namespaces as launch/bringup.launch.py, prefixes each line of their output with the node
-name, forwards Ctrl-C / SIGTERM to every node (SIGINT, then SIGTERM, then SIGKILL after a
-grace period each), and exits non-zero when a required node dies. When the policy's
-checkpoint is left empty it prints one line first: the `habc demo` checkpoint the nodes will
-start from, or, with none, what to do (habc.bringup.checkpoint_notice).
+namespaces as launch/bringup.launch.py (or fleet.launch.py), prefixes each line of their
+output with the node name (robot1/policy in a fleet), forwards Ctrl-C / SIGTERM to every node
+(SIGINT, then SIGTERM, then SIGKILL after a grace period each), and exits non-zero when a
+required node dies; in a fleet a robot's required node takes down that robot's stack only.
+When the policy's checkpoint is left empty it prints one line first: the `habc demo`
+checkpoint the nodes will start from, or, with none, what to do
+(habc.bringup.checkpoint_notice).
 """
 
 import argparse
@@ -62,6 +64,15 @@ class _Child:
     reader: threading.Thread
     reported: bool = False
 
+    @property
+    def label(self) -> str:
+        return node_label(self.node)
+
+
+def node_label(node: ResolvedNode) -> str:
+    """Return a node's log prefix: its name, with its robot in a fleet (robot1/policy)."""
+    return f'{node.group}/{node.name}' if node.group else node.name
+
 
 class Launcher:
     """Supervise the processes of one resolved bringup."""
@@ -73,6 +84,8 @@ class Launcher:
         self.grace_s = grace_s
         self.color = out.isatty() if color is None else color
         self.children: list[_Child] = []
+        # Robots of a fleet whose stack was stopped because one of its required nodes died.
+        self.stopped_robots: dict[str, str] = {}
         self._stop_signal: int | None = None
         self._write_lock = threading.Lock()
 
@@ -108,21 +121,29 @@ class Launcher:
                                        start_new_session=True, bufsize=1,
                                        preexec_fn=functools.partial(_prepare_child, node.nice))
             color = _COLORS[index % len(_COLORS)]
-            reader = threading.Thread(target=self._pump, args=(node.name, color, process.stdout),
+            reader = threading.Thread(target=self._pump,
+                                      args=(node_label(node), color, process.stdout),
                                       daemon=True)
             reader.start()
-            self.children.append(_Child(node, process, reader))
+            child = _Child(node, process, reader)
+            self.children.append(child)
             required = ', required' if node.required else ''
-            self._say('launch', f'started {node.name} (pid {process.pid}{required}): '
+            self._say('launch', f'started {child.label} (pid {process.pid}{required}): '
                       f'{node.package}/{node.executable} {" ".join(command[1:])}')
 
     def supervise(self, poll_s: float = 0.05) -> int:
-        """Wait until a stop request, a required node's death or all nodes exiting."""
+        """Wait until a stop request, a required node's death or all nodes exiting.
+
+        In a fleet, a required node of a robot's stack that dies stops that robot's stack
+        only (its recorder closes the running episode as incomplete); the shared nodes and
+        the other robots go on. A shared required node (the learner) stops everything.
+        """
         while True:
             if self._stop_signal is not None:
                 name = signal.Signals(self._stop_signal).name
                 self._say('launch', f'{name} received: stopping {len(self.alive())} node(s)')
                 clean = self.shutdown()
+                self._report_stopped_robots()
                 return 0 if clean else 1
             for child in self.children:
                 code = child.process.poll()
@@ -131,25 +152,42 @@ class Launcher:
                 child.reported = True
                 child.reader.join(timeout=1.0)
                 how = _describe_exit(code)
+                if child.node.required and child.node.group:
+                    robot = child.node.group
+                    self.stopped_robots[robot] = f'required node {child.label} died ({how})'
+                    self._say('launch', f'required node {child.label} died ({how}); stopping '
+                              f"robot {robot}'s stack, the others go on", '31')
+                    self.shutdown([c for c in self.children if c.node.group == robot])
+                    continue
                 if child.node.required:
-                    self._say('launch', f'required node {child.node.name} died ({how}); '
+                    self._say('launch', f'required node {child.label} died ({how}); '
                               'stopping the bringup', '31')
                     self.shutdown()
+                    self._report_stopped_robots()
                     return 1
-                self._say('launch', f'node {child.node.name} exited ({how})')
+                self._say('launch', f'node {child.label} exited ({how})')
             if not self.alive():
                 self._say('launch', 'all nodes exited')
                 return 0
             time.sleep(poll_s)
 
+    def _report_stopped_robots(self) -> None:
+        for robot, why in self.stopped_robots.items():
+            self._say('launch', f'robot {robot} stopped early: {why}', '31')
+
     def alive(self) -> list[_Child]:
         """Return the children still running."""
         return [c for c in self.children if c.process.poll() is None]
 
-    def shutdown(self) -> bool:
-        """Stop every running node: SIGINT, then SIGTERM, then SIGKILL; True if all clean."""
+    def shutdown(self, children: list[_Child] | None = None) -> bool:
+        """Stop running nodes (all, or `children`): SIGINT, SIGTERM, SIGKILL; True if clean."""
+        children = self.children if children is None else children
+
+        def alive() -> list[_Child]:
+            return [c for c in children if c.process.poll() is None]
+
         clean = True
-        for child in self.alive():
+        for child in alive():
             if child.node.nice:
                 # Niceness yields the CPU to the robot's ticks while the loop runs; stopping,
                 # a niced node (the learner) on a busy machine would get so little CPU that
@@ -160,12 +198,12 @@ class Launcher:
                 except OSError:
                     pass
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            running = self.alive()
+            running = alive()
             if not running:
                 break
             if sig != signal.SIGINT:
                 clean = False
-                self._say('launch', f'{[c.node.name for c in running]} still running: '
+                self._say('launch', f'{[c.label for c in running]} still running: '
                           f'sending {sig.name}', '31')
             for child in running:
                 try:
@@ -173,14 +211,14 @@ class Launcher:
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + self.grace_s
-            while self.alive() and time.monotonic() < deadline:
+            while alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        for child in self.children:
+        for child in children:
             child.process.wait()
             child.reader.join(timeout=1.0)
             if not child.reported:
                 child.reported = True
-                self._say('launch', f'{child.node.name} stopped '
+                self._say('launch', f'{child.label} stopped '
                           f'({_describe_exit(child.process.returncode)})')
         return clean
 

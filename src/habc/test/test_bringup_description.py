@@ -252,3 +252,95 @@ def test_the_bringup_runs_the_simulated_robot_on_simulated_time():
     assert all(dict(n.parameter_values)['use_sim_time'] is True for n in nodes)
     real = resolve(bringup, {'use_sim': 'false', 'use_scripted_operator': 'false'})
     assert all(dict(n.parameter_values)['use_sim_time'] is False for n in real)
+
+
+FLEET = """
+arguments:
+  robots: {default: '2'}
+  storage_root: {default: /data/fleet}
+  params_file: {default: ''}
+  use_sim: {default: 'true'}
+  use_sim_time: {default: auto}
+nodes:
+  - {name: robot, package: p, executable: r, per_robot: true, required: true,
+     robot_parameters: {seed: '{robot_index}00'}}
+  - {name: episode_recorder, package: habc_policy, executable: episode_recorder_node,
+     per_robot: true, robot_parameters: {storage_dir: '{storage_root}/{robot}'}}
+  - {name: learner, package: p, executable: l, required: true,
+     robot_parameters: {index_paths: '{storage_root}/{robot}/episodes.sqlite',
+                        root: '{storage_root}'}}
+"""
+
+
+def test_a_fleet_starts_each_robots_stack_in_its_namespace_and_one_learner(tmp_path):
+    path = tmp_path / 'fleet.yaml'
+    path.write_text(FLEET)
+    nodes = resolve(load_description(path))
+    assert [(n.full_name, n.group) for n in nodes] == [
+        ('/robot1/robot', 'robot1'), ('/robot1/episode_recorder', 'robot1'),
+        ('/robot2/robot', 'robot2'), ('/robot2/episode_recorder', 'robot2'), ('/learner', '')]
+    values = {n.full_name: dict(n.parameter_values) for n in nodes}
+    assert values['/robot2/robot'] == {'use_sim_time': True, 'seed': 200}
+    assert values['/robot1/episode_recorder']['storage_dir'] == '/data/fleet/robot1'
+    # The learner reads every robot's store, on the wall clock (each robot has its own).
+    assert values['/learner'] == {'use_sim_time': False, 'root': '/data/fleet', 'index_paths': [
+        '/data/fleet/robot1/episodes.sqlite', '/data/fleet/robot2/episodes.sqlite']}
+    assert ('/clock', '/robot2/clock') in nodes[2].remappings
+    assert not nodes[4].remappings
+    named = resolve(load_description(path), {'robots': 'left, right,arm_3'})
+    assert [n.namespace for n in named if n.name == 'robot'] == ['/left', '/right', '/arm_3']
+
+
+@pytest.mark.parametrize('robots, message', [
+    ('left,left', "robot namespace\\(s\\) \\['left'\\] given twice"),
+    ('0', 'names no robot'),
+    ('a,2b', "'2b' is not a robot namespace"),
+])
+def test_colliding_or_bad_robot_namespaces_are_refused(tmp_path, robots, message):
+    path = tmp_path / 'fleet.yaml'
+    path.write_text(FLEET)
+    with pytest.raises(DescriptionError, match=message):
+        resolve(load_description(path), {'robots': robots})
+
+
+def test_two_recorders_writing_one_store_under_one_robot_label_are_refused(tmp_path):
+    path = tmp_path / 'fleet.yaml'
+    path.write_text(FLEET)
+    same = tmp_path / 'same.yaml'
+    # Every robot's recorder is told the same label: the robot column cannot tell them apart.
+    same.write_text('/**/episode_recorder:\n  ros__parameters: {robot: arm}\n')
+    description = load_description(path)
+    different_stores = resolve(description, {'params_file': str(same)})
+    assert len(different_stores) == 5  # own stores: the same label is harmless
+    path.write_text(FLEET.replace("'{storage_root}/{robot}'", "'{storage_root}'"))
+    with pytest.raises(DescriptionError, match="/robot1/episode_recorder and "
+                       "/robot2/episode_recorder would both record into /data/fleet as "
+                       "robot 'arm'"):
+        resolve(load_description(path), {'params_file': str(same)})
+    # Without the label, each records under its namespace: one store is fine.
+    assert len(resolve(load_description(path))) == 5
+
+
+@pytest.mark.parametrize('text, message', [
+    ('nodes:\n  - {name: a, package: p, executable: e, per_robot: true}',
+     "per_robot, but the description declares no 'robots' argument"),
+    ("arguments: {robots: {default: '1'}}\nnodes:\n  - {name: a, package: p, executable: e, "
+     "robot_parameters: {x: '{nope}'}}", "names \\['nope'\\]"),
+])
+def test_invalid_fleet_descriptions_name_the_problem(tmp_path, text, message):
+    with pytest.raises(DescriptionError, match=message):
+        load_description(write(tmp_path, text))
+
+
+def test_the_shipped_fleet_matches_the_bringup():
+    root = Path(__file__).resolve().parents[3]
+    fleet = load_description(root / 'config' / 'fleet.yaml')
+    bringup = load_description(root / 'config' / 'bringup.yaml')
+    # Each robot runs the bringup's robot-side nodes with the same parameter files.
+    assert {(n.name, n.executable, n.parameters) for n in fleet.nodes if n.per_robot} == {
+        (n.name, n.executable, n.parameters) for n in bringup.nodes if n.name != 'learner'}
+    nodes = resolve(fleet, {'robots': '3'})
+    policies = [n for n in nodes if n.name == 'policy']
+    assert len(policies) == 3 and len([n for n in nodes if n.name == 'learner']) == 1
+    # One PolicyUpdate for all: each policy node listens on the learner's topic.
+    assert all(('policy/update', '/policy/update') in n.remappings for n in policies)
