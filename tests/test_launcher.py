@@ -15,6 +15,7 @@ from ros_fixtures import GUARD_S, wait_for
 from ros_helpers import Child, ROOT, ros_env
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
+from vla_fixtures import tiny_sft_checkpoint
 import yaml
 
 from habc.bringup import description_path, load_description, resolve, ros_arguments
@@ -214,21 +215,6 @@ def test_launch_file_and_pip_launcher_build_the_same_processes(monkeypatch, name
         exe, *args = line.split(' ')
         assert exe.endswith(f'/lib/{node.package}/{node.executable}')
         assert args == ros_arguments(node)
-
-
-def tiny_sft_checkpoint(path: Path) -> Path:
-    """Save a small VLA (version 1) that fits the simulated robot at 32 px, one camera."""
-    import torch
-
-    from habc_policy.models.vla import SmallVLA, SmallVLAConfig
-
-    torch.manual_seed(0)
-    policy = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
-                                     image_size=32, hidden_dim=32, num_layers=1,
-                                     cnn_channels=[8, 16], action_head='l2'))
-    policy.version = '1'
-    policy.save(path)
-    return path
 
 
 @pytest.mark.timeout(600)

@@ -3,7 +3,8 @@
 `tiny_backbone`: a random SmolVLM folder written with save_pretrained (2 decoder layers,
 32 px vision tower), loaded back from disk like a downloaded one, so nothing is fetched;
 `transformers_vla_checkpoint`: a TransformersVLA on it saved as the SFT checkpoint
-(version 1). `tiny_transformers_vla(backbone)` builds one for tests that save their own.
+(version 1). `tiny_transformers_vla(backbone)` builds one for tests that save their own;
+`tiny_sft_checkpoint(path)` saves a small VLA of the same fit as the SFT checkpoint.
 Sizes fit the simulated robot (14 joints, one 32 px camera) and keep a training step cheap.
 """
 
@@ -46,3 +47,18 @@ def transformers_vla_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
     directory = tmp_path_factory.mktemp('vla_sft') / 'checkpoint'
     policy.save(directory)
     return directory
+
+
+def tiny_sft_checkpoint(path: Path) -> Path:
+    """Save a small VLA (version 1) that fits the simulated robot at 32 px, one camera."""
+    import torch
+
+    from habc_policy.models.vla import SmallVLA, SmallVLAConfig
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
+                                     image_size=32, hidden_dim=32, num_layers=1,
+                                     cnn_channels=[8, 16], action_head='l2'))
+    policy.version = '1'
+    policy.save(path)
+    return path

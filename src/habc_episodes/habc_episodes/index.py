@@ -189,7 +189,8 @@ class EpisodeIndex:
             read_only: open an existing index for reading only.
 
         Raises:
-            FileNotFoundError: read-only and there is no file at `path`.
+            FileNotFoundError: read-only and there is no file at `path`, or one that the
+                recorder has only begun to create (no tables yet).
             RuntimeError: the file was written by a newer schema version than this code
                 knows, or (read-only) by an older one that a writer must upgrade first.
             ValueError: the file is an SQLite database but not an episode index.
@@ -462,6 +463,12 @@ class EpisodeIndex:
         if version == SCHEMA_VERSION:
             return
         if version == 0:
+            tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if not tables.fetchall():
+                # The recorder has created the file but not yet its tables: to a reader the
+                # index does not exist yet (it retries, as when there is no file).
+                raise FileNotFoundError(f'the episode index at {self.path} is being created '
+                                        '(the recorder is starting); try again shortly')
             raise ValueError(f'{self.path} is not an episode index (no schema version)')
         raise RuntimeError(f'{self.path} has the older episode index schema version {version}; '
                            'a writer upgrades it: start the episode recorder once, or run '

@@ -178,6 +178,14 @@ def test_schema_version_and_wal(tmp_path):
         db.execute('CREATE TABLE episodes (x INTEGER)')
     with pytest.raises(ValueError, match='not an episode index'):
         EpisodeIndex(foreign)
+    with pytest.raises(ValueError, match='not an episode index'):
+        EpisodeIndex(foreign, read_only=True)
+    # A file the recorder has created but not yet given its tables: to a reader (the learner,
+    # the dashboard) the index does not exist yet, and it tries again.
+    starting = tmp_path / 'starting.sqlite'
+    sqlite3.connect(starting).close()
+    with pytest.raises(FileNotFoundError, match='being created'):
+        EpisodeIndex(starting, read_only=True)
 
 
 def test_two_processes_label_concurrently_without_sequence_clashes(tmp_path):
