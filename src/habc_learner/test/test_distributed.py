@@ -192,11 +192,13 @@ def round_data(tmp_path_factory):
                          'instruction': 'transfer the cube'})
     write_episode(root / 'demos' / 'demo1', store, [HUMAN] * 16, episode_id='demo1')
     torch.manual_seed(0)
-    # No random image shift: it draws from each process's own stream (docs/distributed.md).
+    # With the random image shift and state noise on: each sample gets the same draws in
+    # either run (flow_matching.ShardedNoise), as it gets the same flow noise.
     vla = SmallVLA(SmallVLAConfig(state_dim=14, action_dim=14, horizon=10, num_views=1,
                                   image_size=8, hidden_dim=32, num_layers=1,
                                   cnn_channels=[16, 32], token_grid=2, keypoints=4,
-                                  augment_shift_px=0, action_head='flow'))
+                                  augment_shift_px=2, state_noise_std=0.05,
+                                  action_head='flow'))
     lowdim = LowDimFlowPolicy(LowDimFlowConfig(state_dim=14, action_dim=14, horizon=10,
                                                feature_dim=16, hidden_dim=32, num_layers=2))
     checkpoints = {}

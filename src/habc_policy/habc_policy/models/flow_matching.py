@@ -74,6 +74,12 @@ class ShardedNoise:
         """Return uniform [0, 1) noise: this shard's rows of a (shards * shape[0], ...) draw."""
         return self._rows(torch.rand, shape, device, dtype)
 
+    def randint(self, high: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Return integers in [0, high): this shard's rows of a (shards * shape[0], ...) draw."""
+        full = (shape[0] * self.shards, *shape[1:])
+        return torch.randint(0, high, full, generator=self.generator,
+                             device=device)[self.shard::self.shards]
+
     def _rows(self, draw, shape, device, dtype) -> torch.Tensor:
         full = (shape[0] * self.shards, *shape[1:])
         return draw(full, generator=self.generator, device=device,
@@ -84,6 +90,16 @@ class ShardedNoise:
 # noise is drawn deep inside each policy's loss, which knows nothing of shards.
 _SHARDED_NOISE: ContextVar[ShardedNoise | None] = ContextVar('habc_sharded_noise',
                                                              default=None)
+
+
+def active_sharded_noise() -> ShardedNoise | None:
+    """Return the ShardedNoise of the enclosing `sharded_noise` block (None outside one).
+
+    Every random draw of a training step that is per sample (flow noise, image shifts,
+    state noise) takes its values from it when there is one, so a sample gets the same
+    draw whichever process of a data-parallel run holds it.
+    """
+    return _SHARDED_NOISE.get()
 
 
 @contextmanager

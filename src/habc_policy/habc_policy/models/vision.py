@@ -27,14 +27,19 @@ LOCATOR_CONFIG = 'locator.json'
 
 
 def random_shift(images: torch.Tensor, pad: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 offsets: torch.Tensor | None = None) -> torch.Tensor:
     """DrQ's augmentation: pad each image by `pad` px (edge pixels repeated), crop back.
 
-    images: (N, H, W, C), any dtype; every image gets its own offset in [-pad, pad]^2.
+    images: (N, H, W, C), any dtype; every image gets its own offset in [-pad, pad]^2, drawn
+    from `generator`, or given as `offsets` (2, N) (a data-parallel shard's, drawn for the
+    whole batch).
     """
     n, h, w, _ = images.shape
     device = images.device
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(device) - pad
+    if offsets is None:
+        offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(device) - pad
+    offsets = offsets.to(device)
     rows = (torch.arange(h, device=device) + offsets[0][:, None]).clamp_(0, h - 1)
     cols = (torch.arange(w, device=device) + offsets[1][:, None]).clamp_(0, w - 1)
     index = torch.arange(n, device=device)[:, None, None]

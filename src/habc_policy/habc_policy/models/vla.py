@@ -39,6 +39,7 @@ from torch import nn
 
 from habc_policy.models.base import Policy, register_policy
 from habc_policy.models.flow_matching import (
+    active_sharded_noise,
     euler_sample,
     flow_matching_loss,
     guided_euler_sample,
@@ -263,7 +264,12 @@ class SmallVLA(Policy):
         if self.image_encoder is not None:
             pixels = images.reshape(b * v, h, w, 3)
             if augment and c.augment_shift_px:
-                pixels = random_shift(pixels, c.augment_shift_px)
+                pad, shard = c.augment_shift_px, active_sharded_noise()
+                # Per sample, the same shifts in every process of a data-parallel run.
+                offsets = None if shard is None else (
+                    shard.randint(2 * pad + 1, (b, v, 2), pixels.device).reshape(b * v, 2).T
+                    - pad)
+                pixels = random_shift(pixels, pad, offsets=offsets)
             tokens = self.image_encoder(pixels.permute(0, 3, 1, 2))
             visual.append((tokens.view(b, v, c.tokens_per_view, -1)
                            + self.view_embedding).flatten(1, 2))
@@ -276,7 +282,10 @@ class SmallVLA(Policy):
         text = self.text_encoder.embed(list(batch['instruction'])).to(device)
         state = (batch['state'].float() - self.state_mean) / self.state_std
         if augment and c.state_noise_std:
-            state = state + c.state_noise_std * torch.randn_like(state)
+            shard = active_sharded_noise()
+            noise = (torch.randn_like(state) if shard is None
+                     else shard.randn(state.shape, state.device, state.dtype))
+            state = state + c.state_noise_std * noise
         return torch.cat(visual + [self.text_project(text)[:, None],
                                    self.state_project(state)[:, None]], dim=1)
 
