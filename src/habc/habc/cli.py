@@ -36,6 +36,8 @@ examples:
   habc doctor                         is this machine ready?
   habc launch bringup                 the simulated robot and the habc loop
   habc launch bringup use_sim:=false  on a real robot (remap topics in config/bringup.yaml)
+  habc launch fleet robots:=2         several robots in their namespaces, one learner
+  habc train ... --nproc 2            offline training in 2 processes (torchrun, DDP)
   habc credit episode.json            how the outcome of one episode is credited
   habc sim expert --task transfer_cube --episodes 50 --json
 

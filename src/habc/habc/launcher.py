@@ -246,7 +246,8 @@ def parse_launch_arguments(items: list[str]) -> dict[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `habc launch` options to a parser."""
     parser.add_argument('description', nargs='?', default='bringup',
-                        help='bringup name in config/ (default: bringup) or a YAML path')
+                        help='bringup name in config/ (default: bringup; fleet: several '
+                        'robots, one learner) or a YAML path')
     parser.add_argument('arguments', nargs='*', metavar='name:=value',
                         help='launch arguments, as for ros2 launch (e.g. use_sim:=false)')
     parser.add_argument('--show-args', action='store_true',

@@ -239,8 +239,8 @@ class LearnerNode:
             missing = self._open_indexes()
             added = self.learner.poll(list(self.indexes.values()))
             if missing and not self.indexes:
-                self.publish_status('idle', waiting=f'no episode index at {missing} yet (the '
-                                    'recorder creates it when it starts)')
+                self.publish_status('idle', waiting=f'no episode index at {", ".join(missing)} '
+                                    'yet (the recorder creates it when it starts)')
                 return
             if added:
                 self.publish_status('idle', **({'missing_stores': missing} if missing else {}))

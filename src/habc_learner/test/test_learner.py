@@ -125,14 +125,20 @@ def test_a_learner_killed_mid_round_loses_nothing_and_counts_nothing_twice(
     assert not fourth.ready() and fourth.latest().version == PolicyVersion(3)
 
 
-def test_relabels_recredit_or_remove_episodes(tmp_path, init_checkpoint, episode_bag, index,
-                                              labelled):
+def trained_once(tmp_path, init_checkpoint, episode_bag, index, labelled):
+    """Return (params, learner) after one round on two successful episodes ep-1, ep-2."""
     params = make_params(tmp_path, init_checkpoint)
     add_episode(episode_bag, labelled, 'ep-1')
     add_episode(episode_bag, labelled, 'ep-2')
     learner = Learner(params)
     learner.poll(index)
     learner.train_round()
+    return params, learner
+
+
+def test_relabels_recredit_or_remove_episodes(tmp_path, init_checkpoint, episode_bag, index,
+                                              labelled):
+    params, learner = trained_once(tmp_path, init_checkpoint, episode_bag, index, labelled)
     index.label('ep-1', 'discarded', now=2000.0)
     index.label('ep-2', 'failure', now=2001.0)
     assert learner.poll(index) == []
@@ -366,12 +372,7 @@ def test_an_unreadable_store_is_skipped_and_a_copied_one_counts_nothing_twice(
 
 def test_a_format_1_state_keeps_its_cursor_for_index_path(tmp_path, init_checkpoint,
                                                           episode_bag, index, labelled):
-    params = make_params(tmp_path, init_checkpoint)
-    add_episode(episode_bag, labelled, 'ep-1')
-    add_episode(episode_bag, labelled, 'ep-2')
-    learner = Learner(params)
-    learner.poll(index)
-    learner.train_round()
+    params, _ = trained_once(tmp_path, init_checkpoint, episode_bag, index, labelled)
     state = state_of(tmp_path)
     state['format'], state['cursor'] = 1, state.pop('cursors')[str(index.path.resolve())]
     (tmp_path / 'learner' / STATE_FILE).write_text(json.dumps(state))
