@@ -37,6 +37,8 @@ import time
 import numpy as np
 import yaml
 
+from habc_common.ros_env import apply_project_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 DOMAIN_ID = 77
 SAMPLE_S = 5.0
@@ -251,6 +253,7 @@ def main() -> None:
                         help='measurement window per fleet size after the warm-up (300)')
     parser.add_argument('--out', type=Path, default=ROOT / 'benchmarks' / 'results' / 'fleet')
     args = parser.parse_args()
+    apply_project_defaults()  # loopback DDS for this process's rclpy and every child
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix='bench_fleet_') as scratch:

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 import re
+import shutil
 import signal
 import sys
 import time
@@ -139,7 +140,10 @@ def test_a_fleet_of_two_robots_trains_one_policy_and_survives_losing_a_robot(
              'the learner waiting for its checkpoint')
 
         # The learner starts (its checkpoint appears) and trains one round on both robots.
-        os.replace(checkpoint, search / 'sft')
+        # A copy, renamed into place whole: the policy nodes keep loading from theirs (one
+        # may still be starting on a loaded machine).
+        shutil.copytree(checkpoint, tmp_path / 'scratch')
+        os.replace(tmp_path / 'scratch', search / 'sft')
         wait(lambda: any(u.version == 2 for u in updates), 'PolicyUpdate version 2')
         update = next(u for u in updates if u.version == 2)
         metrics = {kv.key: kv.value for kv in update.metrics}

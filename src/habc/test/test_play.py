@@ -213,7 +213,7 @@ def test_a_replay_recorded_as_an_episode_is_trained_on_by_a_running_learner(ros,
         # The learner's log comes through a pipe that another thread reads: wait for it.
         line = learner.wait_for(f'episode {record.episode_id} added')
         assert line.endswith(f'episode {record.episode_id} added (success, 12 steps, '
-                             '1 interventions)'), learner.output
+                             f'1 interventions, robot {record.robot})'), learner.output
         state = json.loads((tmp_path / 'learner' / 'learner_state.json').read_text())
         assert [e['episode_id'] for e in state['episodes']] == [record.episode_id]
         for child in (learner, recorder):

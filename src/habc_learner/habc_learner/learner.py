@@ -424,8 +424,8 @@ class Learner:
         self._episodes[episode_id] = _Entry(episode, record.outcome, str(bag_path), robot, key)
         self.buffer.add(episode)
         self._new_by_robot[robot] += 1
-        self._log(f'episode {episode_id} of {robot} added ({record.outcome}, {len(episode)} '
-                  f'steps, {episode.num_interventions} interventions)')
+        self._log(f'episode {episode_id} added ({record.outcome}, {len(episode)} steps, '
+                  f'{episode.num_interventions} interventions, robot {robot})')
         return False, True
 
     def ready(self) -> bool:

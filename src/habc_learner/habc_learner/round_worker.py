@@ -225,7 +225,10 @@ def run_round(spec: dict[str, Any], nproc: int, workdir: Path,
         for line in process.stdout:
             line = line.rstrip('\n')
             tail = (tail + [line])[-TAIL_LINES:]
-            if line.startswith(ERROR_PREFIX):
+            # A process's own report, or a C++ abort's (gloo, NCCL), which torchrun's long
+            # failure report would push out of the tail.
+            if line.startswith(ERROR_PREFIX) or 'terminate called' in line or \
+                    'what():' in line:
                 errors.append(line)
             log(line)
         code = process.wait()
