@@ -180,10 +180,14 @@ def load_description(path: Path) -> BringupDescription:
                   f"as '{{storage_root}}/{{robot}}', got {templates!r}")
         known = argument_names | set(ROBOT_PLACEHOLDERS)
         for parameter, template in templates.items():
-            unknown = sorted(_placeholders(str(template)) - known)
+            named = _placeholders(str(template))
+            unknown = sorted(named - known)
             if unknown:
                 _fail(path, f'{where}: robot_parameters.{parameter} names {unknown}, which '
                       f'are neither arguments nor {list(ROBOT_PLACEHOLDERS)}')
+            if named & set(ROBOT_PLACEHOLDERS) and ROBOTS_ARGUMENT not in argument_names:
+                _fail(path, f'{where}: robot_parameters.{parameter} names a robot, but the '
+                      f'description declares no {ROBOTS_ARGUMENT!r} argument')
         nodes.append(NodeSpec(
             name=str(entry['name']), package=str(entry['package']),
             executable=str(entry['executable']), parameters=tuple(parameters),
@@ -213,6 +217,19 @@ def _render(template: str, values: dict[str, str]) -> Any:
     # A value that renders to an integer is an integer (seeds); anything else is text.
     text = template.format(**values)
     return int(text) if re.fullmatch(r'-?[0-9]+', text) else text
+
+
+def _robot_values(values: dict[str, str], robot: str, index: int) -> dict[str, str]:
+    # The argument values with the placeholders of robot `robot`, the index-th (from 1).
+    return {**values, 'robot': robot, 'robot_index': str(index)}
+
+
+def _render_shared(template: str, values: dict[str, str], robots: list[str]) -> Any:
+    # A shared node's template: one value, or, naming a robot, the list over the robots.
+    if not _placeholders(template) & set(ROBOT_PLACEHOLDERS):
+        return _render(template, values)
+    return [_render(template, _robot_values(values, robot, index))
+            for index, robot in enumerate(robots, 1)]
 
 
 def robot_names(value: str) -> list[str]:
@@ -317,20 +334,16 @@ def resolve(description: BringupDescription,
             required=spec.required, argument_parameters=spec.argument_parameters,
             nice=spec.nice)
         if robots is None or not spec.per_robot:
+            # A fleet has no single simulated time: its shared nodes run on the wall clock.
             shared_time = sim_time if robots is None or sim_time is None else False
             clock = () if shared_time is None else ((SIM_TIME_ARGUMENT, shared_time),)
-            fleet = tuple((parameter, [_render(template, {**values, 'robot': robot,
-                                                          'robot_index': str(index)})
-                                       for index, robot in enumerate(robots or [], 1)])
-                          if 'robot' in _placeholders(template)
-                          else (parameter, _render(template, values))
+            fleet = tuple((parameter, _render_shared(template, values, robots or []))
                           for parameter, template in spec.robot_parameters)
             resolved.append(replace(node, parameter_values=clock + fleet + arguments))
             continue
         clock = () if sim_time is None else ((SIM_TIME_ARGUMENT, sim_time),)
         for index, robot in enumerate(robots, 1):
-            filled = {**values, 'robot': robot, 'robot_index': str(index)}
-            own = tuple((parameter, _render(template, filled))
+            own = tuple((parameter, _render(template, _robot_values(values, robot, index)))
                         for parameter, template in spec.robot_parameters)
             namespace = join_namespace(robot_namespace, robot, spec.namespace)
             stacks[robot].append(replace(

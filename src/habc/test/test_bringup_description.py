@@ -326,6 +326,8 @@ def test_two_recorders_writing_one_store_under_one_robot_label_are_refused(tmp_p
      "per_robot, but the description declares no 'robots' argument"),
     ("arguments: {robots: {default: '1'}}\nnodes:\n  - {name: a, package: p, executable: e, "
      "robot_parameters: {x: '{nope}'}}", "names \\['nope'\\]"),
+    ("nodes:\n  - {name: a, package: p, executable: e, robot_parameters: {x: '{robot}'}}",
+     "names a robot, but the description declares no 'robots' argument"),
 ])
 def test_invalid_fleet_descriptions_name_the_problem(tmp_path, text, message):
     with pytest.raises(DescriptionError, match=message):
