@@ -64,10 +64,11 @@ def write_params(tmp_path: Path, checkpoint: Path) -> Path:
 
 
 def rows(index_path: Path) -> list:
-    if not index_path.exists():
+    try:
+        with EpisodeIndex(index_path, read_only=True) as index:
+            return index.list()
+    except FileNotFoundError:  # not there yet, or its recorder is still creating it
         return []
-    with EpisodeIndex(index_path, read_only=True) as index:
-        return index.list()
 
 
 def labelled(index_path: Path) -> list:

@@ -112,7 +112,9 @@ class Launcher:
         """Start every node; raise FileNotFoundError before starting any if one is missing."""
         commands = [[str(find_executable(n.package, n.executable)), *ros_arguments(n)]
                     for n in self.nodes]
-        env = dict(os.environ, PYTHONUNBUFFERED='1')
+        # faulthandler: a node that dies of a signal in native code (SIGSEGV, SIGABRT) prints
+        # its Python stack first, so the log says where.
+        env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONFAULTHANDLER='1')
         for index, (node, command) in enumerate(zip(self.nodes, commands, strict=True)):
             # A session of its own: a terminal Ctrl-C reaches only the launcher, which then
             # stops the nodes in order instead of all of them racing at once.
