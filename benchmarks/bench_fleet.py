@@ -77,11 +77,13 @@ class UpdateListener:
     def __init__(self) -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
+        from rclpy.signals import SignalHandlerOptions
 
         from habc_common.qos import LATCHED
         from habc_msgs.msg import PolicyUpdate
         self.context = rclpy.Context()
-        rclpy.init(context=self.context)
+        # No rclpy signal thread: it races the executor's shutdown (node_main.StopRequest).
+        rclpy.init(context=self.context, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node('bench_fleet', context=self.context)
         self.updates: list[tuple[float, dict[str, str]]] = []
         self.node.create_subscription(

@@ -188,12 +188,15 @@ def _start_monitor(monitor: Monitor):
     """Subscribe to weight updates and policy status in a background rclpy thread."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
     from std_msgs.msg import String
 
     from habc_common.qos import LATCHED
     from habc_msgs.msg import PolicyUpdate
 
-    rclpy.init()
+    # Ctrl-C reaches the main loop as KeyboardInterrupt; rclpy's signal thread would race
+    # the executor's shutdown below (habc_common.node_main.StopRequest says how).
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node('habc_demo_monitor')
 
     def on_update(msg: PolicyUpdate) -> None:

@@ -1,20 +1,75 @@
 """The shared `main()` of every habc node: project env defaults, init, spin, clean exit."""
 
 from collections.abc import Callable
+import signal
 import sys
 from typing import Any
 
-from habc_common.control_loop import apply_thread_scheduling, ControlLoop, ControlThreadParams
+from habc_common.control_loop import (
+    apply_thread_scheduling,
+    ControlLoop,
+    ControlThreadParams,
+    normal_thread_scheduling,
+)
 from habc_common.ros_env import apply_project_defaults
+
+# The signals that ask a node to stop: Ctrl-C, and the launchers' escalation after it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How long the executor waits for work before it looks at a stop request again: the most a
+# stop waits while the node is idle (a signal does not wake rcl_wait).
+STOP_POLL_S = 0.1
+
+
+class StopRequest:
+    """SIGINT and SIGTERM, handled by Python in the main thread, which also spins the node.
+
+    rclpy's own handler is not used (SignalHandlerOptions.NO). Its signal thread triggers
+    the executors' guard conditions through a list that the main thread frees as the
+    executor shuts down, with no lock between them: on a loaded machine the thread read
+    the freed list and crashed the node with SIGSEGV in rcl_trigger_guard_condition (rclpy
+    7.1, seen under `habc launch` in CI and reproduced with a core dump). Here one thread
+    does both, so the executor is torn down only after the signal has been handled.
+
+    starting: a signal abandons the start-up (KeyboardInterrupt), as Python would.
+    spinning: the first signal ends the spin after the running callback, so it finishes
+        what it writes; a second one (the launcher escalating) interrupts that callback.
+    closing: signals are noted only; the node's close() (an episode being written out)
+        runs to its end, and SIGKILL stays the last resort.
+    """
+
+    def __init__(self) -> None:
+        self.phase = 'starting'
+        self.signals: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Give the signals back: a process that hangs on its way out still dies of them."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        if self.phase == 'starting' or (self.phase == 'spinning' and len(self.signals) > 1):
+            raise KeyboardInterrupt
 
 
 def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
               realtime_executor: bool = False) -> None:
-    """Create the node adapter from `factory` and spin it until Ctrl-C or shutdown.
+    """Create the node adapter from `factory` and spin it until a stop signal or shutdown.
 
     `factory()` returns an object with a `.node` attribute (the rclpy Node). A ValueError
     raised while it starts (an invalid parameter, say) ends the process with exit code 2 and
-    one clear line, instead of a traceback.
+    one clear line, instead of a traceback. SIGINT and SIGTERM stop the node as StopRequest
+    describes; a node may also end itself by shutting its context down.
 
     One SingleThreadedExecutor thread runs every node's callbacks; work that must not wait
     behind them (control ticks, inference, loading) runs on threads of its own. rclpy's
@@ -28,17 +83,21 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
     feed the tick, and hold the interpreter lock while they run, are not preempted by
     ordinary processes (a tick that waits for the lock held by a preempted thread waits with
     it). Applied here, in the node's own process, never to a process that hosts nodes in
-    tests.
+    tests. The thread goes back to normal scheduling to shut down: that is no real-time work,
+    and it must not starve the DDS threads it waits for.
     """
     apply_project_defaults()  # before rclpy.init: the RMW reads the environment there
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init(args=args)
+    stop = StopRequest()
+    stop.install()
     adapter = None
     executor = None
     code = 0
     try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
         adapter = factory()
         priority = getattr(getattr(adapter, 'params', None), 'realtime_priority', 0)
         if realtime_executor and priority:
@@ -47,19 +106,18 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
             (log.warning if report.refused else log.info)(f'executor thread: {report.text()}')
         executor = SingleThreadedExecutor()
         executor.add_node(adapter.node)
-        executor.spin()
+        stop.phase = 'spinning'
+        while not stop.requested and rclpy.ok():
+            executor.spin_once(timeout_sec=STOP_POLL_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ValueError as exc:
         print(f'[{getattr(factory, "__name__", "node")}] invalid configuration: {exc}',
               file=sys.stderr)
         code = 2
-    except Exception:
-        if rclpy.ok():
-            raise
-        # Ctrl-C while the node was starting: rclpy's signal handler shut the context down
-        # under the constructor (a publish then fails). That is a requested, clean stop.
     finally:
+        stop.phase = 'closing'
+        normal_thread_scheduling()
         if executor is not None:
             # Let the executor's worker threads finish their callbacks before the node is
             # destroyed under them (a rare hang on Ctrl-C was seen without this).
@@ -71,6 +129,7 @@ def spin_node(factory: Callable[[], Any], args: list[str] | None = None, *,
             adapter.node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
+        stop.uninstall()
     if code:
         sys.exit(code)
 
