@@ -9,7 +9,7 @@ and writes the next checkpoint version:
     work_dir/
         learner_state.json          the only state; replaced atomically after each round
         checkpoints/v<N>/           model.safetensors, config.json, critic.safetensors,
-                                    metrics.json (Trainer.save_checkpoint)
+                                    trainer_state.pt, metrics.json (Trainer.save_checkpoint)
         tensorboard/                scalars of every round
 
 Versions are habc_episodes.vocabulary.PolicyVersion: the init checkpoint's own (the SFT one is
@@ -22,7 +22,8 @@ the episodes in the buffer (with the outcome they were trained with) and the ind
 that round. A restarted learner reloads its latest checkpoint (policy, critic, step count),
 rebuilds the buffer from those episodes' bags and polls from the saved cursor, so episodes
 consumed after the last round are simply read again: none is lost and none is counted twice.
-Optimizer moments are not saved: after a restart AdamW starts afresh.
+The checkpoint's trainer state (AdamW moments, target critic) goes on too, in process and in
+torchrun's processes (`nproc`) alike.
 
 Relabels. The learner asks the index for every label change, not just the trainable ones: an
 episode relabelled success <-> failure is re-credited and one relabelled 'discarded' is
@@ -47,6 +48,7 @@ from habc_episodes.episode_bags import episode_from_bag
 from habc_episodes.vocabulary import EpisodeKind, EpisodeStatus, Outcome, PolicyVersion
 from habc_learner.methods import Method, MethodConfig
 from habc_learner.policies import fit_problems
+from habc_learner.trainer import TRAINER_STATE_FILE
 from habc_policy.models.base import LEROBOT_PREFIX, load_policy, sha256_file, WEIGHTS_FILE
 
 STATE_FILE = 'learner_state.json'
@@ -521,6 +523,8 @@ class Learner:
             except (RuntimeError, ValueError) as exc:
                 self._log(f'critic in {self._critic_path} does not fit ({exc}); it starts '
                           'afresh')
+        if self._critic_path is not None:  # a checkpoint this learner trained, same method
+            trainer.resume_training(self._critic_path.parent, self._log)
         return trainer
 
     def train_round(self, on_progress: Callable[[int, int, dict[str, float]], None]
@@ -608,7 +612,8 @@ class Learner:
                             actor_lr=p.actor_lr, critic_lr=p.critic_lr,
                             seed=p.seed + self.round, log_every=min(50, p.steps_per_round),
                             device=p.device, normalize_from_data=False)
-        critic = self.checkpoint / 'critic.safetensors'
+        carried = [name for name in ('critic.safetensors', TRAINER_STATE_FILE)
+                   if (self.checkpoint / name).is_file()]
         spec = {'init_checkpoint': str(self.checkpoint),
                 'episodes': [{'bag_path': entry.bag_path, 'outcome': entry.outcome,
                               'episode_id': episode_id,
@@ -619,10 +624,11 @@ class Learner:
                 'method': asdict(self.method_config), 'train': asdict(train),
                 'start_step': self._trainer_step, 'output': str(scratch),
                 'version': str(target), 'log_dir': str(self.work_dir / 'tensorboard')}
-        if critic.is_file() and self._critic_path is None:
-            # As in-process: a critic counts only if this learner trained it for this
-            # method (the SFT checkpoint's, or another method's, starts afresh).
-            spec['init_checkpoint'] = str(self._without_critic(scratch))
+        if carried and self._critic_path is None:
+            # As in-process: a critic and a training state count only if this learner
+            # trained them for this method (the SFT checkpoint's, or another method's, start
+            # afresh).
+            spec['init_checkpoint'] = str(self._without_training_state(scratch, carried))
         self._log(f'round {self.round + 1}: training version {target} in {p.nproc} torchrun '
                   f'processes on {len(self._episodes)} episodes ({self._new_since_round} new)')
         started = time.monotonic()
@@ -644,14 +650,14 @@ class Learner:
             on_progress(p.steps_per_round, p.steps_per_round, metrics)
         return final, result['sha256'], metrics
 
-    def _without_critic(self, scratch: Path) -> Path:
-        # A copy of the start checkpoint without its critic, beside the round's output (a
-        # scratch name: a kill leaves it to _clean_checkpoints).
+    def _without_training_state(self, scratch: Path, names: list[str]) -> Path:
+        # A copy of the start checkpoint without the files `names` (its critic, its trainer
+        # state), beside the round's output (a scratch name: a kill leaves it to
+        # _clean_checkpoints).
         folder = scratch.with_name(scratch.name.removesuffix('.tmp') + '.init.tmp')
         if folder.exists():
             shutil.rmtree(folder)
-        shutil.copytree(self.checkpoint, folder,
-                        ignore=shutil.ignore_patterns('critic.safetensors'))
+        shutil.copytree(self.checkpoint, folder, ignore=shutil.ignore_patterns(*names))
         return folder
 
     def _write_checkpoint(self, version: PolicyVersion) -> tuple[Path, str]:

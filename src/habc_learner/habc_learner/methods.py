@@ -220,6 +220,46 @@ class Algorithm:
                 critic.to(device)
         return self
 
+    def training_state(self) -> dict[str, dict]:
+        """Return what training carries beyond the weights: AdamW moments, target critic.
+
+        A run that goes on from a checkpoint with this state (`load_training_state`) takes
+        the same steps as one that never stopped, instead of restarting Adam's bias
+        correction from zero and the target critic from the online one.
+        """
+        state = {'actor_optimizer': self.actor_optimizer.state_dict()}
+        if self.critic is not None:
+            state['critic_optimizer'] = self.critic_optimizer.state_dict()
+            state['target_critic'] = {k: v.detach().cpu()
+                                      for k, v in self.target_critic.state_dict().items()}
+        return state
+
+    def load_training_state(self, state: dict[str, dict]) -> None:
+        """Go on from `training_state()`; ValueError, changing nothing, if it does not fit.
+
+        It fits when it comes from the same method (a critic or none) and the same trainable
+        parameters, shape for shape.
+        """
+        expected = {'actor_optimizer'} | ({'critic_optimizer', 'target_critic'}
+                                          if self.critic is not None else set())
+        if set(state) != expected:
+            raise ValueError(f'training state holds {sorted(state)}, this {self.method.value} '
+                             f'training needs {sorted(expected)}')
+        _check_optimizer_state(self.actor_optimizer, state['actor_optimizer'], 'actor')
+        if self.critic is not None:
+            _check_optimizer_state(self.critic_optimizer, state['critic_optimizer'], 'critic')
+            ours = self.target_critic.state_dict()
+            theirs = state['target_critic']
+            if {k: tuple(v.shape) for k, v in ours.items()} != {
+                    k: tuple(v.shape) for k, v in theirs.items()}:
+                raise ValueError('training state: the target critic has other tensors than '
+                                 'this critic')
+        self.actor_optimizer.load_state_dict(state['actor_optimizer'])
+        if self.critic is not None:
+            self.critic_optimizer.load_state_dict(state['critic_optimizer'])
+            with torch.no_grad():
+                self.target_critic.load_state_dict(state['target_critic'])
+
     def branch_with_intervention_reweighting(self, start_step: int) -> 'Algorithm':
         """Return a copy of this HABC algorithm (actor, critic, optimisers) with IR on.
 
@@ -608,3 +648,19 @@ class _ActorLoss(torch.nn.Module):
         # The critic reads the features detached: returned detached, DDP does not wait for
         # gradients of parameters that only the features reach.
         return features.detach(), per_sample
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, name: str) -> None:
+    """Raise ValueError unless `state` is an optimizer state of `optimizer`'s parameters."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    groups = state.get('param_groups', [])
+    saved = [index for group in groups for index in group.get('params', [])]
+    if len(groups) != len(optimizer.param_groups) or len(saved) != len(params):
+        raise ValueError(f'training state: the {name} optimizer holds {len(saved)} parameters, '
+                         f'this one trains {len(params)}')
+    for index, param in zip(saved, params, strict=True):
+        for key, value in state.get('state', {}).get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                raise ValueError(f'training state: the {name} optimizer state {key} of '
+                                 f'parameter {index} has shape {tuple(value.shape)}, the '
+                                 f'parameter {tuple(param.shape)}')

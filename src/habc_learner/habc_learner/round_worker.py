@@ -10,7 +10,8 @@ PolicyUpdate: it reads the result and publishes as after an in-process round.
 
 The spec (JSON object):
     init_checkpoint  folder of the policy to start from (model.safetensors, config.json);
-                     its critic.safetensors, when present, starts the critic
+                     its critic.safetensors and trainer_state.pt (AdamW moments, target
+                     critic), when present, start the critic and the optimizers
     episodes         [{"bag_path", "outcome", "episode_id", "instruction" (optional)}]
     demos_dir        folder of demonstration bags ('' = none)
     cameras          indices into Observation.images ([] = all); image_size (0 = as
@@ -143,6 +144,7 @@ def train_round(spec: dict[str, Any], log: Callable[[str], None] = print) -> dic
             trainer.algorithm.critic.load_state_dict(state)
             trainer.algorithm.target_critic.load_state_dict(state)
         log(f'critic restored from {critic_path}')
+    trainer.resume_training(init, log)
     k = distributed.world_size()
     log(f'round {spec["version"]}: {len(episodes)} episodes, {len(demos)} demonstrations, '
         f'{len(buffer)} samples, {train_config.steps} steps on {k} process(es)')

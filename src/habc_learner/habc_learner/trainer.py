@@ -55,6 +55,10 @@ class TrainConfig:
                 raise ValueError(f'TrainConfig.{name} must be > 0, got {getattr(self, name)}')
 
 
+# Beside a checkpoint's weights: what a run that goes on from it needs (Algorithm.training_state).
+TRAINER_STATE_FILE = 'trainer_state.pt'
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed Python, NumPy and torch; return the NumPy generator the trainer samples with."""
     random.seed(seed)
@@ -215,7 +219,7 @@ class Trainer:
         return self.history[-1] if self.history else {}
 
     def save_checkpoint(self, directory: Path, version: PolicyVersion) -> dict[str, str]:
-        """Write policy (safetensors + config), critic weights and metrics; return hashes.
+        """Write policy (safetensors + config), critic, training state, metrics; return hashes.
 
         Data-parallel: rank 0 writes (every process holds the same weights), the others wait
         for it and return its answer.
@@ -228,12 +232,48 @@ class Trainer:
         info = self._write_checkpoint(directory, version) if distributed.is_main() else None
         return distributed.broadcast_object(info)
 
+    def restore_training_state(self, directory: Path) -> bool:
+        """Go on from the training state saved beside a checkpoint; False if it has none.
+
+        ValueError (nothing changed) when the state is not this training's: another method,
+        other trainable parameters, or a file that cannot be read.
+        """
+        path = Path(directory) / TRAINER_STATE_FILE
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location=self.train_config.device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same answer
+            raise ValueError(f'{path} cannot be read: {type(exc).__name__}: {exc}') from exc
+        if not isinstance(state, dict):
+            raise ValueError(f'{path} holds no training state')
+        self.algorithm.load_training_state(state)
+        return True
+
+    def resume_training(self, directory: Path, log: Callable[[str], None]) -> bool:
+        """Restore the training state beside a checkpoint and log what happened.
+
+        A state that does not fit is left (AdamW and the target critic start afresh), as a
+        critic that does not fit is. Returns whether it was restored.
+        """
+        path = Path(directory) / TRAINER_STATE_FILE
+        try:
+            restored = self.restore_training_state(directory)
+        except ValueError as exc:
+            log(f'the training state {path} does not fit ({exc}); AdamW and the target '
+                'critic start afresh')
+            return False
+        if restored:
+            log(f'AdamW moments and target critic restored from {path}')
+        return restored
+
     def _write_checkpoint(self, directory: Path, version: str) -> dict[str, str]:
         sha = self.policy.save(directory)
         if self.algorithm.critic is not None:
             state = {k: v.detach().cpu().contiguous()
                      for k, v in self.algorithm.critic.state_dict().items()}
             save_file(state, str(directory / 'critic.safetensors'))
+        torch.save(self.algorithm.training_state(), directory / TRAINER_STATE_FILE)
         meta = {'version': version, 'step': self.step, 'method': asdict(self.method),
                 'train': asdict(self.train_config), 'sha256': sha,
                 'metrics': self.history[-1] if self.history else {}}

@@ -7,10 +7,12 @@ import sqlite3
 
 import pytest
 from safetensors.torch import load_file
+import torch
 
 from habc_common.params import check_parameter_file
 from habc_episodes.vocabulary import PolicyVersion
 from habc_learner.learner import Learner, LearnerParams, STATE_FILE
+from habc_learner.trainer import TRAINER_STATE_FILE
 from habc_policy.models.base import load_policy, sha256_file
 
 POLICY, HUMAN, HOLD = 0, 1, 2
@@ -134,6 +136,31 @@ def trained_once(tmp_path, init_checkpoint, episode_bag, index, labelled):
     learner.poll(index)
     learner.train_round()
     return params, learner
+
+
+def test_a_restarted_learner_goes_on_with_its_adamw_moments_and_target_critic(
+        tmp_path, init_checkpoint, episode_bag, index, labelled):
+    params, first = trained_once(tmp_path, init_checkpoint, episode_bag, index, labelled)
+    lines = []
+    restarted = Learner(params, log=lines.append)
+    restarted.poll(index)
+    trainer = restarted._make_trainer()
+    path = tmp_path / 'learner' / 'checkpoints' / 'v2' / TRAINER_STATE_FILE
+    assert f'AdamW moments and target critic restored from {path}' in lines
+    for name in ('actor_optimizer', 'critic_optimizer'):
+        saved = getattr(first.trainer.algorithm, name).state_dict()['state']
+        loaded = getattr(trainer.algorithm, name).state_dict()['state']
+        assert saved.keys() == loaded.keys() and saved
+        for index_ in saved:
+            for key, value in saved[index_].items():
+                assert torch.equal(value, loaded[index_][key]), (name, index_, key)
+    for a, b in zip(first.trainer.algorithm.target_critic.parameters(),
+                    trainer.algorithm.target_critic.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A learner that starts from an SFT checkpoint starts its optimizers afresh.
+    fresh = Learner(make_params(tmp_path / 'other', path.parent))
+    fresh.poll(index)
+    assert fresh._make_trainer().algorithm.actor_optimizer.state_dict()['state'] == {}
 
 
 def test_relabels_recredit_or_remove_episodes(tmp_path, init_checkpoint, episode_bag, index,
@@ -390,7 +417,8 @@ def test_a_round_trains_in_two_torchrun_processes_and_the_learner_publishes_it(
         tmp_path, init_checkpoint, episode_bag, index, labelled):
     add_episode(episode_bag, labelled, 'ep-1', 'success')
     add_episode(episode_bag, labelled, 'ep-2', 'failure', [POLICY] * STEPS)
-    learner = Learner(make_params(tmp_path, init_checkpoint, nproc=2))
+    lines = []
+    learner = Learner(make_params(tmp_path, init_checkpoint, nproc=2), log=lines.append)
     learner.poll(index)
     progress = []
     result = learner.train_round(on_progress=lambda *args: progress.append(args))
@@ -403,3 +431,11 @@ def test_a_round_trains_in_two_torchrun_processes_and_the_learner_publishes_it(
     state = state_of(tmp_path)
     assert state['trainer_step'] == 3 and state['version'] == '2'
     assert not list((tmp_path / 'learner' / 'checkpoints').glob('.*'))  # no scratch left
+    assert not any('restored' in line for line in lines)  # the SFT checkpoint's: none
+    # The next round's processes go on with the AdamW moments and target critic rank 0 saved.
+    add_episode(episode_bag, labelled, 'ep-3', 'success')
+    add_episode(episode_bag, labelled, 'ep-4', 'success')
+    learner.poll(index)
+    assert learner.train_round().version == PolicyVersion(3)
+    saved = directory / TRAINER_STATE_FILE
+    assert f'AdamW moments and target critic restored from {saved}' in lines, lines[-20:]

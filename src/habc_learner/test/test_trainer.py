@@ -78,3 +78,91 @@ def test_metrics_tensorboard_and_checkpoint(tmp_path):
 def test_train_config_validates():
     with pytest.raises(ValueError, match='TrainConfig.batch_size must be >= 1'):
         TrainConfig(batch_size=0)
+
+
+def reach_trainer(policy=None, method='habc', steps=10):
+    """Return a trainer on the reach task's episodes (a fresh policy unless one is given)."""
+    config = MethodConfig(method=method, horizon=4, min_human_steps=1, warmup_steps=3)
+    buffer = config.make_buffer()
+    for episode in reach_dataset({'fast': 3, 'slow': 3, 'fail': 3, 'rescued': 3}, seed=0):
+        buffer.add(episode)
+    if policy is None:
+        seed_everything(3)
+        policy = LowDimFlowPolicy(LowDimFlowConfig(state_dim=1, action_dim=1, horizon=4,
+                                                   hidden_dim=32, feature_dim=16))
+    return Trainer(policy, buffer, config, TrainConfig(steps=steps, batch_size=32, seed=3,
+                                                       log_every=5), progress=False)
+
+
+def test_a_run_resumed_from_its_checkpoint_goes_on_as_if_it_never_stopped(tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
+    from habc_learner.trainer import TRAINER_STATE_FILE
+
+    unbroken = reach_trainer()
+    unbroken.fit()
+    unbroken.save_checkpoint(tmp_path / 'v2', version=PolicyVersion(2))
+    assert (tmp_path / 'v2' / TRAINER_STATE_FILE).is_file()
+    rng = copy.deepcopy(unbroken.rng)  # the sampler's state: not part of the checkpoint
+    unbroken.fit(5)
+
+    def resumed(with_state: bool) -> Trainer:
+        trainer = reach_trainer(load_policy(tmp_path / 'v2'))
+        trainer.step, trainer.rng = 10, copy.deepcopy(rng)
+        critic = load_file(str(tmp_path / 'v2' / 'critic.safetensors'))
+        trainer.algorithm.critic.load_state_dict(critic)
+        trainer.algorithm.target_critic.load_state_dict(critic)
+        logged = []
+        assert trainer.resume_training(tmp_path / 'v2', logged.append) is True or not with_state
+        if not with_state:  # as before the trainer state was saved: AdamW starts afresh
+            trainer = reach_trainer(load_policy(tmp_path / 'v2'))
+            trainer.step, trainer.rng = 10, copy.deepcopy(rng)
+            trainer.algorithm.critic.load_state_dict(critic)
+            trainer.algorithm.target_critic.load_state_dict(critic)
+        else:
+            assert logged == [f'AdamW moments and target critic restored from '
+                              f'{tmp_path / "v2" / TRAINER_STATE_FILE}']
+        trainer.fit(5)
+        return trainer
+
+    def weights(trainer: Trainer) -> list[torch.Tensor]:
+        return [*trainer.policy.parameters(), *trainer.algorithm.critic.parameters(),
+                *trainer.algorithm.target_critic.parameters()]
+
+    # Step for step the same arithmetic: equal to the last bit.
+    for a, b in zip(weights(unbroken), weights(resumed(True)), strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(unbroken), weights(resumed(False)),
+                                                     strict=True))
+
+
+def test_a_training_state_of_other_training_is_refused_and_changes_nothing(tmp_path):
+    habc = reach_trainer(steps=2)
+    habc.fit()
+    habc.save_checkpoint(tmp_path / 'habc', version=PolicyVersion(2))
+    bc = reach_trainer(steps=2, method='sft')  # no critic (and no demonstrations to fit)
+    bc.save_checkpoint(tmp_path / 'bc', version=PolicyVersion(2))
+
+    other = reach_trainer()  # a fresh one: no moments yet, the target critic the online one
+    logged = []
+    assert other.resume_training(tmp_path / 'bc', logged.append) is False
+    assert 'does not fit' in logged[0] and 'critic_optimizer' in logged[0]
+    for changed, message in (({'num_layers': 4}, 'the actor optimizer holds'),
+                             ({'hidden_dim': 64}, 'exp_avg of parameter 0 has shape')):
+        other_policy = reach_trainer(LowDimFlowPolicy(LowDimFlowConfig(
+            **{'state_dim': 1, 'action_dim': 1, 'horizon': 4, 'hidden_dim': 32,
+               'feature_dim': 16, **changed})))
+        with pytest.raises(ValueError, match=message):
+            other_policy.restore_training_state(tmp_path / 'habc')
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'trainer_state.pt').write_bytes(b'not a torch file')
+    with pytest.raises(ValueError, match='cannot be read'):
+        other.restore_training_state(tmp_path / 'broken')
+    assert other.restore_training_state(tmp_path / 'nothing') is False
+    assert other.algorithm.actor_optimizer.state_dict()['state'] == {}
+    assert other.algorithm.critic_optimizer.state_dict()['state'] == {}
+    for target, online in zip(other.algorithm.target_critic.state_dict().values(),
+                              other.algorithm.critic.state_dict().values(), strict=True):
+        assert torch.equal(target, online)
