@@ -83,6 +83,9 @@ START_NS = 1_000 * 1_000_000_000  # not 0: a zero stamp means "now" to the node
 # /clock and observations are best effort: what the policy has not handled after this long
 # (s, wall clock) is sent again, in case it was lost.
 RESEND_S = 0.2
+# Actions queued when an update swaps in: enough for the several ticks v2's first inference
+# is held back while the old plan carries the robot.
+MIN_QUEUED = 6
 
 
 def to_time(ns: int) -> Time:
@@ -329,16 +332,29 @@ def test_bad_update_is_rejected_and_a_good_one_is_swapped_in(harness):
 
     # The swap, with the first inference of v2 held back for several ticks (as a slow cold
     # start would be): the old plan must carry the robot until v2's first chunk.
-    count = len(harness.chunks)
-    harness.wait_for(lambda: len(harness.chunks) > count and harness.settled(),
-                     'a fresh chunk, nothing in flight')
-    harness.holding = True  # time stands still while v2 loads and swaps in
-    harness.update(2, 'v2', harness.shas['v2'])
     runtime, executor = harness.policy.runtime, harness.policy.executor
-    harness.ros.wait_for(lambda: runtime.active.version.number == 2, 'the swap to v2')
-    now = harness.now + harness.policy.params.command_lead_s
-    queued = executor.remaining_actions(now)
-    assert queued >= 6, f'the swap left {queued} queued actions; the queue must hold them'
+    lead_s = harness.policy.params.command_lead_s
+
+    def queued_now() -> int:
+        return executor.remaining_actions(harness.now + lead_s)
+
+    # Time moves on while the test waits for the messages in flight: on a loaded machine a
+    # fresh chunk can be several ticks old once all has arrived, so wait for a full queue.
+    count = len(harness.chunks)
+    harness.wait_for(lambda: len(harness.chunks) > count and harness.settled()
+                     and queued_now() >= MIN_QUEUED, f'a fresh chunk ({MIN_QUEUED} or more '
+                     'actions queued), nothing in flight')
+    harness.holding = True  # time stands still while v2 loads and swaps in
+    try:
+        before = queued_now()
+        harness.update(2, 'v2', harness.shas['v2'])
+        harness.ros.wait_for(lambda: runtime.active.version.number == 2, 'the swap to v2')
+        queued = queued_now()
+        assert queued == before, f'the swap left {queued} of {before} queued actions; it ' \
+            'must keep them'
+    except BaseException:
+        harness.holding = False  # the module's other tests share this harness
+        raise
     released, held = threading.Event(), threading.Event()
     infer = runtime.infer
 
