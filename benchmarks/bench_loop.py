@@ -868,6 +868,7 @@ def run_loop(args: argparse.Namespace, tmp: Path, domain_id: int,
              report: dict[str, Any]) -> None:
     """Phases 1, 2 and 4 of the module docstring on one bringup (hot swap last)."""
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
 
     versions = [1] + list(range(2, 2 + args.swaps))
     checkpoints: dict[int, tuple[str, Path]] = {}
@@ -890,7 +891,9 @@ def run_loop(args: argparse.Namespace, tmp: Path, domain_id: int,
                      log=tmp / 'launch.log')
     os.environ.update({'ROS_DOMAIN_ID': str(domain_id),
                        'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST'})
-    rclpy.init()
+    # Ctrl-C reaches this loop as KeyboardInterrupt; rclpy's signal thread would race the
+    # monitor executor's shutdown (habc_common.node_main.StopRequest says how).
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     monitor = None
     trainer = None
     try:
