@@ -157,8 +157,12 @@ def test_a_fleet_of_two_robots_trains_one_policy_and_survives_losing_a_robot(
             return next((u for u in updates
                          if u.policy_name == 'habc' and robots_of(u) == list(ROBOTS)), None)
         update = wait(fleet_round, 'a PolicyUpdate trained on both robots')
-        reached.append('rounds before: ' + ', '.join(
-            f'v{u.version} {robots_of(u)}' for u in updates if u.version < update.version))
+        before = [u for u in updates if u.version < update.version]
+        reached.append('rounds before: ' + ', '.join(f'v{u.version} {robots_of(u)}'
+                                                    for u in before))
+        if before:  # why a round held one robot alone: the learner says what it took
+            reached.extend(line for line in launcher.output.splitlines()
+                           if line.startswith('[learner]'))
         metrics = {kv.key: kv.value for kv in update.metrics}
         assert float(metrics['round/robots']) == 2 and update.version >= 2
 

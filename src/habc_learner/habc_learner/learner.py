@@ -50,6 +50,7 @@ from habc_learner.methods import Method, MethodConfig
 from habc_learner.policies import fit_problems
 from habc_learner.trainer import TRAINER_STATE_FILE
 from habc_policy.models.base import LEROBOT_PREFIX, load_policy, sha256_file, WEIGHTS_FILE
+from habc_policy.models.critic import CRITIC_FILE
 
 STATE_FILE = 'learner_state.json'
 # 2: one label cursor per episode store (format 1 had one cursor, for index_path).
@@ -240,8 +241,10 @@ class Learner:
         # Episodes that left the buffer for max_episodes (since this start).
         self.evicted = 0
         self._trainer_step = state.trainer_step
-        self._critic_path = (checkpoint / 'critic.safetensors'
-                             if self._resumed and state.method == params.method else None)
+        # A checkpoint this learner trained for this method: its critic and training state
+        # go on (the SFT checkpoint's, or another method's, start afresh).
+        self._own_checkpoint = (checkpoint if self._resumed and state.method == params.method
+                                else None)
         self._to_restore = list(state.episodes)
         self.method_config = MethodConfig(method=params.method, horizon=self.policy.horizon,
                                           warmup_steps=params.warmup_steps,
@@ -512,19 +515,8 @@ class Learner:
         trainer = Trainer(self.policy, self.buffer, self.method_config, train,
                           log_dir=self.work_dir / 'tensorboard', progress=False)
         trainer.step = self._trainer_step
-        critic = trainer.algorithm.critic
-        if critic is not None and self._critic_path is not None and self._critic_path.is_file():
-            from safetensors.torch import load_file
-            try:
-                state = load_file(str(self._critic_path), device=p.device)
-                critic.load_state_dict(state)
-                trainer.algorithm.target_critic.load_state_dict(state)
-                self._log(f'critic restored from {self._critic_path}')
-            except (RuntimeError, ValueError) as exc:
-                self._log(f'critic in {self._critic_path} does not fit ({exc}); it starts '
-                          'afresh')
-        if self._critic_path is not None:  # a checkpoint this learner trained, same method
-            trainer.resume_training(self._critic_path.parent, self._log)
+        if self._own_checkpoint is not None:
+            trainer.resume_from(self._own_checkpoint, self._log)
         return trainer
 
     def train_round(self, on_progress: Callable[[int, int, dict[str, float]], None]
@@ -612,7 +604,7 @@ class Learner:
                             actor_lr=p.actor_lr, critic_lr=p.critic_lr,
                             seed=p.seed + self.round, log_every=min(50, p.steps_per_round),
                             device=p.device, normalize_from_data=False)
-        carried = [name for name in ('critic.safetensors', TRAINER_STATE_FILE)
+        carried = [name for name in (CRITIC_FILE, TRAINER_STATE_FILE)
                    if (self.checkpoint / name).is_file()]
         spec = {'init_checkpoint': str(self.checkpoint),
                 'episodes': [{'bag_path': entry.bag_path, 'outcome': entry.outcome,
@@ -624,10 +616,8 @@ class Learner:
                 'method': asdict(self.method_config), 'train': asdict(train),
                 'start_step': self._trainer_step, 'output': str(scratch),
                 'version': str(target), 'log_dir': str(self.work_dir / 'tensorboard')}
-        if carried and self._critic_path is None:
-            # As in-process: a critic and a training state count only if this learner
-            # trained them for this method (the SFT checkpoint's, or another method's, start
-            # afresh).
+        if carried and self._own_checkpoint is None:
+            # As in-process: the round's processes go on only from this learner's own.
             spec['init_checkpoint'] = str(self._without_training_state(scratch, carried))
         self._log(f'round {self.round + 1}: training version {target} in {p.nproc} torchrun '
                   f'processes on {len(self._episodes)} episodes ({self._new_since_round} new)')
@@ -642,7 +632,7 @@ class Learner:
             shutil.rmtree(final)  # left by a round whose state was never written
         os.replace(scratch, final)
         self._trainer_step = int(result['step'])
-        self._critic_path = final / 'critic.safetensors'
+        self._own_checkpoint = final
         metrics = {k: float(v) for k, v in result['metrics'].items()}
         metrics['round/seconds'] = seconds
         metrics['round/processes'] = float(result['world_size'])

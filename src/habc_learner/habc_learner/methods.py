@@ -254,9 +254,9 @@ class Algorithm:
                     k: tuple(v.shape) for k, v in theirs.items()}:
                 raise ValueError('training state: the target critic has other tensors than '
                                  'this critic')
-        self.actor_optimizer.load_state_dict(state['actor_optimizer'])
+        _load_moments(self.actor_optimizer, state['actor_optimizer'])
         if self.critic is not None:
-            self.critic_optimizer.load_state_dict(state['critic_optimizer'])
+            _load_moments(self.critic_optimizer, state['critic_optimizer'])
             with torch.no_grad():
                 self.target_critic.load_state_dict(state['target_critic'])
 
@@ -648,6 +648,19 @@ class _ActorLoss(torch.nn.Module):
         # The critic reads the features detached: returned detached, DDP does not wait for
         # gradients of parameters that only the features reach.
         return features.detach(), per_sample
+
+
+def _load_moments(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer state's moments, keeping this optimizer's settings (lr, ...).
+
+    torch's load_state_dict would also bring back the saved learning rates: a run resumed
+    with another actor_lr must train with it.
+    """
+    settings = [{k: v for k, v in group.items() if k != 'params'}
+                for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, name: str) -> None:

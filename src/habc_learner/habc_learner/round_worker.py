@@ -81,9 +81,6 @@ def train_round(spec: dict[str, Any], log: Callable[[str], None] = print) -> dic
     Every process must call it with the same spec. Returns the result (all processes);
     rank 0 has written the checkpoint and the result JSON.
     """
-    from safetensors.torch import load_file
-    import torch
-
     from habc_episodes.episode_bags import episode_from_bag
     from habc_learner.methods import MethodConfig
     from habc_learner.policies import fit_problems
@@ -137,14 +134,7 @@ def train_round(spec: dict[str, Any], log: Callable[[str], None] = print) -> dic
     log_dir = Path(spec['log_dir']) if spec.get('log_dir') else None
     trainer = Trainer(policy, buffer, method, train_config, log_dir=log_dir, progress=False)
     trainer.step = int(spec.get('start_step', 0))
-    critic_path = init / 'critic.safetensors'
-    if trainer.algorithm.critic is not None and critic_path.is_file():
-        state = load_file(str(critic_path), device=train_config.device)
-        with torch.no_grad():
-            trainer.algorithm.critic.load_state_dict(state)
-            trainer.algorithm.target_critic.load_state_dict(state)
-        log(f'critic restored from {critic_path}')
-    trainer.resume_training(init, log)
+    trainer.resume_from(init, log)
     k = distributed.world_size()
     log(f'round {spec["version"]}: {len(episodes)} episodes, {len(demos)} demonstrations, '
         f'{len(buffer)} samples, {train_config.steps} steps on {k} process(es)')

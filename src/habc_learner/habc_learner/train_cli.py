@@ -391,7 +391,7 @@ def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMa
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(policy, buffer, method, train, log_dir=out / TENSORBOARD_DIR,
                       progress=not args.quiet)
-    _restore_critic(args, trainer, device)
+    _resume_from_init(args, trainer)
     table = buffer.table
     actor_mask = trainer.algorithm.actor_mask(table)
     critic_mask = trainer.algorithm.critic_mask(table)
@@ -443,27 +443,21 @@ def _train(args: argparse.Namespace, policy, result: LoadResult, topics: TopicMa
     return 0
 
 
-def _restore_critic(args: argparse.Namespace, trainer, device: str) -> None:
-    """Start the critic from the --init checkpoint when it was trained by the same method."""
-    if args.init is None or trainer.algorithm.critic is None:
+def _resume_from_init(args: argparse.Namespace, trainer) -> None:
+    """Go on from the --init checkpoint's critic and training state, if of the same method.
+
+    Another method's critic and optimizers do not apply: they start afresh.
+    """
+    if args.init is None:
         return
-    critic_path = args.init.expanduser() / 'critic.safetensors'
     try:
         meta = json.loads((args.init.expanduser() / 'metrics.json').read_text())
         same = meta.get('method', {}).get('method') == args.method
     except (OSError, ValueError, AttributeError):
         same = False
-    if not (same and critic_path.is_file()):
-        return
-    from safetensors.torch import load_file
-    try:
-        state = load_file(str(critic_path), device=device)
-        trainer.algorithm.critic.load_state_dict(state)
-        trainer.algorithm.target_critic.load_state_dict(state)
-        print(f'critic restored from {critic_path}')
-    except (RuntimeError, ValueError) as exc:
-        print(f'habc train: the critic in {critic_path} does not fit ({exc}); it starts '
-              'afresh', file=sys.stderr)
+    if same:
+        trainer.resume_from(args.init.expanduser(),
+                            lambda line: print(f'habc train: {line}', flush=True))
 
 
 def _output_problem(out: Path, result: LoadResult) -> str:

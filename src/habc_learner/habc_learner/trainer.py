@@ -13,7 +13,7 @@ from pathlib import Path
 import random
 
 import numpy as np
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 import torch
 from tqdm.auto import tqdm
 
@@ -22,6 +22,7 @@ from habc_learner import distributed
 from habc_learner.data import SampleBuffer
 from habc_learner.feature_cache import DEFAULT_MAX_ROWS
 from habc_learner.methods import Algorithm, Method, MethodConfig
+from habc_policy.models.critic import CRITIC_FILE
 from habc_policy.models.flow_matching import sharded_noise, ShardedNoise
 
 
@@ -250,13 +251,24 @@ class Trainer:
         self.algorithm.load_training_state(state)
         return True
 
-    def resume_training(self, directory: Path, log: Callable[[str], None]) -> bool:
-        """Restore the training state beside a checkpoint and log what happened.
+    def resume_from(self, directory: Path, log: Callable[[str], None]) -> bool:
+        """Go on from a checkpoint of this training: its critic, then its training state.
 
-        A state that does not fit is left (AdamW and the target critic start afresh), as a
-        critic that does not fit is. Returns whether it was restored.
+        One that does not fit is left, with a line saying why, and starts afresh. Returns
+        whether the training state (AdamW moments, target critic) was restored.
         """
-        path = Path(directory) / TRAINER_STATE_FILE
+        directory = Path(directory)
+        critic_path = directory / CRITIC_FILE
+        if self.algorithm.critic is not None and critic_path.is_file():
+            try:
+                state = load_file(str(critic_path), device=self.train_config.device)
+                with torch.no_grad():
+                    self.algorithm.critic.load_state_dict(state)
+                    self.algorithm.target_critic.load_state_dict(state)
+                log(f'critic restored from {critic_path}')
+            except (RuntimeError, ValueError) as exc:
+                log(f'the critic {critic_path} does not fit ({exc}); it starts afresh')
+        path = directory / TRAINER_STATE_FILE
         try:
             restored = self.restore_training_state(directory)
         except ValueError as exc:
@@ -272,7 +284,7 @@ class Trainer:
         if self.algorithm.critic is not None:
             state = {k: v.detach().cpu().contiguous()
                      for k, v in self.algorithm.critic.state_dict().items()}
-            save_file(state, str(directory / 'critic.safetensors'))
+            save_file(state, str(directory / CRITIC_FILE))
         torch.save(self.algorithm.training_state(), directory / TRAINER_STATE_FILE)
         meta = {'version': version, 'step': self.step, 'method': asdict(self.method),
                 'train': asdict(self.train_config), 'sha256': sha,

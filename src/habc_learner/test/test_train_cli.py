@@ -210,7 +210,7 @@ def test_episode_from_a_foreign_mcap_with_a_mapping(tmp_path):
     assert sorted(p.name for p in bag.iterdir()) == ['run7_0.mcap']
 
 
-def test_train_on_foreign_mcap_and_sqlite3_bags(tmp_path, init_checkpoint):
+def test_train_on_foreign_mcap_and_sqlite3_bags(tmp_path, init_checkpoint, capsys):
     messages = standard_messages()
     bags = tmp_path / 'recordings'
     write_mcap_ros2(bags / 'run1' / 'run1_0.mcap', messages)
@@ -250,6 +250,18 @@ def test_train_on_foreign_mcap_and_sqlite3_bags(tmp_path, init_checkpoint):
     assert '![losses](plots/losses.png)' in markdown and 'run1' in markdown
     assert (out / 'plots' / 'losses.png').stat().st_size > 0
     assert (out / 'plots' / 'episodes.png').is_file()
+
+    # A second run of the same method from this one's checkpoint goes on from its critic
+    # and training state (the init checkpoint above, of another training, gave neither).
+    assert 'restored from' not in capsys.readouterr().out
+    code = train(['--bags', str(bags), '--mapping', str(mapping), '--method', 'habc',
+                  '--out', str(tmp_path / 'again'), '--steps', '3', '--batch-size', '8',
+                  '--init', str(out / 'checkpoint'), '--quiet'])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f'critic restored from {out / "checkpoint" / "critic.safetensors"}' in printed
+    assert 'AdamW moments and target critic restored from ' \
+        f'{out / "checkpoint" / "trainer_state.pt"}' in printed
 
 
 # (2) damaged and unlabelled bags among good ones ----------------------------------------------

@@ -80,7 +80,7 @@ def test_train_config_validates():
         TrainConfig(batch_size=0)
 
 
-def reach_trainer(policy=None, method='habc', steps=10):
+def reach_trainer(policy=None, method='habc', steps=10, actor_lr=3e-4):
     """Return a trainer on the reach task's episodes (a fresh policy unless one is given)."""
     config = MethodConfig(method=method, horizon=4, min_human_steps=1, warmup_steps=3)
     buffer = config.make_buffer()
@@ -91,7 +91,8 @@ def reach_trainer(policy=None, method='habc', steps=10):
         policy = LowDimFlowPolicy(LowDimFlowConfig(state_dim=1, action_dim=1, horizon=4,
                                                    hidden_dim=32, feature_dim=16))
     return Trainer(policy, buffer, config, TrainConfig(steps=steps, batch_size=32, seed=3,
-                                                       log_every=5), progress=False)
+                                                       log_every=5, actor_lr=actor_lr),
+                   progress=False)
 
 
 def test_a_run_resumed_from_its_checkpoint_goes_on_as_if_it_never_stopped(tmp_path):
@@ -111,19 +112,16 @@ def test_a_run_resumed_from_its_checkpoint_goes_on_as_if_it_never_stopped(tmp_pa
     def resumed(with_state: bool) -> Trainer:
         trainer = reach_trainer(load_policy(tmp_path / 'v2'))
         trainer.step, trainer.rng = 10, copy.deepcopy(rng)
-        critic = load_file(str(tmp_path / 'v2' / 'critic.safetensors'))
-        trainer.algorithm.critic.load_state_dict(critic)
-        trainer.algorithm.target_critic.load_state_dict(critic)
-        logged = []
-        assert trainer.resume_training(tmp_path / 'v2', logged.append) is True or not with_state
-        if not with_state:  # as before the trainer state was saved: AdamW starts afresh
-            trainer = reach_trainer(load_policy(tmp_path / 'v2'))
-            trainer.step, trainer.rng = 10, copy.deepcopy(rng)
+        if with_state:
+            logged = []
+            assert trainer.resume_from(tmp_path / 'v2', logged.append) is True
+            assert logged == [f'critic restored from {tmp_path / "v2" / "critic.safetensors"}',
+                              f'AdamW moments and target critic restored from '
+                              f'{tmp_path / "v2" / TRAINER_STATE_FILE}']
+        else:  # the critic alone, as before the training state was saved: AdamW starts afresh
+            critic = load_file(str(tmp_path / 'v2' / 'critic.safetensors'))
             trainer.algorithm.critic.load_state_dict(critic)
             trainer.algorithm.target_critic.load_state_dict(critic)
-        else:
-            assert logged == [f'AdamW moments and target critic restored from '
-                              f'{tmp_path / "v2" / TRAINER_STATE_FILE}']
         trainer.fit(5)
         return trainer
 
@@ -147,7 +145,7 @@ def test_a_training_state_of_other_training_is_refused_and_changes_nothing(tmp_p
 
     other = reach_trainer()  # a fresh one: no moments yet, the target critic the online one
     logged = []
-    assert other.resume_training(tmp_path / 'bc', logged.append) is False
+    assert other.resume_from(tmp_path / 'bc', logged.append) is False
     assert 'does not fit' in logged[0] and 'critic_optimizer' in logged[0]
     for changed, message in (({'num_layers': 4}, 'the actor optimizer holds'),
                              ({'hidden_dim': 64}, 'exp_avg of parameter 0 has shape')):
@@ -166,3 +164,16 @@ def test_a_training_state_of_other_training_is_refused_and_changes_nothing(tmp_p
     for target, online in zip(other.algorithm.target_critic.state_dict().values(),
                               other.algorithm.critic.state_dict().values(), strict=True):
         assert torch.equal(target, online)
+
+
+def test_a_resumed_run_keeps_its_own_learning_rate(tmp_path):
+    first = reach_trainer(steps=3)
+    first.fit()
+    first.save_checkpoint(tmp_path / 'v2', version=PolicyVersion(2))
+    slower = reach_trainer(load_policy(tmp_path / 'v2'), actor_lr=1e-5)
+    assert slower.resume_from(tmp_path / 'v2', lambda line: None)
+    group = slower.algorithm.actor_optimizer.param_groups[0]
+    assert group['lr'] == 1e-5  # the saved state holds 3e-4: only its moments come back
+    moments = slower.algorithm.actor_optimizer.state_dict()['state']
+    saved = first.algorithm.actor_optimizer.state_dict()['state']
+    assert torch.equal(moments[0]['exp_avg'], saved[0]['exp_avg'])

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+import functools
 import math
 
 import torch
@@ -76,9 +77,8 @@ class ShardedNoise:
 
     def randint(self, high: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Return integers in [0, high): this shard's rows of a (shards * shape[0], ...) draw."""
-        full = (shape[0] * self.shards, *shape[1:])
-        return torch.randint(0, high, full, generator=self.generator,
-                             device=device)[self.shard::self.shards]
+        return self._rows(functools.partial(torch.randint, 0, high), shape, device,
+                          torch.long)
 
     def _rows(self, draw, shape, device, dtype) -> torch.Tensor:
         full = (shape[0] * self.shards, *shape[1:])
